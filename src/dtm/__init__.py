@@ -23,6 +23,7 @@ _API = {
     "load_conversations": "dtm.data.formats:load_conversations",
     "Conversation": "dtm.data.formats:Conversation",
     "disperse": "dtm.dispersal:disperse",
+    "merge": "dtm.merging:merge",
 }
 
 
