@@ -1,0 +1,319 @@
+"""Reading model directories lazily and writing safetensors shards as a stream.
+
+Reading uses `safetensors.safe_open`, which memory-maps the file: `get_tensor` costs no copy
+and no read until the data is touched. A file is opened per tensor and closed right after,
+so the pages of tensors already merged leave this process (they stay in the OS page cache,
+not in our resident memory): peak memory is a few tensors times K, whatever the model size.
+
+Writing is our own small safetensors writer (`ShardWriter`), because `safetensors.save_file`
+needs every tensor of a shard in memory at once; the format is an 8-byte header length, a
+JSON header with each tensor's dtype, shape and byte offsets, then the raw bytes, so the
+header can be written first (shapes are known from the inputs) and each tensor appended as
+soon as it is merged. The files it writes are read back by `safe_open` in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dtm.errors import DtmError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFE = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+FISHER_FILE = "fisher.safetensors"
+
+# Files that travel with a merged model: config, generation config, tokenizer, chat template.
+CARRIED_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json"
+    r"|vocab\..*|merges\.txt|.*\.model|chat_template\..*|preprocessor_config\.json)$"
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MergeError(DtmError):
+    """Bad merge input: the message names the model directory, file or tensor and what to do."""
+
+
+def torch_dtype(name: str, what: str) -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise MergeError(f"{what}: unknown dtype {name!r}; use one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file (name -> info), without reading any data."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            infos = {}
+            for name in f.keys():
+                s = f.get_slice(name)
+                code = s.get_dtype()
+                if code not in DTYPES:
+                    raise MergeError(f"{file}: tensor {name!r} has dtype {code}, which dtm cannot merge")
+                infos[name] = TensorInfo(name, file, tuple(s.get_shape()), DTYPES[code])
+            return infos
+    except SafetensorError as e:
+        raise MergeError(
+            f"{file}: not a readable safetensors file ({e}); the file is corrupt or truncated: "
+            "save the model again with save_pretrained or copy it again"
+        ) from None
+    except OSError as e:
+        raise MergeError(f"{file}: cannot read ({e})") from None
+
+
+def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor, memory-mapped (converted to `dtype` if given; then it is a copy)."""
+    try:
+        with safe_open(info.file, framework="pt") as f:
+            t = f.get_tensor(info.name)
+    except SafetensorError as e:
+        raise MergeError(f"{info.file}: cannot read tensor {info.name!r} ({e}); the file is corrupt") from None
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------- full models
+
+
+@dataclass
+class Checkpoint:
+    """A full model saved with `save_pretrained` (safetensors, single or sharded), read lazily."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any] = field(default_factory=dict)
+    _tied: dict[str, str] | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    def info(self, name: str) -> TensorInfo | None:
+        """The stored tensor for `name`; a tied output embedding resolves to the input embedding."""
+        if name in self.tensors:
+            return self.tensors[name]
+        alias = self.tied_aliases().get(name)
+        return self.tensors.get(alias) if alias else None
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        info = self.info(name)
+        if info is None:
+            raise MergeError(f"{self.label}: has no tensor {name!r}")
+        return read_tensor(info, dtype)
+
+    def tied_aliases(self) -> dict[str, str]:
+        """{output-embedding name: input-embedding name} when the config ties them, else {}.
+
+        `save_pretrained` drops the tied `lm_head.weight`; a merge with an untied model still
+        needs it, and it is (by definition of tying) the input embedding.
+        """
+        if self._tied is None:
+            self._tied = tied_aliases(self.config, self.tensors)
+        return self._tied
+
+
+def tied_aliases(config: dict[str, Any], names: Iterable[str]) -> dict[str, str]:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if not (text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))):
+        return {}
+    names = list(names)
+    inputs = [n for n in names if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n)]
+    if len(inputs) != 1:
+        return {}
+    return {"lm_head.weight": inputs[0]}
+
+
+def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
+    """Open a full-model directory; refuses pickle weights unless `allow_pickle`."""
+    config_file = path / "config.json"
+    config = _load_json(config_file) if config_file.is_file() else {}
+    if (path / SAFE_INDEX).is_file():
+        index = _load_json(path / SAFE_INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MergeError(f"{path / SAFE_INDEX}: has no 'weight_map'; the index is damaged: save the model again")
+        tensors: dict[str, TensorInfo] = {}
+        for shard in sorted(set(weight_map.values()), key=str):
+            file = path / shard
+            if not file.is_file():
+                missing = sorted(n for n, s in weight_map.items() if s == shard)
+                raise MergeError(
+                    f"{path}: shard {shard} is missing (listed in {SAFE_INDEX} for {len(missing)} tensors, "
+                    f"e.g. {missing[0]!r}); copy the complete model directory"
+                )
+            tensors.update(read_header(file))
+        for name, shard in weight_map.items():
+            if name not in tensors or tensors[name].file.name != Path(shard).name:
+                raise MergeError(f"{path}: {SAFE_INDEX} says tensor {name!r} is in {shard}, but it is not there")
+        return Checkpoint(path, tensors, config)
+    if (path / SAFE_SINGLE).is_file():
+        return Checkpoint(path, read_header(path / SAFE_SINGLE), config)
+    if (path / PICKLE_SINGLE).is_file() or (path / PICKLE_INDEX).is_file():
+        if not allow_pickle:
+            raise MergeError(
+                f"{path}: has only pickle weights ({PICKLE_SINGLE}); loading pickle can run arbitrary code. "
+                "Convert it to safetensors (load it and save_pretrained), or pass --allow-pickle "
+                "(allow_pickle=True) if you trust its source"
+            )
+        return _pickle_checkpoint(path, config)
+    found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else []
+    raise MergeError(
+        f"{path}: no model weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or a PEFT adapter with "
+        f"{ADAPTER_CONFIG}); the directory holds {found or 'nothing'}"
+    )
+
+
+def _pickle_checkpoint(path: Path, config: dict[str, Any]) -> Checkpoint:
+    """Convert pickle weights to a temporary safetensors file once (only with --allow-pickle).
+
+    `torch.load(weights_only=True)` refuses arbitrary objects; the converted copy lets the rest
+    of the engine stream as usual. It lives in a private temporary directory, removed at exit.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    files = [path / PICKLE_SINGLE]
+    if (path / PICKLE_INDEX).is_file():
+        files = [path / s for s in sorted(set(_load_json(path / PICKLE_INDEX)["weight_map"].values()))]
+    tmp = Path(tempfile.mkdtemp(prefix="dtm-unpickled-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    tensors: dict[str, TensorInfo] = {}
+    for i, file in enumerate(files):
+        if not file.is_file():
+            raise MergeError(f"{path}: shard {file.name} is missing; copy the complete model directory")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        out = tmp / f"{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, out, metadata={"format": "pt"})
+        tensors.update(read_header(out))
+        del state
+    return Checkpoint(path, tensors, config)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
+    if not m:
+        raise MergeError(f"max_shard_size: cannot read {size!r}; write e.g. 5GB or 500MB")
+    unit = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[m.group(2) or ""]
+    return int(float(m.group(1)) * unit)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(n: int, stem: str = "model") -> list[str]:
+    if n == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+class ShardWriter:
+    """Writes one safetensors file: header first, then each tensor's bytes as it arrives, in plan order."""
+
+    def __init__(self, file: Path, plan: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.file = file
+        self.plan = list(plan)
+        self._next = 0
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for t in self.plan:
+            header[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self._f = open(file, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.plan[self._next]
+        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise RuntimeError(f"writer expected {expected}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        # No fsync, as in transformers' save_pretrained: the output directory only appears
+        # (by rename) after every shard is closed, which is what protects against a crash
+        # of the merge; flushing gigabytes to the platter is the OS's business.
+        if self._next != len(self.plan):
+            raise RuntimeError(f"{self.file}: {len(self.plan) - self._next} tensors were not written")
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()

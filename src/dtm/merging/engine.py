@@ -1,0 +1,467 @@
+"""The streaming merge engine: `merge()` and the model-level procedures around the per-tensor methods.
+
+Flow of a merge:
+  1. open every input lazily (full models as `Checkpoint`, LoRA adapters as `AdaptedModel` on
+     their base), check they fit together (architecture, tensor names, shapes);
+  2. plan the output shards from the first model's tensor list (shapes and dtypes are known
+     before any data is read);
+  3. for each tensor name: read it from the K models (memory-mapped), merge it with the
+     method's per-tensor function in the compute dtype, cast to the output dtype, append it to
+     the open shard, drop it;
+  4. copy config, generation config and tokenizer files, write `dtm_merge.json`, and rename
+     the temporary directory to the output name (`dtm.io.atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from dtm.io import atomic_directory, atomic_write_json
+from dtm.merging import methods as M
+from dtm.merging.checkpoint import (
+    ADAPTER_CONFIG, CARRIED_FILES, FISHER_FILE, SAFE_INDEX, Checkpoint, MergeError, PlannedTensor, ShardWriter,
+    TensorInfo, open_checkpoint, parse_size, plan_shards, read_header, shard_names, tied_aliases, torch_dtype,
+)
+from dtm.merging.lora import Adapter, AdaptedModel, concat_adapters, is_adapter, open_adapter, svd_truncate
+
+log = logging.getLogger("dtm.merging")
+
+RECORD = "dtm_merge.json"
+ENGINE_PARAMS = {"seed", "fisher_files", "max_shard_size", "rank"}  # not per-tensor method parameters
+
+
+class Source(Protocol):
+    """What the engine needs from an input model (a `Checkpoint` or an `AdaptedModel`)."""
+
+    label: str
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+
+    def info(self, name: str) -> TensorInfo | None: ...
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+    def tied_aliases(self) -> dict[str, str]: ...
+
+
+# ---------------------------------------------------------------- the public API
+
+
+def merge(
+    models: Sequence[str | Path],
+    out: str | Path,
+    method: str = "average",
+    weights: Sequence[float] | None = None,
+    base: str | Path | None = None,
+    parameters: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    out_dtype: str | None = None,
+    lora_merge: str = "full",
+    overwrite: bool = False,
+    *,
+    allow_pickle: bool = False,
+    score_fn: Callable[[Path], float] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Merge `models` (save_pretrained dirs or PEFT LoRA adapter dirs) into `out`; return `out`.
+
+    method      a name from `methods.METHODS` (`average` is the paper's), or `greedy_soup`
+    weights     one per model (default uniform); `average`/`ties`/`fisher` use only their ratios
+    base        the base model, for methods on task vectors and for adapters (default: the
+                adapters' `base_model_name_or_path`)
+    parameters  method parameters in mergekit's names (`lambda`, `density`, `alpha`, ...), plus
+                `seed` (DARE), `fisher_files`, `max_shard_size` (default 5GB), `rank` (svd)
+    dtype       computation dtype; out_dtype: output dtype (default: each input tensor's dtype)
+    lora_merge  adapters only: `full` (dense model), `concat` (exact adapter of rank K*r), `svd`
+    score_fn    greedy soup only: higher is better, called on a model directory
+    """
+    models = [Path(m) for m in models]
+    out = Path(out)
+    parameters = dict(parameters or {})
+    if not models:
+        raise MergeError("no models to merge: give at least one model directory")
+    for m in models:
+        if not m.is_dir():
+            raise MergeError(f"{m}: model directory not found")
+    if method == "greedy_soup":
+        if score_fn is None:
+            raise MergeError("greedy_soup needs a score function (score_fn=...): use the Python API or the pipeline")
+        return greedy_soup(models, out, score_fn, base=base, dtype=dtype, out_dtype=out_dtype,
+                           overwrite=overwrite, allow_pickle=allow_pickle, parameters=parameters, progress=progress)
+    try:
+        spec = M.get_method(method)
+    except KeyError:
+        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(M.method_names())}") from None
+    method_params = {k: v for k, v in parameters.items() if k not in ENGINE_PARAMS}
+    try:
+        fn_params = M.resolve_params(spec, method_params)
+    except KeyError as e:
+        known = sorted([*spec.params, *ENGINE_PARAMS])
+        raise MergeError(f"method {spec.name!r} has no parameter {e.args[0]!r}; its parameters are {', '.join(known)}") from None
+    except ValueError as e:
+        raise MergeError(f"method {spec.name!r}: {e}") from None
+    weights = check_weights(weights, len(models), spec)
+    if spec.max_models is not None and len(models) > spec.max_models:
+        raise MergeError(f"method {spec.name!r} takes {spec.max_models} model besides the base, got {len(models)}")
+    compute = torch_dtype(dtype, "dtype")
+    if compute not in (torch.float32, torch.float64):
+        raise MergeError(f"dtype: compute in float32 or float64 (got {dtype}); use out_dtype for a smaller output")
+    output = torch_dtype(out_dtype, "out_dtype") if out_dtype else None
+    if lora_merge not in ("full", "concat", "svd"):
+        raise MergeError(f"lora_merge: {lora_merge!r} is not one of full, concat, svd")
+    resolved = {p.resolve() for p in models} | ({Path(base).resolve()} if base else set())
+    if out.resolve() in resolved:
+        raise MergeError(f"{out}: the output directory is one of the inputs; choose another --out")
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out}: output directory exists; pass --overwrite (overwrite=True) to replace it")
+
+    sources, base_source, adapters = open_inputs(models, base, allow_pickle)
+    if spec.needs_base and base_source is None:
+        raise MergeError(f"method {spec.name!r} works on differences to the base model: pass --base DIR (base=...)")
+    if lora_merge != "full" and adapters:
+        if len(adapters) != len(models):
+            raise MergeError(f"lora_merge={lora_merge!r} needs every input to be a LoRA adapter; use lora_merge='full' for a mix")
+        if spec.name != "average":
+            raise MergeError(f"lora_merge={lora_merge!r} is exact only for a (weighted) average; use lora_merge='full' for {spec.name!r}")
+        return merge_adapters(adapters, base_source, weights, out, lora_merge, rank=parameters.get("rank"), overwrite=overwrite)
+
+    fishers = open_fishers(models, sources, parameters.get("fisher_files")) if spec.uses_fisher else None
+    record = {
+        "method": spec.name, "models": [str(m) for m in models], "weights": weights,
+        "base": str(base_source.path) if base_source is not None else None, "parameters": parameters,
+        "dtype": dtype, "out_dtype": out_dtype, "lora_merge": lora_merge if adapters else None,
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        stats = merge_streaming(
+            sources, tmp, spec, weights, fn_params, base=base_source, compute=compute, output=output,
+            fishers=fishers, seed=int(parameters.get("seed", 0)),
+            max_shard_bytes=parse_size(parameters.get("max_shard_size", "5GB")), progress=progress,
+        )
+        carry_files(sources[0], adapters, base_source, tmp, output, stats["untied"])
+        atomic_write_json(tmp / RECORD, {**record, **{k: v for k, v in stats.items() if k != "untied"}})
+    log.info("merged %d models with %s into %s", len(models), spec.name, out)
+    return out
+
+
+def check_weights(weights: Sequence[float] | None, k: int, spec: M.MergeMethod) -> list[float]:
+    if weights is None:
+        return [1.0] * k
+    weights = [float(w) for w in weights]
+    if len(weights) != k:
+        raise MergeError(f"weights: got {len(weights)} weights for {k} models; give one weight per model")
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"weights: {weights} contains a non-finite number")
+    if (spec.normalizes_weights or spec.name in ("ties", "dare_ties")) and sum(weights) <= 0:
+        raise MergeError(f"weights: {weights} sum to {sum(weights):g}; {spec.name} divides by their sum, which must be positive")
+    return weights
+
+
+# ---------------------------------------------------------------- opening inputs
+
+
+def open_inputs(
+    models: Sequence[Path], base: str | Path | None, allow_pickle: bool
+) -> tuple[list[Source], Checkpoint | None, list[Adapter]]:
+    """Open each input; adapters become dense views on their (shared) base model."""
+    adapters = [open_adapter(m, allow_pickle) if is_adapter(m) else None for m in models]
+    base_path = Path(base) if base is not None else None
+    if base_path is None:
+        named = {a.base_path() for a in adapters if a is not None}
+        if None in named:
+            bad = next(a for a in adapters if a is not None and a.base_path() is None)
+            raise MergeError(f"{bad.path / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass the base model with --base DIR")
+        if len({p.resolve() for p in named if p is not None}) > 1:
+            raise MergeError(f"the adapters name different base models ({', '.join(sorted(map(str, named)))}); "
+                             "LoRA sub-models must share one base: pass it with --base DIR if they do")
+        base_path = next(iter(named), None)
+    base_source = None
+    if base_path is not None:
+        if not base_path.is_dir():
+            raise MergeError(f"base model {base_path}: not a local directory; pass the base model directory with --base DIR")
+        if is_adapter(base_path):
+            raise MergeError(f"base model {base_path}: is a LoRA adapter; the base must be a full model")
+        base_source = open_checkpoint(base_path, allow_pickle)
+    sources: list[Source] = []
+    for m, a in zip(models, adapters):
+        if a is None:
+            sources.append(open_checkpoint(m, allow_pickle))
+        else:
+            assert base_source is not None
+            sources.append(AdaptedModel(base_source, a))
+    check_compatible(sources + ([base_source] if base_source is not None else []))
+    return sources, base_source, [a for a in adapters if a is not None]
+
+
+def check_compatible(sources: Sequence[Source]) -> None:
+    """Same architecture, same tensor names and shapes; errors name the tensor and the two models."""
+    first = sources[0]
+    arch = first.config.get("architectures"), first.config.get("model_type")
+    for s in sources[1:]:
+        other = s.config.get("architectures"), s.config.get("model_type")
+        if first.config and s.config and other != arch:
+            raise MergeError(
+                f"architectures differ: {first.label} is {arch[0] or arch[1]}, {s.label} is {other[0] or other[1]}; "
+                "merging needs models of one architecture"
+            )
+    for s in sources[1:]:
+        for name in output_names(sources):
+            a, b = first.info(name), s.info(name)
+            if a is None or b is None:
+                missing, has = (first, s) if a is None else (s, first)
+                raise MergeError(f"tensor {name!r} is in {has.label} but not in {missing.label}; the models have different architectures")
+            if a.shape != b.shape:
+                hint = ""
+                if "embed" in name or "lm_head" in name or "wte" in name:
+                    hint = f" (vocabulary sizes {a.shape[0]} vs {b.shape[0]}: the models use different tokenizers or a resized vocabulary)"
+                raise MergeError(f"tensor {name!r} has shape {list(a.shape)} in {first.label} but {list(b.shape)} in {s.label}{hint}")
+
+
+def output_names(sources: Sequence[Source]) -> list[str]:
+    """The first model's tensor names, plus an untied output embedding that another model stores."""
+    names = list(sources[0].tensors)
+    seen = set(names)
+    for s in sources[1:]:
+        for n in s.tensors:
+            if n not in seen:
+                names.append(n)
+                seen.add(n)
+    return names
+
+
+def open_fishers(models: Sequence[Path], sources: Sequence[Source], files: Sequence[str] | None) -> list[Checkpoint]:
+    """One diagonal-Fisher file per model: `fisher_files` or `<model>/fisher.safetensors`."""
+    if files is not None and len(files) != len(models):
+        raise MergeError(f"fisher_files: got {len(files)} files for {len(models)} models")
+    paths = [Path(f) for f in files] if files is not None else [m / FISHER_FILE for m in models]
+    out = []
+    for m, p, s in zip(models, paths, sources):
+        if not p.is_file():
+            raise MergeError(f"{m}: no Fisher file {p}; compute it with `dtm fisher {m} --data FILE` or pass fisher_files")
+        tensors = read_header(p)
+        out.append(Checkpoint(p, tensors, {}, _tied=tied_aliases(s.config, tensors)))
+    return out
+
+
+# ---------------------------------------------------------------- the stream
+
+
+def merge_streaming(
+    sources: Sequence[Source], out_dir: Path, spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
+    *, base: Checkpoint | None, compute: torch.dtype, output: torch.dtype | None,
+    fishers: Sequence[Checkpoint] | None = None, seed: int = 0, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
+) -> dict[str, Any]:
+    """Merge tensor by tensor into sharded safetensors in `out_dir`; return stats for the record."""
+    names = output_names(sources)
+    infos = [sources[0].info(n) for n in names]
+    plan = [PlannedTensor(n, i.shape, output if (output and i.dtype.is_floating_point) else i.dtype)
+            for n, i in zip(names, infos)]
+    shards = plan_shards(plan, max_shard_bytes)
+    files = shard_names(len(shards))
+    total = sum(t.nbytes for t in plan)
+    weight_map = {}
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress)
+    largest = 0
+    for shard, file in zip(shards, files):
+        writer = ShardWriter(out_dir / file, shard)
+        try:
+            for t in shard:
+                merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
+                largest = max(largest, merged.numel() * merged.element_size())
+                writer.write(t.name, merged.to(t.dtype))
+                weight_map[t.name] = file
+                bar.update(t.nbytes)
+                del merged
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    bar.close()
+    if len(files) > 1:
+        atomic_write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    untied = any(n not in sources[0].tensors for n in names)
+    return {"tensors": len(plan), "total_bytes": total, "shards": len(files), "untied": untied}
+
+
+def merge_tensor(
+    name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
+    base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, seed: int,
+) -> torch.Tensor:
+    """One output tensor: read it from every model, merge it (float) or check it is identical (int)."""
+    first = sources[0].info(name)
+    assert first is not None
+    if not first.dtype.is_floating_point:
+        # integer buffers (e.g. position ids) are not averaged: they must agree
+        ref = sources[0].get(name)
+        for s in sources[1:]:
+            if not torch.equal(ref, s.get(name)):
+                raise MergeError(f"tensor {name!r} is an integer buffer and differs between {sources[0].label} and {s.label}")
+        return ref
+    tensors = [s.get(name, compute) for s in sources]
+    kwargs = dict(fn_params)
+    if spec.needs_base:
+        assert base is not None
+        kwargs["base"] = base.get(name, compute)
+    if spec.random:
+        kwargs["generator"] = torch.Generator().manual_seed(M.tensor_seed(seed, name))
+    if spec.uses_fisher:
+        assert fishers is not None
+        fs = []
+        for f in fishers:
+            if f.info(name) is None:
+                raise MergeError(f"{f.path}: has no Fisher tensor for {name!r}; recompute it for this model")
+            fs.append(f.get(name, compute))
+        kwargs["fishers"] = fs
+    merged = spec.fn(tensors, weights, **kwargs)
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"tensor {name!r}: the merge produced inf/nan; check the inputs and weights")
+    return merged
+
+
+def carry_files(first: Source, adapters: Sequence[Adapter], base: Checkpoint | None, out_dir: Path,
+                output: torch.dtype | None, untied: bool) -> None:
+    """Copy config, generation config and tokenizer from the first model (from the base for adapters,
+    with an adapter's own tokenizer files on top), and record the output dtype in the config."""
+    dirs = [base.path] if adapters and base is not None else [Path(first.label)]
+    if adapters:
+        dirs.append(adapters[0].path)
+    for d in dirs:
+        for f in sorted(d.iterdir()):
+            if f.is_file() and CARRIED_FILES.match(f.name) and f.name != ADAPTER_CONFIG:
+                shutil.copy2(f, out_dir / f.name)
+    cfg_file = out_dir / "config.json"
+    if cfg_file.is_file() and (output is not None or untied):
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        if output is not None:
+            cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = str(output).removeprefix("torch.")
+        if untied:
+            cfg["tie_word_embeddings"] = False
+        atomic_write_json(cfg_file, cfg)
+
+
+# ---------------------------------------------------------------- LoRA: keep an adapter
+
+
+def merge_adapters(
+    adapters: Sequence[Adapter], base: Checkpoint | None, weights: Sequence[float], out: Path, mode: str,
+    rank: int | None = None, overwrite: bool = False,
+) -> Path:
+    """Write one adapter equal to the weighted average of `adapters`: concatenated (exact) or SVD-truncated."""
+    from safetensors.torch import save_file
+
+    from dtm.merging.checkpoint import read_tensor
+
+    total = sum(weights)
+    coefs = [w / total for w in weights]
+    modules = sorted({w for a in adapters for w in a.modules})
+    for a in adapters[1:]:
+        if set(a.replaced) != set(adapters[0].replaced):
+            raise MergeError(f"{a.path}: saves full tensors {sorted(a.replaced)} unlike {adapters[0].path}; use lora_merge='full'")
+    target_rank = int(rank) if rank is not None else int(adapters[0].config.get("r", 8))
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    for weight in tqdm(modules, desc=f"lora {mode}", unit="module"):
+        parts = [(a, a.modules[weight]) for a in adapters if weight in a.modules]
+        mod = parts[0][1]
+        if any(p.embedding != mod.embedding or p.transpose != mod.transpose for _, p in parts):
+            raise MergeError(f"module {mod.module!r}: adapters disagree on its kind (embedding / fan_in_fan_out)")
+        As = [read_tensor(p.a, torch.float32) for _, p in parts]
+        Bs = [read_tensor(p.b, torch.float32) for _, p in parts]
+        cs = [coefs[adapters.index(a)] * p.scale for a, p in parts]
+        a_cat, b_cat = concat_adapters(As, Bs, cs)
+        if mode == "svd":
+            a_cat, b_cat, errors[mod.module] = svd_truncate(a_cat, b_cat, target_rank)
+        out_dtype = read_tensor(mod.a).dtype
+        ka, kb = (("lora_embedding_A", "lora_embedding_B") if mod.embedding else ("lora_A.weight", "lora_B.weight"))
+        state[f"base_model.model.{mod.module}.{ka}"] = a_cat.to(out_dtype).contiguous()
+        state[f"base_model.model.{mod.module}.{kb}"] = b_cat.to(out_dtype).contiguous()
+        ranks[mod.module] = a_cat.shape[0]
+    for name, info in adapters[0].replaced.items():
+        # full tensors saved with the adapters (e.g. modules_to_save) are averaged like full weights
+        merged = M.weighted_average([read_tensor(a.replaced[name], torch.float32) for a in adapters], list(weights))
+        state[info.name] = merged.to(info.dtype)  # info.name is the key as stored in the adapter file
+    r_main = max(ranks.values(), key=list(ranks.values()).count) if ranks else target_rank
+    config = dict(adapters[0].config)
+    targets: set[str] = set()
+    for a in adapters:
+        t = a.config.get("target_modules")
+        if isinstance(t, str):
+            raise MergeError(f"{a.path / ADAPTER_CONFIG}: target_modules is a regex; lora_merge={mode!r} needs a list (use 'full')")
+        targets.update(t or [])
+    config.update({
+        "r": r_main, "lora_alpha": r_main, "use_rslora": False, "target_modules": sorted(targets),
+        "rank_pattern": {m: r for m, r in ranks.items() if r != r_main},
+        "alpha_pattern": {m: r for m, r in ranks.items() if r != r_main},
+        "base_model_name_or_path": str(base.path) if base is not None else config.get("base_model_name_or_path"),
+    })
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(tmp / ADAPTER_CONFIG, config)
+        for d in [adapters[0].path]:
+            for f in sorted(d.iterdir()):
+                if f.is_file() and CARRIED_FILES.match(f.name) and f.name != "config.json":
+                    shutil.copy2(f, tmp / f.name)
+        record = {"method": "average", "models": [str(a.path) for a in adapters], "weights": list(weights),
+                  "base": config["base_model_name_or_path"], "lora_merge": mode, "ranks": ranks}
+        if mode == "svd":
+            record["rank"] = target_rank
+            record["svd_relative_error"] = {"max": max(errors.values(), default=0.0), "per_module": errors}
+            log.info("svd to rank %d: max relative error %.3g", target_rank, record["svd_relative_error"]["max"])
+        atomic_write_json(tmp / RECORD, record)
+    return out
+
+
+# ---------------------------------------------------------------- model soups
+
+
+def greedy_soup(
+    models: Sequence[Path], out: Path, score_fn: Callable[[Path], float], *, base: str | Path | None = None,
+    dtype: str = "float32", out_dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False,
+    parameters: dict[str, Any] | None = None, progress: bool = True,
+) -> Path:
+    """Greedy soup (Wortsman et al. 2022): rank models by score, then add each one only if the
+    uniform soup's score does not drop. `score_fn(model_dir)` must return higher-is-better."""
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out}: output directory exists; pass --overwrite (overwrite=True) to replace it")
+    common = dict(base=base, dtype=dtype, out_dtype=out_dtype, allow_pickle=allow_pickle,
+                  parameters={k: v for k, v in (parameters or {}).items() if k == "max_shard_size"}, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.soup-"))
+    try:
+        def score_of(members: Sequence[Path], tag: str) -> float:
+            if len(members) == 1 and not is_adapter(members[0]):
+                return float(score_fn(members[0]))
+            cand = merge(members, work / tag, "average", **common)
+            try:
+                return float(score_fn(cand))
+            finally:
+                shutil.rmtree(cand, ignore_errors=True)
+
+        single = {m: score_of([m], f"single-{i}") for i, m in enumerate(models)}
+        order = sorted(models, key=lambda m: single[m], reverse=True)
+        soup, best = [order[0]], single[order[0]]
+        trace = [{"model": str(order[0]), "score_alone": single[order[0]], "soup_score": best, "added": True}]
+        for i, cand in enumerate(order[1:]):
+            s = score_of([*soup, cand], f"try-{i}")
+            added = s >= best
+            trace.append({"model": str(cand), "score_alone": single[cand], "soup_score": s, "added": added})
+            log.info("greedy soup: %s -> %.6g (%s)", cand, s, "added" if added else "skipped")
+            if added:
+                soup.append(cand)
+                best = s
+        merge(soup, out, "average", overwrite=overwrite, **common)
+        rec = json.loads((out / RECORD).read_text())
+        rec.update({"method": "greedy_soup", "candidates": [str(m) for m in models], "soup": [str(m) for m in soup],
+                    "score": best, "trace": trace})
+        atomic_write_json(out / RECORD, rec)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
