@@ -91,6 +91,60 @@ def _add_disperse(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- train
 # ---------------------------------------------------------------- merge
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge K models or LoRA adapters into one (streaming, bounded memory)",
+        description="Merge MODEL directories (save_pretrained full models or PEFT LoRA adapters) into --out. "
+        "Methods: average (the paper's), linear (= average), task_arithmetic, wise_ft, ties, dare_linear, "
+        "dare_ties, fisher. Flags override the values of --config.",
+    )
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model or adapter directories")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--method", default=None, help="merge method (default: average)")
+    p.add_argument("--weights", default=None, help="comma-separated weights, one per model (default: uniform)")
+    p.add_argument("--base", default=None, help="base model dir (task vectors, WiSE-FT, TIES, DARE; adapters' base)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter, e.g. density=0.5 lambda=1.0 alpha=0.5 seed=0")
+    p.add_argument("--config", default=None, help="mergekit-style YAML (merge_method, models, base_model, parameters, dtype)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="computation dtype (default float32)")
+    p.add_argument("--out-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="output dtype (default: as the inputs)")
+    p.add_argument("--lora-merge", default=None, choices=["full", "concat", "svd"], help="adapters: dense model, exact concatenated adapter, or SVD to rank r")
+    p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code: only for trusted files")
+
+    def run(a: argparse.Namespace) -> None:
+        import yaml
+
+        from dtm.merging import MergeError, merge
+        from dtm.merging.recipe import read_recipe
+
+        kw: dict = read_recipe(a.config) if a.config else {"models": [], "parameters": {}}
+        if a.models:
+            kw["models"] = a.models
+        if not kw["models"]:
+            raise MergeError("no models: give MODEL directories or --config merge.yaml")
+        if a.weights is not None:
+            try:
+                kw["weights"] = [float(w) for w in a.weights.replace(",", " ").split()]
+            except ValueError:
+                raise MergeError(f"--weights {a.weights!r}: expected comma-separated numbers, e.g. 0.5,0.25,0.25") from None
+        for item in a.param:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise MergeError(f"--param {item!r}: expected KEY=VALUE, e.g. density=0.5")
+            kw["parameters"][key.strip()] = yaml.safe_load(value)
+        if a.max_shard_size:
+            kw["parameters"]["max_shard_size"] = a.max_shard_size
+        for flag, key in (("method", "method"), ("base", "base"), ("dtype", "dtype"), ("out_dtype", "out_dtype"), ("lora_merge", "lora_merge")):
+            if getattr(a, flag) is not None:
+                kw[key] = getattr(a, flag)
+        out = merge(out=a.out, overwrite=a.overwrite, allow_pickle=a.allow_pickle, **kw)
+        print(f"merged {len(kw['models'])} models ({kw.get('method', 'average')}) into {out}")
+
+    p.set_defaults(func=run)
 # ---------------------------------------------------------------- eval
 # ---------------------------------------------------------------- run / status / report / demo
 
@@ -98,6 +152,7 @@ def _add_disperse(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_disperse,
+    _add_merge,
 ]
 
 
