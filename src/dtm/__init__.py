@@ -24,6 +24,8 @@ _API = {
     "Conversation": "dtm.data.formats:Conversation",
     "disperse": "dtm.dispersal:disperse",
     "merge": "dtm.merging:merge",
+    "evaluate": "dtm.evaluation:evaluate",
+    "evaluate_many": "dtm.evaluation:evaluate_many",
 }
 
 

@@ -146,6 +146,67 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
     p.set_defaults(func=run)
 # ---------------------------------------------------------------- eval
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate model(s) on benchmark tasks",
+        description="Score MODEL on tasks: task files (YAML spec or a multiple-choice JSONL with question/choices/answer), "
+        "suite names (knowledge, reasoning, code, paper) or benchmark names. Results: one JSON per task, written as each "
+        "finishes; rerunning skips finished tasks.",
+    )
+    p.add_argument("model", nargs="+", help="model directory (save_pretrained); several with --ensemble, or one result file each")
+    p.add_argument("--task", action="append", default=[], help="task file or suite/benchmark name (repeatable)")
+    p.add_argument("--suite", action="append", default=[], help="suite name (repeatable)")
+    p.add_argument("--out", default=None, help="results: a .json file, or a directory (one file per task / per model)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ensemble", action="store_true", help="average the next-token probabilities of the given models")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied to the model")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length for tasks whose spec sets none (default 64)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None, help="where the paper benchmarks' files are (default $DTM_EVAL_DATA or ~/.cache/dtm/eval)")
+    p.add_argument("--allow-code-execution", action="store_true", help="run model-written code for HumanEval/MBPP (sandboxed subprocess)")
+    p.add_argument("--log-samples", action="store_true", help="also write per-item outputs next to the results")
+    p.add_argument("--lm-eval-tasks", default=None, help="comma-separated lm-evaluation-harness tasks to run too (needs the lmeval extra)")
+    p.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs")
+
+    def run(a: argparse.Namespace) -> None:
+        from dtm.evaluation.runner import evaluate, evaluate_many, summary_lines
+
+        tasks = a.task + a.suite
+        if not tasks and not a.lm_eval_tasks:
+            raise DtmError("no tasks: pass --task FILE (or a suite/benchmark name) or --suite NAME")
+        opts = dict(batch_size=a.batch_size, limit=a.limit, max_new_tokens=a.max_new_tokens, device=a.device,
+                    data_dir=a.data_dir, allow_code_execution=a.allow_code_execution, log_samples=a.log_samples)
+        if tasks and len(a.model) > 1 and not a.ensemble:
+            by_model = evaluate_many(a.model, tasks, a.out, **opts)
+            for name, results in by_model.items():
+                print(f"== {name}")
+                print("\n".join(summary_lines(results)))
+        elif tasks:
+            results = evaluate(a.model, tasks, a.out, ensemble=a.ensemble, adapter=a.adapter, **opts)
+            print("\n".join(summary_lines(results)))
+        if a.lm_eval_tasks:
+            from dtm.evaluation.lmeval import run_lm_eval
+
+            if len(a.model) > 1:
+                raise DtmError("--lm-eval-tasks takes one model")
+            results = run_lm_eval(a.model[0], a.lm_eval_tasks.split(","), a.out, a.batch_size, a.limit,
+                                  device="cuda" if a.device == "auto" and _eval_cuda() else ("cpu" if a.device == "auto" else a.device),
+                                  include_path=a.lm_eval_include)
+            print("\n".join(summary_lines(results)))
+
+    p.set_defaults(func=run)
+
+
+def _eval_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 # ---------------------------------------------------------------- run / status / report / demo
 
 
@@ -153,6 +214,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_disperse,
     _add_merge,
+    _add_eval,
 ]
 
 

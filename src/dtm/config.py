@@ -118,11 +118,15 @@ class MergeConfig(Section):
 
 
 class EvalConfig(Section):
-    suites: list[str] = Field(default_factory=lambda: ["knowledge", "reasoning", "instruction"])
+    suites: list[str] = Field(default_factory=lambda: ["knowledge", "reasoning", "instruction"], description="Suite names (the lab's, or the built-in knowledge/reasoning/code/paper).")
     tasks: list[str] = Field(default_factory=list, description="Extra task files (YAML spec or MC JSONL).")
     batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for tasks whose spec sets none.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N items per task.")
+    data_dir: str | None = Field(None, description="Directory with the paper benchmarks' JSONL files (default $DTM_EVAL_DATA or ~/.cache/dtm/eval).")
+    allow_code_execution: bool = Field(False, description="Run model-written code (HumanEval, MBPP) in a sandboxed subprocess.")
+    log_samples: bool = Field(False, description="Also write per-item outputs next to each result.")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to run as well (needs the lmeval extra).")
 
 
 class BaselinesConfig(Section):

@@ -1,0 +1,433 @@
+"""The scoring engine: log-likelihood multiple choice, greedy generation, perplexity.
+
+One `Scorer` holds one model, or K models of an ensemble that share a tokenizer (the
+ensemble's next-token distribution is the average of the members' probabilities). Every
+scoring function works on token ids and returns plain numbers; metrics live in `metrics.py`.
+
+Speed. The lab runs hundreds of evaluations of tiny models, where Python overhead, not
+FLOPs, is the cost. So:
+- multiple choice packs a question's context and *all* its choices into one row: the
+  choices sit after the context, each attending to the context and to itself only (a 4D
+  attention mask) with position ids restarting after the context, so the context is
+  computed once per question and one forward scores a whole batch of questions. A model
+  that does not honour custom 4D masks is detected by a probe at load and scored with one
+  row per (context, choice) instead, the lm-eval layout;
+- rows are length-sorted (longest first, so memory trouble shows at once) and tokenised in
+  bulk;
+- generation is our own KV-cached greedy loop (not `generate`), batched with left padding,
+  because an ensemble must average the members' distributions at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtm.errors import DtmError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class Scorer:
+    """Models (one, or an ensemble) + their shared tokenizer, ready to score token ids."""
+
+    models: list[Any]
+    tokenizer: Any
+    device: torch.device
+    max_length: int
+    names: list[str]
+    share_context: bool = True
+    stop_token_ids: set[int] = field(default_factory=set)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    @property
+    def prefix_id(self) -> int:
+        """The token before a text with no context (lm-eval uses the EOT token; BOS where there is one)."""
+        tok = self.tokenizer
+        for cand in (tok.bos_token_id, tok.eos_token_id, self.pad_id):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_max_length(model: Any, tokenizer: Any) -> int:
+    """The longest sequence the model takes (lm-eval's rule: config first, then the tokenizer)."""
+    cfg = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    tml = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 1_000_000:
+        return tml
+    return 2048
+
+
+def _load_one(path: str | os.PathLike, adapter: str | os.PathLike | None, device: torch.device, dtype: str | None, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DtmError(f"{path}: not a model directory (no config.json); pass a `save_pretrained` directory")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "", None)
+    if torch_dtype is None:
+        torch_dtype = torch.float32 if device.type == "cpu" else "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DtmError(f"{path}: cannot load the model: {e}") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise DtmError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        # merged into the weights: exact up to rounding, and as fast as a plain model
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model.to(device).eval()
+
+
+def _load_tokenizer(path: str | os.PathLike, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DtmError(f"{path}: cannot load a tokenizer ({e}); save one next to the model with tokenizer.save_pretrained") from None
+
+
+def load_scorer(
+    model: str | os.PathLike | Sequence[str | os.PathLike],
+    adapter: str | os.PathLike | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | None = None,
+    share_context: bool | None = None,
+    trust_remote_code: bool = False,
+) -> Scorer:
+    """Load a model directory (or several, an ensemble) and the first one's tokenizer."""
+    paths = [model] if isinstance(model, (str, os.PathLike)) else list(model)
+    if not paths:
+        raise DtmError("no model given")
+    dev = _resolve_device(device)
+    tokenizer = _load_tokenizer(paths[0], trust_remote_code)
+    for p in paths[1:]:
+        other = _load_tokenizer(p, trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise DtmError(f"{p}: its tokenizer differs from {paths[0]}'s; an ensemble averages next-token probabilities, so members need one vocabulary")
+    models = [_load_one(p, adapter, dev, dtype, trust_remote_code) for p in paths]
+    sizes = {m.get_output_embeddings().weight.shape[0] for m in models}
+    if len(sizes) > 1:
+        raise DtmError(f"ensemble members have different vocabulary sizes {sorted(sizes)}")
+    stop_ids = set()
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(models[0], "generation_config", None), "eos_token_id", None)
+    stop_ids |= {int(t) for t in ([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))}
+    scorer = Scorer(
+        models=models, tokenizer=tokenizer, device=dev,
+        max_length=min(model_max_length(m, tokenizer) for m in models),
+        names=[str(p) for p in paths], stop_token_ids=stop_ids,
+    )
+    scorer.share_context = probe_packing(scorer) if share_context is None else share_context
+    return scorer
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+@torch.inference_mode()
+def _token_logprobs(scorer: Scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+                    rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target | prefix) at (row, position) pairs, averaged over the ensemble in probability space."""
+    per_model = []
+    for model in scorer.models:
+        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        picked = logits[rows, positions].float().log_softmax(-1)
+        per_model.append(picked.gather(-1, targets[:, None]).squeeze(-1))
+    if len(per_model) == 1:
+        return per_model[0]
+    return torch.logsumexp(torch.stack(per_model), 0) - math.log(len(per_model))
+
+
+def _block_mask(blocks: list[tuple[int, int]], total: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [T, T] mask: block 0 (the context) is causal; every other block attends to the
+    context and causally to itself. Padding attends to itself (no all-masked rows)."""
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    ctx_s, ctx_e = blocks[0]
+    for s, e in blocks:
+        allowed[s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+        if s != ctx_s:
+            allowed[s:e, ctx_s:ctx_e] = True
+    end = blocks[-1][1]
+    idx = torch.arange(end, total)
+    allowed[idx, idx] = True
+    mask = torch.zeros(total, total, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask
+
+
+def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+    """Sum log p(choice | context) for a batch of questions, one row per question."""
+    dtype = next(scorer.models[0].parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    lengths = [len(ctx) + sum(len(c) for c in choices) for ctx, choices in items]
+    total = max(lengths)
+    ids = torch.full((len(items), total), scorer.pad_id, dtype=torch.long)
+    pos = torch.zeros((len(items), total), dtype=torch.long)
+    masks = []
+    rows, positions, targets, owner = [], [], [], []
+    n_choices = 0
+    for b, (ctx, choices) in enumerate(items):
+        L = len(ctx)
+        ids[b, :L] = torch.tensor(ctx)
+        pos[b, :L] = torch.arange(L)
+        blocks = [(0, L)]
+        cursor = L
+        for choice in choices:
+            m = len(choice)
+            ids[b, cursor:cursor + m] = torch.tensor(choice)
+            pos[b, cursor:cursor + m] = torch.arange(L, L + m)
+            blocks.append((cursor, cursor + m))
+            pred = [L - 1] + list(range(cursor, cursor + m - 1))
+            rows += [b] * m
+            positions += pred
+            targets += choice
+            owner += [n_choices] * m
+            n_choices += 1
+            cursor += m
+        masks.append(_block_mask(blocks, total, dtype))
+    mask = torch.stack(masks)[:, None].to(scorer.device)
+    lp = _token_logprobs(scorer, ids.to(scorer.device), mask, pos.to(scorer.device),
+                         torch.tensor(rows, device=scorer.device), torch.tensor(positions, device=scorer.device),
+                         torch.tensor(targets, device=scorer.device))
+    sums = torch.zeros(n_choices, dtype=torch.float64).index_add_(0, torch.tensor(owner), lp.double().cpu())
+    out, k = [], 0
+    for _, choices in items:
+        out.append(sums[k:k + len(choices)].tolist())
+        k += len(choices)
+    return out
+
+
+def score_separate(scorer: Scorer, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+    """Sum log p(continuation | context), one right-padded row per (context, continuation)
+    (the lm-eval layout: input = (context + continuation)[:-1])."""
+    total = max(len(c) + len(t) - 1 for c, t in pairs)
+    ids = torch.full((len(pairs), total), scorer.pad_id, dtype=torch.long)
+    attn = torch.zeros((len(pairs), total), dtype=torch.long)
+    rows, positions, targets, owner = [], [], [], []
+    for b, (ctx, cont) in enumerate(pairs):
+        seq = (ctx + cont)[:-1]  # the last token is only a target, never an input
+        ids[b, :len(seq)] = torch.tensor(seq)
+        attn[b, :len(seq)] = 1
+        L, m = len(ctx), len(cont)
+        rows += [b] * m
+        positions += list(range(L - 1, L + m - 1))
+        targets += cont
+        owner += [b] * m
+    lp = _token_logprobs(scorer, ids.to(scorer.device), attn.to(scorer.device), None,
+                         torch.tensor(rows, device=scorer.device), torch.tensor(positions, device=scorer.device),
+                         torch.tensor(targets, device=scorer.device))
+    return torch.zeros(len(pairs), dtype=torch.float64).index_add_(0, torch.tensor(owner), lp.double().cpu()).tolist()
+
+
+def probe_packing(scorer: Scorer) -> bool:
+    """Does this model honour a custom 4D mask with position ids? Compare packed scores with
+    one-row-per-choice scores on a made-up question; fall back to the latter if they differ."""
+    vocab = scorer.models[0].get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(3, vocab, (7,), generator=g).tolist()
+    choices = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 1, 4)]
+    try:
+        packed = score_packed(scorer, [(ctx, choices)])[0]
+    except Exception as e:  # any model that rejects 4D masks or position ids
+        log.info("packed scoring unsupported (%s); scoring one row per choice", e)
+        return False
+    separate = score_separate(scorer, [(ctx, c) for c in choices])
+    ok = all(abs(a - b) < 1e-3 * max(1.0, abs(b)) for a, b in zip(packed, separate, strict=True))
+    if not ok:
+        log.info("packed scores differ from per-choice scores for %s; scoring one row per choice", scorer.names[0])
+    return ok
+
+
+# ---------------------------------------------------------------- batching helpers
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches, longest first (ties keep input order: deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for s in range(0, len(order), batch_size):
+        yield order[s:s + batch_size]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def truncate_mc(ctx: list[int], choices: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]], bool]:
+    """Fit context + the longest choice into `max_length` by dropping context tokens from the
+    left (at least one context token stays; an over-long choice keeps its first tokens)."""
+    longest = max(len(c) for c in choices)
+    if len(ctx) + longest <= max_length:
+        return ctx, choices, False
+    keep_choice = min(longest, max_length - 1)
+    choices = [c[:keep_choice] for c in choices]
+    keep_ctx = max(1, max_length - keep_choice)
+    return ctx[-keep_ctx:], choices, True
+
+
+def score_choices(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]], batch_size: int,
+                  progress: bool = False, desc: str = "mc") -> list[list[float]]:
+    """log p(choice | context) for every question's choices (items already fit max_length)."""
+    results: list[list[float]] = [[] for _ in items]
+    if scorer.share_context:
+        bar = _progress(len(items), desc, progress)
+        lengths = [len(c) + sum(len(x) for x in ch) for c, ch in items]
+        for batch in batches_by_length(lengths, batch_size):
+            for i, scores in zip(batch, score_packed(scorer, [items[i] for i in batch]), strict=True):
+                results[i] = scores
+            bar.update(len(batch))
+    else:
+        pairs = [(i, j, ctx, cont) for i, (ctx, choices) in enumerate(items) for j, cont in enumerate(choices)]
+        for i, (_, choices) in enumerate(items):
+            results[i] = [0.0] * len(choices)
+        bar = _progress(len(pairs), desc, progress)
+        lengths = [len(p[2]) + len(p[3]) for p in pairs]
+        for batch in batches_by_length(lengths, batch_size):
+            scores = score_separate(scorer, [(pairs[k][2], pairs[k][3]) for k in batch])
+            for k, s in zip(batch, scores, strict=True):
+                results[pairs[k][0]][pairs[k][1]] = s
+            bar.update(len(batch))
+    bar.close()
+    return results
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class _StopCheck:
+    stop: list[str]
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """Text up to the first stop sequence, and whether one was found."""
+        hits = [text.find(s) for s in self.stop if s and s in text]
+        if not hits:
+            return text, False
+        return text[:min(hits)], True
+
+
+@torch.inference_mode()
+def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = (),
+                    batch_size: int = 16, progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy continuations of token-id prompts, cut at EOS or the first stop sequence.
+
+    Prompts must already fit `max_length - max_new_tokens` (see `truncate_left`). Batched with
+    left padding and a KV cache per model; an ensemble picks argmax of the averaged probabilities.
+    """
+    check = _StopCheck(list(stop))
+    out: list[str] = [""] * len(prompts)
+    bar = _progress(len(prompts), desc, progress)
+    tok = scorer.tokenizer
+    eos = torch.tensor(sorted(scorer.stop_token_ids), dtype=torch.long, device=scorer.device)
+    for batch in batches_by_length([len(p) for p in prompts], batch_size):
+        B = len(batch)
+        T = max(len(prompts[i]) for i in batch)
+        ids = torch.full((B, T), scorer.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        for b, i in enumerate(batch):
+            p = prompts[i]
+            ids[b, T - len(p):] = torch.tensor(p)
+            attn[b, T - len(p):] = 1
+        ids, attn = ids.to(scorer.device), attn.to(scorer.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        caches: list[Any] = [None] * len(scorer.models)
+        generated: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=scorer.device)
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            per_model = []
+            for k, model in enumerate(scorer.models):
+                res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=caches[k], use_cache=True)
+                caches[k] = res.past_key_values
+                per_model.append(res.logits[:, -1].float().log_softmax(-1))
+            logp = per_model[0] if len(per_model) == 1 else torch.logsumexp(torch.stack(per_model), 0)
+            nxt = logp.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, scorer.pad_id), nxt)
+            hit_eos = torch.isin(nxt, eos) if len(eos) else torch.zeros_like(done)
+            for b in (~done & ~hit_eos).nonzero().flatten().tolist():
+                generated[b].append(int(nxt[b]))
+                if check.stop:
+                    _, found = check.cut(tok.decode(generated[b], skip_special_tokens=True))
+                    if found:
+                        done[b] = True
+            done |= hit_eos
+            if bool(done.all()):
+                break
+            step_ids = nxt[:, None]
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=attn.device)], 1)
+            pos = pos[:, -1:] + 1
+        for b, i in enumerate(batch):
+            out[i] = check.cut(tok.decode(generated[b], skip_special_tokens=True))[0]
+        bar.update(B)
+    bar.close()
+    return out
+
+
+def truncate_left(ids: list[int], limit: int) -> tuple[list[int], bool]:
+    limit = max(1, limit)
+    return (ids[-limit:], True) if len(ids) > limit else (ids, False)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def rolling_windows(tokens: list[int], prefix_id: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Disjoint prediction windows over a text: (input ids, target ids), each at most
+    `max_length`; the first token is predicted from `prefix_id` (lm-eval's rolling loglik)."""
+    seq = [prefix_id] + tokens
+    return [(seq[s:s + len(tokens[s:s + max_length])], tokens[s:s + max_length]) for s in range(0, len(tokens), max_length)]
+
+
+def score_texts(scorer: Scorer, texts: Sequence[list[int]], batch_size: int, progress: bool = False) -> list[float]:
+    """Total log-likelihood of each token sequence (rolling windows past max_length)."""
+    windows: list[tuple[int, list[int], list[int]]] = []
+    for i, toks in enumerate(texts):
+        for inp, tgt in rolling_windows(toks, scorer.prefix_id, scorer.max_length):
+            windows.append((i, inp, tgt))
+    totals = [0.0] * len(texts)
+    bar = _progress(len(windows), "perplexity", progress)
+    for batch in batches_by_length([len(w[1]) for w in windows], batch_size):
+        # a window scores its targets from an empty context: context = first input token
+        pairs = [([windows[k][1][0]], windows[k][2]) for k in batch]
+        for k, s in zip(batch, score_separate(scorer, pairs), strict=True):
+            totals[windows[k][0]] += s
+        bar.update(len(batch))
+    bar.close()
+    return totals

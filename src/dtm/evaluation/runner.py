@@ -1,0 +1,430 @@
+"""`evaluate` and `evaluate_many`: tasks in, one results dict per task out, resumable.
+
+A results dict (one per model and task) holds the metrics with standard errors, per-group
+metrics, counts (items scored, items truncated from the left), seconds, the model path(s) and
+a hash of the task spec + data. Each one is written atomically as soon as its task finishes,
+into a JSON file (``{task: result}``) or a directory (``<task>.json``); a rerun skips every
+task whose stored result has the same run key (task hash, model files, options).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dtm.errors import DtmError
+from dtm.evaluation import metrics as M
+from dtm.evaluation.harness import (
+    Scorer,
+    generate_greedy,
+    load_scorer,
+    score_choices,
+    score_texts,
+    truncate_left,
+    truncate_mc,
+)
+from dtm.evaluation.tasks import Task, build_texts, choice_targets, resolve_tasks
+from dtm.io import atomic_write_json, atomic_write_jsonl
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 64
+ModelRef = str | os.PathLike
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _encode_plain(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """lm-eval's `tok_encode`: the tokenizer's default special tokens, none if the text
+    already starts with the BOS string."""
+    bos = tokenizer.bos_token
+    out: list[list[int]] = [[] for _ in texts]
+    for special in (True, False):
+        idx = [i for i, t in enumerate(texts) if (not (bos and t.startswith(bos))) == special]
+        for i, ids in zip(idx, _encode(tokenizer, [texts[i] for i in idx], special), strict=True):
+            out[i] = ids
+    return out
+
+
+def encode_prompts(task: Task, tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Prompt token ids: plain text (lm-eval), or the training template (`prompt_ids`, in bulk)."""
+    fmt = task.spec.prompt_format
+    if fmt == "none":
+        return _encode_plain(tokenizer, texts)
+    from dtm.data.template import format_prompt, special_prefix
+
+    if fmt == "alpaca":  # == [prompt_ids(tokenizer, t, "alpaca") for t in texts], one tokenizer call
+        prefix = special_prefix(tokenizer)
+        return [prefix + ids for ids in _encode(tokenizer, [format_prompt(t, "alpaca") for t in texts], False)]
+    return _encode(tokenizer, [format_prompt(t, "chat", tokenizer) for t in texts], False)
+
+
+def encode_mc(task: Task, tokenizer: Any, rows: list[dict[str, Any]]) -> list[tuple[list[int], list[list[int]]]]:
+    """(context ids, [choice ids, ...]) per question.
+
+    Plain format follows lm-eval exactly: trailing whitespace of the context moves to the
+    continuation, context+continuation is encoded whole and split after the context's tokens.
+    Template formats tokenise each choice alone, as a response is tokenised in training.
+    """
+    spec = task.spec
+    texts = build_texts(task, rows)
+    targets = [choice_targets(spec, r) for r in rows]
+    if spec.prompt_format != "none":
+        contexts = encode_prompts(task, tokenizer, texts)
+        flat = _encode(tokenizer, [spec.delimiter + t for ts in targets for t in ts], False)
+        out, k = [], 0
+        for ctx, ts in zip(contexts, targets, strict=True):
+            out.append((ctx, flat[k:k + len(ts)]))
+            k += len(ts)
+        return out
+    ctx_texts, wholes = [], []
+    for text, ts in zip(texts, targets, strict=True):
+        stripped = text.rstrip()
+        spaces = text[len(stripped):]
+        ctx_texts.append(stripped)
+        wholes += [stripped + spaces + spec.delimiter + t for t in ts]
+    contexts = _encode_plain(tokenizer, ctx_texts)
+    whole_ids = _encode_plain(tokenizer, wholes)
+    out, k = [], 0
+    for ctx_text, ctx, ts in zip(ctx_texts, contexts, targets, strict=True):
+        if not ctx_text:  # empty context: condition on the prefix token, as lm-eval does
+            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+            conts = _encode(tokenizer, [spec.delimiter + t for t in ts], False)
+        else:
+            conts = [w[len(ctx):] for w in whole_ids[k:k + len(ts)]]
+        out.append((ctx, conts))
+        k += len(ts)
+    return out
+
+
+# ---------------------------------------------------------------- one task
+
+
+def _code_program(row: dict[str, Any], completion: str) -> str:
+    """HumanEval: prompt + completion + tests + check(entry_point); MBPP: completion + asserts."""
+    if "entry_point" in row:
+        return f"{row['prompt']}{completion}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+    return f"{completion}\n\n{row['test']}\n"
+
+
+def run_task(
+    scorer: Scorer,
+    task: Task,
+    batch_size: int = 16,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    allow_code_execution: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score one task -> (result dict, per-item samples)."""
+    spec = task.spec
+    rows = task.rows[:limit] if limit else task.rows
+    start = time.perf_counter()
+    tok = scorer.tokenizer
+    truncated = 0
+    per_item: list[dict[str, float]] = []
+    samples: list[dict[str, Any]] = []
+    if spec.type == "multiple_choice":
+        items = []
+        for ctx, choices in encode_mc(task, tok, rows):
+            ctx, choices, cut = truncate_mc(ctx, choices, scorer.max_length)
+            truncated += cut
+            items.append((ctx, choices))
+        lls = score_choices(scorer, items, batch_size, progress, desc=spec.name)
+        for row, ll in zip(rows, lls, strict=True):
+            per_item.append(M.mc_item_scores(ll, choice_targets(spec, row), row["answer"]))
+            samples.append({"id": row["id"], "loglikelihoods": ll, "answer": row["answer"], **per_item[-1]})
+    elif spec.type in ("generate", "code"):
+        new_tokens = spec.max_new_tokens or max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        room = scorer.max_length - new_tokens
+        if room < 1:
+            raise DtmError(f"task {spec.name!r}: max_new_tokens={new_tokens} leaves no room for a prompt in the model's {scorer.max_length} positions")
+        prompts = []
+        for ids in encode_prompts(task, tok, build_texts(task, rows)):
+            ids, cut = truncate_left(ids, room)
+            truncated += cut
+            prompts.append(ids)
+        outputs = generate_greedy(scorer, prompts, new_tokens, spec.stop, batch_size, progress, desc=spec.name)
+        if spec.type == "code":
+            from dtm.evaluation.codeexec import run_programs
+
+            passed = run_programs([_code_program(r, o) for r, o in zip(rows, outputs, strict=True)], spec.timeout_s, progress)
+            for row, out, (ok, why) in zip(rows, outputs, passed, strict=True):
+                per_item.append({"pass_at_1": float(ok)})
+                samples.append({"id": row["id"], "output": out, "passed": ok, "result": why})
+        else:
+            for row, out in zip(rows, outputs, strict=True):
+                scores = {"exact_match": M.exact_match(out, row["answer"], spec.extractor, spec.regex, spec.ignore_case)}
+                if "pattern" in row:
+                    scores["pattern_match"] = M.pattern_match(out, row["pattern"])
+                per_item.append(scores)
+                samples.append({"id": row["id"], "output": out, "answer": row["answer"], **scores})
+    else:  # perplexity
+        texts = [r["text"] for r in rows]
+        token_ids = _encode(tok, texts, False)
+        lls = score_texts(scorer, token_ids, batch_size, progress)
+        result_metrics = M.perplexity_metrics(lls, texts, [len(t) for t in token_ids])
+        samples = [{"id": r["id"], "loglikelihood": ll, "tokens": len(t)} for r, ll, t in zip(rows, lls, token_ids, strict=True)]
+    seconds = time.perf_counter() - start
+    if spec.type == "perplexity":
+        metrics_out: dict[str, Any] = result_metrics
+        groups: dict[str, Any] = {}
+    else:
+        metrics_out = M.summarize(per_item)
+        groups = M.grouped(per_item, [r[spec.group_by] for r in rows]) if spec.group_by else {}
+    if spec.type == "generate" and any("pattern" in r for r in rows):
+        metrics_out["pattern_items"] = sum("pattern" in r for r in rows)
+    result = {
+        "task": spec.name,
+        "type": spec.type,
+        "source": str(task.source),
+        "spec_hash": task.spec_hash,
+        "model": scorer.names[0] if len(scorer.names) == 1 else scorer.names,
+        "ensemble": len(scorer.names) > 1,
+        "metrics": metrics_out,
+        "groups": groups,
+        "counts": {"items": len(rows), "truncated": truncated, "task_items": len(task.rows)},
+        "num_fewshot": spec.num_fewshot,
+        "limit": limit,
+        "seconds": round(seconds, 4),
+        "items_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None,
+        "scoring": "packed" if scorer.share_context else "per_choice",
+    }
+    return result, samples
+
+
+# ---------------------------------------------------------------- results files
+
+
+def _model_fingerprint(paths: Sequence[ModelRef]) -> list[str]:
+    """Path + sizes and mtimes of the weight/config files: a retrained checkpoint is re-evaluated."""
+    out = []
+    for p in paths:
+        p = Path(p).resolve()
+        parts = [str(p)]
+        if p.is_dir():
+            for f in sorted(p.iterdir()):
+                if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+                    st = f.stat()
+                    parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        out.append("|".join(parts))
+    return out
+
+
+def run_key(task: Task, models: Sequence[ModelRef], adapter: ModelRef | None, limit: int | None, max_new_tokens: int | None) -> str:
+    payload = {
+        "task": task.spec_hash, "models": _model_fingerprint(models),
+        "adapter": _model_fingerprint([adapter])[0] if adapter else None,
+        "limit": limit, "max_new_tokens": max_new_tokens if task.type in ("generate", "code") else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """Where results go: one JSON file {task: result}, or a directory of <task>.json files."""
+
+    def __init__(self, out: str | os.PathLike | None):
+        self.path = Path(out) if out is not None else None
+        self.is_file = self.path is not None and self.path.suffix == ".json"
+
+    def _task_path(self, name: str) -> Path:
+        assert self.path is not None
+        return self.path / f"{name}.json"
+
+    def load(self) -> dict[str, Any]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            if self.is_file:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                return data if isinstance(data, dict) else {}
+            return {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in self.path.glob("*.json")}
+        except (json.JSONDecodeError, OSError) as e:
+            raise DtmError(f"{self.path}: existing results are unreadable ({e}); move the file away to start afresh") from None
+
+    def save(self, name: str, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
+        if self.path is None:
+            return
+        if self.is_file:
+            current = self.load()
+            current[name] = result
+            atomic_write_json(self.path, current)
+            samples_path = self.path.with_name(f"{self.path.stem}.{name}.samples.jsonl")
+        else:
+            atomic_write_json(self._task_path(name), result)
+            samples_path = self.path / f"{name}.samples.jsonl"
+        if samples is not None:
+            atomic_write_jsonl(samples_path, samples)
+
+
+def _run_tasks(
+    scorer_factory, model_paths: list[ModelRef], task_list: list[Task], store: ResultStore, *, adapter, batch_size, limit,
+    max_new_tokens, allow_code_execution, progress, log_samples,
+) -> dict[str, Any]:
+    done = store.load()
+    results: dict[str, Any] = {}
+    failures: list[str] = []
+    scorer: Scorer | None = None
+    for task in task_list:
+        key = run_key(task, model_paths, adapter, limit, max_new_tokens)
+        prior = done.get(task.name)
+        if isinstance(prior, dict) and prior.get("run_key") == key:
+            log.info("%s: already evaluated (%s), skipped", task.name, store.path)
+            results[task.name] = prior
+            continue
+        if task.type == "code" and not allow_code_execution:
+            log.warning("%s: skipped; code tasks execute model-written programs, pass allow_code_execution=True "
+                        "(CLI: --allow-code-execution) to run them in a sandboxed subprocess", task.name)
+            continue
+        if scorer is None:
+            scorer = scorer_factory()
+        try:
+            result, samples = run_task(scorer, task, batch_size, limit, max_new_tokens, allow_code_execution, progress)
+        except DtmError:
+            raise
+        except Exception as e:  # keep going: finished tasks are saved, this one is retried on rerun
+            log.exception("%s: failed", task.name)
+            failures.append(f"{task.name}: {type(e).__name__}: {e}")
+            continue
+        result["run_key"] = key
+        if adapter is not None:
+            result["adapter"] = str(adapter)
+        store.save(task.name, result, samples if log_samples else None)
+        results[task.name] = result
+    if failures:
+        raise DtmError("some tasks failed (the others are saved; rerun to retry):\n  " + "\n  ".join(failures))
+    return results
+
+
+def evaluate(
+    model: ModelRef | list[ModelRef],
+    tasks: list[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    ensemble: bool = False,
+    adapter: str | os.PathLike | None = None,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    suites: Mapping[str, list[str | os.PathLike]] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    device: str | None = "auto",
+    dtype: str | None = None,
+    allow_code_execution: bool = False,
+    log_samples: bool = False,
+    progress: bool = True,
+    share_context: bool | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Evaluate one model (or an ensemble of several) on tasks; returns {task name: result}.
+
+    `tasks`: task files (YAML/JSON spec or MC JSONL), suite names (`suites` first, then the
+    built-in `knowledge`/`reasoning`/`code`/`paper`) or benchmark names. `out`: a `.json` file
+    or a directory; each task's result is written as it finishes and reused on a rerun.
+    `max_new_tokens`: generation length for tasks whose spec sets none (default 64).
+    """
+    paths = list(model) if isinstance(model, (list, tuple)) else [model]
+    if len(paths) > 1 and not ensemble:
+        raise DtmError(f"{len(paths)} models given: pass ensemble=True (CLI: --ensemble) to average their predictions, "
+                       "or use evaluate_many to score each one")
+    if batch_size < 1:
+        raise DtmError(f"batch_size must be >= 1, got {batch_size}")
+    task_list = resolve_tasks(list(tasks), suites=dict(suites) if suites else None, data_dir=data_dir)
+
+    def factory() -> Scorer:
+        return load_scorer(paths, adapter=adapter, device=device, dtype=dtype, share_context=share_context, trust_remote_code=trust_remote_code)
+
+    return _run_tasks(factory, paths, task_list, ResultStore(out), adapter=adapter, batch_size=batch_size, limit=limit,
+                      max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution, progress=progress,
+                      log_samples=log_samples)
+
+
+def _model_entries(models: Mapping[str, Any] | Sequence[ModelRef]) -> dict[str, dict[str, Any]]:
+    """Normalise {name: path | [paths] | {"model":..., "adapter":...}} or [paths] to named entries."""
+    if not isinstance(models, Mapping):
+        named: dict[str, Any] = {}
+        for p in models:
+            base = Path(p).name or "model"
+            name, n = base, 2
+            while name in named:
+                name, n = f"{base}-{n}", n + 1
+            named[name] = p
+        models = named
+    out = {}
+    for name, ref in models.items():
+        if isinstance(ref, Mapping):
+            m = ref["model"]
+            out[name] = {"paths": list(m) if isinstance(m, (list, tuple)) else [m], "adapter": ref.get("adapter")}
+        else:
+            out[name] = {"paths": list(ref) if isinstance(ref, (list, tuple)) else [ref], "adapter": None}
+    return out
+
+
+def evaluate_many(
+    models: Mapping[str, Any] | Sequence[ModelRef],
+    tasks: list[str | os.PathLike] | list[Task],
+    out_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate several models (base, vanilla checkpoints, DTM, ensembles) on one task list.
+
+    Tasks are loaded and validated once. `models`: {name: model dir | [dirs] (an ensemble) |
+    {"model": dir, "adapter": dir}} or a list of dirs (named by directory). Results go to
+    `out_dir/<name>.json`; returns {name: {task: result}}.
+    """
+    suites = kwargs.pop("suites", None)
+    data_dir = kwargs.pop("data_dir", None)
+    if tasks and all(isinstance(t, Task) for t in tasks):
+        task_list = list(tasks)  # type: ignore[arg-type]
+    else:
+        task_list = resolve_tasks(list(tasks), suites=dict(suites) if suites else None, data_dir=data_dir)  # type: ignore[arg-type]
+    opts = {k: kwargs.pop(k) for k in ("device", "dtype", "share_context", "trust_remote_code") if k in kwargs}
+    allow_code = kwargs.pop("allow_code_execution", False)
+    log_samples = kwargs.pop("log_samples", False)
+    progress = kwargs.pop("progress", True)
+    if kwargs:
+        raise TypeError(f"evaluate_many: unexpected arguments {sorted(kwargs)}")
+    results = {}
+    for name, entry in _model_entries(models).items():
+        store = ResultStore(Path(out_dir) / f"{name}.json" if out_dir is not None else None)
+
+        def factory(entry=entry) -> Scorer:
+            return load_scorer(entry["paths"], adapter=entry["adapter"], **opts)
+
+        results[name] = _run_tasks(factory, entry["paths"], task_list, store, adapter=entry["adapter"], batch_size=batch_size,
+                                   limit=limit, max_new_tokens=max_new_tokens, allow_code_execution=allow_code,
+                                   progress=progress, log_samples=log_samples)
+    return results
+
+
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    """One line per task: the headline metrics with standard errors, items, truncations, time."""
+    lines = []
+    for name, r in results.items():
+        m = r.get("metrics", {})
+        shown = []
+        for k, v in m.items():
+            if k.endswith("_stderr") or not isinstance(v, (int, float)) or k == "pattern_items":
+                continue
+            se = m.get(f"{k}_stderr")
+            shown.append(f"{k}={v:.4f}" + (f"±{se:.4f}" if isinstance(se, (int, float)) else ""))
+        counts = r.get("counts", {})
+        extra = f", {counts['truncated']} truncated" if counts.get("truncated") else ""
+        lines.append(f"{name}: {' '.join(shown)}  ({counts.get('items')} items{extra}, {r.get('seconds', 0):.2f}s)")
+    return lines
