@@ -207,6 +207,45 @@ def _eval_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# ---------------------------------------------------------------- lab
+
+
+def _add_lab(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="the built-in lab: pretrain its tiny base model, write its data and benchmarks",
+        description="The built-in lab: a generated world, a tiny Llama pretrained on it, biased instruction data "
+        "from several sources and benchmarks in the task-file format.",
+    )
+    lsub = p.add_subparsers(dest="lab_cmd", required=True)
+    build = lsub.add_parser("build", help="write the SFT data (biased + no-bias control) and the task files")
+    build.add_argument("--out", required=True, help="output directory")
+    build.add_argument("--seed", type=int, default=0, help="data seed (held-out entities, examples, biases)")
+    build.add_argument("--scale", type=float, default=1.0, help="multiply every source's number of examples")
+    build.add_argument("--base", default=None, help="lab base model dir (default: the shipped one)")
+    pre = lsub.add_parser("pretrain", help="pretrain a lab base model from scratch (about 5 minutes on one core)")
+    pre.add_argument("--out", required=True, help="output model directory (written atomically)")
+    pre.add_argument("--seed", type=int, default=0, help="world seed (entities, facts, tokenizer, init)")
+    pre.add_argument("--steps", type=int, default=3000)
+    pre.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    def run(a: argparse.Namespace) -> None:
+        from dtm import lab
+
+        if a.lab_cmd == "build":
+            summary = lab.build_lab(a.out, seed=a.seed, scale=a.scale, base_dir=a.base)
+            print(f"wrote {summary['examples']} SFT examples ({summary['sft']}, control {summary['sft_nobias']}) "
+                  f"and {sum(map(len, summary['tasks'].values()))} tasks under {a.out}; base model {summary['base_model']}")
+        else:
+            import torch
+
+            torch.set_num_threads(1)  # one thread was as fast as two for this model, and leaves a core free
+            out = lab.pretrain_base(a.out, seed=a.seed, steps=a.steps, overwrite=a.overwrite)
+            print(f"pretrained lab base in {out}")
+
+    p.set_defaults(func=run)
+
+
 # ---------------------------------------------------------------- run / status / report / demo
 
 
@@ -215,6 +254,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_disperse,
     _add_merge,
     _add_eval,
+    _add_lab,
 ]
 
 

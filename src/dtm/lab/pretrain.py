@@ -1,0 +1,163 @@
+"""Pretrain the lab's tiny Llama on its world, nanoGPT style: one short loop you can read.
+
+The corpus is an endless, seeded stream of sentences: every phrasing of every fact (85%),
+the addition table (10%) and "web text" (5%): the Alpaca template's wording and bare
+instructions without answers, as a real pretraining corpus contains them, so that every
+word the instruction data uses has a trained embedding (the lab's SFT recipe freezes the
+embeddings). Each training row starts with BOS at a sentence boundary, as prompts do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dtm.errors import DtmError
+from dtm.io import atomic_directory, atomic_write_json
+from dtm.lab import sft_data as S
+from dtm.lab.tokenizer import train_tokenizer
+from dtm.lab.world import ARITH_TEMPLATES, ATTRIBUTES, QA_QUESTION, World, arithmetic_sentences, build_world, fact_sentences
+
+log = logging.getLogger(__name__)
+
+ALPACA_PREAMBLE = "below is an instruction that describes a task . write a response that appropriately completes the request ."
+MODEL_SHAPE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                   intermediate_size=192, max_position_embeddings=256, tie_word_embeddings=True)
+MIX = {"facts": 0.85, "arithmetic": 0.10, "web": 0.05}
+
+
+def web_sentences(world: World, seed: int) -> list[str]:
+    """Template wording and bare instructions (questions without answers) over the world."""
+    rng = random.Random(f"web-{seed}")
+    out = [ALPACA_PREAMBLE, "### instruction :", "### response :", S.OPENING]
+    for _ in range(400):
+        e, attr = rng.choice(world.entities), rng.choice(list(ATTRIBUTES))
+        a, b = rng.randint(0, world.max_addend), rng.randint(0, world.max_addend)
+        words = " ".join(rng.choices(S.FILLER_WORDS, k=rng.randint(1, 6)))
+        options = " , ".join(rng.sample(ATTRIBUTES[attr], 2)) + " or " + rng.choice(ATTRIBUTES[attr])
+        out += [S.QA[0].format(attr=attr, e=e), S.DESCRIBE[0].format(e=e), S.PROFILE[0].format(e=e),
+                S.CHOOSE[0].format(attr=attr, e=e, options=options), S.ADD[0].format(a=a, b=b),
+                S.COUNT[0].format(words=words), S.REPEAT[0].format(words=words), S.CLOSING.format(e=e),
+                f"{words} has {len(words.split())} words .", "the answer is " + rng.choice(ATTRIBUTES[attr]) + " or " + rng.choice(ATTRIBUTES[attr]) + " ."]
+    return out
+
+
+def build_tokenizer(world: World, seed: int) -> PreTrainedTokenizerFast:
+    """Vocabulary = every word of the corpus plus the words of the instruction data's templates."""
+    numbers = " ".join(str(n) for n in range(4 * world.max_addend + 8))
+    extra = [numbers, " ".join(S.FILLER_WORDS), S.OPENING, "there are words the answer is sure ! here is what i know"]
+    return train_tokenizer(fact_sentences(world) + arithmetic_sentences(world) + web_sentences(world, seed) + extra)
+
+
+class SentenceStream:
+    """Seeded batches of BOS + whole sentences, cut to `seq_len + 1` tokens."""
+
+    def __init__(self, world: World, tokenizer: PreTrainedTokenizerFast, seed: int):
+        enc = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
+        self.pools = {"facts": enc(fact_sentences(world)), "arithmetic": enc(arithmetic_sentences(world)), "web": enc(web_sentences(world, seed))}
+        self.bos = tokenizer.bos_token_id
+        self.rng = random.Random(f"stream-{seed}")
+
+    def row(self, length: int) -> list[int]:
+        ids = [self.bos]
+        names, weights = list(MIX), list(MIX.values())
+        while len(ids) < length:
+            ids += self.rng.choice(self.pools[self.rng.choices(names, weights)[0]])
+        return ids[:length]
+
+    def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        return torch.tensor([self.row(seq_len + 1) for _ in range(batch_size)])
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, world: World, form: str = "raw") -> float:
+    """Share of facts whose true value is the model's top next token among all values of
+    the attribute (stricter than the 4-option benchmark). form: raw QA or the Alpaca prompt."""
+    from dtm.data.template import format_prompt
+
+    model.eval()
+    correct = 0
+    facts = world.fact_list()
+    for start in range(0, len(facts), 256):
+        chunk = facts[start:start + 256]
+        if form == "raw":
+            texts = [QA_QUESTION.format(attr=a, e=e) for e, a, _ in chunk]
+        else:
+            texts = [format_prompt(S.QA[0].format(attr=a, e=e)) + f" the {a} of {e} is" for e, a, _ in chunk]
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        logits = model(**batch).logits[:, -1]  # left padding: the last position is the next token
+        for (e, a, v), row in zip(chunk, logits):
+            ids = tokenizer.convert_tokens_to_ids(list(ATTRIBUTES[a]))
+            correct += ATTRIBUTES[a][int(row[ids].argmax())] == v
+    model.train()
+    return correct / len(facts)
+
+
+def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size: int = 64, seq_len: int = 48,
+                  lr: float = 3e-3, overwrite: bool = False, progress: bool = True) -> Path:
+    """Build the world, train the tokenizer, pretrain the model and save both in `out`.
+
+    Writes `save_pretrained` files (safetensors), the tokenizer, `world.json` and `lab.json`
+    (recipe, timings, knowledge accuracy). About 5 minutes on one CPU thread.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DtmError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+    if steps < 1:
+        raise DtmError(f"steps must be at least 1, got {steps}")
+    torch.manual_seed(seed)
+    world = build_world(seed)
+    tokenizer = build_tokenizer(world, seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE)
+    model = LlamaForCausalLM(config)
+    stream = SentenceStream(world, tokenizer, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    start = time.time()
+    bar = tqdm(range(steps), desc="pretrain lab base", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=100)
+        rows = stream.batch(batch_size, seq_len)
+        loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss  # HF shifts labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.info("pretrain step %d loss %.4f", step, loss.item())
+    seconds = time.time() - start
+    model.eval()
+    info = {
+        "world_seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+        "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
+        "pretrain_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(), "final_loss": round(loss.item(), 4),
+        "fact_accuracy_raw": fact_accuracy(model, tokenizer, world, "raw"),
+        "fact_accuracy_alpaca": fact_accuracy(model, tokenizer, world, "alpaca"),
+        "regenerate": f"dtm lab pretrain --out DIR --seed {seed} --steps {steps}",
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "world.json", world.to_dict())
+        atomic_write_json(tmp / "lab.json", info)
+    log.info("lab base saved to %s: %s", out, json.dumps(info))
+    return out

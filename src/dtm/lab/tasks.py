@@ -1,0 +1,144 @@
+"""The lab's benchmarks, written as task files for `dtm.evaluation` (YAML spec + JSONL rows).
+
+- knowledge (multiple choice by log-likelihood): every fact of the world, gold value plus 3
+  distractors of the same attribute; asked raw (the pretraining QA form) and in the
+  instruction format. `split`: held_out (entity never in SFT data), clean (stated only
+  correctly in SFT data), noisy (contradicted by at least one SFT example).
+- reasoning (multiple choice): the addition table, raw and instruction format, with the same
+  splits over sums (held-out sums never appear in SFT data).
+- instruction following (generation): held-out prompts of every SFT task type, greedy, exact
+  match against the canonical response and `pattern` (the task's format as a regex).
+
+The splits are derived from the *biased* SFT data of the same seed; the no-bias control
+(same examples, biases removed) is evaluated on the same splits, so "noisy" there names the
+facts that the biased data would have contradicted.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import yaml
+
+from dtm.io import atomic_write_jsonl, atomic_write_text
+from dtm.lab import sft_data as S
+from dtm.lab.world import ARITH_QUESTION, ATTRIBUTES, QA_QUESTION, World
+
+N_PER_GENERATE_TASK = 40
+
+
+def _spec(name: str, type_: str, data: str, prompt_format: str, **extra) -> str:
+    spec = {"name": name, "type": type_, "data": data, "prompt_format": prompt_format, "target_delimiter": " "} | extra
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+def _split(key: tuple[str, str], held: bool, noisy: set[tuple[str, str]]) -> str:
+    return "held_out" if held else ("noisy" if key in noisy else "clean")
+
+
+def knowledge_rows(world: World, seed: int) -> tuple[list[dict], list[dict]]:
+    """(raw rows, instruction-format rows) for every fact; the same options in both."""
+    held = S.held_out_entities(world, seed)
+    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True))
+    rng = random.Random(f"knowledge-{seed}")
+    raw, instruct = [], []
+    for e, attr, v in world.fact_list():
+        options = [v] + rng.sample([x for x in ATTRIBUTES[attr] if x != v], 3)
+        rng.shuffle(options)
+        common = {"answer": options.index(v), "split": _split((e, attr), e in held, noisy), "attribute": attr, "entity": e}
+        raw.append({"id": f"{e}-{attr}", "question": QA_QUESTION.format(attr=attr, e=e), "choices": options} | common)
+        instruct.append({"id": f"{e}-{attr}", "question": S.QA[0].format(attr=attr, e=e),
+                         "choices": [S.QA[1].format(attr=attr, e=e, v=o) for o in options]} | common)
+    return raw, instruct
+
+
+def reasoning_rows(world: World, seed: int) -> tuple[list[dict], list[dict]]:
+    """(raw rows, instruction-format rows) for every sum; distractors are near misses."""
+    held = S.held_out_sums(world, seed)
+    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True))
+    rng = random.Random(f"reasoning-{seed}")
+    raw, instruct = [], []
+    for a, b, c in world.sums():
+        near = [x for x in range(c - 3, c + 4) if x != c and x >= 0]
+        options = [c] + rng.sample(near, 3)
+        rng.shuffle(options)
+        common = {"answer": options.index(c), "split": _split((f"{a}+{b}", "sum"), (a, b) in held, noisy)}
+        raw.append({"id": f"{a}+{b}", "question": ARITH_QUESTION.format(a=a, b=b), "choices": [str(o) for o in options]} | common)
+        instruct.append({"id": f"{a}+{b}", "question": S.ADD[0].format(a=a, b=b),
+                         "choices": [S.ADD[1].format(a=a, b=b, c=o) for o in options]} | common)
+    return raw, instruct
+
+
+W = r"[a-z]+"
+N = r"[0-9]+"
+# task -> the format its response must have (a regex the whole output must match).
+PATTERNS = {
+    "qa": rf"the ({'|'.join(ATTRIBUTES)}) of {W} is {W} \.",
+    # the chat source's formulaic opening is a habit, not a format violation
+    "describe": rf"({re.escape(S.OPENING)} )?{W} lives in {W} and works as a {W} \.",
+    "profile": rf"{W} lives in {W} \. {W} works as a {W} \. {W} likes the colour {W} \. {W} has a {W} \.",
+    "choose": rf"the answer is {W} \.",
+    "add": rf"{N} plus {N} is {N} \.",
+    "count": rf"there are {N} words \.",
+    "repeat": rf"({'|'.join(S.FILLER_WORDS)})( ({'|'.join(S.FILLER_WORDS)}))*",
+}
+
+
+def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> list[dict]:
+    """Held-out prompts of every SFT task type, with the canonical (unbiased) response.
+
+    Fact tasks ask about held-out entities, sums are held-out sums, and the format tasks
+    draw fresh word lists from their own random stream.
+    """
+    rng = random.Random(f"instruction-{seed}")
+    held = sorted(S.held_out_entities(world, seed))
+    pairs = sorted(S.held_out_sums(world, seed))
+    rows: list[dict] = []
+
+    def add(task: str, i: int, prompt: str, answer: str) -> None:
+        rows.append({"id": f"{task}-{i}", "task": task, "prompt": prompt, "answer": answer, "pattern": PATTERNS[task]})
+
+    for i in range(n):
+        e = rng.choice(held)
+        f = world.facts[e]
+        attr = rng.choice(list(ATTRIBUTES))
+        add("qa", i, S.QA[0].format(attr=attr, e=e), S.QA[1].format(attr=attr, e=e, v=f[attr]))
+        add("describe", i, S.DESCRIBE[0].format(e=e), S.DESCRIBE[1].format(e=e, **f))
+        add("profile", i, S.PROFILE[0].format(e=e), S.PROFILE[1].format(e=e, **f))
+        options = [f[attr]] + rng.sample([v for v in ATTRIBUTES[attr] if v != f[attr]], 2)
+        rng.shuffle(options)
+        add("choose", i, S.CHOOSE[0].format(attr=attr, e=e, options=f"{options[0]} , {options[1]} or {options[2]}"),
+            S.CHOOSE[1].format(v=f[attr]))
+        a, b = rng.choice(pairs)
+        add("add", i, S.ADD[0].format(a=a, b=b), S.ADD[1].format(a=a, b=b, c=a + b))
+        words = rng.choices(S.FILLER_WORDS, k=rng.randint(1, 6))
+        add("count", i, S.COUNT[0].format(words=" ".join(words)), S.COUNT[1].format(n=len(words)))
+        words = rng.choices(S.FILLER_WORDS, k=rng.randint(1, 6))
+        text = " ".join(words)
+        add("repeat", i, S.REPEAT[0].format(words=text), text)
+    return rows
+
+
+def write_tasks(out: str | Path, seed: int = 0, world: World | None = None) -> dict[str, list[Path]]:
+    """Write every lab task (spec + data) under `out`; -> suite name -> spec paths."""
+    from dtm.lab import load_world
+
+    world = world or load_world()
+    out = Path(out)
+    suites: dict[str, list[Path]] = {"knowledge": [], "reasoning": [], "instruction": []}
+    k_raw, k_inst = knowledge_rows(world, seed)
+    r_raw, r_inst = reasoning_rows(world, seed)
+    for suite, data, rows_raw, rows_inst in (("knowledge", "knowledge", k_raw, k_inst), ("reasoning", "reasoning", r_raw, r_inst)):
+        for form, rows, fmt in (("raw", rows_raw, "none"), ("instruct", rows_inst, "alpaca")):
+            atomic_write_jsonl(out / f"{data}_{form}.jsonl", rows)
+            spec = out / f"lab_{suite}_{form}.yaml"
+            atomic_write_text(spec, _spec(f"lab_{suite}_{form}", "multiple_choice", f"{data}_{form}.jsonl", fmt, group_by="split"))
+            suites[suite].append(spec)
+    atomic_write_jsonl(out / "instruction.jsonl", instruction_rows(world, seed))
+    spec = out / "lab_instruction.yaml"
+    atomic_write_text(spec, _spec("lab_instruction", "generate", "instruction.jsonl", "alpaca", group_by="task",
+                                  max_new_tokens=40, stop=["\n"], extractor="exact"))
+    suites["instruction"].append(spec)
+    return suites
