@@ -61,7 +61,7 @@ def test_relative_paths_resolve_against_the_config_dir(tmp_path):
     p = write(tmp_path, "data:\n  path: d.jsonl\noutput_dir: out\n")
     cfg = load_config(p)
     assert cfg.data.path == str(tmp_path / "d.jsonl")
-    assert cfg.output_dir == str(tmp_path / "out")
+    assert cfg.output_dir == "out"  # relative to the working directory, like TrainingArguments
 
 
 def test_overrides_are_yaml_values_on_dotted_keys(tmp_path):

@@ -249,12 +249,97 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- run / status / report / demo
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the whole experiment: disperse, train, merge, evaluate, report",
+        description="Run every stage of CONFIG for every seed (and the lab's no-bias control), then write the report. "
+        "A rerun skips finished stages; an interrupted run resumes.",
+    )
+    p.add_argument("config", help="experiment YAML (see `dtm config init`)")
+    _overrides(p)
+    p.add_argument("--from", dest="from_stage", default=None, help="redo this stage and all later ones (data, disperse, train, merge, eval, report)")
+
+    def run(a: argparse.Namespace) -> None:
+        from dtm.pipeline import run as run_experiment
+
+        run_experiment(a.config, a.overrides, from_stage=a.from_stage)
+
+    p.set_defaults(func=run)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="where a run stands, stage by stage")
+    p.add_argument("run_dir")
+
+    def run(a: argparse.Namespace) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from dtm.pipeline import status
+
+        table = Table(title=a.run_dir)
+        for col in ("run", "stage", "state", "seconds", "finished"):
+            table.add_column(col)
+        for row in status(a.run_dir):
+            color = {"done": "green", "stale": "yellow", "pending": "dim"}[row["state"]]
+            table.add_row(row["run"], row["stage"], f"[{color}]{row['state']}[/]", str(row["seconds"] or ""), row["finished"] or "")
+        Console().print(table)
+
+    p.set_defaults(func=run)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="(re)write report.md and report.html of a run directory")
+    p.add_argument("run_dir")
+
+    def run(a: argparse.Namespace) -> None:
+        import json
+        from pathlib import Path
+
+        from rich.console import Console
+
+        from dtm.config import ExperimentConfig
+        from dtm.report import write_run_report
+
+        cfg_path = Path(a.run_dir) / "config.json"
+        if not cfg_path.is_file():
+            raise DtmError(f"{a.run_dir}: not a run directory (no config.json)")
+        cfg = ExperimentConfig.model_validate(json.loads(cfg_path.read_text()))
+        md, page = write_run_report(cfg, console=Console())
+        print(f"wrote {md} and {page}")
+
+    p.set_defaults(func=run)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the built-in lab end to end (about 15 min on 2 CPU cores; less with the shipped base)",
+        description="Runs the lab experiment (dtm/configs/lab.yaml: base, vanilla SFT, DTM K=4 and baselines over 3 seeds, "
+        "plus the no-bias control) and writes the report.",
+    )
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    _overrides(p)
+
+    def run(a: argparse.Namespace) -> None:
+        from dtm.pipeline import LAB_CONFIG, run as run_experiment
+
+        run_experiment(LAB_CONFIG, [f"output_dir={os.path.abspath(a.out)}", *a.overrides])
+
+    p.set_defaults(func=run)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_disperse,
     _add_merge,
     _add_eval,
     _add_lab,
+    _add_run,
+    _add_status,
+    _add_report,
+    _add_demo,
 ]
 
 

@@ -254,8 +254,9 @@ def load_config(
 ) -> ExperimentConfig:
     """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides.
 
-    Relative data/model/output paths are resolved against the config file's directory,
-    so a config works from any working directory.
+    Relative data and model paths are resolved against the config file's directory, so a
+    config works from any working directory; `output_dir` stays relative to the working
+    directory, as in Hugging Face `TrainingArguments`.
     """
     tree: dict[str, Any] = {}
     text = ""
@@ -293,8 +294,6 @@ def load_config(
 
     cfg.data.path = resolve(cfg.data.path)
     cfg.model.model_name_or_path = resolve(cfg.model.model_name_or_path)
-    if not Path(cfg.output_dir).is_absolute():
-        cfg.output_dir = str(base_dir / cfg.output_dir)
     if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists():
         line = lines.get("data.path")
         where = f"{source}:{line}" if line else source

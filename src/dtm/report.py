@@ -9,6 +9,7 @@ lives in small pure functions so it can be tested on hand-computed numbers.
 from __future__ import annotations
 
 import base64
+import json
 import html
 import io
 import math
@@ -39,6 +40,10 @@ class ReportData:
     portions: list[dict[str, Any]] = field(default_factory=list)  # dispersal stats per portion
     compute: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {seconds, steps, tokens}
     controls: list[ReportData] = field(default_factory=list)  # e.g. the no-bias lab
+    table: list[str] | None = None  # models in the headline table (None = all); the rest only in plots
+
+    def table_scores(self) -> dict[str, dict[str, list[float]]]:
+        return {m: self.scores[m] for m in (self.table if self.table is not None else self.scores) if m in self.scores}
 
 
 # ---------------------------------------------------------------- pure functions
@@ -120,9 +125,10 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 
 def headline_markdown(data: ReportData) -> str:
-    best = best_per_column(data.scores, data.columns)
+    rows = data.table_scores()
+    best = best_per_column(rows, data.columns)
     lines = ["| model | " + " | ".join(data.columns) + " |", "|---|" + "---|" * len(data.columns)]
-    for model, s in data.scores.items():
+    for model, s in rows.items():
         cells = []
         for col in data.columns:
             cell = fmt(s.get(col, []))
@@ -132,10 +138,11 @@ def headline_markdown(data: ReportData) -> str:
 
 
 def headline_html(data: ReportData, table_id: str = "headline") -> str:
-    best = best_per_column(data.scores, data.columns)
+    table = data.table_scores()
+    best = best_per_column(table, data.columns)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in data.columns)
     rows = []
-    for model, s in data.scores.items():
+    for model, s in table.items():
         cells = "".join(
             f"<td class=\"{'best' if best.get(c) == model else ''}\">{html.escape(fmt(s.get(c, [])))}</td>" for c in data.columns
         )
@@ -367,3 +374,146 @@ def write_report(data: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
     page = f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(data.title)}</title><style>{CSS}</style></head><body>{_html_section(data, images)}</body></html>"
     page_path = atomic_write_text(out_dir / "report.html", page)
     return md, page_path
+
+
+# ---------------------------------------------------------------- from a run directory
+
+MODEL_ORDER = ["base", "vanilla", "vanilla (best checkpoint)", "short", "soup", "l2", "ewc", "replay", "curation", "sub-models (mean)", "ensemble", "DTM"]
+
+
+def task_columns(result: dict[str, Any]) -> dict[str, float]:
+    """Headline numbers of one task result: its main metric, per group for multiple choice,
+    and format compliance for generation."""
+    task, kind, metrics = result["task"], result["type"], result["metrics"]
+    main = {"multiple_choice": "acc", "generate": "exact_match"}.get(kind)
+    if main is None or metrics.get(main) is None:
+        return {}
+    cols = {task: metrics[main]}
+    if kind == "multiple_choice":
+        for group, m in result.get("groups", {}).items():
+            if m.get(main) is not None:
+                cols[f"{task}/{group}"] = m[main]
+    elif metrics.get("pattern_match") is not None:
+        cols[f"{task} (format)"] = metrics["pattern_match"]
+    return cols
+
+
+def _group_of(model: str) -> str:
+    if model == "base":
+        return "base"
+    if model == "vanilla":
+        return "vanilla"
+    if model.startswith("vanilla@"):
+        return "vanilla checkpoints"
+    if model.startswith("wise_ft"):
+        return "wise-ft"
+    if model.startswith("sub-"):
+        return "sub-model"
+    return {"DTM": "dtm", "soup": "soup"}.get(model, "baseline")
+
+
+def collect_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """model -> column -> value from one seed run's eval/<model>.json files."""
+    scores: dict[str, dict[str, float]] = {}
+    for path in sorted(eval_dir.glob("*.json")):
+        results = json.loads(path.read_text())
+        cols: dict[str, float] = {}
+        for result in results.values():
+            cols |= task_columns(result)
+        scores[path.stem] = cols
+    return scores
+
+
+def _best_checkpoint(scores: dict[str, dict[str, float]], column: str) -> dict[str, float] | None:
+    candidates = [s for m, s in scores.items() if (m.startswith("vanilla@") or m == "vanilla") and column in s]
+    return max(candidates, key=lambda s: s[column]) if candidates else None
+
+
+def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[str] | None = None) -> ReportData:
+    """Assemble ReportData from seed run directories [(config, root)] of one experiment."""
+    per_seed = [(cfg, root, collect_scores(root / "eval")) for cfg, root in runs]
+    columns: list[str] = []
+    for _, _, scores in per_seed:
+        for s in scores.values():
+            columns += [c for c in s if c not in columns]
+    k_col, i_col = (tradeoff or [None, None])[:2]
+    if k_col is None:
+        k_col = next((c for c in columns if "knowledge" in c and "instruct" in c and "/" not in c), next((c for c in columns if "/" not in c), None))
+    if i_col is None:
+        i_col = next((c for c in columns if "instruction" in c and "/" not in c and "(format)" not in c), None)
+    merged: dict[str, dict[str, list[float]]] = {}
+    curve: dict[str, dict[float, list[float]]] = {}
+    compute: dict[str, dict[str, list[float]]] = {}
+    for cfg, root, scores in per_seed:
+        k = cfg.disperse.k
+        subs = [scores[f"sub-{i + 1}"] for i in range(k) if f"sub-{i + 1}" in scores]
+        if subs:
+            scores["sub-models (mean)"] = {c: sum(s[c] for s in subs) / len(subs) for c in subs[0] if all(c in s for s in subs)}
+        if k_col:
+            best = _best_checkpoint(scores, k_col)
+            if best:
+                scores["vanilla (best checkpoint)"] = best
+        for model, cols in scores.items():
+            for c, v in cols.items():
+                merged.setdefault(model, {}).setdefault(c, []).append(v)
+            if model.startswith("vanilla@") or model in ("vanilla", "base"):
+                frac = 0.0 if model == "base" else 1.0 if model == "vanilla" else float(model.split("@")[1])
+                for c, v in cols.items():
+                    if "/" not in c and "(format)" not in c:
+                        curve.setdefault(c, {}).setdefault(frac, []).append(v)
+        train_m = json.loads((root / "manifests" / "train.json").read_text()) if (root / "manifests" / "train.json").is_file() else {}
+        merge_m = json.loads((root / "manifests" / "merge.json").read_text()) if (root / "manifests" / "merge.json").is_file() else {}
+        seconds = dict(train_m.get("outputs", {}).get("seconds", {}))
+        for name, sec in merge_m.get("outputs", {}).get("seconds", {}).items():
+            seconds[name] = seconds.get(name, 0.0) + sec
+        if any(n.startswith("sub-") for n in seconds):
+            seconds["DTM"] = sum(v for n, v in seconds.items() if n.startswith("sub-")) + seconds.get("DTM", 0.0)
+        if "soup" in seconds or "short" in seconds:
+            seconds["soup"] = seconds.get("soup", 0.0) + sum(v for n, v in seconds.items() if n == "short" or n.startswith("soup-"))
+        for name, sec in seconds.items():
+            if not name.startswith(("sub-", "soup-")):
+                compute.setdefault(name, {}).setdefault("train+merge seconds", []).append(sec)
+
+    ordered = [m for m in MODEL_ORDER if m in merged] + sorted(m for m in merged if m not in MODEL_ORDER)
+    shown = {m: merged[m] for m in ordered}
+    cfg0, root0, _ = per_seed[0]
+    seeds = [cfg.seed for cfg, _, _ in per_seed]
+    notes = [
+        f"seeds: {seeds} (every number is the mean ± sample std over these)",
+        f"K = {cfg0.disperse.k} portions, dispersal: {cfg0.disperse.strategy}; merge: {cfg0.merge.method}",
+        f"training: {cfg0.train.finetuning_type} fine-tuning, lr {cfg0.train.learning_rate}, {cfg0.train.num_train_epochs:g} epochs, "
+        f"batch {cfg0.train.per_device_train_batch_size}x{cfg0.train.gradient_accumulation_steps}",
+    ]
+    data_m = json.loads((root0 / "manifests" / "data.json").read_text()).get("outputs", {}) if (root0 / "manifests" / "data.json").is_file() else {}
+    if data_m.get("lab"):
+        lab = data_m["lab"]
+        notes.append(f"lab data: {lab['examples']} SFT examples; per source {lab['examples_per_source']}; per task {lab['examples_per_task']}")
+        notes.append(f"lab base model knowledge: {lab['base_fact_accuracy']}")
+    disperse_m = json.loads((root0 / "manifests" / "disperse.json").read_text()).get("outputs", {}) if (root0 / "manifests" / "disperse.json").is_file() else {}
+    notes.append("vanilla (best checkpoint) is picked on the test benchmark itself: an optimistic bound for vanilla")
+    table = [m for m in shown if not m.startswith(("vanilla@", "sub-")) or m == "sub-models (mean)"]
+    return ReportData(
+        title=title, scores=shown, columns=columns, notes=notes, tax_curve=curve, table=table,
+        tradeoff_axes=(k_col, i_col) if k_col and i_col else None, groups={m: _group_of(m) for m in shown},
+        portions=disperse_m.get("stats", []),
+        compute={m: {k: mean_std(v)[0] for k, v in c.items()} for m, c in compute.items()},
+    )
+
+
+def write_run_report(cfg: Any, console: Any = None) -> tuple[Path, Path]:
+    """The report of a whole `dtm run` (all seeds; the no-bias control as a section)."""
+    from dtm.pipeline import seed_runs
+
+    runs = seed_runs(cfg)
+    main = [(c, r) for c, r, control in runs if not control]
+    controls = [(c, r) for c, r, control in runs if control]
+    data = build_report_data(main, "Disperse-Then-Merge: results", cfg.report.tradeoff)
+    if controls:
+        data.controls.append(build_report_data(controls, "No-bias control (the same lab with every bias off)", cfg.report.tradeoff))
+    out = write_report(data, cfg.output_dir)
+    if console is not None:
+        console.print(headline_markdown(data))
+        summary = tradeoff_summary(data)
+        if summary:
+            console.print(summary)
+    return out

@@ -1,0 +1,319 @@
+"""`dtm run`: the whole experiment as stages over one run directory.
+
+    data -> disperse -> train -> merge -> eval        (once per seed: <out>/seed-<s>/)
+    report                                             (over all seeds: <out>/report.{md,html})
+
+Each stage writes its outputs into the run directory and then a manifest
+(`manifests/<stage>.json`: the hash of the config slice it depends on, chained with the
+hashes of the stages before it; outputs; wall time). A rerun skips every stage whose
+manifest matches; `from_stage` redoes that stage and all later ones; a crash resumes at the
+first unfinished stage, and inside a stage the trainer, merger and evaluator skip or resume
+their own finished work.
+
+Models, by name (every one is a `save_pretrained` directory under `models/`):
+  sub-1..sub-K    one per portion                 DTM          the merge of the sub-models
+  vanilla         all data, K=1                   vanilla@f    its checkpoints at fraction f
+  short           all data, 1/K of the epochs     soup         uniform soup of `short`-like models
+  wise_ft-a       base/vanilla interpolation      l2, ewc, ... training baselines
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtm.config import ExperimentConfig, load_config
+from dtm.errors import DtmError
+from dtm.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+LAB_CONFIG = Path(__file__).parent / "configs" / "lab.yaml"  # the demo: `dtm demo` = `dtm run` on it
+STAGES = ("data", "disperse", "train", "merge", "eval")
+# Config sections each stage depends on (besides the stages before it).
+STAGE_SECTIONS = {
+    "data": ("model", "data", "lab"),
+    "disperse": ("disperse",),
+    "train": ("train", "baselines"),
+    "merge": ("merge",),
+    "eval": ("eval",),
+}
+
+
+@dataclass
+class Run:
+    """One seed's run directory and what the stages have recorded in it."""
+
+    cfg: ExperimentConfig
+    root: Path
+    control: bool = False  # the no-bias lab control
+    info: dict[str, Any] = field(default_factory=dict)  # from the data stage: paths, base, suites
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.root / "manifests" / f"{stage}.json"
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        path = self.manifest_path(stage)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+
+def stage_hashes(cfg: ExperimentConfig, control: bool = False) -> dict[str, str]:
+    """Each stage's hash covers its own config sections and every earlier stage's."""
+    out, sections = {}, ["seed"]
+    dump = cfg.model_dump(mode="json")
+    for stage in STAGES:
+        sections += STAGE_SECTIONS[stage]
+        blob = json.dumps({"control": control, **{s: dump[s] for s in sections}}, sort_keys=True)
+        out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return out
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_data(run: Run) -> dict[str, Any]:
+    """Resolve the base model, the training data and the benchmark suites (the lab writes its own)."""
+    cfg = run.cfg
+    if cfg.data.path == "lab" or cfg.model.model_name_or_path == "lab":
+        from dtm import lab
+
+        if not (cfg.data.path == "lab" and cfg.model.model_name_or_path == "lab"):
+            raise DtmError("the lab is a data set and a base model together: set both data.path and model.model_name_or_path to 'lab'")
+        base = lab.base_model_dir()
+        summary = lab.build_lab(run.root / "lab", seed=cfg.seed, scale=cfg.lab.scale, base_dir=base)
+        return {
+            "base_model": str(base),
+            "train_data": summary["sft_nobias" if run.control else "sft"],
+            "suites": summary["tasks"],
+            "lab": {k: summary[k] for k in ("examples", "examples_per_source", "examples_per_task", "base_fact_accuracy")},
+        }
+    return {"base_model": cfg.model.model_name_or_path, "train_data": cfg.data.path, "suites": {}}
+
+
+def stage_disperse(run: Run) -> dict[str, Any]:
+    from dtm.dispersal import disperse
+
+    cfg = run.cfg
+    result = disperse(
+        run.info["train_data"], k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.root / "portions",
+        seed=cfg.dispersal_seed, format=cfg.data.format, source_field=cfg.data.source_field,
+        embed_on=cfg.disperse.embed_on, encoder=cfg.disperse.encoder, balance=cfg.disperse.balance,
+        on_bad_example=cfg.data.on_bad_example, overwrite=True, embed_batch_size=cfg.disperse.embed_batch_size,
+    )
+    return {"portions": str(result.out), "sizes": [len(p) for p in result.portions], "stats": result.stats["portions"]}
+
+
+def training_jobs(run: Run) -> dict[str, dict[str, Any]]:
+    """name -> {data, config overrides, seed}: every model the train stage must produce."""
+    cfg = run.cfg
+    k = cfg.disperse.k
+    data = run.info["train_data"]
+    jobs: dict[str, dict[str, Any]] = {}
+    for i in range(k):
+        jobs[f"sub-{i + 1}"] = {"data": str(run.root / "portions" / f"portion-{i + 1}.jsonl"), "train": {}, "seed": cfg.seed}
+    fractions = sorted(set(cfg.train.save_fractions))
+    jobs["vanilla"] = {"data": data, "train": {"save_fractions": fractions}, "seed": cfg.seed}
+    methods = set(cfg.baselines.methods)
+    short_epochs = cfg.train.num_train_epochs / k
+    if "short" in methods or "soup" in methods:
+        jobs["short"] = {"data": data, "train": {"num_train_epochs": short_epochs}, "seed": cfg.seed}
+    if "soup" in methods:
+        for j in range(1, cfg.baselines.soup_size):
+            jobs[f"soup-{j + 1}"] = {"data": data, "train": {"num_train_epochs": short_epochs}, "seed": cfg.seed + 1000 * j}
+    for name in ("l2", "ewc", "replay", "curation"):
+        if name in methods:
+            jobs[name] = {"data": data, "train": {}, "seed": cfg.seed, "baseline": name}
+    return jobs
+
+
+def stage_train(run: Run) -> dict[str, Any]:
+    from dtm.training import train_jobs
+
+    jobs = training_jobs(run)
+    timings = train_jobs(run.cfg, run.info["base_model"], jobs, run.models)
+    return {"models": sorted(jobs), "seconds": timings}
+
+
+def merge_plan(run: Run) -> dict[str, dict[str, Any]]:
+    """name -> merge(...) arguments for every merged model."""
+    cfg = run.cfg
+    models = run.models
+    plan: dict[str, dict[str, Any]] = {
+        "DTM": {"models": [models / f"sub-{i + 1}" for i in range(cfg.disperse.k)], "method": cfg.merge.method,
+                "weights": cfg.merge.weights, "parameters": cfg.merge.parameters, "base": run.info["base_model"]},
+    }
+    methods = set(cfg.baselines.methods)
+    if "soup" in methods:
+        plan["soup"] = {"models": [models / "short"] + [models / f"soup-{j + 1}" for j in range(1, cfg.baselines.soup_size)],
+                        "method": "average", "weights": None, "parameters": {}, "base": run.info["base_model"]}
+    if "wise_ft" in methods:
+        for alpha in cfg.baselines.wise_ft_alphas:
+            plan[f"wise_ft-{alpha:g}"] = {"models": [models / "vanilla"], "method": "wise_ft", "weights": None,
+                                          "parameters": {"alpha": alpha}, "base": run.info["base_model"]}
+    return plan
+
+
+def stage_merge(run: Run) -> dict[str, Any]:
+    from dtm.merging import merge
+
+    cfg = run.cfg
+    seconds = {}
+    for name, args in merge_plan(run).items():
+        out = run.models / name
+        if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
+            continue  # merges are written atomically: a directory that exists is complete
+        t0 = time.perf_counter()
+        merge(args["models"], out, method=args["method"], weights=args["weights"], base=args["base"],
+              parameters=args["parameters"], dtype=cfg.merge.dtype, out_dtype=cfg.merge.out_dtype,
+              lora_merge=cfg.merge.lora_merge, overwrite=False)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    return {"models": sorted(merge_plan(run)), "seconds": seconds}
+
+
+def evaluated_models(run: Run) -> dict[str, Any]:
+    """name -> model dir (or list of dirs for an ensemble) for every model the report shows."""
+    cfg = run.cfg
+    models: dict[str, Any] = {"base": run.info["base_model"]}
+    for name in ["vanilla", *training_jobs(run), *merge_plan(run)]:
+        if name.startswith("soup-"):
+            continue  # soup ingredients are shown through the soup
+        models[name] = str(run.models / name)
+    for frac_dir in sorted((run.models / "vanilla" / "fractions").glob("frac-*")):
+        models[f"vanilla@{frac_dir.name.removeprefix('frac-')}"] = str(frac_dir)
+    if "ensemble" in cfg.baselines.methods:
+        models["ensemble"] = [str(run.models / f"sub-{i + 1}") for i in range(cfg.disperse.k)]
+    return models
+
+
+def task_list(run: Run) -> list[str]:
+    cfg = run.cfg
+    suites = run.info.get("suites") or {}
+    tasks: list[str] = []
+    for suite in cfg.eval.suites:
+        tasks += [str(p) for p in suites[suite]] if suite in suites else [suite]
+    return tasks + list(cfg.eval.tasks)
+
+
+def stage_eval(run: Run) -> dict[str, Any]:
+    from dtm.evaluation import evaluate_many
+
+    cfg = run.cfg
+    results = evaluate_many(
+        evaluated_models(run), task_list(run), out_dir=run.root / "eval", batch_size=cfg.eval.batch_size,
+        limit=cfg.eval.limit, max_new_tokens=cfg.eval.max_new_tokens, data_dir=cfg.eval.data_dir,
+        allow_code_execution=cfg.eval.allow_code_execution, log_samples=cfg.eval.log_samples,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    return {"models": sorted(results), "tasks": task_list(run)}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "data": stage_data,
+    "disperse": stage_disperse,
+    "train": stage_train,
+    "merge": stage_merge,
+    "eval": stage_eval,
+}
+
+
+# ---------------------------------------------------------------- driving
+
+
+def run_seed(cfg: ExperimentConfig, root: Path, from_stage: str | None = None, control: bool = False,
+             console: Any = None) -> Run:
+    """Run (or resume) every stage of one seed's experiment in `root`."""
+    run = Run(cfg=cfg, root=root, control=control)
+    hashes = stage_hashes(cfg, control)
+    forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
+    for stage in STAGES:
+        manifest = run.manifest(stage)
+        if manifest and manifest["hash"] == hashes[stage] and stage not in forced:
+            if stage == "data":
+                run.info = manifest["outputs"]
+            _say(console, f"  [dim]{root.name}: {stage} up to date[/]")
+            continue
+        forced = STAGES[STAGES.index(stage):]  # a stage that reruns invalidates the ones after it
+        _say(console, f"  {root.name}: [bold]{stage}[/] ...")
+        t0 = time.perf_counter()
+        outputs = STAGE_FUNCTIONS[stage](run)
+        if stage == "data":
+            run.info = outputs
+        seconds = round(time.perf_counter() - t0, 2)
+        atomic_write_json(run.manifest_path(stage), {"stage": stage, "hash": hashes[stage], "seconds": seconds,
+                                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs})
+        _say(console, f"  {root.name}: {stage} done in {seconds:.1f}s")
+    return run
+
+
+def _say(console: Any, text: str) -> None:
+    if console is not None:
+        console.print(text)
+
+
+def seed_runs(cfg: ExperimentConfig) -> list[tuple[ExperimentConfig, Path, bool]]:
+    """(config, run dir, is_control) for every seed, and the no-bias control where it applies."""
+    root = Path(cfg.output_dir)
+    seeds = cfg.seeds or [cfg.seed]
+    out = []
+    controls = [False, True] if cfg.data.path == "lab" and cfg.lab.control else [False]
+    for control in controls:
+        for seed in seeds:
+            seed_cfg = cfg.model_copy(deep=True)
+            seed_cfg.seed = seed
+            out.append((seed_cfg, root / ("control-nobias" if control else "") / f"seed-{seed}", control))
+    return out
+
+
+def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = None, from_stage: str | None = None,
+        report: bool = True) -> Path:
+    """Run the experiment (all seeds, and the lab's no-bias control) and write the report; -> output dir."""
+    from rich.console import Console
+
+    if from_stage is not None and from_stage not in (*STAGES, "report"):
+        raise DtmError(f"unknown stage {from_stage!r}; stages: {', '.join((*STAGES, 'report'))}")
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    console = Console()
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "config.json", cfg.model_dump(mode="json"))
+    t0 = time.perf_counter()
+    for seed_cfg, seed_root, control in seed_runs(cfg):
+        console.print(f"[bold]{'no-bias control, ' if control else ''}seed {seed_cfg.seed}[/] -> {seed_root}")
+        run_seed(seed_cfg, seed_root, None if from_stage == "report" else from_stage, control, console)
+    if report:
+        from dtm.report import write_run_report
+
+        md, page = write_run_report(cfg, console=console)
+        console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")
+    return root
+
+
+def status(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Where a run stands: one row per seed run and stage (done / stale / pending)."""
+    root = Path(run_dir)
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise DtmError(f"{root}: not a run directory (no config.json); start one with `dtm run CONFIG`")
+    cfg = ExperimentConfig.model_validate(json.loads(cfg_path.read_text()))
+    rows = []
+    for seed_cfg, seed_root, control in seed_runs(cfg):
+        run_ = Run(seed_cfg, seed_root, control)
+        hashes = stage_hashes(seed_cfg, control)
+        for stage in STAGES:
+            m = run_.manifest(stage)
+            state = "pending" if m is None else ("done" if m["hash"] == hashes[stage] else "stale")
+            rows.append({"run": str(seed_root.relative_to(root)), "stage": stage, "state": state,
+                         "seconds": m.get("seconds") if m else None, "finished": m.get("finished") if m else None})
+    report = root / "report.html"
+    rows.append({"run": ".", "stage": "report", "state": "done" if report.is_file() else "pending", "seconds": None, "finished": None})
+    return rows
