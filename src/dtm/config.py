@@ -92,12 +92,16 @@ class TrainConfig(Section):
     packing: bool = False
     save_steps: int = Field(500, ge=1)
     save_fractions: list[float] = Field(default_factory=list, description="Extra checkpoints at these fractions of training (for the tax curve).")
+    save_total_limit: int = Field(2, ge=1, description="Periodic checkpoints kept while training (the newest ones).")
+    keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after training finishes (they hold optimizer state).")
+    fraction_eval_samples: int = Field(256, ge=1, description="Training examples whose loss is recorded at each save_fractions snapshot.")
     logging_steps: int = Field(10, ge=1)
     executor: Literal["local", "ray"] = "local"
     num_workers: int = Field(1, ge=1, description="local executor on CPU: sub-models trained side by side, one process per core.")
     ray_address: str | None = None
     num_gpus_per_model: float = Field(1.0, ge=0)
     num_cpus_per_model: float = Field(1.0, gt=0)
+    retries: int = Field(1, ge=0, description="Times a failed sub-model is retried (it resumes from its last checkpoint).")
 
     @field_validator("save_fractions")
     @classmethod
@@ -138,7 +142,10 @@ class BaselinesConfig(Section):
     replay_ratio: float = Field(1.0, ge=0, description="Pretraining-style examples per SFT example.")
     replay_path: str | None = None
     curation_fraction: float = Field(0.5, gt=0, le=1)
+    curation_scorer: str = Field("base_loss", description="Quality score for curation: base_loss or response_length (offline stand-ins for Deita).")
+    ewc_samples: int = Field(128, ge=1, description="Base-model text examples for the EWC diagonal Fisher.")
     soup_size: int = Field(4, ge=1)
+    soup_learning_rates: list[float] = Field(default_factory=list, description="Soup ingredients: learning rates to cycle through (empty = train.learning_rate); seeds are seed, seed+1, ...")
     wise_ft_alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 

@@ -1,0 +1,168 @@
+"""The training baselines of the paper's Table 1, all through `train_model`.
+
+- vanilla SFT: one model on all data (K=1, the same code path as a sub-model);
+- L2 / EWC: a weight penalty towards the base (`regularizers.py`);
+- replay: plain-text LM examples (loss on every token) mixed into the SFT data at
+  `baselines.replay_ratio` replay examples per SFT example (1:1 in the paper);
+- uniform soup ingredients: full-data models with different seeds (and learning rates),
+  averaged later by the merge stage;
+- data curation: keep the top `curation_fraction` of the data by a quality score. The
+  paper used Deita (LLM-judged complexity and quality), which needs a large scorer model
+  online; the scorers here are offline, reference-free stand-ins: `base_loss` (how likely
+  the base model finds the response: keeps responses consistent with what it knows) and
+  `response_length` (longer responses score higher, after Zhao et al. 2024). Register
+  another with `@scorer("name")`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dtm.config import ExperimentConfig
+from dtm.data.formats import Conversation
+from dtm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TRAINING_BASELINES = ("vanilla", "l2", "ewc", "replay", "curation", "soup")
+
+# ---------------------------------------------------------------- replay
+
+
+def load_replay_texts(path: str | Path) -> list[str]:
+    """Plain texts from a `.txt` file (one document per non-empty line) or JSON/JSONL
+    records with a `text` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: replay corpus not found (baselines.replay_path)")
+    texts: list[str] = []
+    if path.suffix in (".jsonl", ".json"):
+        raw = path.read_text(encoding="utf-8")
+        records = json.loads(raw) if path.suffix == ".json" else None
+        lines = enumerate(raw.splitlines(), 1) if records is None else enumerate(records, 1)
+        for where, item in lines:
+            if isinstance(item, str):
+                if not item.strip():
+                    continue
+                try:
+                    item = json.loads(item)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                raise DataError(f"{path}:{where}: expected a record with a string field `text`")
+            texts.append(item["text"])
+    else:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise DataError(f"{path}: replay corpus has no text")
+    return texts
+
+
+def mix_replay(sft: list[dict], replay: list[dict], ratio: float, seed: int) -> list[dict]:
+    """SFT examples plus round(ratio * len(sft)) replay examples, drawn without replacement
+    while they last (then cycled), in a seeded shuffled order."""
+    want = round(ratio * len(sft))
+    if want and not replay:
+        raise DataError("replay: the replay corpus gave no example after tokenisation")
+    rng = random.Random(seed)
+    order: list[dict] = []
+    while len(order) < want:
+        batch = list(replay)
+        rng.shuffle(batch)
+        order += batch[: want - len(order)]
+    mixed = list(sft) + order
+    rng.shuffle(mixed)
+    return mixed
+
+
+# ---------------------------------------------------------------- curation
+
+Scorer = Callable[[list[Conversation], dict[str, Any]], list[float]]
+SCORERS: dict[str, Scorer] = {}
+
+
+def scorer(name: str) -> Callable[[Scorer], Scorer]:
+    """Register a quality scorer: (conversations, context) -> one score per conversation."""
+
+    def register(fn: Scorer) -> Scorer:
+        SCORERS[name] = fn
+        return fn
+
+    return register
+
+
+@scorer("response_length")
+def score_response_length(conversations: list[Conversation], context: dict[str, Any]) -> list[float]:
+    return [float(len(c.response.split())) for c in conversations]
+
+
+@scorer("base_loss")
+def score_base_loss(conversations: list[Conversation], context: dict[str, Any]) -> list[float]:
+    """Minus the base model's mean loss on each response (higher = more plausible to it)."""
+    from dtm.data.template import tokenize_conversations
+    from dtm.training.sft import load_base, mean_loss
+
+    config: ExperimentConfig = context["config"]
+    model, tokenizer = load_base(context["base"], config)
+    scores = []
+    for c in conversations:
+        examples, _ = tokenize_conversations([c], tokenizer, config.data.template, config.data.cutoff_len, config.data.first_turn_only)
+        scores.append(-mean_loss(model, examples, tokenizer.pad_token_id) if examples else float("-inf"))
+    return scores
+
+
+def curate(conversations: list[Conversation], fraction: float, score: str | Scorer = "base_loss",
+           context: dict[str, Any] | None = None) -> list[Conversation]:
+    """The top `fraction` of the data by score (ties broken by original order), in original order."""
+    fn = SCORERS.get(score) if isinstance(score, str) else score
+    if fn is None:
+        raise DataError(f"baselines.curation_scorer: unknown scorer {score!r}; known: {sorted(SCORERS)}")
+    scores = fn(conversations, context or {})
+    keep = max(1, round(fraction * len(conversations)))
+    ranked = sorted(range(len(conversations)), key=lambda i: (-scores[i], i))[:keep]
+    return [conversations[i] for i in sorted(ranked)]
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def soup_recipes(config: ExperimentConfig) -> list[tuple[int, float]]:
+    """(seed, learning rate) per soup ingredient: seeds seed, seed+1, ...; rates cycled."""
+    rates = config.baselines.soup_learning_rates or [config.train.learning_rate]
+    return [(config.seed + i, rates[i % len(rates)]) for i in range(config.baselines.soup_size)]
+
+
+def train_baseline(method: str, config: ExperimentConfig, data: str | Path | list[Conversation], out: str | Path,
+                   base: str | Path | None = None, **kwargs: Any) -> Path | list[Path]:
+    """Train the baseline `method` on all of `data` into `out` (a list of dirs for `soup`)."""
+    from dtm.training.sft import TrainingError, as_conversations, train_model
+
+    base = base or config.model.model_name_or_path
+    out = Path(out)
+    b = config.baselines
+    if method == "vanilla":
+        return train_model(base, data, out, config, **kwargs)
+    if method in ("l2", "ewc"):
+        return train_model(base, data, out, config, regularizer=method, **kwargs)
+    if method == "replay":
+        if b.replay_path is None:
+            raise TrainingError("baseline replay: set baselines.replay_path to a plain-text corpus (.txt lines or JSONL with `text`)")
+        return train_model(base, data, out, config, replay=b.replay_path, **kwargs)
+    if method == "curation":
+        conversations = as_conversations(data, config)
+        kept = curate(conversations, b.curation_fraction, b.curation_scorer, {"config": config, "base": base})
+        log.info("curation: kept %d of %d examples by %s", len(kept), len(conversations), b.curation_scorer)
+        return train_model(base, kept, out, config, **kwargs)
+    if method == "soup":
+        paths = []
+        for i, (seed, lr) in enumerate(soup_recipes(config), 1):
+            cfg = config.model_copy(deep=True)
+            cfg.train.learning_rate = lr
+            paths.append(train_model(base, data, out / f"soup-{i}", cfg, seed=seed, name=f"soup-{i}", **kwargs))
+        return paths
+    raise TrainingError(f"baseline {method!r} is not trained here; training baselines are {list(TRAINING_BASELINES)}")

@@ -1,0 +1,248 @@
+"""Train the K sub-models: one after another, side by side in processes, or as Ray tasks.
+
+Every executor runs the same job, `train_model(base, portion-k.jsonl, models_dir/sub-k)`,
+with the same seed for every sub-model (the paper's recipe: only the data differs). A
+finished sub-model (with its completion marker) is skipped, an unfinished one resumes
+from its last checkpoint, and a failed one is retried `train.retries` times before the
+failure is reported by name; the others are finished first, never silently lost.
+
+On CPU, side-by-side processes get one thread each: with more threads than cores, the
+small matrix products of a training step slow down about tenfold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtm.config import ExperimentConfig
+from dtm.dispersal import portion_path
+from dtm.errors import DtmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One model to train: its data, output dir, seed, `train` overrides and baseline method."""
+
+    name: str
+    data: str | Path
+    out: Path
+    seed: int
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+
+
+def sub_model_dir(models_dir: str | Path, index: int) -> Path:
+    """models_dir/sub-1 .. sub-K (index is 0-based, like `portion_path`)."""
+    return Path(models_dir) / f"sub-{index + 1}"
+
+
+def plan_sub_models(config: ExperimentConfig, portions_dir: str | Path, models_dir: str | Path) -> list[Job]:
+    """One job per portion file, all with the experiment seed (only the data differs)."""
+    from dtm.training.sft import TrainingError
+
+    portions_dir = Path(portions_dir)
+    jobs: list[Job] = []
+    while portion_path(portions_dir, len(jobs)).is_file():
+        i = len(jobs)
+        jobs.append(Job(f"sub-{i + 1}", portion_path(portions_dir, i), sub_model_dir(models_dir, i), config.seed))
+    if not jobs:
+        raise TrainingError(f"{portions_dir}: no portion-1.jsonl; run `dtm disperse` first")
+    return jobs
+
+
+def job_config(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """The config with `train` keys overridden (validated like the YAML)."""
+    if not overrides:
+        return config
+    from pydantic import ValidationError
+
+    from dtm.config import TrainConfig
+    from dtm.errors import ConfigError
+
+    cfg = config.model_copy(deep=True)
+    try:
+        cfg.train = TrainConfig.model_validate(config.train.model_dump() | overrides)
+    except ValidationError as e:
+        raise ConfigError(f"train overrides {overrides}: {e}") from None
+    return cfg
+
+
+def run_job(job: Job, config: ExperimentConfig, base: str, threads: int | None = None, progress: bool = True) -> float:
+    """Train one model (in whatever process or Ray worker this runs in); returns its seconds."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    from dtm.training.baselines import train_baseline
+
+    cfg = job_config(config, job.train_overrides)
+    train_baseline(job.baseline or "vanilla", cfg, job.data, job.out, base=base, seed=job.seed, progress=progress, name=job.name)
+    return training_seconds(job.out)
+
+
+def training_seconds(out: Path) -> float:
+    from dtm.training.sft import COMPLETE_FILE
+
+    try:
+        return float(json.loads((Path(out) / COMPLETE_FILE).read_text()).get("seconds", 0.0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def train(config: ExperimentConfig, portions_dir: str | Path, models_dir: str | Path) -> list[Path]:
+    """Train every portion's sub-model into models_dir/sub-1..K with the configured executor."""
+    jobs = plan_sub_models(config, portions_dir, models_dir)
+    run_jobs(jobs, config, config.model.model_name_or_path)
+    return [j.out for j in jobs]
+
+
+def train_jobs(config: ExperimentConfig, base: str | Path, jobs: dict[str, dict[str, Any]], models_dir: str | Path) -> dict[str, float]:
+    """Train named models (the pipeline's sub-models and baselines) into models_dir/<name>.
+
+    `jobs`: name -> {"data": path, "seed": int, "train": {overrides}, "baseline": method?}.
+    Returns name -> training seconds (as recorded when each model finished).
+    """
+    planned = [
+        Job(name, spec["data"], Path(models_dir) / name, int(spec.get("seed", config.seed)),
+            dict(spec.get("train") or {}), spec.get("baseline"))
+        for name, spec in jobs.items()
+    ]
+    run_jobs(planned, config, str(base))
+    return {j.name: training_seconds(j.out) for j in planned}
+
+
+def run_jobs(jobs: list[Job], config: ExperimentConfig, base: str | Path) -> None:
+    """Run the unfinished jobs with the configured executor; raise naming every failed one."""
+    from dtm.training.sft import TrainingError, is_complete
+
+    todo = [j for j in jobs if not is_complete(j.out)]
+    for j in jobs:
+        if j not in todo:
+            log.info("%s: already trained, skipping", j.name)
+    if not todo:
+        return
+    run = {"local": run_local, "ray": run_ray}[config.train.executor]
+    failures = run(todo, config, str(base))
+    if failures:
+        lines = "\n  ".join(f"{name}: {err}" for name, err in failures.items())
+        raise TrainingError(
+            f"{len(failures)} of {len(jobs)} models failed (retried up to {config.train.retries} times):\n  {lines}\n"
+            "finished models are kept; rerun to resume the failed ones from their last checkpoint"
+        )
+
+
+def _with_retries(job: Job, attempt: Callable[[], object], retries: int) -> str | None:
+    """Run `attempt` up to 1 + retries times; user errors (DtmError) are not retried."""
+    last = None
+    for i in range(retries + 1):
+        try:
+            attempt()
+            return None
+        except DtmError as e:
+            return str(e)
+        except Exception as e:  # a crash: retry, resuming from the last checkpoint
+            log.warning("%s: attempt %d failed: %s: %s", job.name, i + 1, type(e).__name__, e)
+            last = f"{type(e).__name__}: {e}"
+    return last
+
+
+def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:
+    """One after another; or, on CPU with `train.num_workers` > 1, that many one-thread processes."""
+    workers = min(config.train.num_workers, len(jobs))
+    if workers <= 1 or _cuda():
+        failures = {}
+        for job in jobs:
+            err = _with_retries(job, lambda job=job: run_job(job, config, base), config.train.retries)
+            if err:
+                failures[job.name] = err
+        return failures
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    failures = {}
+    pending = {j.name: j for j in jobs}
+    for _ in range(config.train.retries + 1):
+        # a fresh pool per round: a worker killed by the OS breaks the whole pool
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+            futures = {name: pool.submit(run_job, job, config, base, 1, False) for name, job in pending.items()}
+            for name, future in futures.items():
+                try:
+                    future.result()
+                    del pending[name]
+                    failures.pop(name, None)
+                    log.info("%s: done", name)
+                except DtmError as e:
+                    failures[name] = str(e)
+                    del pending[name]
+                except Exception as e:
+                    failures[name] = f"{type(e).__name__}: {e}"
+                    log.warning("%s: failed (%s), will retry", name, failures[name])
+        if not pending:
+            break
+    return failures
+
+
+def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:
+    """Each sub-model a Ray task with `num_cpus_per_model` / `num_gpus_per_model`.
+
+    Uses the running Ray instance, else `ray.init(address=train.ray_address)` (None starts a
+    local one, which is shut down again at the end). Outputs go to the models directory,
+    which must be on a path every worker sees (a shared filesystem on a cluster).
+    """
+    from dtm.training.sft import TrainingError
+
+    try:
+        import ray
+    except ImportError:
+        raise TrainingError("train.executor: ray needs the ray package: pip install 'disperse-then-merge[ray]'") from None
+    t = config.train
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=t.ray_address, log_to_driver=True)
+    try:
+        gpus = t.num_gpus_per_model if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        if gpus == 0 and t.num_gpus_per_model > 0:
+            log.info("ray: the cluster has no GPU; sub-models train on CPU")
+        task = ray.remote(num_cpus=t.num_cpus_per_model, num_gpus=gpus, max_retries=t.retries)(run_job)
+        threads = max(1, int(t.num_cpus_per_model))
+        failures: dict[str, str] = {}
+        pending = {j.name: j for j in jobs}
+        for _ in range(t.retries + 1):
+            refs = {name: task.remote(job, config, base, threads, False) for name, job in pending.items()}
+            for name, ref in refs.items():
+                try:
+                    ray.get(ref)
+                    del pending[name]
+                    failures.pop(name, None)
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if hasattr(e, "cause") else e
+                    failures[name] = f"{type(cause).__name__}: {cause}"
+                    if isinstance(cause, DtmError):
+                        del pending[name]
+                except ray.exceptions.RayError as e:  # worker died, node lost: retry
+                    failures[name] = f"{type(e).__name__}: {e}"
+            if not pending:
+                break
+        return failures
+    finally:
+        if started_here:
+            ray.shutdown()

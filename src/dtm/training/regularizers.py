@@ -1,0 +1,176 @@
+"""Weight penalties towards the base model: the L2 and EWC baselines of the paper's Table 1.
+
+Both penalise how far fine-tuning moves the weights from the base weights theta_0:
+
+    L2:   coef * sum_i (theta_i - theta0_i)^2
+    EWC:  coef * sum_i F_i (theta_i - theta0_i)^2      (Kirkpatrick et al. 2017)
+
+with F the diagonal (empirical) Fisher of the base model on base-model text, normalised to
+mean 1 so that `ewc_coef` and `l2_coef` are on the same scale: EWC only redistributes the
+penalty towards the weights the base model's text depends on. For LoRA the moved weight
+is the adapter's delta (B A alpha/r, from PEFT's `get_delta_weight`), so the penalty acts
+on what the adapter changes, not on A and B separately.
+
+The Fisher estimator lives here because the merge stage only reads Fisher files
+(`merging/checkpoint.py`); `diagonal_fisher` can also be used to write them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtm.data.template import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the math (pure functions)
+
+
+def l2_penalty(deltas: Iterable[torch.Tensor], coef: float) -> torch.Tensor:
+    """coef * sum of squared entries of every delta."""
+    terms = [d.float().pow(2).sum() for d in deltas]
+    return coef * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def ewc_penalty(deltas: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor], coef: float) -> torch.Tensor:
+    """coef * sum F * delta^2, entry by entry; every delta needs its Fisher tensor."""
+    terms = [(fisher[name].to(d.device) * d.float().pow(2)).sum() for name, d in deltas.items()]
+    return coef * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def normalise_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scale all Fisher tensors by one factor so that their mean entry is 1."""
+    total = sum(float(f.sum()) for f in fisher.values())
+    count = sum(f.numel() for f in fisher.values())
+    if total <= 0:
+        raise ValueError("the Fisher estimate is all zeros (no gradient reached the weights)")
+    return {k: f * (count / total) for k, f in fisher.items()}
+
+
+# ---------------------------------------------------------------- estimation
+
+
+def diagonal_fisher(
+    model: torch.nn.Module, examples: Sequence[dict[str, list[int]]], params: Mapping[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher: the mean over examples of the squared gradient of each
+    example's LM loss, for the given parameters (one example per backward pass, as the
+    definition needs: squaring a batch gradient would underestimate it).
+
+    Runs in eval mode (no dropout); `requires_grad` of the parameters is restored after.
+    """
+    was_training = model.training
+    model.eval()
+    previous = {k: p.requires_grad for k, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    device = next(model.parameters()).device
+    fisher = {k: torch.zeros(p.shape, dtype=torch.float32, device=device) for k, p in params.items()}
+    try:
+        for e in examples:
+            ids = torch.tensor([e["input_ids"]], device=device)
+            labels = torch.tensor([e["labels"]], device=device)
+            if (labels[:, 1:] == IGNORE_INDEX).all():
+                continue
+            loss = model(input_ids=ids, labels=labels).loss
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for k, g in zip(params, grads, strict=True):
+                if g is not None:
+                    fisher[k] += g.float().pow(2)
+    finally:
+        for k, p in params.items():
+            p.requires_grad_(previous[k])
+        model.train(was_training)
+    return {k: f / max(len(examples), 1) for k, f in fisher.items()}
+
+
+# ---------------------------------------------------------------- the penalty used in training
+
+
+def _lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(base-model weight name, LoRA layer) for every LoRA-wrapped layer of a PEFT model."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    return [
+        (name.removeprefix(prefix) + ".weight", m)
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer) and hasattr(m, "base_layer")
+    ]
+
+
+class WeightPenalty:
+    """L2 (no Fisher) or EWC (with Fisher) distance of the trained weights from the base.
+
+    Full fine-tuning: the trainable parameters against a copy of their initial values.
+    LoRA: each adapter's weight delta (which is zero at the start).
+    """
+
+    def __init__(self, model: torch.nn.Module, coef: float, fisher: dict[str, torch.Tensor] | None = None):
+        self.coef = coef
+        self.fisher = fisher
+        self.lora = _lora_layers(model)
+        self.anchored: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
+        if not self.lora:
+            self.anchored = [(n, p, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad]
+
+    def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, layer in self.lora:
+            for adapter in layer.active_adapters:
+                yield name, layer.get_delta_weight(adapter)
+        for name, p, p0 in self.anchored:
+            yield name, p - p0
+
+    def __call__(self, model: torch.nn.Module | None = None) -> torch.Tensor:
+        deltas = dict(self.deltas())
+        if self.fisher is None:
+            return l2_penalty(deltas.values(), self.coef)
+        return ewc_penalty(deltas, self.fisher, self.coef)
+
+    def target_params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """The base weights the penalty constrains (what the Fisher is needed for)."""
+        if self.lora:
+            return {name: layer.base_layer.weight for name, layer in self.lora}
+        return {name: p for name, p, _ in self.anchored}
+
+
+def fisher_texts(config: Any, conversations: Sequence[Any], replay: str | Path | Sequence[str] | None) -> list[str]:
+    """Base-model text for the Fisher: the replay corpus if there is one, else the SFT text."""
+    from dtm.training.baselines import load_replay_texts
+
+    source = replay if replay is not None else config.baselines.replay_path
+    if source is not None:
+        texts = load_replay_texts(source) if isinstance(source, (str, Path)) else list(source)
+    else:
+        log.warning("EWC: no baselines.replay_path (base-model text) given; estimating the Fisher on the SFT texts instead")
+        texts = [f"{c.instruction}\n{c.response}" for c in conversations]
+    rng = random.Random(config.seed)
+    return rng.sample(texts, min(len(texts), config.baselines.ewc_samples))
+
+
+def build_penalty(kind: str, model: torch.nn.Module, tokenizer: Any, config: Any,
+                  conversations: Sequence[Any], replay: str | Path | Sequence[str] | None = None) -> WeightPenalty:
+    """The penalty for `kind` ("l2" or "ewc") on a model already wrapped for training."""
+    from dtm.training.sft import TrainingError, text_examples
+
+    if kind == "l2":
+        return WeightPenalty(model, config.baselines.l2_coef)
+    if kind != "ewc":
+        raise TrainingError(f"regularizer {kind!r}: expected 'l2' or 'ewc'")
+    penalty = WeightPenalty(model, config.baselines.ewc_coef)
+    examples = text_examples(fisher_texts(config, conversations, replay), tokenizer, config.data.cutoff_len)
+    if not examples:
+        raise TrainingError("EWC: no base-model text to estimate the Fisher on (baselines.replay_path is empty)")
+    try:
+        penalty.fisher = normalise_fisher(diagonal_fisher(model, examples, penalty.target_params(model)))
+    except ValueError as e:
+        raise TrainingError(f"EWC: {e}") from None
+    log.info("EWC: diagonal Fisher from %d base-model texts over %d tensors", len(examples), len(penalty.fisher))
+    return penalty

@@ -1,0 +1,615 @@
+"""Train one sub-model: a causal LM fine-tuned from a base on one portion (LoRA or full).
+
+Built on the Hugging Face `Trainer`, which already does what a sub-model needs: gradient
+accumulation, mixed precision, gradient checkpointing, length-grouped batching, periodic
+checkpoints with optimizer/scheduler/RNG state, and resume that skips the batches already
+seen, so a resumed run ends with the same weights as an uninterrupted one. What this
+module adds around it:
+
+- the data: response-only labels from `dtm.data.template`, optional replay text (loss on
+  every token), right-padded or padding-free (flattened) batches;
+- the output directory: a `save_pretrained` model (safetensors; a PEFT adapter dir for LoRA)
+  with its tokenizer, `train_log.jsonl` and TensorBoard events in `logs/`, checkpoints in
+  `checkpoints/` while training, snapshots at fractions of training in `fractions/`, and
+  `training_complete.json` written last (atomically): a directory without it is unfinished;
+- clear errors (`TrainingError`) for a missing base model, LoRA targets the model lacks,
+  a portion empty after truncation, a non-finite loss (with the step) and a full disk.
+
+Per-step overhead of the Trainer on the lab's 0.2M-parameter model is measured in
+`benchmarks/bench_train_overhead.py` (see the results file); on models of a few million
+parameters and up it is a few percent of a step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from dtm.config import ExperimentConfig
+from dtm.data.formats import Conversation, load_conversations
+from dtm.data.template import IGNORE_INDEX, special_prefix, tokenize_conversations
+from dtm.errors import DtmError
+from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+
+log = logging.getLogger(__name__)
+
+COMPLETE_FILE = "training_complete.json"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+FRACTION_DIR = "fractions"
+TENSORBOARD_DIR = "logs"
+
+Example = dict[str, list[int]]
+
+
+class TrainingError(DtmError):
+    """Training cannot start or cannot go on; the message says which model, step or key."""
+
+
+# ---------------------------------------------------------------- output directory layout
+
+
+def is_complete(out: str | Path) -> bool:
+    """A model directory is finished only once its completion marker exists."""
+    return (Path(out) / COMPLETE_FILE).is_file()
+
+
+def fraction_dir(out: str | Path, fraction: float) -> Path:
+    """Where the snapshot at `fraction` of training lives: `out/fractions/frac-0.10/`."""
+    return Path(out) / FRACTION_DIR / f"frac-{fraction:.2f}"
+
+
+def last_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint in `out/checkpoints/`, or None.
+
+    The Trainer writes `trainer_state.json` last, so a checkpoint without a readable one was
+    cut off mid-save (e.g. by `kill -9`) and is skipped.
+    """
+    root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    found = []
+    for d in root.glob("checkpoint-*"):
+        try:
+            step = int(d.name.split("-")[1])
+            json.loads((d / "trainer_state.json").read_text())
+        except (ValueError, IndexError, OSError, json.JSONDecodeError):
+            continue
+        found.append((step, d))
+    return max(found)[1] if found else None
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any]:
+    """The base causal LM and its tokenizer, with a clear error when `base` is not a model."""
+    base = str(base)
+    looks_local = base.startswith((".", "/", "~")) or os.sep in base and not _looks_like_hub_id(base)
+    if looks_local and not Path(base).expanduser().is_dir():
+        raise TrainingError(f"base model {base!r}: directory not found; give a `save_pretrained` directory or a hub id")
+    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(
+            f"base model {base!r}: cannot load it as a causal LM with a tokenizer ({first}); "
+            "give a local `save_pretrained` directory (the hub is not reachable offline)"
+        ) from None
+    if tokenizer.pad_token_id is None:  # padding positions carry label -100, any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def freeze_modules(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Stop gradients for parameters whose dotted name contains a pattern as whole components.
+
+    `embed_tokens` freezes `model.embed_tokens.weight`; with tied embeddings that is the same
+    tensor as `lm_head.weight`, so the output layer is frozen too. A pattern that matches
+    nothing is an error (a typo must not silently train everything).
+    """
+    frozen: list[str] = []
+    for pattern in patterns:
+        parts = pattern.split(".")
+        hits = [
+            name for name, _ in model.named_parameters(remove_duplicate=False)
+            if any(name.split(".")[i : i + len(parts)] == parts for i in range(len(name.split("."))))
+        ]
+        if not hits:
+            raise TrainingError(f"train.freeze_modules: {pattern!r} matches no parameter of the model (names look like {next(iter(dict(model.named_parameters())))!r})")
+        frozen += hits
+    names = set(frozen)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in names:
+            p.requires_grad_(False)
+    return sorted(names)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the Linear layers (what LoRA `target_modules` may name)."""
+    return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def apply_lora(model: PreTrainedModel, config: ExperimentConfig) -> torch.nn.Module:
+    """Wrap the model with PEFT LoRA adapters on `train.lora.target_modules`."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.train.lora
+    available = linear_module_names(model)
+    missing = [t for t in lora.target_modules if t not in available]
+    if missing:
+        raise TrainingError(
+            f"train.lora.target_modules: {missing} not found in the model; its linear layers are {available}"
+        )
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none",
+    )
+    return get_peft_model(model, peft_config)
+
+
+# ---------------------------------------------------------------- data
+
+
+def as_conversations(data: str | Path | list[Conversation], config: ExperimentConfig) -> list[Conversation]:
+    if isinstance(data, (str, Path)):
+        # "auto": portions are written in `messages` form whatever the user's data format was
+        return load_conversations(data, format="auto", on_bad_example=config.data.on_bad_example,
+                                  source_field=config.data.source_field).conversations
+    return list(data)
+
+
+def sft_examples(conversations: list[Conversation], tokenizer: Any, config: ExperimentConfig, name: str = "data") -> list[Example]:
+    """Tokenised examples with response-only labels; an empty result is an error."""
+    examples, stats = tokenize_conversations(
+        conversations, tokenizer, config.data.template, config.data.cutoff_len, config.data.first_turn_only
+    )
+    if not examples:
+        raise TrainingError(
+            f"{name}: no example left to train on ({stats.examples} examples, {stats.dropped} with no response token "
+            f"left after truncation to data.cutoff_len={config.data.cutoff_len}); raise data.cutoff_len or check the data"
+        )
+    if stats.dropped:
+        log.warning("%s: %d of %d examples dropped (no response token left after truncation to %d), e.g. %s",
+                    name, stats.dropped, stats.examples, config.data.cutoff_len, stats.dropped_ids[:5])
+    return examples
+
+
+def text_examples(texts: Sequence[str], tokenizer: Any, cutoff_len: int) -> list[Example]:
+    """Plain-text LM examples (replay, Fisher estimation): loss on every token, EOS at the end."""
+    prefix = special_prefix(tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for text in texts:
+        ids = (prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + eos)[:cutoff_len]
+        if len(ids) > len(prefix) + 1:
+            out.append({"input_ids": ids, "labels": list(ids), "attention_mask": [1] * len(ids)})
+    return out
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding has label -100 and attention 0."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def flatten_batch(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Padding-free batch: all examples in one row, positions restarting at 0 for each.
+
+    transformers builds a block-diagonal causal mask from the restarting `position_ids`
+    (sdpa/eager: `masking_utils.find_packed_sequence_indices`; flash-attention natively), so
+    no example attends to another. The first label of each example is set to -100: it
+    would otherwise be predicted from the previous example's last token. Response-only
+    labels are kept as they are.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for e in examples:
+        n = len(e["input_ids"])
+        input_ids += e["input_ids"]
+        labels += [IGNORE_INDEX] + list(e["labels"][1:])
+        positions += range(n)
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+    }
+
+
+def make_collator(packing: bool, pad_id: int) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
+    return flatten_batch if packing else (lambda batch: pad_batch(batch, pad_id))
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """A list of tokenised examples (a plain list keeps per-step overhead minimal)."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16) -> float:
+    """Token-weighted mean loss over `examples` (labelled tokens only), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += float(loss)
+        count += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- trainer
+
+
+class DtmTrainer(Trainer):
+    """`Trainer` plus an optional weight penalty (L2/EWC), a finite-loss check and token counts."""
+
+    def __init__(self, *args: Any, penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.penalty = penalty
+        self._penalty_sum = 0.0
+        self._penalty_n = 0
+        self._window_tokens = torch.zeros((), dtype=torch.long)
+        self._window_start = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        self._window_tokens = self._window_tokens + (
+            inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        ).cpu()
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if not torch.isfinite(loss.detach()).item():
+            raise TrainingError(
+                f"loss is {float(loss)} at step {self.state.global_step + 1}; lower train.learning_rate, "
+                "check the base model's weights for NaN/inf, or use fp32 (train.bf16: false)"
+            )
+        if self.penalty is not None:
+            penalty = self.penalty(model)
+            scaled_for_ga = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+                (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            )
+            # once per optimizer step, whatever the gradient accumulation
+            loss = loss + (penalty / self.current_gradient_accumulation_steps if scaled_for_ga else penalty)
+            self._penalty_sum += float(penalty.detach())
+            self._penalty_n += 1
+        return (loss, result[1]) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        if "loss" in logs:
+            logs["tokens_per_second"] = round(int(self._window_tokens) / max(now - self._window_start, 1e-9), 1)
+            if self._penalty_n:
+                logs["penalty"] = self._penalty_sum / self._penalty_n
+            self._window_tokens = torch.zeros((), dtype=torch.long)
+            self._window_start = now
+            self._penalty_sum, self._penalty_n = 0.0, 0
+        super().log(logs, *args, **kwargs)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every training log (step, loss, lr, tokens/s, ...) to `train_log.jsonl`."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        # Drop rows a killed run logged after its last checkpoint: the resumed run redoes them.
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            atomic_write_jsonl(path, [r for r in rows if r.get("step", 0) <= resume_step])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        row |= {("lr" if k == "learning_rate" else k): v for k, v in logs.items() if k != "epoch"}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class ProgressBarCallback(ProgressCallback):
+    """The Trainer's tqdm bar (steps, ETA) with loss and tokens/s in its postfix."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_second', 0):.0f}", refresh=False)
+
+
+class FractionCallback(TrainerCallback):
+    """Save a full `save_pretrained` snapshot at fixed fractions of training.
+
+    For the alignment-tax curve: each `fractions/frac-0.10/` is a model the evaluator can
+    load, with `metrics.json` holding the train loss (on a fixed sample of the training
+    examples) and, when a validation set is given, the validation loss, so the ratio of
+    their reductions can be plotted. Step 0 (the base) is recorded in `fractions.json` too.
+    Evaluation runs in eval mode without touching any RNG, so it does not change training.
+    """
+
+    def __init__(self, out: Path, fractions: Sequence[float], tokenizer: Any, train_sample: list[Example],
+                 val_examples: list[Example] | None, pad_id: int):
+        self.out, self.fractions, self.tokenizer = out, list(fractions), tokenizer
+        self.train_sample, self.val_examples, self.pad_id = train_sample, val_examples, pad_id
+        self.summary_path = out / FRACTION_DIR / "fractions.json"
+        self.targets: dict[int, float] = {}
+
+    def _losses(self, model) -> dict[str, float]:
+        row = {"train_loss": mean_loss(model, self.train_sample, self.pad_id)}
+        if self.val_examples:
+            row["val_loss"] = mean_loss(model, self.val_examples, self.pad_id)
+        return row
+
+    def _record(self, row: dict) -> None:
+        rows = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else []
+        rows = [r for r in rows if r["step"] != row["step"]] + [row]
+        atomic_write_json(self.summary_path, sorted(rows, key=lambda r: r["step"]))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.targets = {max(1, math.ceil(f * state.max_steps)): f for f in self.fractions}
+        if state.global_step == 0 and not self.summary_path.exists():
+            self._record({"step": 0, "fraction": 0.0} | self._losses(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        fraction = self.targets.get(state.global_step)
+        if fraction is None or fraction_dir(self.out, fraction).exists():
+            return
+        row = {"step": state.global_step, "fraction": fraction} | self._losses(model)
+        with atomic_directory(fraction_dir(self.out, fraction)) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "metrics.json", row)
+        self._record(row)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+@dataclass
+class Precision:
+    bf16: bool
+    fp16: bool
+    load_dtype: torch.dtype
+
+
+def choose_precision(config: ExperimentConfig) -> Precision:
+    """bf16 on a GPU that has it (fp16 on older GPUs), fp32 on CPU; `train.bf16` forces it."""
+    if not torch.cuda.is_available():
+        if config.train.bf16:
+            raise TrainingError("train.bf16: true needs a GPU; leave it unset (null) to train in fp32 on CPU")
+        return Precision(False, False, torch.float32)
+    bf16_ok = torch.cuda.is_bf16_supported()
+    bf16 = bf16_ok if config.train.bf16 is None else config.train.bf16
+    fp16 = not bf16 and config.train.bf16 is None
+    # LoRA keeps the frozen base in half precision; full fine-tuning keeps fp32 master weights.
+    half = torch.bfloat16 if bf16 else torch.float16
+    load = half if config.train.finetuning_type == "lora" and (bf16 or fp16) else torch.float32
+    return Precision(bf16, fp16, load)
+
+
+def training_arguments(config: ExperimentConfig, out: Path, seed: int, precision: Precision, progress: bool) -> TrainingArguments:
+    t = config.train
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINT_DIR),
+        seed=seed,
+        data_seed=seed,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to=[],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def train_model(
+    base: str | Path,
+    data: str | Path | list[Conversation],
+    out: str | Path,
+    config: ExperimentConfig,
+    seed: int | None = None,
+    *,
+    val_data: str | Path | list[Conversation] | None = None,
+    replay: str | Path | Sequence[str] | None = None,
+    regularizer: str | None = None,
+    progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
+    name: str | None = None,
+) -> Path:
+    """Fine-tune `base` on `data` and save the result in `out`; returns `out`.
+
+    Resumes from the last checkpoint in `out` if one exists; a finished `out` (with
+    `training_complete.json`) is returned as is. `replay` mixes plain-text LM examples
+    in at `baselines.replay_ratio`; `regularizer` is "l2" or "ewc" (towards the base).
+    """
+    out = Path(out)
+    name = name or out.name
+    if is_complete(out):
+        log.info("%s: already trained (%s), skipping", name, out / COMPLETE_FILE)
+        return out
+    seed = config.seed if seed is None else seed
+    t = config.train
+    if t.freeze_modules and t.finetuning_type == "lora":
+        raise TrainingError("train.freeze_modules applies to full fine-tuning; with LoRA only the adapters train")
+    from transformers import set_seed
+
+    set_seed(seed)
+    precision = choose_precision(config)
+    model, tokenizer = load_base(base, config, precision.load_dtype)
+    conversations = as_conversations(data, config)
+    examples = sft_examples(conversations, tokenizer, config, name=f"{name} ({data if isinstance(data, (str, Path)) else 'given data'})")
+    n_sft = len(examples)
+    if replay is not None:
+        from dtm.training.baselines import load_replay_texts, mix_replay
+
+        texts = load_replay_texts(replay) if isinstance(replay, (str, Path)) else list(replay)
+        examples = mix_replay(examples, text_examples(texts, tokenizer, config.data.cutoff_len), config.baselines.replay_ratio, seed)
+    val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
+
+    if t.finetuning_type == "lora":
+        model = apply_lora(model, config)
+    elif t.freeze_modules:
+        frozen = freeze_modules(model, t.freeze_modules)
+        log.info("%s: froze %d parameter tensors: %s", name, len(frozen), frozen)
+    penalty = None
+    if regularizer is not None:
+        from dtm.training.regularizers import build_penalty
+
+        penalty = build_penalty(regularizer, model, tokenizer, config, conversations, replay)
+
+    out.mkdir(parents=True, exist_ok=True)
+    resume = last_checkpoint(out)
+    resume_step = int(resume.name.split("-")[1]) if resume else 0
+    args = training_arguments(config, out, seed, precision, progress)
+    sample_rng = torch.Generator().manual_seed(seed)
+    train_sample = [examples[i] for i in torch.randperm(len(examples), generator=sample_rng)[: t.fraction_eval_samples].tolist()]
+    trainer = DtmTrainer(
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(examples),
+        data_collator=make_collator(t.packing, tokenizer.pad_token_id),
+        penalty=penalty,
+        callbacks=[JsonlLogCallback(out / LOG_FILE, resume_step), _tensorboard_callback(out / TENSORBOARD_DIR)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressBarCallback())
+    if t.save_fractions:
+        trainer.add_callback(FractionCallback(out, t.save_fractions, tokenizer, train_sample, val_examples, tokenizer.pad_token_id))
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    if resume is not None:
+        log.info("%s: resuming from %s", name, resume)
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except OSError as e:
+        raise _disk_error(e, out, "training (writing a checkpoint)") from None
+    summary = {
+        "name": name,
+        "base": str(base),
+        "finetuning_type": t.finetuning_type,
+        "seed": seed,
+        "examples": n_sft,
+        "replay_examples": len(examples) - n_sft,
+        "regularizer": regularizer,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "seconds": round(time.perf_counter() - started, 2),
+        "resumed_from_step": resume_step,
+        "config": config.train.model_dump(mode="json"),
+    }
+    if penalty is not None:
+        summary["penalty_coef"] = penalty.coef
+    save_final(trainer.model, tokenizer, out, summary)
+    if not t.keep_checkpoints:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    del trainer, model
+    return out
+
+
+def _tensorboard_callback(log_dir: Path) -> TrainerCallback:
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+
+
+def _disk_error(e: OSError, out: Path, what: str) -> TrainingError:
+    hint = "the disk is full or the file size limit was hit; free space and " if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    return TrainingError(
+        f"{out}: could not write while {what} ({e.strerror or e}); nothing was marked complete; {hint}rerun to resume from the last checkpoint"
+    )
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict) -> None:
+    """Write the model files into `out`, then the completion marker, last and atomically.
+
+    Files are written into a staging directory first and moved in only when all of them are
+    complete, so a full disk never leaves a half-written model in `out` (at most a stale
+    staging directory, removed here on failure).
+    """
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".final.tmp-"))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        for f in staging.iterdir():
+            os.replace(f, out / f.name)
+        atomic_write_json(out / COMPLETE_FILE, summary)
+    except OSError as e:
+        raise _disk_error(e, out, "saving the trained model") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
