@@ -203,12 +203,15 @@ def open_inputs(
 def check_compatible(sources: Sequence[Source]) -> None:
     """Same architecture, same tensor names and shapes; errors name the tensor and the two models."""
     first = sources[0]
-    arch = first.config.get("architectures"), first.config.get("model_type")
+
+    def arch(cfg: dict[str, Any]) -> tuple[str | None, str | None]:
+        return cfg.get("model_type"), ",".join(cfg.get("architectures") or []) or None
+
     for s in sources[1:]:
-        other = s.config.get("architectures"), s.config.get("model_type")
-        if first.config and s.config and other != arch:
+        (t1, a1), (t2, a2) = arch(first.config), arch(s.config)
+        if (t1 and t2 and t1 != t2) or (a1 and a2 and a1 != a2):
             raise MergeError(
-                f"architectures differ: {first.label} is {arch[0] or arch[1]}, {s.label} is {other[0] or other[1]}; "
+                f"architectures differ: {first.label} is {a1 or t1}, {s.label} is {a2 or t2}; "
                 "merging needs models of one architecture"
             )
     for s in sources[1:]:
