@@ -173,21 +173,16 @@ def _token_logprobs(scorer: Scorer, input_ids: torch.Tensor, attention_mask: tor
     return torch.logsumexp(torch.stack(per_model), 0) - math.log(len(per_model))
 
 
-def _block_mask(blocks: list[tuple[int, int]], total: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [T, T] mask: block 0 (the context) is causal; every other block attends to the
-    context and causally to itself. Padding attends to itself (no all-masked rows)."""
-    allowed = torch.zeros(total, total, dtype=torch.bool)
-    ctx_s, ctx_e = blocks[0]
-    for s, e in blocks:
-        allowed[s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
-        if s != ctx_s:
-            allowed[s:e, ctx_s:ctx_e] = True
-    end = blocks[-1][1]
-    idx = torch.arange(end, total)
-    allowed[idx, idx] = True
-    mask = torch.zeros(total, total, dtype=dtype)
+def packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask from segment ids (0 = context, k = choice k, -1 = padding):
+    a token sees earlier tokens of its own segment and the context; padding sees padding."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    key, query = segments[:, None, :], segments[:, :, None]
+    allowed = causal & ((key == query) | (key == 0))
+    mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask
+    return mask[:, None]
 
 
 def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
@@ -195,40 +190,37 @@ def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]
     dtype = next(scorer.models[0].parameters()).dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
-    lengths = [len(ctx) + sum(len(c) for c in choices) for ctx, choices in items]
-    total = max(lengths)
-    ids = torch.full((len(items), total), scorer.pad_id, dtype=torch.long)
-    pos = torch.zeros((len(items), total), dtype=torch.long)
-    masks = []
+    total = max(len(ctx) + sum(len(c) for c in choices) for ctx, choices in items)
+    ids, pos, seg = [], [], []
     rows, positions, targets, owner = [], [], [], []
     n_choices = 0
     for b, (ctx, choices) in enumerate(items):
         L = len(ctx)
-        ids[b, :L] = torch.tensor(ctx)
-        pos[b, :L] = torch.arange(L)
-        blocks = [(0, L)]
-        cursor = L
-        for choice in choices:
+        row_ids, row_pos, row_seg = list(ctx), list(range(L)), [0] * L
+        for k, choice in enumerate(choices, 1):
             m = len(choice)
-            ids[b, cursor:cursor + m] = torch.tensor(choice)
-            pos[b, cursor:cursor + m] = torch.arange(L, L + m)
-            blocks.append((cursor, cursor + m))
-            pred = [L - 1] + list(range(cursor, cursor + m - 1))
+            cursor = len(row_ids)
+            row_ids += choice
+            row_pos += range(L, L + m)
+            row_seg += [k] * m
             rows += [b] * m
-            positions += pred
+            positions.append(L - 1)
+            positions += range(cursor, cursor + m - 1)
             targets += choice
             owner += [n_choices] * m
             n_choices += 1
-            cursor += m
-        masks.append(_block_mask(blocks, total, dtype))
-    mask = torch.stack(masks)[:, None].to(scorer.device)
-    lp = _token_logprobs(scorer, ids.to(scorer.device), mask, pos.to(scorer.device),
-                         torch.tensor(rows, device=scorer.device), torch.tensor(positions, device=scorer.device),
-                         torch.tensor(targets, device=scorer.device))
-    sums = torch.zeros(n_choices, dtype=torch.float64).index_add_(0, torch.tensor(owner), lp.double().cpu())
+        pad = total - len(row_ids)
+        ids.append(row_ids + [scorer.pad_id] * pad)
+        pos.append(row_pos + [0] * pad)
+        seg.append(row_seg + [-1] * pad)
+    dev = scorer.device
+    mask = packed_mask(torch.tensor(seg), dtype).to(dev)
+    lp = _token_logprobs(scorer, torch.tensor(ids, device=dev), mask, torch.tensor(pos, device=dev),
+                         torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), torch.tensor(targets, device=dev))
+    sums = torch.zeros(n_choices, dtype=torch.float64).index_add_(0, torch.tensor(owner), lp.double().cpu()).tolist()
     out, k = [], 0
     for _, choices in items:
-        out.append(sums[k:k + len(choices)].tolist())
+        out.append(sums[k:k + len(choices)])
         k += len(choices)
     return out
 
@@ -237,18 +229,19 @@ def score_separate(scorer: Scorer, pairs: Sequence[tuple[list[int], list[int]]])
     """Sum log p(continuation | context), one right-padded row per (context, continuation)
     (the lm-eval layout: input = (context + continuation)[:-1])."""
     total = max(len(c) + len(t) - 1 for c, t in pairs)
-    ids = torch.full((len(pairs), total), scorer.pad_id, dtype=torch.long)
-    attn = torch.zeros((len(pairs), total), dtype=torch.long)
+    ids, attn = [], []
     rows, positions, targets, owner = [], [], [], []
     for b, (ctx, cont) in enumerate(pairs):
         seq = (ctx + cont)[:-1]  # the last token is only a target, never an input
-        ids[b, :len(seq)] = torch.tensor(seq)
-        attn[b, :len(seq)] = 1
+        pad = total - len(seq)
+        ids.append(seq + [scorer.pad_id] * pad)
+        attn.append([1] * len(seq) + [0] * pad)
         L, m = len(ctx), len(cont)
         rows += [b] * m
-        positions += list(range(L - 1, L + m - 1))
+        positions += range(L - 1, L + m - 1)
         targets += cont
         owner += [b] * m
+    ids, attn = torch.tensor(ids), torch.tensor(attn)
     lp = _token_logprobs(scorer, ids.to(scorer.device), attn.to(scorer.device), None,
                          torch.tensor(rows, device=scorer.device), torch.tensor(positions, device=scorer.device),
                          torch.tensor(targets, device=scorer.device))
@@ -356,6 +349,7 @@ def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens
     bar = _progress(len(prompts), desc, progress)
     tok = scorer.tokenizer
     eos = torch.tensor(sorted(scorer.stop_token_ids), dtype=torch.long, device=scorer.device)
+    cache_names = [_cache_kwarg(m) for m in scorer.models]
     for batch in batches_by_length([len(p) for p in prompts], batch_size):
         B = len(batch)
         T = max(len(prompts[i]) for i in batch)
@@ -373,9 +367,9 @@ def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens
         step_ids = ids
         for _ in range(max_new_tokens):
             per_model = []
-            for k, model in enumerate(scorer.models):
-                res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, past_key_values=caches[k], use_cache=True)
-                caches[k] = res.past_key_values
+            for k, (model, name) in enumerate(zip(scorer.models, cache_names, strict=True)):
+                res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, use_cache=True, **{name: caches[k]})
+                caches[k] = getattr(res, name)
                 per_model.append(res.logits[:, -1].float().log_softmax(-1))
             logp = per_model[0] if len(per_model) == 1 else torch.logsumexp(torch.stack(per_model), 0)
             nxt = logp.argmax(-1)
@@ -398,6 +392,13 @@ def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens
         bar.update(B)
     bar.close()
     return out
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def truncate_left(ids: list[int], limit: int) -> tuple[list[int], bool]:

@@ -1,0 +1,235 @@
+"""Multiple-choice scoring: `dtm.evaluate` against lm-evaluation-harness, same data, model, batch size.
+
+    .venv/bin/python benchmarks/bench_eval.py                     # 600 questions, batch size 16
+    .venv/bin/python benchmarks/bench_eval.py --questions 100     # a quick check of the script
+
+What it does, exactly:
+  1. generates an ARC-style multiple-choice task (questions with 3-5 choices of varied length)
+     as one JSONL file in our bare format {id, question, choices, answer};
+  2. builds a tiny Llama from a config (random weights, seed 0) with a byte-level BPE tokenizer
+     trained on the task text (BOS added like Llama's), saved with `save_pretrained`;
+  3. makes lm-eval read the *same* JSONL file through a custom task YAML
+     (`dataset_path: json`, `dataset_kwargs: {data_files: {test: <file>}}`, prompt
+     "Question: {{question}}\\nAnswer:", `doc_to_choice: "{{choices}}"`, `doc_to_target: "{{answer}}"`,
+     metrics acc and acc_norm): the prompt our bare-JSONL task uses;
+  4. runs lm-eval (`HFLM`, float32, CPU) in its own venv (/work/venvs/lmeval: torch==2.13.0
+     first, then lm-eval; created if missing) and dtm in .venv, each in a child process with
+     one thread, alternately, `--repeats` times each; timing = the log-likelihood phase
+     (lm-eval: its `HFLM.loglikelihood` call; dtm: `run_task`), and the whole call
+     (model load + task load + scoring) as a second, reported figure;
+  5. compares acc / acc_norm (how many questions differ) and every choice's log-likelihood.
+Numbers go to stdout and benchmarks/results/bench_eval.json, with the machine's cores and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "bench_eval.json"
+LMEVAL_VENV = Path("/work/venvs/lmeval")
+LMEVAL_VERSION = "0.4.13"
+
+SUBJECTS = ["planets", "metals", "rivers", "birds", "engines", "cells", "storms", "crystals", "forests", "magnets"]
+VERBS = ["heats", "cools", "moves", "bends", "splits", "grows", "stores", "reflects", "absorbs", "changes"]
+THINGS = ["water", "light", "sand", "iron", "air", "ice", "salt", "copper", "soil", "wind", "glass", "oil", "sound", "heat"]
+
+
+def make_task(n: int, path: Path, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            q = (f"Which of these {rng.choice(VERBS)} {rng.choice(THINGS)} when {rng.choice(SUBJECTS)} "
+                 f"{rng.choice(VERBS)} the {rng.choice(THINGS)}?")
+            k = rng.randint(3, 5)
+            choices = [" ".join(rng.choice(THINGS + VERBS) for _ in range(rng.randint(1, 4))) for _ in range(k)]
+            f.write(json.dumps({"id": f"q{i}", "question": q, "choices": choices, "answer": rng.randrange(k)}) + "\n")
+
+
+def build_model(task: Path, model_dir: Path) -> int:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line) for line in task.open()]
+    corpus = [t["question"] + " " + " ".join(t["choices"]) for t in texts] + ["Question: Answer:"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+LMEVAL_YAML = """\
+task: bench_arc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+LMEVAL_RUN = """
+import json, sys, time
+t_start = time.perf_counter()
+import torch
+torch.set_num_threads(1)
+import lm_eval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+model_dir, task_dir, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+timing = {}
+orig = HFLM.loglikelihood
+def timed(self, requests, *a, **k):
+    s = time.perf_counter(); r = orig(self, requests, *a, **k)
+    timing["loglikelihood_s"] = time.perf_counter() - s; timing["requests"] = len(requests); return r
+HFLM.loglikelihood = timed
+t0 = time.perf_counter()
+lm = HFLM(pretrained=model_dir, batch_size=bs, device="cpu", dtype="float32")
+res = lm_eval.simple_evaluate(model=lm, tasks=["bench_arc"], task_manager=TaskManager(include_path=task_dir), log_samples=True)
+t1 = time.perf_counter()
+r = res["results"]["bench_arc"]
+samples = sorted(res["samples"]["bench_arc"], key=lambda s: s["doc_id"])
+print(json.dumps({"acc": r["acc,none"], "acc_norm": r["acc_norm,none"],
+    "lls": [[float(x[0]) for x in s["filtered_resps"]] for s in samples],
+    "acc_items": [s["acc"] for s in samples], "acc_norm_items": [s["acc_norm"] for s in samples],
+    "call_s": t1 - t0, "process_s": t1 - t_start, **timing, "version": lm_eval.__version__}))
+"""
+
+DTM_RUN = """
+import json, sys, time
+t_start = time.perf_counter()
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM, AutoTokenizer  # imported before the clock, as lm-eval's HFLM import does
+from dtm.evaluation.harness import load_scorer
+from dtm.evaluation.runner import run_task
+from dtm.evaluation.tasks import load_task
+model_dir, data, bs, share = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "packed"
+t0 = time.perf_counter()
+scorer = load_scorer(model_dir, device="cpu", share_context=share)
+task = load_task(data)
+s = time.perf_counter()
+result, samples = run_task(scorer, task, batch_size=bs, progress=False)
+t1 = time.perf_counter()
+print(json.dumps({"acc": result["metrics"]["acc"], "acc_norm": result["metrics"]["acc_norm"],
+    "lls": [x["loglikelihoods"] for x in samples], "acc_items": [x["acc"] for x in samples],
+    "acc_norm_items": [x["acc_norm"] for x in samples], "scoring": result["scoring"],
+    "loglikelihood_s": t1 - s, "call_s": t1 - t0, "process_s": t1 - t_start}))
+"""
+
+
+def ensure_lmeval() -> Path:
+    py = LMEVAL_VENV / "bin" / "python"
+    probe = subprocess.run([str(py), "-c", "import lm_eval"], capture_output=True) if py.exists() else None
+    if probe is None or probe.returncode != 0:
+        print(f"installing lm-eval=={LMEVAL_VERSION} into {LMEVAL_VENV} (torch==2.13.0 first)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LMEVAL_VENV)], check=True)
+        pip = str(LMEVAL_VENV / "bin" / "pip")
+        subprocess.run([pip, "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([pip, "install", "-q", f"lm-eval=={LMEVAL_VERSION}", "transformers>=4.46", "accelerate>=1.0"], check=True)
+    return py
+
+
+def child(python: str, code: str, args: list[str]) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
+    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({python}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    lmeval_py = ensure_lmeval()
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        work = Path(tmp)
+        data = work / "arc_like.jsonl"
+        make_task(args.questions, data)
+        params = build_model(data, work / "model")
+        (work / "tasks").mkdir()
+        (work / "tasks" / "bench_arc.yaml").write_text(LMEVAL_YAML.format(data=data))
+        load_before = os.getloadavg()
+        runs: dict[str, list[dict]] = {"lm-eval": [], "dtm packed": [], "dtm per-choice": []}
+        for rep in range(args.repeats):  # alternate, so drifts in machine load hit all alike
+            runs["lm-eval"].append(child(str(lmeval_py), LMEVAL_RUN, [str(work / "model"), str(work / "tasks"), str(args.batch_size)]))
+            for mode in ("packed", "per-choice"):
+                runs[f"dtm {mode}"].append(child(sys.executable, DTM_RUN, [str(work / "model"), str(data), str(args.batch_size), mode]))
+            print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+        load_after = os.getloadavg()
+    ref = runs["lm-eval"][0]
+    n = args.questions
+    report: dict = {
+        "what": "multiple-choice log-likelihood scoring, dtm vs lm-evaluation-harness, same JSONL file, model and batch size",
+        "questions": n, "choices": sum(len(x) for x in ref["lls"]), "batch_size": args.batch_size,
+        "model": f"LlamaForCausalLM from a config, {params} parameters, random init (seed 0), float32, CPU, 1 thread",
+        "lm_eval_version": ref["version"], "repeats": args.repeats,
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_before": load_before, "loadavg_after": load_after},
+        "systems": {},
+    }
+    for name, rs in runs.items():
+        best_ll = min(r["loglikelihood_s"] for r in rs)
+        best_call = min(r["call_s"] for r in rs)
+        r0 = rs[0]
+        diff_acc = sum(a != b for a, b in zip(r0["acc_items"], ref["acc_items"], strict=True))
+        diff_norm = sum(a != b for a, b in zip(r0["acc_norm_items"], ref["acc_norm_items"], strict=True))
+        max_ll = max(abs(a - b) for x, y in zip(r0["lls"], ref["lls"], strict=True) for a, b in zip(x, y, strict=True))
+        report["systems"][name] = {
+            "acc": r0["acc"], "acc_norm": r0["acc_norm"],
+            "questions_differing_from_lm_eval": {"acc": diff_acc, "acc_norm": diff_norm},
+            "max_abs_loglikelihood_diff_vs_lm_eval": max_ll,
+            "scoring_s_best": round(best_ll, 4), "scoring_items_per_s": round(n / best_ll, 1),
+            "call_s_best": round(best_call, 4), "call_items_per_s": round(n / best_call, 1),
+            "scoring_s_all": [round(r["loglikelihood_s"], 4) for r in rs], "call_s_all": [round(r["call_s"], 4) for r in rs],
+        }
+    lm = report["systems"]["lm-eval"]
+    for name in ("dtm packed", "dtm per-choice"):
+        s = report["systems"][name]
+        s["speedup_scoring_vs_lm_eval"] = round(lm["scoring_s_best"] / s["scoring_s_best"], 2)
+        s["speedup_call_vs_lm_eval"] = round(lm["call_s_best"] / s["call_s_best"], 2)
+    print(json.dumps({k: v for k, v in report.items()}, indent=2))
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
