@@ -150,20 +150,33 @@ def test_tied_and_untied_models_merge_with_lm_head(tmp_path):
 def test_interrupted_merge_leaves_no_output(three, tmp_path, monkeypatch):
     dirs, _ = three
     calls = {"n": 0}
-    real = E.merge_tensor
 
-    def dies_midway(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
+    def dies_at_fifth_tensor(real):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return wrapped
 
-    monkeypatch.setattr(E, "merge_tensor", dies_midway)
+    for name in ("merge_tensor", "merge_tensor_chunks"):  # whole-tensor and chunked paths
+        monkeypatch.setattr(E, name, dies_at_fifth_tensor(getattr(E, name)))
     with pytest.raises(KeyboardInterrupt):
         dtm.merge(dirs, tmp_path / "out", progress=False)
+    assert calls["n"] == 5
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(E, "merge_tensor", real)
+    monkeypatch.undo()
     assert dtm.merge(dirs, tmp_path / "out", progress=False).is_dir()  # a rerun completes
+
+
+def test_chunked_and_whole_tensor_paths_agree_bitwise(three, tmp_path, monkeypatch):
+    dirs, states = three
+    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 100)  # many ragged chunks per tensor
+    chunked = read_all(dtm.merge(dirs, tmp_path / "chunked", weights=[0.2, 0.3, 0.5], progress=False))
+    monkeypatch.setattr(E, "chunkable", lambda *a, **k: False)
+    whole = read_all(dtm.merge(dirs, tmp_path / "whole", weights=[0.2, 0.3, 0.5], progress=False))
+    assert chunked.keys() == whole.keys()
+    assert all(torch.equal(chunked[k], whole[k]) for k in whole)
 
 
 def test_overwrite(three, tmp_path):

@@ -145,6 +145,27 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         print(f"merged {len(kw['models'])} models ({kw.get('method', 'average')}) into {out}")
 
     p.set_defaults(func=run)
+
+
+def _add_fisher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fisher",
+        help="diagonal Fisher of a model, for `dtm merge --method fisher`",
+        description="Compute the diagonal empirical Fisher of MODEL on texts and write MODEL/fisher.safetensors.",
+    )
+    p.add_argument("model", help="full model directory")
+    p.add_argument("--data", required=True, help=".txt (one text per line) or .jsonl (text, messages, or instruction/output)")
+    p.add_argument("--out", default=None, help="output file (default MODEL/fisher.safetensors)")
+    p.add_argument("--max-examples", type=int, default=256, help="use the first N texts (default 256)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate texts to N tokens")
+
+    def run(a: argparse.Namespace) -> None:
+        from dtm.merging.fisher import compute_fisher, read_texts
+
+        texts = read_texts(a.data)[: a.max_examples]
+        print(f"wrote {compute_fisher(a.model, texts, out=a.out, max_length=a.max_length)}")
+
+    p.set_defaults(func=run)
 # ---------------------------------------------------------------- eval
 
 
@@ -334,6 +355,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_disperse,
     _add_merge,
+    _add_fisher,
     _add_eval,
     _add_lab,
     _add_run,

@@ -15,10 +15,11 @@ soon as it is merged. The files it writes are read back by `safe_open` in the te
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,14 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = -1  # absolute byte offset of the data in `file` (for chunked reads)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
 
     @property
     def nbytes(self) -> int:
@@ -87,7 +96,6 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                 if code not in DTYPES:
                     raise MergeError(f"{file}: tensor {name!r} has dtype {code}, which dtm cannot merge")
                 infos[name] = TensorInfo(name, file, tuple(s.get_shape()), DTYPES[code])
-            return infos
     except SafetensorError as e:
         raise MergeError(
             f"{file}: not a readable safetensors file ({e}); the file is corrupt or truncated: "
@@ -95,6 +103,12 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         ) from None
     except OSError as e:
         raise MergeError(f"{file}: cannot read ({e})") from None
+    # safe_open validated the file; the header also gives each tensor's byte offset, which
+    # safe_open does not expose and the chunked reader (`ChunkReader`) needs.
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return {name: replace(i, offset=8 + n + header[name]["data_offsets"][0]) for name, i in infos.items()}
 
 
 def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -105,6 +119,34 @@ def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Ten
     except SafetensorError as e:
         raise MergeError(f"{info.file}: cannot read tensor {info.name!r} ({e}); the file is corrupt") from None
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+class ChunkReader:
+    """Reads element ranges of tensors into reusable buffers with `os.preadv` (no mmap).
+
+    Why not the memory map here: an elementwise merge visits each input element once, so a
+    small buffer per model that stays in the CPU cache replaces whole-tensor temporaries, the
+    mapped pages never count toward our resident memory, and there are no page faults.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, start + out.numel()) of the tensor, flattened, into `out` (info.dtype)."""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(out.view(torch.uint8).numpy())
+        got = os.preadv(fd, [view], info.offset + start * out.element_size())
+        if got != view.nbytes:
+            raise MergeError(f"{info.file}: tensor {info.name!r} ends early (file truncated?); copy the model again")
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _load_json(path: Path) -> Any:
@@ -237,6 +279,13 @@ def _pickle_checkpoint(path: Path, config: dict[str, Any]) -> Checkpoint:
 # ---------------------------------------------------------------- writing
 
 
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def parse_size(size: int | str) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
     if isinstance(size, int):
@@ -303,9 +352,25 @@ class ShardWriter:
         expected = self.plan[self._next]
         if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
             raise RuntimeError(f"writer expected {expected}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        self._append(tensor)
+        self._next += 1
+
+    def write_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
+        """Write one tensor given as consecutive flat pieces (the chunked elementwise merge)."""
+        expected = self.plan[self._next]
+        written = 0
+        for c in chunks:
+            if c.dtype != expected.dtype:
+                raise RuntimeError(f"writer expected {expected.dtype} for {name}, got {c.dtype}")
+            self._append(c)
+            written += c.numel()
+        if name != expected.name or written != _numel(expected.shape):
+            raise RuntimeError(f"writer expected {expected}, got {name} with {written} elements")
+        self._next += 1
+
+    def _append(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._f.write(memoryview(data))
-        self._next += 1
 
     def close(self) -> None:
         # No fsync, as in transformers' save_pretrained: the output directory only appears

@@ -19,7 +19,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dtm.io import atomic_directory, atomic_write_json
 from dtm.merging import methods as M
 from dtm.merging.checkpoint import (
-    ADAPTER_CONFIG, CARRIED_FILES, FISHER_FILE, SAFE_INDEX, Checkpoint, MergeError, PlannedTensor, ShardWriter,
+    ADAPTER_CONFIG, CARRIED_FILES, FISHER_FILE, SAFE_INDEX, Checkpoint, ChunkReader, MergeError, PlannedTensor, ShardWriter,
     TensorInfo, open_checkpoint, parse_size, plan_shards, read_header, shard_names, tied_aliases, torch_dtype,
 )
 from dtm.merging.lora import Adapter, AdaptedModel, concat_adapters, is_adapter, open_adapter, svd_truncate
@@ -272,25 +272,84 @@ def merge_streaming(
     weight_map = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress)
     largest = 0
+    reader = ChunkReader()
     for shard, file in zip(shards, files):
         writer = ShardWriter(out_dir / file, shard)
         try:
             for t in shard:
-                merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
-                largest = max(largest, merged.numel() * merged.element_size())
-                writer.write(t.name, merged.to(t.dtype))
+                if chunkable(t.name, sources, spec, base, fishers):
+                    writer.write_chunks(t.name, merge_tensor_chunks(
+                        t.name, sources, spec, weights, fn_params, base, compute, fishers, t.dtype, reader))
+                else:
+                    merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
+                    largest = max(largest, merged.numel() * merged.element_size())
+                    writer.write(t.name, merged.to(t.dtype))
+                    del merged
                 weight_map[t.name] = file
                 bar.update(t.nbytes)
-                del merged
             writer.close()
         except BaseException:
             writer.abort()
             raise
+        finally:
+            reader.close()
     bar.close()
     if len(files) > 1:
         atomic_write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     untied = any(n not in sources[0].tensors for n in names)
     return {"tensors": len(plan), "total_bytes": total, "shards": len(files), "untied": untied}
+
+
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per model: K + 2 such buffers stay in the CPU cache
+
+
+def chunkable(name: str, sources: Sequence[Source], spec: M.MergeMethod, base: Checkpoint | None,
+              fishers: Sequence[Checkpoint] | None) -> bool:
+    """An elementwise method on plain safetensors inputs: merge in chunks, never the whole tensor."""
+    if not spec.elementwise:
+        return False
+    readers = [*sources, *([base] if spec.needs_base and base is not None else []), *(fishers or [])]
+    infos = [r.info(name) if isinstance(r, Checkpoint) else None for r in readers]
+    return all(i is not None and i.offset >= 0 and i.dtype.is_floating_point for i in infos)
+
+
+def merge_tensor_chunks(
+    name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
+    base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, out_dtype: torch.dtype,
+    reader: ChunkReader, chunk: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """The merged tensor as consecutive flat chunks, for elementwise methods.
+
+    Each chunk is the method's own per-tensor function applied to the same element range of
+    every input, so the result is exactly the whole-tensor result (elementwise ops do not
+    depend on how the tensor is cut), with memory of a few chunks instead of a few tensors.
+    """
+    chunk = chunk or CHUNK_ELEMENTS
+    infos = [s.info(name) for s in sources]
+    base_info = base.info(name) if spec.needs_base and base is not None else None
+    fisher_infos = []
+    for f in fishers or []:
+        if f.info(name) is None:
+            raise MergeError(f"{f.path}: has no Fisher tensor for {name!r}; recompute it for this model")
+        fisher_infos.append(f.info(name))
+    everything = [*infos, *([base_info] if base_info else []), *fisher_infos]
+    n = everything[0].numel  # type: ignore[union-attr]
+    size = min(chunk, n)
+    bufs = [torch.empty(size, dtype=i.dtype) for i in everything]  # type: ignore[union-attr]
+    k = len(infos)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        parts = [reader.read(i, start, b[:m]).to(compute) for i, b in zip(everything, bufs)]  # type: ignore[arg-type]
+        kwargs = dict(fn_params)
+        rest = parts[k:]
+        if base_info is not None:
+            kwargs["base"] = rest.pop(0)
+        if fisher_infos:
+            kwargs["fishers"] = rest
+        merged = spec.fn(parts[:k], weights, **kwargs)
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"tensor {name!r}: the merge produced inf/nan; check the inputs and weights")
+        yield merged.to(out_dtype)
 
 
 def merge_tensor(

@@ -199,17 +199,19 @@ class MergeMethod:
     uses_fisher: bool = False  # gets `fishers`, one tensor per model
     max_models: int | None = None
     normalizes_weights: bool = False  # weights are relative (only their ratios matter)
+    # output element i depends only on input elements i: the engine may merge in cache-sized chunks
+    elementwise: bool = False
 
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
         MergeMethod("average", average, "uniform or weighted average (the paper's merge; the uniform soup)",
-                    normalizes_weights=True),
+                    normalizes_weights=True, elementwise=True),
         MergeMethod("task_arithmetic", task_arithmetic, "base + lambda * sum_k w_k (model_k - base)",
-                    needs_base=True, params={"lambda": ("scaling", 1.0)}),
+                    needs_base=True, params={"lambda": ("scaling", 1.0)}, elementwise=True),
         MergeMethod("wise_ft", wise_ft, "(1 - alpha) * base + alpha * model (WiSE-FT; one model)",
-                    needs_base=True, params={"alpha": ("alpha", 0.5)}, max_models=1),
+                    needs_base=True, params={"alpha": ("alpha", 0.5)}, max_models=1, elementwise=True),
         MergeMethod("ties", ties, "TIES: trim to density, elect sign, disjoint mean",
                     needs_base=True, params={"density": ("density", 1.0), "lambda": ("scaling", 1.0)}),
         MergeMethod("dare_linear", dare_linear, "DARE (drop 1-density, rescale) + task arithmetic",
@@ -219,7 +221,8 @@ METHODS: dict[str, MergeMethod] = {
                     needs_base=True, random=True,
                     params={"density": ("density", 1.0), "lambda": ("scaling", 1.0), "rescale": ("rescale", True)}),
         MergeMethod("fisher", fisher, "Fisher-weighted average (diagonal Fisher per model, see `dtm fisher`)",
-                    uses_fisher=True, params={"fisher_floor": ("fisher_floor", 1e-6)}, normalizes_weights=True),
+                    uses_fisher=True, params={"fisher_floor": ("fisher_floor", 1e-6)}, normalizes_weights=True,
+                    elementwise=True),
     ]
 }
 # mergekit's name for the weighted average; the greedy soup is a model-level loop in engine.py.
