@@ -91,8 +91,6 @@ def _load_one(path: str | os.PathLike, adapter: str | os.PathLike | None, device
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise DtmError(f"{path}: not a model directory (no config.json); pass a `save_pretrained` directory")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "", None)
     if torch_dtype is None:
         torch_dtype = torch.float32 if device.type == "cpu" else "auto"
@@ -131,6 +129,9 @@ def load_scorer(
     paths = [model] if isinstance(model, (str, os.PathLike)) else list(model)
     if not paths:
         raise DtmError("no model given")
+    for p in paths:
+        if not (Path(p) / "config.json").is_file():
+            raise DtmError(f"{p}: not a model directory (no config.json); pass a `save_pretrained` directory")
     dev = _resolve_device(device)
     tokenizer = _load_tokenizer(paths[0], trust_remote_code)
     for p in paths[1:]:
