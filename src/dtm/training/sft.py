@@ -121,6 +121,10 @@ def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | N
         ) from None
     if tokenizer.pad_token_id is None:  # padding positions carry label -100, any id will do
         tokenizer.pad_token = tokenizer.eos_token
+    # No KV cache in training. It also matters for padding-free batches: transformers builds
+    # the per-example (block-diagonal) mask from position_ids only when there is no cache;
+    # with one, flattened examples silently attend to each other.
+    model.config.use_cache = False
     return model, tokenizer
 
 
@@ -146,11 +150,13 @@ def freeze_modules(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]
         if not hits:
             raise TrainingError(f"train.freeze_modules: {pattern!r} matches no parameter of the model (names look like {next(iter(dict(model.named_parameters())))!r})")
         frozen += hits
-    names = set(frozen)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if name in names:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {id(params[name]) for name in frozen}
+    for p in params.values():
+        if id(p) in tensors:
             p.requires_grad_(False)
-    return sorted(names)
+    # report every name of a frozen tensor (a tied lm_head.weight is embed_tokens.weight)
+    return sorted(name for name, p in params.items() if id(p) in tensors)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -234,7 +240,8 @@ def flatten_batch(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
 
     transformers builds a block-diagonal causal mask from the restarting `position_ids`
     (sdpa/eager: `masking_utils.find_packed_sequence_indices`; flash-attention natively), so
-    no example attends to another. The first label of each example is set to -100: it
+    no example attends to another, but only when the model runs without a KV cache
+    (`use_cache=False`, which `load_base` sets; `test_padding_free_loss_equals_padded_loss`). The first label of each example is set to -100: it
     would otherwise be predicted from the previous example's last token. Response-only
     labels are kept as they are.
     """
@@ -305,9 +312,10 @@ class DtmTrainer(Trainer):
         self._window_start = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        self._window_tokens = self._window_tokens + (
-            inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-        ).cpu()
+        if "attention_mask" in inputs:
+            self._window_tokens = self._window_tokens + inputs["attention_mask"].sum().cpu()
+        else:  # padding-free: every position is a real token
+            self._window_tokens = self._window_tokens + inputs["input_ids"].numel()
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if not torch.isfinite(loss.detach()).item():

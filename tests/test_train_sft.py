@@ -1,0 +1,274 @@
+"""Sub-model training on tiny Llamas: outputs, resume after kill -9, freezing, batching, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_llama
+from dtm.config import ExperimentConfig
+from dtm.data.template import IGNORE_INDEX, conversation, tokenize_conversations
+from dtm.training import TrainingError, fraction_dir, is_complete, train_model
+from dtm.training.sft import (
+    COMPLETE_FILE,
+    LOG_FILE,
+    flatten_batch,
+    freeze_modules,
+    last_checkpoint,
+    pad_batch,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_config(**train) -> ExperimentConfig:
+    cfg = ExperimentConfig(seed=7)
+    cfg.data.cutoff_len = 64
+    settings = dict(max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0,
+                    learning_rate=1e-2, logging_steps=2, save_steps=4)
+    for k, v in (settings | train).items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def qa_data(n: int = 32, offset: int = 0) -> list:
+    return [conversation(f"What is {i} + {i}?", f"{2 * i} is the sum of {i} and {i}.", id=str(i)) for i in range(offset, offset + n)]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("base")
+    make_llama(seed=0).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tied_base_dir(tmp_path_factory, tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("tied")
+    make_llama(seed=1, tie=True).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (d / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(d / name)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_pad_batch_pads_right_with_ignored_labels():
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_flatten_batch_restarts_positions_and_masks_boundaries():
+    batch = flatten_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+
+
+def test_padding_free_loss_equals_padded_loss(tokenizer):
+    """The flattened batch must give the same loss and gradients: no cross-example attention,
+    response-only labels intact."""
+    model = make_llama(seed=3)
+    examples, _ = tokenize_conversations(qa_data(5), tokenizer, "alpaca", 64)
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # really different lengths
+    padded = model(**pad_batch(examples, tokenizer.pad_token_id)).loss
+    flat = model(**flatten_batch(examples), use_cache=False).loss
+    torch.testing.assert_close(flat, padded, rtol=1e-5, atol=1e-5)
+    # with a KV cache transformers skips the per-example mask and examples see each other
+    assert abs(float(model(**flatten_batch(examples), use_cache=True).loss) - float(padded)) > 1e-4
+
+
+# ---------------------------------------------------------------- a run and its outputs
+
+
+def test_lora_run_writes_adapter_logs_fractions_and_is_skipped_when_done(base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(save_fractions=[0.5, 1.0])
+    out = train_model(base_dir, qa_data(), tmp_path / "m", cfg, val_data=qa_data(8, offset=100), progress=False)
+    assert is_complete(out)
+    assert (out / "adapter_config.json").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "checkpoints").exists()  # removed once complete
+    rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 4, 6, 8]
+    assert all({"loss", "lr", "tokens_per_second"} <= set(r) and r["tokens_per_second"] > 0 for r in rows)
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    summary = json.loads((out / "fractions" / "fractions.json").read_text())
+    assert [r["step"] for r in summary] == [0, 4, 8]
+    assert all("train_loss" in r and "val_loss" in r for r in summary)
+    assert summary[-1]["train_loss"] < summary[0]["train_loss"]
+    for f in (0.5, 1.0):
+        assert json.loads((fraction_dir(out, f) / "metrics.json").read_text())["fraction"] == f
+    # loadable by PEFT on top of the base, and the adapter changed the model
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    # a finished directory is returned as is
+    stamp = (out / COMPLETE_FILE).stat().st_mtime_ns
+    assert train_model(base_dir, qa_data(), out, cfg, progress=False) == out
+    assert (out / COMPLETE_FILE).stat().st_mtime_ns == stamp
+
+
+def test_same_seed_same_weights_and_packing_trains(base_dir, tmp_path):
+    cfg = tiny_config(max_steps=4, save_steps=100)
+    a = weights(train_model(base_dir, qa_data(), tmp_path / "a", cfg, progress=False))
+    b = weights(train_model(base_dir, qa_data(), tmp_path / "b", cfg, progress=False))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = weights(train_model(base_dir, qa_data(), tmp_path / "c", cfg, seed=8, progress=False))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    cfg_packed = tiny_config(max_steps=4, save_steps=100, packing=True, group_by_length=False)
+    cfg_padded = tiny_config(max_steps=4, save_steps=100, packing=False, group_by_length=False)
+    for c in (cfg_packed, cfg_padded):  # dropout masks depend on the batch's shape
+        c.train.lora.lora_dropout = 0.0
+    packed = weights(train_model(base_dir, qa_data(), tmp_path / "p", cfg_packed, progress=False))
+    padded = weights(train_model(base_dir, qa_data(), tmp_path / "q", cfg_padded, progress=False))
+    for k in packed:  # same batches, same maths: equal up to float reassociation
+        torch.testing.assert_close(packed[k], padded[k], rtol=1e-3, atol=1e-5)
+
+
+def test_full_finetuning_freezes_tied_embeddings(tied_base_dir, tmp_path):
+    base = load_file(tied_base_dir / "model.safetensors")
+    cfg = tiny_config(finetuning_type="full", freeze_modules=["embed_tokens"], max_steps=4, save_steps=100)
+    out = train_model(tied_base_dir, qa_data(), tmp_path / "full", cfg, progress=False)
+    trained = load_file(out / "model.safetensors")
+    assert torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_freeze_modules_matches_whole_name_components():
+    model = make_llama(tie=True)
+    frozen = freeze_modules(model, ["embed_tokens"])
+    assert "model.embed_tokens.weight" in frozen and "lm_head.weight" in frozen  # tied: one tensor
+    assert not model.lm_head.weight.requires_grad
+    with pytest.raises(TrainingError, match="embed_token"):
+        freeze_modules(make_llama(), ["embed_token"])  # a typo is an error, not a no-op
+
+
+# ---------------------------------------------------------------- kill -9 and resume
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from transformers import TrainerCallback
+    from test_train_sft import qa_data, tiny_config
+    from dtm.training import train_model
+
+    class Stall(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 11:
+                open({marker!r}, "w").close()
+                time.sleep(120)  # killed here, between checkpoints 8 and 12
+
+    train_model({base!r}, qa_data(), {out!r}, tiny_config(max_steps=16), progress=False, callbacks=[Stall()])
+    """
+)
+
+
+def test_killed_training_resumes_to_the_same_weights(base_dir, tmp_path):
+    out, marker = tmp_path / "killed", tmp_path / "at-step-11"
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), marker=str(marker), base=str(base_dir), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "the training process died before step 11"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not is_complete(out)
+    assert last_checkpoint(out).name == "checkpoint-8"
+    resumed = train_model(base_dir, qa_data(), out, tiny_config(max_steps=16), progress=False)
+    straight = train_model(base_dir, qa_data(), tmp_path / "straight", tiny_config(max_steps=16), progress=False)
+    a, b = weights(resumed), weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    assert json.loads((resumed / COMPLETE_FILE).read_text())["resumed_from_step"] == 8
+    steps = [json.loads(line)["step"] for line in (resumed / LOG_FILE).read_text().splitlines()]
+    assert steps == sorted(set(steps))  # the killed run's rows after step 8 were replaced, not duplicated
+
+
+# ---------------------------------------------------------------- bad input and faults
+
+
+def test_base_model_not_found(tmp_path):
+    with pytest.raises(TrainingError, match="no-such-model.*directory not found"):
+        train_model(tmp_path / "no-such-model", qa_data(), tmp_path / "m", tiny_config(), progress=False)
+
+
+def test_incompatible_lora_targets_name_the_key_and_the_real_layers(base_dir, tmp_path):
+    cfg = tiny_config()
+    cfg.train.lora.target_modules = ["c_fc", "up_proj"]
+    with pytest.raises(TrainingError, match=r"train.lora.target_modules: \['c_fc'\] not found.*gate_proj"):
+        train_model(base_dir, qa_data(), tmp_path / "m", cfg, progress=False)
+
+
+def test_portion_empty_after_truncation(base_dir, tmp_path):
+    cfg = tiny_config()
+    cfg.data.cutoff_len = 10  # the Alpaca prompt alone is longer: no response token survives
+    with pytest.raises(TrainingError, match="no example left.*cutoff_len=10"):
+        train_model(base_dir, qa_data(4), tmp_path / "m", cfg, progress=False)
+
+
+def test_nan_loss_stops_with_the_step(tmp_path, tokenizer):
+    d = tmp_path / "nan-base"
+    model = make_llama(seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    with pytest.raises(TrainingError, match="loss is nan at step 1"):
+        train_model(d, qa_data(), tmp_path / "m", tiny_config(), progress=False)
+    assert not is_complete(tmp_path / "m")
+
+
+DISK_FULL_RUN = textwrap.dedent(
+    """
+    import resource, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from transformers import TrainerCallback
+    from test_train_sft import qa_data, tiny_config
+    from dtm.training import train_model, TrainingError
+
+    class FillDisk(TrainerCallback):
+        def on_train_end(self, *a, **kw):  # from now on no file may grow past 4 KiB
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+    try:
+        train_model({base!r}, qa_data(), {out!r}, tiny_config(max_steps=2, save_steps=100), progress=False, callbacks=[FillDisk()])
+    except TrainingError as e:
+        print("TrainingError:", e)
+    """
+)
+
+
+def test_disk_full_while_saving_leaves_nothing_marked_complete(base_dir, tmp_path):
+    out = tmp_path / "m"
+    script = DISK_FULL_RUN.format(tests=str(Path(__file__).parent), base=str(base_dir), out=str(out))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert "TrainingError:" in res.stdout and "could not write while saving the trained model" in res.stdout, res.stdout + res.stderr
+    assert "disk is full" in res.stdout
+    assert not is_complete(out)
+    assert not (out / "adapter_model.safetensors").exists()
+    assert not list(out.glob(".final.tmp-*"))
