@@ -208,3 +208,33 @@ def test_loss_reduction_ratios_and_curve():
     assert curve["fractions"] == [0.1, 0.5]
     assert curve["tasks"]["t"]["acc"] == [0.5, 0.4]
     assert curve["tasks"]["u"]["exact_match"] == [0.2, None]
+
+
+def test_convert_hub_rows_like_lm_eval():
+    from dtm.evaluation.convert import convert_rows
+
+    arc = convert_rows("arc_easy", [{"id": "x", "question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}])
+    assert arc == [{"id": "x", "question": "Q?", "choices": ["a", "b"], "answer": 1}]
+    hs = convert_rows("hellaswag", [{"activity_label": "Cooking", "ctx_a": "A man [title] cuts.", "ctx_b": "he then", "endings": [" stirs [step]  it ", "eats"], "label": "0"}])
+    assert hs[0]["question"] == "Cooking: A man. cuts. He then" and hs[0]["choices"] == ["stirs  it", "eats"] and hs[0]["answer"] == 0
+    # ("stirs [step]  it" -> "stirs   it" -> one pass of "  " -> " ": lm-eval's preprocess, byte for byte)
+    tq = convert_rows("truthfulqa_mc1", [{"question": "q", "mc1_targets": {"choices": ["t", "f"], "labels": [1, 0]}}])
+    assert tq[0]["answer"] == 0 and tq[0]["id"] == "truthfulqa_mc1-0"
+    mbpp = convert_rows("mbpp", [{"task_id": 2, "text": "Write f.", "test_list": ["assert f(1)", "assert f(2)"]}])
+    assert mbpp == [{"id": "2", "prompt": "Write f.", "test": "assert f(1)\nassert f(2)"}]
+    with pytest.raises(DataError, match="gsm8k row 0: cannot convert.*question"):
+        convert_rows("gsm8k", [{"answer": "#### 3"}])
+
+
+def test_paper_benchmark_specs_render_like_lm_eval(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    write_jsonl(bench / "mmlu.jsonl", [{"id": "t", "question": " Q? ", "choices": ["w", "x", "y", "z"], "answer": 2, "subject": "abstract_algebra"}])
+    write_jsonl(bench / "mmlu_dev.jsonl", [{"id": f"d{i}", "question": f"D{i}", "choices": ["1", "2", "3", "4"], "answer": i % 4, "subject": s}
+                                           for i, s in enumerate(["anatomy", "abstract_algebra", "abstract_algebra"])])
+    (task,) = resolve_tasks(["mmlu"], data_dir=bench)
+    assert build_texts(task, task.rows)[0] == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "D1\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\nD2\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C\n\n"
+        "Q?\nA. w\nB. x\nC. y\nD. z\nAnswer:"
+    )

@@ -72,6 +72,8 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
+        if not self.name or "/" in self.name or "\\" in self.name or self.name.startswith("."):
+            raise ValueError(f"name {self.name!r}: a task name is also a file name; use letters, digits, '_', '-', '.'")
         if self.extractor == "regex":
             if not self.regex:
                 raise ValueError("extractor 'regex' needs a `regex` key")
@@ -363,31 +365,44 @@ def load_task(path: str | os.PathLike, name: str | None = None) -> Task:
 
 # ---------------------------------------------------------------- suites
 
-# The paper's benchmarks, as lm-evaluation-harness formats them. None of the data ships with
-# dtm (no hub here); each entry says which file to put where and in which shape.
+# The paper's benchmarks, formatted as lm-evaluation-harness 0.4 formats them (prompts, few-shot
+# sampler, stop sequences, extractors copied from its task YAMLs). None of the data ships with
+# dtm (no hub here); each entry says which file to put where and in which shape, and
+# `dtm.evaluation.convert` turns the public datasets' rows into that shape.
+_TRUTHFULQA_QA = (
+    "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+    "Q: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain."
+)
 PAPER_TASKS: dict[str, dict[str, Any]] = {
-    "mmlu": {
-        "spec": {"type": "multiple_choice", "doc_to_text": "{{question.strip()}}\n{% for c in choices %}{{ 'ABCD'[loop.index0] }}. {{c}}\n{% endfor %}Answer:",
-                 "doc_to_choice": "letters", "group_by": "subject", "num_fewshot": 5, "fewshot_data": "mmlu_dev.jsonl",
-                 "fewshot_sampler": "first_n", "fewshot_same_group": True,
+    "mmlu": {  # lm-eval mmlu (default), 5-shot from dev, same subject, first_n
+        "spec": {"type": "multiple_choice", "doc_to_choice": "letters", "group_by": "subject",
+                 "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+                 "num_fewshot": 5, "fewshot_data": "mmlu_dev.jsonl", "fewshot_sampler": "first_n", "fewshot_same_group": True,
                  "description": "The following are multiple choice questions (with answers) about {{subject.replace('_', ' ')}}.\n\n"},
         "files": ["mmlu.jsonl", "mmlu_dev.jsonl"],
         "how": "MMLU test and dev splits as rows {question, choices: [4 texts], answer: 0-3, subject}",
     },
-    "bbh": {
-        "spec": {"type": "generate", "doc_to_text": "Q: {{prompt}}\nA:", "stop": ["\n\nQ:", "Q:"], "max_new_tokens": 256,
-                 "extractor": "regex", "regex": r"the answer is (.*?)\.?\s*$", "group_by": "subtask"},
-        "files": ["bbh.jsonl"],
-        "how": "BIG-Bench Hard rows {prompt (with the 3 CoT exemplars of lm-eval's bbh_cot_fewshot), answer, subtask}",
+    "bbh": {  # lm-eval bbh_cot_fewshot: 3 CoT exemplars per subtask, answer after 'the answer is'
+        "spec": {"type": "generate", "doc_to_text": "Q: {{prompt}}\nA: Let's think step by step.\n", "target_delimiter": "",
+                 "description": "{{ description | default('') }}", "group_by": "subtask", "num_fewshot": 3,
+                 "fewshot_data": "bbh_fewshot.jsonl", "fewshot_sampler": "first_n", "fewshot_same_group": True,
+                 "stop": ["</s>", "Q", "\n\n"], "max_new_tokens": 1024, "extractor": "regex", "regex": "(?<=the answer is )(.*)(?=.)"},
+        "files": ["bbh.jsonl", "bbh_fewshot.jsonl"],
+        "how": "BIG-Bench Hard rows {prompt: input, answer: target, subtask, description?} and the CoT exemplars "
+               "{prompt, answer: the CoT text ending 'So the answer is X.', subtask}",
     },
-    "gsm8k": {
-        "spec": {"type": "generate", "doc_to_text": "Question: {{prompt}}\nAnswer:", "stop": ["Question:", "\n\n"], "max_new_tokens": 256,
-                 "extractor": "numeric", "num_fewshot": 5, "fewshot_data": "gsm8k_train.jsonl"},
+    "gsm8k": {  # lm-eval gsm8k: 5-shot, answer = the full solution; flexible-extract (last number)
+        "spec": {"type": "generate", "doc_to_text": "Question: {{prompt}}\nAnswer:", "stop": ["Question:", "</s>", "<|im_end|>"],
+                 "max_new_tokens": 256, "extractor": "numeric", "num_fewshot": 5, "fewshot_data": "gsm8k_train.jsonl"},
         "files": ["gsm8k.jsonl", "gsm8k_train.jsonl"],
         "how": "GSM8K test and train splits as rows {prompt: question, answer: the full solution ending '#### N'}",
     },
     "arc_challenge": {
-        "spec": {"type": "multiple_choice", "num_fewshot": 0},
+        "spec": {"type": "multiple_choice"},  # "Question: {{question}}\nAnswer:" + " " + choice
         "files": ["arc_challenge.jsonl"],
         "how": "ARC-Challenge test as rows {question, choices: [texts], answer: index}",
     },
@@ -396,13 +411,18 @@ PAPER_TASKS: dict[str, dict[str, Any]] = {
         "files": ["arc_easy.jsonl"],
         "how": "ARC-Easy test as rows {question, choices, answer}",
     },
-    "truthfulqa_mc1": {
-        "spec": {"type": "multiple_choice", "doc_to_text": "Q: {{question}}\nA:"},
+    "truthfulqa_mc1": {  # lm-eval truthfulqa_mc1: the 6-shot QA preamble inside the prompt
+        "spec": {"type": "multiple_choice", "doc_to_text": _TRUTHFULQA_QA + "\n\nQ: {{question}}\nA:"},
         "files": ["truthfulqa_mc1.jsonl"],
-        "how": "TruthfulQA mc1 as rows {question, choices: mc1_targets.choices, answer: index of the true one}",
+        "how": "TruthfulQA mc1 (validation) as rows {question, choices: mc1_targets.choices, answer: 0}",
+    },
+    "hellaswag": {  # not in the paper's suite; lm-eval's format for users who want it
+        "spec": {"type": "multiple_choice", "doc_to_text": "{{question}}"},
+        "files": ["hellaswag.jsonl"],
+        "how": "HellaSwag validation as rows {question: lm-eval's preprocessed query, choices: preprocessed endings, answer: label}",
     },
     "humaneval": {
-        "spec": {"type": "code", "stop": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], "max_new_tokens": 512},
+        "spec": {"type": "code", "stop": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], "max_new_tokens": 1024},
         "files": ["humaneval.jsonl"],
         "how": "HumanEval as rows {prompt, test, entry_point}",
     },
@@ -410,7 +430,7 @@ PAPER_TASKS: dict[str, dict[str, Any]] = {
         "spec": {"type": "code", "doc_to_text": "You are an expert Python programmer, and here is your task: {{prompt}} Your code should pass these tests:\n\n{{test}}\n[BEGIN]\n",
                  "stop": ["[DONE]"], "max_new_tokens": 512},
         "files": ["mbpp.jsonl"],
-        "how": "MBPP test as rows {prompt: text, test: the assert lines}",
+        "how": "MBPP test as rows {prompt: text, test: the assert lines joined by newlines}",
     },
 }
 
@@ -492,7 +512,8 @@ def resolve_tasks(
             known = sorted(set(suites) | set(BUILTIN_SUITES) | set(PAPER_TASKS))
             raise DataError(f"task {key!r}: not a file and not a known suite or benchmark ({', '.join(known)})")
     if missing:
-        msg = "benchmark data missing (no hub access; put the files there or set DTM_EVAL_DATA):\n  " + "\n  ".join(missing)
+        msg = ("benchmark data missing (nothing is downloaded; put the files there or set DTM_EVAL_DATA; "
+               "dtm.evaluation.convert_rows turns hub-format rows into these):\n  " + "\n  ".join(missing))
         if require_all or not out:
             raise DataError(msg)
         import logging
