@@ -85,14 +85,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, world: World, form: str = "raw") -> float:
+def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, world: World, form: str = "raw",
+                  limit: int | None = None) -> float:
     """Share of facts whose true value is the model's top next token among all values of
     the attribute (stricter than the 4-option benchmark). form: raw QA or the Alpaca prompt."""
     from dtm.data.template import format_prompt
 
     model.eval()
     correct = 0
-    facts = world.fact_list()
+    facts = world.fact_list()[:limit]
     for start in range(0, len(facts), 256):
         chunk = facts[start:start + 256]
         if form == "raw":
