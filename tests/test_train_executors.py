@@ -1,0 +1,114 @@
+"""Training K sub-models: local (in turn, side by side in processes) and on real local Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_llama
+from dtm.config import ExperimentConfig
+from dtm.data.template import conversation
+from dtm.dispersal import disperse, portion_path
+from dtm.io import atomic_write_jsonl
+from dtm.training import TrainingError, is_complete, train, train_jobs
+from dtm.training.sft import COMPLETE_FILE
+
+torch.set_num_threads(1)
+
+
+def tiny_config(base: Path, **train_keys) -> ExperimentConfig:
+    cfg = ExperimentConfig(seed=5)
+    cfg.model.model_name_or_path = str(base)
+    cfg.data.cutoff_len = 64
+    settings = dict(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0,
+                    learning_rate=1e-2, logging_steps=2, save_steps=100)
+    for k, v in (settings | train_keys).items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("base")
+    make_llama(seed=0).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def portions(tmp_path_factory) -> Path:
+    data = [conversation(f"What is {i} times 2?", f"It is {2 * i}.", id=str(i)) for i in range(32)]
+    out = tmp_path_factory.mktemp("run") / "portions"
+    disperse(data, k=2, out=out, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_models(base_dir, portions, tmp_path_factory) -> list[Path]:
+    """K=2 sub-models trained one after another (the reference for the other executors)."""
+    return train(tiny_config(base_dir), portions, tmp_path_factory.mktemp("local") / "models")
+
+
+def adapter(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(d / "adapter_model.safetensors")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = adapter(a), adapter(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_local_trains_every_portion_and_skips_finished_ones(local_models, base_dir, portions):
+    assert [p.name for p in local_models] == ["sub-1", "sub-2"]
+    assert all(is_complete(p) for p in local_models)
+    assert not same_weights(*local_models)  # different portions, different sub-models
+    stamps = [(p / COMPLETE_FILE).stat().st_mtime_ns for p in local_models]
+    assert train(tiny_config(base_dir), portions, local_models[0].parent) == local_models
+    assert [(p / COMPLETE_FILE).stat().st_mtime_ns for p in local_models] == stamps
+
+
+def test_side_by_side_processes_match_the_sequential_run(local_models, base_dir, portions, tmp_path):
+    models = train(tiny_config(base_dir, num_workers=2), portions, tmp_path / "models")
+    for a, b in zip(models, local_models, strict=True):
+        assert same_weights(a, b)
+
+
+def test_a_failed_sub_model_is_reported_by_name_and_the_others_finish(base_dir, portions, tmp_path):
+    bad = tmp_path / "portions"
+    bad.mkdir()
+    for i in range(2):
+        (bad / portion_path(bad, i).name).write_text(portion_path(portions, i).read_text())
+    long = conversation("word " * 200, "answer", id="long")  # nothing left after cutoff_len=64
+    atomic_write_jsonl(portion_path(bad, 1), [long.to_record()])
+    with pytest.raises(TrainingError, match=r"(?s)1 of 2 models failed.*sub-2: .*no example left to train on"):
+        train(tiny_config(base_dir), bad, tmp_path / "models")
+    assert is_complete(tmp_path / "models" / "sub-1") and not is_complete(tmp_path / "models" / "sub-2")
+
+
+def test_train_jobs_applies_overrides_seeds_and_baselines(base_dir, portions, tmp_path):
+    jobs = {
+        "short": {"data": str(portion_path(portions, 0)), "seed": 5, "train": {"max_steps": 2}},
+        "l2": {"data": str(portion_path(portions, 0)), "seed": 6, "train": {}, "baseline": "l2"},
+    }
+    seconds = train_jobs(tiny_config(base_dir), base_dir, jobs, tmp_path / "models")
+    assert set(seconds) == {"short", "l2"} and all(s > 0 for s in seconds.values())
+    short = json.loads((tmp_path / "models" / "short" / COMPLETE_FILE).read_text())
+    l2 = json.loads((tmp_path / "models" / "l2" / COMPLETE_FILE).read_text())
+    assert (short["steps"], short["seed"], short["regularizer"]) == (2, 5, None)
+    assert (l2["steps"], l2["seed"], l2["regularizer"]) == (4, 6, "l2")
+
+
+def test_ray_sub_models_match_the_local_executor(local_models, base_dir, portions, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = tiny_config(base_dir, executor="ray", num_cpus_per_model=1, num_gpus_per_model=0)
+        models = train(cfg, portions, tmp_path / "models")
+    finally:
+        ray.shutdown()
+    for a, b in zip(models, local_models, strict=True):
+        assert is_complete(a) and same_weights(a, b)
