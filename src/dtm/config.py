@@ -301,6 +301,11 @@ def load_config(
 
     cfg.data.path = resolve(cfg.data.path)
     cfg.model.model_name_or_path = resolve(cfg.model.model_name_or_path)
+    cfg.eval.tasks = [resolve(t) for t in cfg.eval.tasks]
+    if cfg.eval.data_dir:
+        cfg.eval.data_dir = resolve(cfg.eval.data_dir)
+    if cfg.baselines.replay_path:
+        cfg.baselines.replay_path = resolve(cfg.baselines.replay_path)
     if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists():
         line = lines.get("data.path")
         where = f"{source}:{line}" if line else source

@@ -124,12 +124,15 @@ def training_jobs(run: Run) -> dict[str, dict[str, Any]]:
     fractions = sorted(set(cfg.train.save_fractions))
     jobs["vanilla"] = {"data": data, "train": {"save_fractions": fractions}, "seed": cfg.seed}
     methods = set(cfg.baselines.methods)
-    short_epochs = cfg.train.num_train_epochs / k
+    # "short": all data for 1/K of the training, i.e. the steps of one sub-model.
+    short = {"num_train_epochs": cfg.train.num_train_epochs / k}
+    if cfg.train.max_steps > 0:
+        short["max_steps"] = max(1, cfg.train.max_steps // k)
     if "short" in methods or "soup" in methods:
-        jobs["short"] = {"data": data, "train": {"num_train_epochs": short_epochs}, "seed": cfg.seed}
+        jobs["short"] = {"data": data, "train": short, "seed": cfg.seed}
     if "soup" in methods:
         for j in range(1, cfg.baselines.soup_size):
-            jobs[f"soup-{j + 1}"] = {"data": data, "train": {"num_train_epochs": short_epochs}, "seed": cfg.seed + 1000 * j}
+            jobs[f"soup-{j + 1}"] = {"data": data, "train": short, "seed": cfg.seed + 1000 * j}
     for name in ("l2", "ewc", "replay", "curation"):
         if name in methods:
             jobs[name] = {"data": data, "train": {}, "seed": cfg.seed, "baseline": name}
@@ -183,13 +186,18 @@ def stage_merge(run: Run) -> dict[str, Any]:
 def evaluated_models(run: Run) -> dict[str, Any]:
     """name -> model dir (or list of dirs for an ensemble) for every model the report shows."""
     cfg = run.cfg
-    models: dict[str, Any] = {"base": run.info["base_model"]}
+    base = run.info["base_model"]
+
+    def ref(path: Path) -> Any:  # a LoRA adapter is evaluated on top of the base
+        return {"model": base, "adapter": str(path)} if (path / "adapter_config.json").is_file() else str(path)
+
+    models: dict[str, Any] = {"base": base}
     for name in ["vanilla", *training_jobs(run), *merge_plan(run)]:
         if name.startswith("soup-"):
             continue  # soup ingredients are shown through the soup
-        models[name] = str(run.models / name)
+        models[name] = ref(run.models / name)
     for frac_dir in sorted((run.models / "vanilla" / "fractions").glob("frac-*")):
-        models[f"vanilla@{frac_dir.name.removeprefix('frac-')}"] = str(frac_dir)
+        models[f"vanilla@{frac_dir.name.removeprefix('frac-')}"] = ref(frac_dir)
     if "ensemble" in cfg.baselines.methods:
         models["ensemble"] = [str(run.models / f"sub-{i + 1}") for i in range(cfg.disperse.k)]
     return models

@@ -481,8 +481,9 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
     notes = [
         f"seeds: {seeds} (every number is the mean ± sample std over these)",
         f"K = {cfg0.disperse.k} portions, dispersal: {cfg0.disperse.strategy}; merge: {cfg0.merge.method}",
-        f"training: {cfg0.train.finetuning_type} fine-tuning, lr {cfg0.train.learning_rate}, {cfg0.train.num_train_epochs:g} epochs, "
-        f"batch {cfg0.train.per_device_train_batch_size}x{cfg0.train.gradient_accumulation_steps}",
+        f"training: {cfg0.train.finetuning_type} fine-tuning, lr {cfg0.train.learning_rate}, "
+        + (f"{cfg0.train.max_steps} steps, " if cfg0.train.max_steps > 0 else f"{cfg0.train.num_train_epochs:g} epochs, ")
+        + f"batch {cfg0.train.per_device_train_batch_size}x{cfg0.train.gradient_accumulation_steps}",
     ]
     data_m = json.loads((root0 / "manifests" / "data.json").read_text()).get("outputs", {}) if (root0 / "manifests" / "data.json").is_file() else {}
     if data_m.get("lab"):
