@@ -168,3 +168,15 @@ def test_truncation_and_dropping_are_counted(tokenizer):
     assert len(examples) == 2 and all(len(e["input_ids"]) == cutoff for e in examples)
     assert examples[0]["labels"][-2:] == full["labels"][n_prompt : n_prompt + 2]
     assert stats.response_tokens == 4
+
+
+def test_hub_names_are_recognised_and_fail_clearly_offline(tmp_path, monkeypatch):
+    from dtm.data.formats import looks_like_hub_id
+
+    assert looks_like_hub_id("allenai/tulu-v2-sft-mixture") and looks_like_hub_id("tatsu-lab/alpaca:train")
+    assert not looks_like_hub_id("data/train.jsonl") and not looks_like_hub_id("./a/b") and not looks_like_hub_id("train.jsonl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="owner-x/no-such-set: not a local file, and loading it from the Hugging Face Hub failed"):
+        load_conversations("owner-x/no-such-set")

@@ -38,7 +38,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = Field("lab", description="Data file (JSON, JSONL, Parquet) or local `datasets` directory; 'lab' = built-in.")
+    path: str = Field("lab", description="Data file (JSON, JSONL, Parquet), local `datasets` directory, Hub data set `owner/name[:split]`, or 'lab' (built-in).")
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = Field(
         "auto", description="Record schema; 'auto' detects it from the fields of the first record."
     )
@@ -306,7 +306,9 @@ def load_config(
         cfg.eval.data_dir = resolve(cfg.eval.data_dir)
     if cfg.baselines.replay_path:
         cfg.baselines.replay_path = resolve(cfg.baselines.replay_path)
-    if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists():
+    from dtm.data.formats import looks_like_hub_id
+
+    if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists() and not looks_like_hub_id(cfg.data.path):
         line = lines.get("data.path")
         where = f"{source}:{line}" if line else source
         raise ConfigError(f"{where}: data.path: file not found: {cfg.data.path}")

@@ -92,8 +92,31 @@ class _Bad(Exception):
 # ---------------------------------------------------------------- containers
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` (optionally `:split`) that is not a local path: a Hugging Face Hub data set."""
+    parts = name.split(":")[0].split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in parts[1][-8:]
+
+
+def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
+    """A data set from the Hugging Face Hub (`owner/name[:split]`, default split `train`)."""
+    import datasets
+
+    repo, _, split = name.partition(":")
+    try:
+        ds = datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:
+        raise DataError(f"{name}: not a local file, and loading it from the Hugging Face Hub failed ({type(e).__name__}: {e}); "
+                        "give a local path, or check the data set name and your network") from None
+    for i, rec in enumerate(ds):
+        yield f"{name}:row {i + 1}", rec
+
+
 def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record) for every record in the file or directory."""
+    if not path.exists():
+        yield from _iter_hub(str(path))
+        return
     if path.is_dir():
         yield from _iter_hf_disk(path)
         return
@@ -299,7 +322,7 @@ def load_conversations(
     `on_bad_example="skip"`, in which case bad records are counted in `.skipped`.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not looks_like_hub_id(str(path)):
         raise DataError(f"{path}: data file not found")
     fmt = format
     conversations: list[Conversation] = []
