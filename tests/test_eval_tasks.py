@@ -110,12 +110,13 @@ def test_fewshot_prompts_are_seeded_and_match_lm_eval_layout(tmp_path):
     )
     task = load_task(tmp_path / "t.yaml")
     texts = build_texts(task, task.rows)
-    assert texts[0] == "About x.\n\nQuestion: Q0\nAnswer: no\n\nQuestion: Q1\nAnswer: yes\n\nQuestion: 2+2?\nAnswer:"
+    # description + (question + target_delimiter + gold choice) joined by fewshot_delimiter + question
+    assert texts[0] == "About x.\n\nQ0 no\n\nQ1 yes\n\n2+2?"
     (tmp_path / "t.yaml").write_text("name: t\ndata: test.jsonl\nfewshot_data: dev.jsonl\nnum_fewshot: 3\nfewshot_seed: 7\n")
     task = load_task(tmp_path / "t.yaml")
     first, again = build_texts(task, task.rows), build_texts(task, task.rows)
     assert first == again  # deterministic
-    assert all(t.count("Question:") == 4 for t in first)
+    assert all(t.count("\n\n") == 3 for t in first)
     (tmp_path / "t.yaml").write_text("name: t\ndata: test.jsonl\nfewshot_data: dev.jsonl\nnum_fewshot: 3\nfewshot_seed: 8\n")
     assert build_texts(load_task(tmp_path / "t.yaml"), task.rows) != first
 

@@ -10,8 +10,9 @@ A task is one of three kinds:
   whose output is executed, only when the user opts in;
 - ``perplexity``: rows ``{"id", "text"}``.
 
-A bare multiple-choice JSONL (no spec) is a task too: ``Question: ...\\nAnswer:`` with the
-choices after a space, the ARC convention of lm-evaluation-harness.
+A bare multiple-choice JSONL (no spec) is a task too, scored as lm-evaluation-harness scores
+ARC: context ``Question: {question}\\nAnswer:``, each choice after a space. A spec without
+``doc_to_text`` uses the row's question (prompt, text) as it is.
 
 Prompts are Jinja templates over the row (``doc_to_text``), the same syntax lm-eval's task
 YAMLs use, so an lm-eval prompt can be copied over verbatim. Every bad row is an error
@@ -51,7 +52,7 @@ class TaskSpec(BaseModel):
     type: TaskType = "multiple_choice"
     data: str = Field(description="JSONL data file, relative to the spec file.")
     prompt_format: PromptFormat = Field("none", description="none: plain text (lm-eval conventions); alpaca/chat: the training template.")
-    doc_to_text: str | None = Field(None, description="Jinja template of the question/prompt text over a row; default depends on type and prompt_format.")
+    doc_to_text: str | None = Field(None, description="Jinja template of the question/prompt text over a row; default: the row's question (MC), prompt (generate, code) or text (perplexity) as is.")
     doc_to_choice: Literal["choices", "letters"] = Field("choices", description="MC targets: the choice texts, or the letters A, B, ... (MMLU style).")
     description: str = Field("", description="Text before the few-shot examples (lm-eval `description`).")
     target_delimiter: str | None = Field(None, description="Between context and target; default ' ' (none) or '' (alpaca/chat).")
@@ -96,7 +97,7 @@ class TaskSpec(BaseModel):
         if self.doc_to_text is not None:
             return self.doc_to_text
         if self.type == "multiple_choice":
-            return DEFAULT_MC_TEXT if self.prompt_format == "none" else "{{question}}"
+            return "{{question}}"
         return "{{prompt}}" if self.type in ("generate", "code") else "{{text}}"
 
 
@@ -330,7 +331,7 @@ def spec_from_dict(tree: dict[str, Any], source: str) -> TaskSpec:
         msgs = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(spec)"
-            msg = "unknown key; see the task format in dtm.evaluation.tasks" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = (f"unknown key; the keys are {', '.join(TaskSpec.model_fields)}" if err["type"] == "extra_forbidden" else err["msg"])
             msgs.append(f"{source}: {key}: {msg}")
         raise DataError("invalid task spec:\n  " + "\n  ".join(msgs)) from None
 
@@ -341,7 +342,7 @@ def load_task(path: str | os.PathLike, name: str | None = None) -> Task:
     if not path.is_file():
         raise DataError(f"{path}: task file not found")
     if path.suffix == ".jsonl":
-        spec = TaskSpec(name=name or path.stem, type="multiple_choice", data=path.name)
+        spec = TaskSpec(name=name or path.stem, type="multiple_choice", data=path.name, doc_to_text=DEFAULT_MC_TEXT)
     elif path.suffix in (".yaml", ".yml", ".json"):
         tree = _read_spec(path)
         tree.setdefault("name", name or path.stem)
@@ -402,12 +403,12 @@ PAPER_TASKS: dict[str, dict[str, Any]] = {
         "how": "GSM8K test and train splits as rows {prompt: question, answer: the full solution ending '#### N'}",
     },
     "arc_challenge": {
-        "spec": {"type": "multiple_choice"},  # "Question: {{question}}\nAnswer:" + " " + choice
+        "spec": {"type": "multiple_choice", "doc_to_text": DEFAULT_MC_TEXT},  # lm-eval arc_challenge
         "files": ["arc_challenge.jsonl"],
         "how": "ARC-Challenge test as rows {question, choices: [texts], answer: index}",
     },
     "arc_easy": {
-        "spec": {"type": "multiple_choice"},
+        "spec": {"type": "multiple_choice", "doc_to_text": DEFAULT_MC_TEXT},
         "files": ["arc_easy.jsonl"],
         "how": "ARC-Easy test as rows {question, choices, answer}",
     },
