@@ -272,3 +272,16 @@ def test_disk_full_while_saving_leaves_nothing_marked_complete(base_dir, tmp_pat
     assert not is_complete(out)
     assert not (out / "adapter_model.safetensors").exists()
     assert not list(out.glob(".final.tmp-*"))
+
+
+def test_cli_trains_one_model_and_reports_bad_input(base_dir, tmp_path, capsys):
+    from dtm.cli import main
+
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {i} + {i}?", "output": f"{2 * i}."}) + "\n" for i in range(12)))
+    args = ["train", "--base", str(base_dir), "--data", str(data), "--out", str(tmp_path / "m"), "--full", "--max-steps", "2",
+            "--no-progress", "data.cutoff_len=64", "train.per_device_train_batch_size=4"]
+    assert main(args) == 0
+    assert is_complete(tmp_path / "m") and (tmp_path / "m" / "model.safetensors").exists()
+    assert main(["train", "--base", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "n")]) == 2
+    assert "base model" in capsys.readouterr().err

@@ -90,6 +90,79 @@ def _add_disperse(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- train
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one model (--data) or all K sub-models of an experiment (CONFIG)",
+        description=(
+            "One model:  dtm train --base MODEL --data FILE --out DIR [--lora | --full] [--max-steps N]\n"
+            "All K sub-models of an experiment:  dtm train CONFIG [--portions DIR] [--models DIR]\n"
+            "A rerun resumes unfinished training from its last checkpoint and skips finished models."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="experiment YAML (its train/data/model sections apply to one-model runs too)")
+    _overrides(p)
+    p.add_argument("--base", help="base model: save_pretrained directory or hub id (default: model.model_name_or_path)")
+    p.add_argument("--data", help="train one model on this data file (any supported format)")
+    p.add_argument("--out", help="one model: output directory")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--lora", dest="finetuning_type", action="store_const", const="lora", help="LoRA adapters (default)")
+    kind.add_argument("--full", dest="finetuning_type", action="store_const", const="full", help="full fine-tuning")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides epochs)")
+    p.add_argument("--seed", type=int, help="training seed (default: the config's seed)")
+    p.add_argument("--val-data", help="one model: validation data, for the losses recorded at save_fractions")
+    p.add_argument("--baseline", choices=["vanilla", "l2", "ewc", "replay", "curation", "soup"], default="vanilla",
+                   help="one model: train a Table-1 baseline instead (settings under `baselines:`)")
+    p.add_argument("--portions", help="CONFIG: portion-*.jsonl directory (default: <output_dir>/seed-<seed>/portions, as `dtm run` lays it out)")
+    p.add_argument("--models", help="CONFIG: where sub-1..K go (default: <output_dir>/seed-<seed>/models)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> None:
+        from pathlib import Path
+
+        from dtm.config import load_config
+        from dtm.errors import ConfigError
+
+        overrides = list(a.overrides)
+        file = a.config
+        if file and "=" in file and not os.path.exists(file):
+            overrides.insert(0, file)
+            file = None
+        if a.finetuning_type:
+            overrides.append(f"train.finetuning_type={a.finetuning_type}")
+        if a.max_steps is not None:
+            overrides.append(f"train.max_steps={a.max_steps}")
+        if a.seed is not None:
+            overrides.append(f"seed={a.seed}")
+        if a.base:
+            overrides.append(f"model.model_name_or_path={a.base}")
+        cfg = load_config(file, overrides, check_paths=False)
+        if cfg.model.model_name_or_path == "lab":
+            from dtm.lab import base_model_dir
+
+            cfg.model.model_name_or_path = str(base_model_dir())
+        if a.data:
+            if not a.out:
+                raise ConfigError("--data trains one model and needs --out DIR")
+            from dtm.training import train_baseline
+
+            out = train_baseline(a.baseline, cfg, a.data, a.out, val_data=a.val_data, progress=not a.no_progress)
+            print(f"trained {out}")
+            return
+        if not file:
+            raise ConfigError("give --data FILE --out DIR (one model) or a CONFIG file (all K sub-models)")
+        from dtm.training import train
+
+        root = Path(cfg.output_dir) / f"seed-{cfg.seed}"  # the run layout of `dtm run`
+        models = train(cfg, a.portions or root / "portions", a.models or root / "models")
+        print(f"trained {len(models)} sub-models: " + ", ".join(str(m) for m in models))
+
+    p.set_defaults(func=run)
+
+
 # ---------------------------------------------------------------- merge
 
 
@@ -354,6 +427,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_disperse,
+    _add_train,
     _add_merge,
     _add_fisher,
     _add_eval,

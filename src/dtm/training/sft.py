@@ -515,8 +515,8 @@ def train_model(
 
     set_seed(seed)
     precision = choose_precision(config)
+    conversations = as_conversations(data, config)  # before the (slow) model load: fail fast
     model, tokenizer = load_base(base, config, precision.load_dtype)
-    conversations = as_conversations(data, config)
     examples = sft_examples(conversations, tokenizer, config, name=f"{name} ({data if isinstance(data, (str, Path)) else 'given data'})")
     n_sft = len(examples)
     if replay is not None:
