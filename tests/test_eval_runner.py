@@ -125,6 +125,8 @@ def test_adapter_equals_its_merged_model(lab, tmp_path):
     plain = evaluate(lab / "m1", [lab / "mc.jsonl"], progress=False)["mc"]
     assert with_adapter["metrics"] == evaluate(tmp_path / "merged", [lab / "mc.jsonl"], progress=False)["mc"]["metrics"]
     assert with_adapter["adapter"] == str(tmp_path / "adapter")
+    # an adapter-only directory is loaded on the base model its adapter_config names
+    assert evaluate(tmp_path / "adapter", [lab / "mc.jsonl"], progress=False)["mc"]["metrics"] == with_adapter["metrics"]
     assert plain["spec_hash"] == with_adapter["spec_hash"]
 
 

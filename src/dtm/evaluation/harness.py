@@ -20,6 +20,7 @@ FLOPs, is the cost. So:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -121,6 +122,31 @@ def _load_tokenizer(path: str | os.PathLike, trust_remote_code: bool):
         raise DtmError(f"{path}: cannot load a tokenizer ({e}); save one next to the model with tokenizer.save_pretrained") from None
 
 
+def resolve_model_dir(path: str | os.PathLike, adapter: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
+    """-> (full model dir, adapter dir or None). An adapter-only dir names its base model."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path, Path(adapter) if adapter is not None else None
+    if (path / "adapter_config.json").is_file():
+        if adapter is not None:
+            raise DtmError(f"{path} is itself an adapter; pass its base model as the model, or drop `adapter`")
+        try:
+            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        except (KeyError, json.JSONDecodeError) as e:
+            raise DtmError(f"{path}/adapter_config.json: cannot read base_model_name_or_path ({e}); pass the base model and adapter=") from None
+        if not base or not (Path(base) / "config.json").is_file():
+            raise DtmError(f"{path}: the adapter's base model {base!r} is not a local model directory; pass the base model and adapter=")
+        return Path(base), path
+    raise DtmError(f"{path}: not a model directory (no config.json) nor a PEFT adapter (no adapter_config.json); pass a `save_pretrained` directory")
+
+
+def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
+    """The adapter's own tokenizer if it saved one, else the base model's."""
+    if adapter_dir is not None and any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return adapter_dir
+    return model_dir
+
+
 def load_scorer(
     model: str | os.PathLike | Sequence[str | os.PathLike],
     adapter: str | os.PathLike | None = None,
@@ -129,20 +155,22 @@ def load_scorer(
     share_context: bool | None = None,
     trust_remote_code: bool = False,
 ) -> Scorer:
-    """Load a model directory (or several, an ensemble) and the first one's tokenizer."""
+    """Load a model directory (or several, an ensemble) and the first one's tokenizer.
+
+    A directory may also be a PEFT adapter (`adapter_config.json`, no `config.json`): it is
+    applied to the base model its config names.
+    """
     paths = [model] if isinstance(model, (str, os.PathLike)) else list(model)
     if not paths:
         raise DtmError("no model given")
-    for p in paths:
-        if not (Path(p) / "config.json").is_file():
-            raise DtmError(f"{p}: not a model directory (no config.json); pass a `save_pretrained` directory")
+    refs = [resolve_model_dir(p, adapter) for p in paths]
     dev = _resolve_device(device)
-    tokenizer = _load_tokenizer(paths[0], trust_remote_code)
-    for p in paths[1:]:
-        other = _load_tokenizer(p, trust_remote_code)
+    tokenizer = _load_tokenizer(_tokenizer_dir(*refs[0]), trust_remote_code)
+    for p, ref in zip(paths[1:], refs[1:], strict=True):
+        other = _load_tokenizer(_tokenizer_dir(*ref), trust_remote_code)
         if other.get_vocab() != tokenizer.get_vocab():
             raise DtmError(f"{p}: its tokenizer differs from {paths[0]}'s; an ensemble averages next-token probabilities, so members need one vocabulary")
-    models = [_load_one(p, adapter, dev, dtype, trust_remote_code) for p in paths]
+    models = [_load_one(base, ad, dev, dtype, trust_remote_code) for base, ad in refs]
     sizes = {m.get_output_embeddings().weight.shape[0] for m in models}
     if len(sizes) > 1:
         raise DtmError(f"ensemble members have different vocabulary sizes {sorted(sizes)}")

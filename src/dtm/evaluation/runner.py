@@ -342,6 +342,8 @@ def evaluate(
                        "or use evaluate_many to score each one")
     if batch_size < 1:
         raise DtmError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(tasks, (str, os.PathLike)):
+        tasks = [tasks]
     task_list = resolve_tasks(list(tasks), suites=dict(suites) if suites else None, data_dir=data_dir)
 
     def factory() -> Scorer:
@@ -390,6 +392,8 @@ def evaluate_many(
     """
     suites = kwargs.pop("suites", None)
     data_dir = kwargs.pop("data_dir", None)
+    if isinstance(tasks, (str, os.PathLike)):
+        tasks = [tasks]
     if tasks and all(isinstance(t, Task) for t in tasks):
         task_list = list(tasks)  # type: ignore[arg-type]
     else:
