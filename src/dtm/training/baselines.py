@@ -131,10 +131,11 @@ def curate(conversations: list[Conversation], fraction: float, score: str | Scor
 # ---------------------------------------------------------------- the entry point
 
 
-def soup_recipes(config: ExperimentConfig) -> list[tuple[int, float]]:
+def soup_recipes(config: ExperimentConfig, first_seed: int | None = None) -> list[tuple[int, float]]:
     """(seed, learning rate) per soup ingredient: seeds seed, seed+1, ...; rates cycled."""
+    seed = config.seed if first_seed is None else first_seed
     rates = config.baselines.soup_learning_rates or [config.train.learning_rate]
-    return [(config.seed + i, rates[i % len(rates)]) for i in range(config.baselines.soup_size)]
+    return [(seed + i, rates[i % len(rates)]) for i in range(config.baselines.soup_size)]
 
 
 def train_baseline(method: str, config: ExperimentConfig, data: str | Path | list[Conversation], out: str | Path,
@@ -159,8 +160,10 @@ def train_baseline(method: str, config: ExperimentConfig, data: str | Path | lis
         log.info("curation: kept %d of %d examples by %s", len(kept), len(conversations), b.curation_scorer)
         return train_model(base, kept, out, config, **kwargs)
     if method == "soup":
+        first_seed = kwargs.pop("seed", None)
+        kwargs.pop("name", None)
         paths = []
-        for i, (seed, lr) in enumerate(soup_recipes(config), 1):
+        for i, (seed, lr) in enumerate(soup_recipes(config, first_seed), 1):
             cfg = config.model_copy(deep=True)
             cfg.train.learning_rate = lr
             paths.append(train_model(base, data, out / f"soup-{i}", cfg, seed=seed, name=f"soup-{i}", **kwargs))

@@ -518,7 +518,7 @@ def train_model(
     conversations = as_conversations(data, config)  # before the (slow) model load: fail fast
     model, tokenizer = load_base(base, config, precision.load_dtype)
     examples = sft_examples(conversations, tokenizer, config, name=f"{name} ({data if isinstance(data, (str, Path)) else 'given data'})")
-    n_sft = len(examples)
+    examples_sft, n_sft = examples, len(examples)
     if replay is not None:
         from dtm.training.baselines import load_replay_texts, mix_replay
 
@@ -541,8 +541,8 @@ def train_model(
     resume = last_checkpoint(out)
     resume_step = int(resume.name.split("-")[1]) if resume else 0
     args = training_arguments(config, out, seed, precision, progress)
-    sample_rng = torch.Generator().manual_seed(seed)
-    train_sample = [examples[i] for i in torch.randperm(len(examples), generator=sample_rng)[: t.fraction_eval_samples].tolist()]
+    sample_rng = torch.Generator().manual_seed(seed)  # SFT examples only, not replay text
+    train_sample = [examples_sft[i] for i in torch.randperm(n_sft, generator=sample_rng)[: t.fraction_eval_samples].tolist()]
     trainer = DtmTrainer(
         model=model,
         args=args,

@@ -1,0 +1,153 @@
+"""Per-step overhead of the Hugging Face Trainer on the lab's tiny model.
+
+The lab demo trains ~40 full fine-tuning runs of 1-3k steps of a 0.24M-parameter Llama
+(hidden 64, 4 layers, ~400-word vocabulary, tied embeddings frozen, batch 32, sequences of
+~30-60 tokens) and must fit in 5 minutes on 2 cores (two one-thread processes). At that
+size a step is a few milliseconds of maths, so per-step bookkeeping matters. Three arms on
+identical batches, one thread, interleaved and repeated (best time kept):
+
+- `plain`: a bare PyTorch loop (AdamW, grad-norm clipping, cosine schedule, padded batches);
+- `trainer`: the Hugging Face Trainer with the same collator, no callbacks, no logging;
+- `dtm`: `dtm.train_model` (Trainer + loss check, token counting, JSONL/TensorBoard logs
+  every 10 steps, checkpoints every 500 steps), timed from train begin to train end.
+
+    .venv/bin/python benchmarks/bench_train_overhead.py [--steps 200] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench_train_common import RESULTS, TrainTimer, machine, save_base
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
+
+from dtm.config import ExperimentConfig  # noqa: E402
+from dtm.data.template import conversation, tokenize_conversations  # noqa: E402
+from dtm.io import atomic_write_json  # noqa: E402
+from dtm.training.sft import ExampleDataset, freeze_modules, load_base, pad_batch, train_model  # noqa: E402
+
+BATCH = 32
+
+
+def lab_like_data(n: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    words = "what is the city of bravo lives in paris works as a pilot plus two three four".split()
+    return [conversation(" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))),
+                         " ".join(rng.choice(words) for _ in range(rng.randint(2, 10))), id=str(i)) for i in range(n)]
+
+
+def lab_config(steps: int) -> ExperimentConfig:
+    cfg = ExperimentConfig(seed=0)
+    cfg.data.cutoff_len = 64
+    t = cfg.train
+    t.finetuning_type, t.freeze_modules = "full", ["embed_tokens"]
+    t.max_steps, t.per_device_train_batch_size, t.gradient_accumulation_steps = steps, BATCH, 1
+    t.learning_rate, t.warmup_steps, t.logging_steps, t.save_steps = 1e-3, 0, 10, 500
+    t.group_by_length = False
+    return cfg
+
+
+def plain_loop(base: Path, examples: list[dict], steps: int, cfg: ExperimentConfig) -> float:
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.config.use_cache = False
+    freeze_modules(model, ["embed_tokens"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    start = time.perf_counter()
+    for s in range(steps):
+        idx = [order[(s * BATCH + j) % len(order)] for j in range(BATCH)]
+        batch = pad_batch([examples[i] for i in idx], 0)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def plain_trainer(base: Path, examples: list[dict], steps: int, cfg: ExperimentConfig, out: Path) -> float:
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.config.use_cache = False
+    freeze_modules(model, ["embed_tokens"])
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=t.learning_rate,
+        lr_scheduler_type="cosine", adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
+        save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    timer = TrainTimer()
+    trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                      data_collator=lambda b: pad_batch(b, 0), callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train()
+    return timer.seconds
+
+
+def dtm_run(base: Path, data: list, steps: int, cfg: ExperimentConfig, out: Path) -> float:
+    timer = TrainTimer()
+    train_model(base, data, out, cfg, progress=False, callbacks=[timer])
+    return timer.seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    base, n_params = save_base(tmp / "base", hidden=64, layers=4, vocab=400, intermediate=192, heads=4, tie=True)
+    cfg = lab_config(a.steps)
+    _, tokenizer = load_base(base, cfg)
+    data = lab_like_data(2000)
+    examples, _ = tokenize_conversations(data, tokenizer, "alpaca", cfg.data.cutoff_len)
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    print(f"model {n_params / 1e6:.2f}M parameters; lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
+    seconds: dict[str, list[float]] = {"plain": [], "trainer": [], "dtm": []}
+    for r in range(a.repeats):
+        seconds["plain"].append(plain_loop(base, examples, a.steps, cfg))
+        seconds["trainer"].append(plain_trainer(base, examples, a.steps, cfg, tmp / f"trainer-{r}"))
+        seconds["dtm"].append(dtm_run(base, data, a.steps, cfg, tmp / f"dtm-{r}"))
+        print(f"repeat {r}: " + "  ".join(f"{k} {v[-1] / a.steps * 1000:.2f} ms/step" for k, v in seconds.items()))
+    ms = {k: round(min(v) / a.steps * 1000, 3) for k, v in seconds.items()}
+    lab_steps = 40 * 2000  # ~40 runs of ~2k steps
+    result = {
+        "machine": machine(),
+        "model_parameters": n_params,
+        "batch_size": BATCH,
+        "steps": a.steps,
+        "length_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
+        "seconds_per_repeat": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
+        "ms_per_step_best": ms,
+        "ms_per_step_median": {k: round(statistics.median(v) / a.steps * 1000, 3) for k, v in seconds.items()},
+        "trainer_overhead_ms_per_step": round(ms["trainer"] - ms["plain"], 3),
+        "dtm_overhead_ms_per_step": round(ms["dtm"] - ms["plain"], 3),
+        "dtm_overhead_share_of_step": round((ms["dtm"] - ms["plain"]) / ms["dtm"], 3),
+        "lab_projection_seconds_two_processes": {k: round(lab_steps * v / 1000 / 2, 1) for k, v in ms.items()},
+        "lab_budget_ms_per_step": round(300 * 2 / lab_steps * 1000, 2),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / "bench_train_overhead.json", result)
+    for k in ("ms_per_step_best", "trainer_overhead_ms_per_step", "dtm_overhead_ms_per_step", "dtm_overhead_share_of_step",
+              "lab_projection_seconds_two_processes", "lab_budget_ms_per_step"):
+        print(f"{k}: {result[k]}")
+
+
+if __name__ == "__main__":
+    main()
