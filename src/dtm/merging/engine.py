@@ -14,6 +14,7 @@ Flow of a merge:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -271,33 +272,45 @@ def merge_streaming(
     total = sum(t.nbytes for t in plan)
     weight_map = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress)
-    largest = 0
     reader = ChunkReader()
-    for shard, file in zip(shards, files):
-        writer = ShardWriter(out_dir / file, shard)
-        try:
-            for t in shard:
-                if chunkable(t.name, sources, spec, base, fishers):
-                    writer.write_chunks(t.name, merge_tensor_chunks(
-                        t.name, sources, spec, weights, fn_params, base, compute, fishers, t.dtype, reader))
-                else:
-                    merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
-                    largest = max(largest, merged.numel() * merged.element_size())
-                    writer.write(t.name, merged.to(t.dtype))
-                    del merged
-                weight_map[t.name] = file
-                bar.update(t.nbytes)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            reader.close()
+    # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
+    # and on a busy machine one descheduled OpenMP worker stalls every op (measured: 30x slower
+    # on a loaded 2-core machine with 2 threads). Whole-tensor methods (TIES, DARE) keep them.
+    with torch_threads(1) if spec.elementwise else contextlib.nullcontext():
+        for shard, file in zip(shards, files):
+            writer = ShardWriter(out_dir / file, shard)
+            try:
+                for t in shard:
+                    if chunkable(t.name, sources, spec, base, fishers):
+                        writer.write_chunks(t.name, merge_tensor_chunks(
+                            t.name, sources, spec, weights, fn_params, base, compute, fishers, t.dtype, reader))
+                    else:
+                        merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
+                        writer.write(t.name, merged.to(t.dtype))
+                        del merged
+                    weight_map[t.name] = file
+                    bar.update(t.nbytes)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                reader.close()
     bar.close()
     if len(files) > 1:
         atomic_write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     untied = any(n not in sources[0].tensors for n in names)
     return {"tensors": len(plan), "total_bytes": total, "shards": len(files), "untied": untied}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per model: K + 2 such buffers stay in the CPU cache
