@@ -113,11 +113,16 @@ class TrainConfig(Section):
 
 
 class MergeConfig(Section):
-    method: str = Field("average", description="Merge method (see `dtm merge --help`); the paper's choice is a uniform average.")
+    method: Literal["average", "linear", "task_arithmetic", "wise_ft", "ties", "dare_linear", "dare_ties", "fisher", "greedy_soup"] = Field(
+        "average", description="Merge method; the paper's choice is a uniform average (see `dtm merge --help`)."
+    )
     weights: list[float] | None = Field(None, description="Per-model weights; None = uniform.")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters (density, lambda, ...).")
-    dtype: Literal["float32", "float64"] = "float32"
-    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Method parameters in mergekit's names: lambda, density, alpha (wise_ft), seed (dare), fisher_floor, rank (svd), max_shard_size.",
+    )
+    dtype: Literal["float32", "float64"] = Field("float32", description="Computation dtype of the merge.")
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Merged weights' dtype; None = as the inputs.")
     lora_merge: Literal["full", "concat", "svd"] = Field("full", description="LoRA sub-models: merge into full weights, concatenate adapters (exact), or SVD back to rank r.")
 
 

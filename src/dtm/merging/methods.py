@@ -225,8 +225,9 @@ METHODS: dict[str, MergeMethod] = {
                     elementwise=True),
     ]
 }
-# mergekit's name for the weighted average; the greedy soup is a model-level loop in engine.py.
-ALIASES = {"linear": "average", "uniform_soup": "average"}
+# mergekit's name for the weighted average (the uniform model soup is `average` too); the greedy
+# soup is a model-level loop in engine.py.
+ALIASES = {"linear": "average"}
 MODEL_LEVEL_METHODS = {"greedy_soup": "greedy soup: add a model (best score first) only if the soup's score improves"}
 
 
