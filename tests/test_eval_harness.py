@@ -229,3 +229,12 @@ def test_scorer_rejects_mismatched_ensembles(tmp_path, model_dirs):
         load_scorer([model_dirs["a"], other])
     with pytest.raises(DtmError, match="not a model directory"):
         load_scorer(Path(tmp_path / "nothing"))
+
+
+def test_bulk_encoding_equals_the_tokenizer_call(scorer_a):
+    from dtm.evaluation.runner import _encode
+
+    tok = scorer_a.tokenizer
+    texts = ["the cat sat", " What is the capital of France?\n", "1 2 3 ###", "é ü 字"]
+    for special in (True, False):
+        assert _encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]

@@ -42,8 +42,17 @@ ModelRef = str | os.PathLike
 
 
 def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts in one call.
+
+    For a fast tokenizer without saved truncation/padding, the Rust backend's `encode_batch`
+    is called directly: it gives the same ids as `tokenizer(texts)` (tested) without the
+    wrapper's per-text conversion, which was a third of the time of a lab-sized MC task.
+    """
     if not texts:
         return []
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None and backend.padding is None:
+        return [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=special)]
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
