@@ -107,13 +107,13 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(dirs[0])
         for d in dirs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = evaluate_many({d.name: d}, tasks, work / "eval", batch_size=args.batch_size, progress=False, log_samples=True)[d.name]
             outputs = [json.loads(line)["output"] for line in (work / "eval" / f"{d.name}.instruct.samples.jsonl").open()]
             gen_tokens.append(sum(len(ids) for ids in tokenizer(outputs, add_special_tokens=False)["input_ids"]) / len(outputs))
-            per_model.append({"model": d.name, "seconds": round(time.perf_counter() - t0, 3),
+            per_model.append({"model": d.name, "seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3),
                               "tasks": {n: {"seconds": r["seconds"], "items": r["counts"]["items"]} for n, r in res.items()}})
-            print(f"{d.name}: {per_model[-1]['seconds']:.2f}s  " + "  ".join(f"{n} {v['seconds']:.2f}s" for n, v in per_model[-1]["tasks"].items()), flush=True)
+            print(f"{d.name}: {per_model[-1]['seconds']:.2f}s (cpu {per_model[-1]['cpu_seconds']:.2f}s)  " + "  ".join(f"{n} {v['seconds']:.2f}s" for n, v in per_model[-1]["tasks"].items()), flush=True)
     warm = per_model[1:] or per_model
     report = {
         "what": "seconds per evaluation of a lab-scale suite via evaluate_many, one thread, batch size 16",
@@ -124,6 +124,8 @@ def main() -> None:
         "generated_tokens_per_prompt_mean": round(sum(gen_tokens) / len(gen_tokens), 2),
         "first_model_s": per_model[0]["seconds"],
         "warm_model_s_mean": round(sum(m["seconds"] for m in warm) / len(warm), 3),
+        "warm_model_cpu_s_mean": round(sum(m["cpu_seconds"] for m in warm) / len(warm), 3),
+        "note": "wall seconds depend on the machine's load (see loadavg; 2 cores shared); cpu_seconds = this process's CPU time, one thread",
         "per_model": per_model,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},

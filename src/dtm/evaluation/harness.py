@@ -26,6 +26,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -196,10 +197,19 @@ def _token_logprobs(scorer: Scorer, input_ids: torch.Tensor, attention_mask: tor
                     rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target | prefix) at (row, position) pairs, averaged over the ensemble in probability space."""
     per_model = []
+    # only the last `keep` positions need logits: the LM head (the biggest matmul of a small
+    # model) skips the shared contexts. `logits_to_keep` is the model's own argument.
+    first = int(positions.min())
+    keep = input_ids.shape[1] - first
     for model in scorer.models:
         kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        if _accepts(model, "logits_to_keep"):
+            kwargs["logits_to_keep"] = keep
+            offset = first
+        else:
+            offset = 0
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
-        picked = logits[rows, positions].float().log_softmax(-1)
+        picked = logits[rows, positions - offset].float().log_softmax(-1)
         per_model.append(picked.gather(-1, targets[:, None]).squeeze(-1))
     if len(per_model) == 1:
         return per_model[0]
@@ -427,11 +437,21 @@ def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens
     return out
 
 
-def _cache_kwarg(model: Any) -> str:
-    """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
+def _accepts(model: Any, name: str) -> bool:
+    """Does `model.forward` take the keyword `name`? (cached per model class)"""
+    return name in _forward_params(type(model))
+
+
+@lru_cache(maxsize=64)
+def _forward_params(cls: type) -> frozenset[str]:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def truncate_left(ids: list[int], limit: int) -> tuple[list[int], bool]:
