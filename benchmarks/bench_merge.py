@@ -149,7 +149,7 @@ def machine() -> dict:
             "mem_total": mem["MemTotal"].strip(), "mem_available": mem["MemAvailable"].strip(), "python": platform.python_version()}
 
 
-def bench_size(size: str, k: int, work: Path, mergekit: Path, runs: int) -> dict:
+def bench_size(size: str, k: int, work: Path, mergekit: Path, runs: int, ties: bool) -> dict:
     print(f"[{size}] building {k} models", flush=True)
     models, n_params, largest = build_models(size, k, work)
     print(f"[{size}] {n_params / 1e6:.1f}M parameters, {dir_bytes(models[0]) / 1e9:.2f} GB per model, "
@@ -176,6 +176,14 @@ def bench_size(size: str, k: int, work: Path, mergekit: Path, runs: int) -> dict
             results[tool].append(res)
             print(f"[{size}] run {r + 1} {tool:8s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  (load {load:.2f})", flush=True)
     diff = compare(ours_out, mk_out)
+    if ties:
+        # a whole-tensor method (TIES needs a top-k over each tensor): its memory is a few
+        # tensors times K, still not the model size
+        shutil.rmtree(ours_out, ignore_errors=True)
+        ties_cmd = [str(ROOT / ".venv" / "bin" / "dtm"), "merge", "--method", "ties", "--param", "density=0.5",
+                    "--base", str(models[0]), "--out", str(ours_out), *map(str, models[1:])]
+        ties_res = timed(ties_cmd, env)
+        print(f"[{size}] ours ties (K={k - 1}, whole tensors) {ties_res['wall_s']:.2f} s  peak RSS {ties_res['peak_rss_mib']:.1f} MiB", flush=True)
     best = {t: min(x["wall_s"] for x in v) for t, v in results.items()}
     rss = {t: max(x["peak_rss_mib"] for x in v) for t, v in results.items()}
     out = {
@@ -186,6 +194,8 @@ def bench_size(size: str, k: int, work: Path, mergekit: Path, runs: int) -> dict
         "disk_bound": limit, "ours_over_disk_bound": round(best["ours"] / limit["limit_s"], 2),
         "largest_tensor_times_k_mib": round(largest * k / 2**20, 1), "compare": diff,
     }
+    if ties:
+        out["ties_whole_tensor"] = {**ties_res, "k": k - 1, "largest_tensor_times_k_mib": round(largest * (k - 1) / 2**20, 1)}
     print(f"[{size}] ours/mergekit wall {out['wall_ratio_ours_over_mergekit']}, RSS {out['rss_ratio_ours_over_mergekit']}, "
           f"max |diff| {diff['max_abs_diff']:.3g} ({diff['bitwise_equal_tensors']}/{diff['tensors']} tensors bitwise equal), "
           f"disk-bound {limit['limit_s']} s -> ours x{out['ours_over_disk_bound']}", flush=True)
@@ -207,6 +217,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--work", default="/work/bench_merge", help="scratch directory for the models (outside the repo)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--ties", action="store_true", help="also measure a TIES merge (whole-tensor path) per size")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     work = Path(a.work)
@@ -215,7 +226,7 @@ def main() -> None:
     report = {"benchmark": "linear merge, dtm vs mergekit 0.1.5", "machine_before": machine(), "sizes": {}}
     report["import_floor_rss_mib"] = baseline_rss()
     for size in a.sizes.split(","):
-        report["sizes"][size] = bench_size(size, a.k, work, mergekit, a.runs)
+        report["sizes"][size] = bench_size(size, a.k, work, mergekit, a.runs, a.ties)
         if not a.keep:
             for d in work.glob(f"{size}-m*"):
                 shutil.rmtree(d, ignore_errors=True)
@@ -232,6 +243,9 @@ def main() -> None:
             "largest_tensor_times_k_mib": [small["largest_tensor_times_k_mib"], large["largest_tensor_times_k_mib"]],
             "mergekit_peak_rss_mib": [small["peak_rss_mib"]["mergekit"], large["peak_rss_mib"]["mergekit"]],
         }
+        if "ties_whole_tensor" in small:
+            report["memory_scaling"]["ours_ties_peak_rss_mib"] = [small["ties_whole_tensor"]["peak_rss_mib"], large["ties_whole_tensor"]["peak_rss_mib"]]
+            report["memory_scaling"]["ties_largest_tensor_times_k_mib"] = [small["ties_whole_tensor"]["largest_tensor_times_k_mib"], large["ties_whole_tensor"]["largest_tensor_times_k_mib"]]
         print("memory scaling:", json.dumps(report["memory_scaling"]), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -41,11 +41,6 @@ def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Ten
     return out.div_(total)
 
 
-def task_vectors(tensors: Sequence[Tensor], base: Tensor) -> list[Tensor]:
-    """The fine-tuning deltas x_k - base ("task vectors")."""
-    return [x - base for x in tensors]
-
-
 def trim(delta: Tensor, density: float) -> Tensor:
     """TIES step 1: keep the `density` fraction of entries with the largest magnitude, zero the rest.
 
@@ -75,12 +70,25 @@ def disjoint_mean(deltas: Tensor, weights: Tensor, sign: Tensor) -> Tensor:
     """TIES step 3: mean over only the models whose delta agrees with the elected sign.
 
     `deltas` are the weighted deltas [K, ...], `weights` has shape [K, 1, ...]. Entries where
-    no model agrees (all zero after trimming) stay 0.
+    no model agrees (all zero after trimming) stay 0. Accumulates model by model, so the extra
+    memory is two tensors, not K.
     """
-    agree = (torch.sign(deltas) == sign).to(deltas.dtype)
-    divisor = (weights * agree).sum(dim=0)
+    total = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign)
+    for d, w in zip(deltas, weights):
+        agree = (torch.sign(d) == sign).to(d.dtype)
+        total.addcmul_(d, agree)
+        divisor.add_(agree.mul_(w))
     divisor[divisor == 0] = 1
-    return (deltas * agree).sum(dim=0) / divisor
+    return total.div_(divisor)
+
+
+def stacked_deltas(tensors: Sequence[Tensor], base: Tensor, weights: Sequence[float], sparsify: Callable[[Tensor], Tensor]) -> Tensor:
+    """[K, ...] weighted, sparsified task vectors, filled one model at a time (one K-sized buffer)."""
+    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
+    for i, (x, w) in enumerate(zip(tensors, weights)):
+        out[i] = sparsify(x - base).mul_(w)
+    return out
 
 
 def dare_drop(delta: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
@@ -131,11 +139,9 @@ def ties(
     tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float = 1.0, scaling: float = 1.0
 ) -> Tensor:
     """TIES: trim each task vector to `density`, elect a sign per entry, average the agreeing ones."""
-    deltas = torch.stack([trim(d, density) for d in task_vectors(tensors, base)])
-    w = _weights_like(weights, base)
-    deltas.mul_(w)
-    sign = elect_sign(deltas)
-    return base + scaling * disjoint_mean(deltas, w, sign)
+    deltas = stacked_deltas(tensors, base, weights, lambda d: trim(d, density))
+    merged = disjoint_mean(deltas, _weights_like(weights, base), elect_sign(deltas))
+    return merged.mul_(scaling).add_(base)
 
 
 def dare_linear(
@@ -145,8 +151,8 @@ def dare_linear(
     """DARE then task arithmetic: base + lambda * sum_k w_k dare(x_k - base)."""
     generator = generator or torch.Generator().manual_seed(0)
     out = base.clone()
-    for d, w in zip(task_vectors(tensors, base), weights):
-        out.add_(dare_drop(d, density, generator, rescale), alpha=scaling * w)
+    for x, w in zip(tensors, weights):
+        out.add_(dare_drop(x - base, density, generator, rescale), alpha=scaling * w)
     return out
 
 
@@ -156,10 +162,9 @@ def dare_ties(
 ) -> Tensor:
     """DARE sparsification, then TIES sign election and disjoint mean."""
     generator = generator or torch.Generator().manual_seed(0)
-    deltas = torch.stack([dare_drop(d, density, generator, rescale) for d in task_vectors(tensors, base)])
-    w = _weights_like(weights, base)
-    deltas.mul_(w)
-    return base + scaling * disjoint_mean(deltas, w, elect_sign(deltas))
+    deltas = stacked_deltas(tensors, base, weights, lambda d: dare_drop(d, density, generator, rescale))
+    merged = disjoint_mean(deltas, _weights_like(weights, base), elect_sign(deltas))
+    return merged.mul_(scaling).add_(base)
 
 
 def fisher(
@@ -268,6 +273,6 @@ def resolve_params(method: MergeMethod, parameters: dict[str, Any] | None) -> di
 
 __all__ = [
     "ALIASES", "METHODS", "MergeMethod", "average", "dare_drop", "dare_linear", "dare_ties", "disjoint_mean",
-    "elect_sign", "fisher", "get_method", "method_names", "resolve_params", "task_arithmetic", "task_vectors",
+    "elect_sign", "fisher", "get_method", "method_names", "resolve_params", "task_arithmetic", "stacked_deltas",
     "ties", "trim", "weighted_average", "wise_ft",
 ]
