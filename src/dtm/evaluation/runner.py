@@ -188,6 +188,9 @@ def run_task(
         result_metrics = M.perplexity_metrics(lls, texts, [len(t) for t in token_ids])
         samples = [{"id": r["id"], "loglikelihood": ll, "tokens": len(t)} for r, ll, t in zip(rows, lls, token_ids, strict=True)]
     seconds = time.perf_counter() - start
+    if truncated:
+        log.warning("%s: %d of %d prompts are longer than the model's %d positions; cut from the left (counted in the results)",
+                    spec.name, truncated, len(rows), scorer.max_length)
     if spec.type == "perplexity":
         metrics_out: dict[str, Any] = result_metrics
         groups: dict[str, Any] = {}
