@@ -17,7 +17,8 @@ What it does, exactly:
      one thread, alternately, `--repeats` times each; timing = the log-likelihood phase
      (lm-eval: its `HFLM.loglikelihood` call; dtm: `run_task`), and the whole call
      (model load + task load + scoring) as a second, reported figure;
-  5. compares acc / acc_norm (how many questions differ) and every choice's log-likelihood.
+  5. compares acc / acc_norm (how many questions differ) and every choice's log-likelihood;
+  6. once more with 3-shot prompts drawn from a separate split (same seeded sampler), agreement only.
 Numbers go to stdout and benchmarks/results/bench_eval.json, with the machine's cores and load.
 """
 
@@ -107,7 +108,7 @@ torch.set_num_threads(1)
 import lm_eval
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-model_dir, task_dir, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model_dir, task_dir, bs, task = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 timing = {}
 orig = HFLM.loglikelihood
 def timed(self, requests, *a, **k):
@@ -116,10 +117,10 @@ def timed(self, requests, *a, **k):
 HFLM.loglikelihood = timed
 t0 = time.perf_counter()
 lm = HFLM(pretrained=model_dir, batch_size=bs, device="cpu", dtype="float32")
-res = lm_eval.simple_evaluate(model=lm, tasks=["bench_arc"], task_manager=TaskManager(include_path=task_dir), log_samples=True)
+res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=task_dir), log_samples=True)
 t1 = time.perf_counter()
-r = res["results"]["bench_arc"]
-samples = sorted(res["samples"]["bench_arc"], key=lambda s: s["doc_id"])
+r = res["results"][task]
+samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
 print(json.dumps({"acc": r["acc,none"], "acc_norm": r["acc_norm,none"],
     "lls": [[float(x[0]) for x in s["filtered_resps"]] for s in samples],
     "acc_items": [s["acc"] for s in samples], "acc_norm_items": [s["acc_norm"] for s in samples],
@@ -198,11 +199,24 @@ def main() -> None:
         }
         runs: dict[str, list[dict]] = {"lm-eval": [], **{name: [] for name in configs}}
         for rep in range(args.repeats):  # alternate, so drifts in machine load hit all alike
-            runs["lm-eval"].append(child(str(lmeval_py), LMEVAL_RUN, [str(work / "model"), str(work / "tasks"), str(args.batch_size)]))
+            runs["lm-eval"].append(child(str(lmeval_py), LMEVAL_RUN, [str(work / "model"), str(work / "tasks"), str(args.batch_size), "bench_arc"]))
             for name, (mode, bs) in configs.items():
                 runs[name].append(child(sys.executable, DTM_RUN, [str(work / "model"), str(data), str(bs), mode]))
             print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
         load_after = os.getloadavg()
+        # few-shot agreement (no timing): 3 examples per question drawn by the seeded sampler
+        # (seed 1234, lm-eval's default) from a separate split, the same file for both
+        shots = work / "fewshot.jsonl"
+        make_task(60, shots, seed=1)
+        (work / "tasks" / "bench_arc_fewshot.yaml").write_text(
+            LMEVAL_YAML.format(data=data).replace("task: bench_arc", "task: bench_arc_fewshot")
+            .replace(f"    test: {data}\n", f"    test: {data}\n    train: {shots}\n")
+            + "fewshot_split: train\nnum_fewshot: 3\n")
+        ours = work / "ours_fewshot.yaml"
+        ours.write_text(f"name: bench_arc_fewshot\ndata: {data}\nfewshot_data: {shots}\nnum_fewshot: 3\n"
+                        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n")
+        fs_ref = child(str(lmeval_py), LMEVAL_RUN, [str(work / "model"), str(work / "tasks"), str(args.batch_size), "bench_arc_fewshot"])
+        fs_ours = child(sys.executable, DTM_RUN, [str(work / "model"), str(ours), str(args.batch_size), "packed"])
     ref = runs["lm-eval"][0]
     n = args.questions
     report: dict = {
@@ -234,6 +248,14 @@ def main() -> None:
             "call_s_best": round(best_call, 4), "call_items_per_s": round(n / best_call, 1),
             "scoring_s_all": [round(r["loglikelihood_s"], 4) for r in rs], "call_s_all": [round(r["call_s"], 4) for r in rs],
         }
+    report["fewshot_agreement"] = {
+        "setup": "3-shot, random sampler seeded 1234 over a separate 60-row split (lm-eval: fewshot_split: train in the same YAML)",
+        "lm_eval": {"acc": fs_ref["acc"], "acc_norm": fs_ref["acc_norm"]},
+        "dtm": {"acc": fs_ours["acc"], "acc_norm": fs_ours["acc_norm"]},
+        "questions_differing": {"acc": sum(a != b for a, b in zip(fs_ours["acc_items"], fs_ref["acc_items"], strict=True)),
+                                "acc_norm": sum(a != b for a, b in zip(fs_ours["acc_norm_items"], fs_ref["acc_norm_items"], strict=True))},
+        "max_abs_loglikelihood_diff": max(abs(a - b) for x, y in zip(fs_ours["lls"], fs_ref["lls"], strict=True) for a, b in zip(x, y, strict=True)),
+    }
     lm = report["systems"]["lm-eval"]
     for name, (mode, bs) in configs.items():
         s = report["systems"][name]
