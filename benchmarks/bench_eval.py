@@ -18,7 +18,8 @@ What it does, exactly:
      (lm-eval: its `HFLM.loglikelihood` call; dtm: `run_task`), and the whole call
      (model load + task load + scoring) as a second, reported figure;
   5. compares acc / acc_norm (how many questions differ) and every choice's log-likelihood;
-  6. once more with 3-shot prompts drawn from a separate split (same seeded sampler), agreement only.
+  6. once more with 3-shot prompts drawn from a separate split (same seeded sampler), agreement only;
+  7. greedy generation (generate_until vs our loop) on --gen-prompts prompts: identical outputs?
 Numbers go to stdout and benchmarks/results/bench_eval.json, with the machine's cores and load.
 """
 
@@ -150,6 +151,58 @@ print(json.dumps({"acc": result["metrics"]["acc"], "acc_norm": result["metrics"]
 """
 
 
+GEN_LMEVAL_YAML = """\
+task: bench_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{prompt}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n", "Question:"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+GEN_OURS_YAML = """\
+name: bench_gen
+type: generate
+data: {data}
+doc_to_text: "Question: {{{{prompt}}}}\\nAnswer:"
+stop: ["\\n\\n", "Question:"]
+max_new_tokens: 16
+"""
+
+LMEVAL_GEN_RUN = """
+import json, sys, torch
+torch.set_num_threads(1)
+import lm_eval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+model_dir, task_dir, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lm = HFLM(pretrained=model_dir, batch_size=bs, device="cpu", dtype="float32")
+res = lm_eval.simple_evaluate(model=lm, tasks=["bench_gen"], task_manager=TaskManager(include_path=task_dir), log_samples=True)
+samples = sorted(res["samples"]["bench_gen"], key=lambda s: s["doc_id"])
+print(json.dumps({"outputs": [s["filtered_resps"][0] for s in samples]}))
+"""
+
+DTM_GEN_RUN = """
+import json, sys, torch
+torch.set_num_threads(1)
+from dtm.evaluation.harness import load_scorer
+from dtm.evaluation.runner import run_task
+from dtm.evaluation.tasks import load_task
+model_dir, spec, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+result, samples = run_task(load_scorer(model_dir, device="cpu"), load_task(spec), batch_size=bs, progress=False)
+print(json.dumps({"outputs": [x["output"] for x in samples]}))
+"""
+
+
 def ensure_lmeval() -> Path:
     py = LMEVAL_VENV / "bin" / "python"
     probe = subprocess.run([str(py), "-c", "import lm_eval"], capture_output=True) if py.exists() else None
@@ -176,6 +229,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen-prompts", type=int, default=100)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     lmeval_py = ensure_lmeval()
@@ -217,6 +271,16 @@ def main() -> None:
                         "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n")
         fs_ref = child(str(lmeval_py), LMEVAL_RUN, [str(work / "model"), str(work / "tasks"), str(args.batch_size), "bench_arc_fewshot"])
         fs_ours = child(sys.executable, DTM_RUN, [str(work / "model"), str(ours), str(args.batch_size), "packed"])
+        # greedy generation agreement (no timing): lm-eval's generate_until vs our KV-cached loop
+        rng = random.Random(2)
+        gen_data = work / "gen.jsonl"
+        gen_data.write_text("".join(json.dumps({"id": f"g{i}", "prompt": f"Which {rng.choice(THINGS)} {rng.choice(VERBS)} the {rng.choice(THINGS)}?",
+                                                "answer": rng.choice(THINGS)}) + "\n" for i in range(args.gen_prompts)))
+        (work / "gen_tasks").mkdir()
+        (work / "gen_tasks" / "bench_gen.yaml").write_text(GEN_LMEVAL_YAML.format(data=gen_data))
+        (work / "ours_gen.yaml").write_text(GEN_OURS_YAML.format(data=gen_data))
+        gen_ref = child(str(lmeval_py), LMEVAL_GEN_RUN, [str(work / "model"), str(work / "gen_tasks"), str(args.batch_size)])
+        gen_ours = child(sys.executable, DTM_GEN_RUN, [str(work / "model"), str(work / "ours_gen.yaml"), str(args.batch_size)])
     ref = runs["lm-eval"][0]
     n = args.questions
     report: dict = {
@@ -255,6 +319,13 @@ def main() -> None:
         "questions_differing": {"acc": sum(a != b for a, b in zip(fs_ours["acc_items"], fs_ref["acc_items"], strict=True)),
                                 "acc_norm": sum(a != b for a, b in zip(fs_ours["acc_norm_items"], fs_ref["acc_norm_items"], strict=True))},
         "max_abs_loglikelihood_diff": max(abs(a - b) for x, y in zip(fs_ours["lls"], fs_ref["lls"], strict=True) for a, b in zip(x, y, strict=True)),
+    }
+    report["generation_agreement"] = {
+        "setup": f"{args.gen_prompts} prompts 'Question: ...\\nAnswer:', greedy, max 16 new tokens, stop at '\\n\\n' / 'Question:' / EOS; "
+                 "lm-eval generate_until (HF generate) vs dtm's KV-cached batched loop, same batch size",
+        "outputs_identical": sum(a == b for a, b in zip(gen_ours["outputs"], gen_ref["outputs"], strict=True)),
+        "outputs_total": len(gen_ref["outputs"]),
+        "first_difference": next(({"dtm": a, "lm_eval": b} for a, b in zip(gen_ours["outputs"], gen_ref["outputs"], strict=True) if a != b), None),
     }
     lm = report["systems"]["lm-eval"]
     for name, (mode, bs) in configs.items():
