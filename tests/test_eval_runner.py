@@ -4,7 +4,6 @@ adapters, ensembles, many models, the CLI, code tasks, tax diagnostics."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

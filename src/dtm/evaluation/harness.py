@@ -393,6 +393,7 @@ def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens
     tok = scorer.tokenizer
     eos = torch.tensor(sorted(scorer.stop_token_ids), dtype=torch.long, device=scorer.device)
     cache_names = [_cache_kwarg(m) for m in scorer.models]
+    last_only = [{"logits_to_keep": 1} if _accepts(m, "logits_to_keep") else {} for m in scorer.models]
     for batch in batches_by_length([len(p) for p in prompts], batch_size):
         B = len(batch)
         T = max(len(prompts[i]) for i in batch)
@@ -411,7 +412,7 @@ def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens
         for _ in range(max_new_tokens):
             per_model = []
             for k, (model, name) in enumerate(zip(scorer.models, cache_names, strict=True)):
-                res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, use_cache=True, **{name: caches[k]})
+                res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, use_cache=True, **{name: caches[k]}, **last_only[k])
                 caches[k] = getattr(res, name)
                 per_model.append(res.logits[:, -1].float().log_softmax(-1))
             logp = per_model[0] if len(per_model) == 1 else torch.logsumexp(torch.stack(per_model), 0)

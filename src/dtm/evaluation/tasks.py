@@ -282,7 +282,7 @@ def validate_row(spec: TaskSpec, rec: dict[str, Any], where: str) -> None:
 
 def _check_rows(spec: TaskSpec, rows: list[dict], lines: list[int], path: Path) -> None:
     seen: dict[str, int] = {}
-    for i, (rec, n) in enumerate(zip(rows, lines, strict=True)):
+    for rec, n in zip(rows, lines, strict=True):
         where = _where(spec.name, path, n)
         validate_row(spec, rec, where)
         if "id" in rec:
