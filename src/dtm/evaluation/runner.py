@@ -140,6 +140,8 @@ def run_task(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score one task -> (result dict, per-item samples)."""
     spec = task.spec
+    if spec.type == "code" and not allow_code_execution:
+        raise DtmError(f"task {spec.name!r} executes model-written code; pass allow_code_execution=True (CLI: --allow-code-execution)")
     rows = task.rows[:limit] if limit else task.rows
     start = time.perf_counter()
     tok = scorer.tokenizer
