@@ -65,10 +65,10 @@ def test_average_matches_dense_average_and_loads(three, tmp_path):
     out = dtm.merge(dirs, tmp_path / "avg", parameters={"max_shard_size": "30KB"}, progress=False)
     assert (out / "model.safetensors.index.json").is_file()
     merged = read_all(out)
-    for name, x0 in states[0].items():
-        if name == "lm_head.weight" or name in merged:
-            expected = (states[0][name] + states[1][name] + states[2][name]) / 3
-            assert torch.allclose(merged[name], expected, atol=1e-6), name
+    assert merged.keys() == states[0].keys()
+    for name in states[0]:
+        expected = (states[0][name] + states[1][name] + states[2][name]) / 3
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
     model = AutoModelForCausalLM.from_pretrained(out)
     for name, v in model.state_dict().items():
         assert torch.equal(v, merged[name]), name

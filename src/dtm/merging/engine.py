@@ -30,10 +30,32 @@ from tqdm.auto import tqdm
 from dtm.io import atomic_directory, atomic_write_json
 from dtm.merging import methods as M
 from dtm.merging.checkpoint import (
-    ADAPTER_CONFIG, CARRIED_FILES, FISHER_FILE, SAFE_INDEX, Checkpoint, ChunkReader, MergeError, PlannedTensor, ShardWriter,
-    TensorInfo, open_checkpoint, parse_size, plan_shards, read_header, shard_names, tied_aliases, torch_dtype,
+    ADAPTER_CONFIG,
+    CARRIED_FILES,
+    FISHER_FILE,
+    SAFE_INDEX,
+    Checkpoint,
+    ChunkReader,
+    MergeError,
+    PlannedTensor,
+    ShardWriter,
+    TensorInfo,
+    open_checkpoint,
+    parse_size,
+    plan_shards,
+    read_header,
+    shard_names,
+    tied_aliases,
+    torch_dtype,
 )
-from dtm.merging.lora import Adapter, AdaptedModel, concat_adapters, is_adapter, open_adapter, svd_truncate
+from dtm.merging.lora import (
+    AdaptedModel,
+    Adapter,
+    concat_adapters,
+    is_adapter,
+    open_adapter,
+    svd_truncate,
+)
 
 log = logging.getLogger("dtm.merging")
 

@@ -24,7 +24,15 @@ import torch
 from torch import Tensor
 
 from dtm.merging.checkpoint import (
-    ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFE, Checkpoint, MergeError, TensorInfo, _load_json, read_header, read_tensor,
+    ADAPTER_CONFIG,
+    ADAPTER_PICKLE,
+    ADAPTER_SAFE,
+    Checkpoint,
+    MergeError,
+    TensorInfo,
+    _load_json,
+    read_header,
+    read_tensor,
 )
 
 _PREFIX = "base_model.model."
