@@ -156,6 +156,8 @@ def merge(
             raise MergeError(f"lora_merge={lora_merge!r} is exact only for a (weighted) average; use lora_merge='full' for {spec.name!r}")
         return merge_adapters(adapters, base_source, weights, out, lora_merge, rank=parameters.get("rank"), overwrite=overwrite)
 
+    if lora_merge != "full" and not adapters:
+        log.warning("lora_merge=%r applies to LoRA adapters only; these are full models, merged as such", lora_merge)
     fishers = open_fishers(models, sources, parameters.get("fisher_files")) if spec.uses_fisher else None
     record = {
         "method": spec.name, "models": [str(m) for m in models], "weights": weights,
