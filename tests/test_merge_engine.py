@@ -147,6 +147,15 @@ def test_tied_and_untied_models_merge_with_lm_head(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out2).config.tie_word_embeddings
 
 
+def test_base_is_ignored_when_nothing_needs_it(three, tmp_path):
+    dirs, _ = three
+    # the pipeline always passes its base model, which may be a hub id, not a directory
+    out = dtm.merge(dirs[:2], tmp_path / "avg", base="meta-llama/Llama-2-7b-hf", progress=False)
+    assert json.loads((out / "dtm_merge.json").read_text())["base"] is None
+    with pytest.raises(MergeError, match="not a local directory"):
+        dtm.merge(dirs[:2], tmp_path / "ta", method="task_arithmetic", base="meta-llama/Llama-2-7b-hf", progress=False)
+
+
 def test_interrupted_merge_leaves_no_output(three, tmp_path, monkeypatch):
     dirs, _ = three
     calls = {"n": 0}

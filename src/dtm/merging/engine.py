@@ -146,7 +146,7 @@ def merge(
     if out.exists() and not overwrite:
         raise MergeError(f"{out}: output directory exists; pass --overwrite (overwrite=True) to replace it")
 
-    sources, base_source, adapters = open_inputs(models, base, allow_pickle)
+    sources, base_source, adapters = open_inputs(models, base, allow_pickle, need_base=spec.needs_base)
     if spec.needs_base and base_source is None:
         raise MergeError(f"method {spec.name!r} works on differences to the base model: pass --base DIR (base=...)")
     if lora_merge != "full" and adapters:
@@ -193,10 +193,16 @@ def check_weights(weights: Sequence[float] | None, k: int, spec: M.MergeMethod) 
 
 
 def open_inputs(
-    models: Sequence[Path], base: str | Path | None, allow_pickle: bool
+    models: Sequence[Path], base: str | Path | None, allow_pickle: bool, need_base: bool = True
 ) -> tuple[list[Source], Checkpoint | None, list[Adapter]]:
-    """Open each input; adapters become dense views on their (shared) base model."""
+    """Open each input; adapters become dense views on their (shared) base model.
+
+    The base is opened only when the method or an adapter needs it, so a caller may always
+    pass one (the pipeline does) even when it is a hub id and the inputs are full models.
+    """
     adapters = [open_adapter(m, allow_pickle) if is_adapter(m) else None for m in models]
+    if not need_base and not any(adapters):
+        base = None
     base_path = Path(base) if base is not None else None
     if base_path is None:
         named = {a.base_path() for a in adapters if a is not None}
