@@ -147,6 +147,20 @@ def test_tied_and_untied_models_merge_with_lm_head(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out2).config.tie_word_embeddings
 
 
+def test_bf16_inputs_are_averaged_in_fp32(tmp_path):
+    states = []
+    for i in range(2):
+        torch.manual_seed(i)
+        m = LlamaForCausalLM(tiny_config()).to(torch.bfloat16)
+        m.save_pretrained(tmp_path / f"b{i}")
+        states.append(m.state_dict())
+    out = dtm.merge([tmp_path / "b0", tmp_path / "b1"], tmp_path / "avg", progress=False)
+    merged = read_all(out)
+    for name, v in merged.items():
+        assert v.dtype == torch.bfloat16
+        assert torch.equal(v, ((states[0][name].float() + states[1][name].float()) / 2).to(torch.bfloat16)), name
+
+
 def test_base_is_ignored_when_nothing_needs_it(three, tmp_path):
     dirs, _ = three
     # the pipeline always passes its base model, which may be a hub id, not a directory
