@@ -217,3 +217,17 @@ def test_lm_eval_backend_runs_a_local_task(lab, tmp_path):
     theirs = run_lm_eval(lab / "m1", ["local_mc"], include_path=tmp_path / "t", batch_size=8)["local_mc"]["metrics"]
     ours = evaluate(lab / "m1", [lab / "mc.jsonl"], progress=False)["mc"]["metrics"]
     assert abs(theirs["acc"] - ours["acc"]) * 24 <= 1 and abs(theirs["acc_norm"] - ours["acc_norm"]) * 24 <= 1
+
+
+def test_perplexity_task(lab, tmp_path):
+    import math
+
+    rows = [{"id": str(i), "text": t} for i, t in enumerate(["the cat sat on the mat.", "What is the capital of France? Paris."])]
+    (tmp_path / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "ppl.yaml").write_text("name: ppl\ntype: perplexity\ndata: ppl.jsonl\n")
+    res = evaluate(lab / "m1", [tmp_path / "ppl.yaml"], out=tmp_path / "out", progress=False, log_samples=True)["ppl"]
+    samples = [json.loads(line) for line in (tmp_path / "out" / "ppl.samples.jsonl").read_text().splitlines()]
+    total = sum(s["loglikelihood"] for s in samples)
+    nbytes = sum(len(r["text"].encode()) for r in rows)
+    assert res["metrics"]["bits_per_byte"] == pytest.approx(-total / nbytes / math.log(2))
+    assert res["metrics"]["token_perplexity"] == pytest.approx(math.exp(-total / sum(s["tokens"] for s in samples)))
