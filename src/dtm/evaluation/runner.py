@@ -404,6 +404,8 @@ def evaluate_many(
     {"model": dir, "adapter": dir}} or a list of dirs (named by directory). Results go to
     `out_dir/<name>.json`; returns {name: {task: result}}.
     """
+    if out_dir is not None and Path(out_dir).suffix == ".json":
+        raise DtmError(f"{out_dir}: several models write one results file each; pass a directory, not a .json file")
     suites = kwargs.pop("suites", None)
     data_dir = kwargs.pop("data_dir", None)
     if isinstance(tasks, (str, os.PathLike)):
