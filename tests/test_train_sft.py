@@ -144,6 +144,21 @@ def test_same_seed_same_weights_and_packing_trains(base_dir, tmp_path):
         torch.testing.assert_close(packed[k], padded[k], rtol=1e-3, atol=1e-5)
 
 
+def test_gradient_accumulation_and_checkpointing_keep_the_maths(base_dir, tmp_path):
+    """Batch 4 = 2 micro-batches of 2 accumulated; activation checkpointing recomputes exactly."""
+    def run(name: str, **train) -> dict[str, torch.Tensor]:
+        cfg = tiny_config(max_steps=3, save_steps=100, group_by_length=False, **train)
+        cfg.train.lora.lora_dropout = 0.0
+        return weights(train_model(base_dir, qa_data(), tmp_path / name, cfg, progress=False))
+
+    whole = run("whole", per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    accumulated = run("accumulated", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    checkpointed = run("checkpointed", per_device_train_batch_size=4, gradient_checkpointing=True)
+    for k in whole:
+        torch.testing.assert_close(accumulated[k], whole[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(checkpointed[k], whole[k], rtol=1e-4, atol=1e-6)
+
+
 def test_full_finetuning_freezes_tied_embeddings(tied_base_dir, tmp_path):
     base = load_file(tied_base_dir / "model.safetensors")
     cfg = tiny_config(finetuning_type="full", freeze_modules=["embed_tokens"], max_steps=4, save_steps=100)
