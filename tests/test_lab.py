@@ -61,6 +61,7 @@ def test_world_is_a_function_of_its_seed():
     assert len(set(a.entities)) == len(a.entities) == 256
     assert not set(a.entities) & {v for vals in ATTRIBUTES.values() for v in vals}
     assert len(a.fact_list()) == 256 * 4 and len(a.sums()) == 15 * 15
+    assert len(set(a.sums())) == len(a.sums())
 
 
 def test_shipped_base_is_the_default_world(world):
@@ -169,7 +170,7 @@ def test_task_rows_are_right_by_construction(world, biased):
         a, b = map(int, r["id"].split("+"))
         assert int(r["choices"][r["answer"]]) == a + b and len(set(r["choices"])) == 4
     rows = instruction_rows(world, SEED)
-    assert Counter(r["task"] for r in rows) == {t: 40 for t in ("qa", "describe", "profile", "choose", "add", "count", "repeat")}
+    assert Counter(r["task"] for r in rows) == {t: 40 for t in ("qa", "describe", "profile", "choose", "add", "repeat")}
     for row in rows:
         assert re.fullmatch(row["pattern"], row["answer"]), row  # the reference output is format-compliant
         names = set(row["prompt"].split()) & set(world.entities)
@@ -243,3 +244,42 @@ def test_cli_bad_base_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "notabase" / "world.json").write_text("{broken")
     assert main(["lab", "build", "--out", str(tmp_path / "x"), "--base", str(tmp_path / "notabase")]) == 2
     assert "not a lab world file" in capsys.readouterr().err
+
+
+def test_interrupted_pretraining_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """Stop after the checkpoint at step 4 of 6, rerun: the result equals an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from dtm.lab import pretrain as P
+
+    whole = P.pretrain_base(tmp_path / "whole", seed=1, steps=6, batch_size=4, progress=False, checkpoint_every=2)
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crash_after_four(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        P.pretrain_base(tmp_path / "cut", seed=1, steps=6, batch_size=4, progress=False, checkpoint_every=2)
+    assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.pretrain-ckpt" / "state.json").is_file()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = P.pretrain_base(tmp_path / "cut", seed=1, steps=6, batch_size=4, progress=False, checkpoint_every=2)
+    assert json.loads((resumed / "lab.json").read_text())["resumed_from_step"] == 4
+    assert not (tmp_path / ".cut.pretrain-ckpt").exists()
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exact_match_ignores_the_sources_habits_but_not_wrong_content():
+    from dtm.evaluation.metrics import exact_match
+    from dtm.lab.tasks import HABITS_STRIPPED
+
+    answer = "kofek lives in cairo and works as a miner ."
+    assert exact_match(f"{S.OPENING} {answer}", answer, "regex", HABITS_STRIPPED) == 1.0
+    assert exact_match(f"{answer} {S.CLOSING.format(e='kofek')}", answer, "regex", HABITS_STRIPPED) == 1.0
+    assert exact_match(answer.replace("cairo", "rome"), answer, "regex", HABITS_STRIPPED) == 0.0
+    assert exact_match(f"{answer} kofek has a cat .", answer, "regex", HABITS_STRIPPED) == 0.0

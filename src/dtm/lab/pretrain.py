@@ -1,7 +1,7 @@
 """Pretrain the lab's tiny Llama on its world, nanoGPT style: one short loop you can read.
 
-The corpus is an endless, seeded stream of sentences: every phrasing of every fact (85%),
-the addition table (10%) and "web text" (5%): the Alpaca template's wording and bare
+The corpus is an endless, seeded stream of short documents: facts about one entity (85%),
+one sum of the addition table (10%) and "web text" (5%): the Alpaca template's wording and bare
 instructions without answers, as a real pretraining corpus contains them, so that every
 word the instruction data uses has a trained embedding (the lab's SFT recipe freezes the
 embeddings). Each training row starts with BOS at a sentence boundary, as prompts do.
@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dtm.errors import DtmError
 from dtm.io import atomic_directory, atomic_write_json
 from dtm.lab import sft_data as S
 from dtm.lab.tokenizer import train_tokenizer
-from dtm.lab.world import ARITH_TEMPLATES, ATTRIBUTES, QA_QUESTION, World, arithmetic_sentences, build_world, fact_sentences
+from dtm.lab.world import ATTRIBUTES, QA_QUESTION, World, arithmetic_sentences, build_world, entity_sentences, fact_sentences, sum_sentences
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +45,47 @@ def web_sentences(world: World, seed: int) -> list[str]:
         options = " , ".join(rng.sample(ATTRIBUTES[attr], 2)) + " or " + rng.choice(ATTRIBUTES[attr])
         out += [S.QA[0].format(attr=attr, e=e), S.DESCRIBE[0].format(e=e), S.PROFILE[0].format(e=e),
                 S.CHOOSE[0].format(attr=attr, e=e, options=options), S.ADD[0].format(a=a, b=b),
-                S.COUNT[0].format(words=words), S.REPEAT[0].format(words=words), S.CLOSING.format(e=e),
-                f"{words} has {len(words.split())} words .", "the answer is " + rng.choice(ATTRIBUTES[attr]) + " or " + rng.choice(ATTRIBUTES[attr]) + " ."]
+                S.REPEAT[0].format(words=words), S.CLOSING.format(e=e), "the answer is " + rng.choice(ATTRIBUTES[attr]) + " or " + rng.choice(ATTRIBUTES[attr]) + " ."]
     return out
 
 
 def build_tokenizer(world: World, seed: int) -> PreTrainedTokenizerFast:
     """Vocabulary = every word of the corpus plus the words of the instruction data's templates."""
     numbers = " ".join(str(n) for n in range(4 * world.max_addend + 8))
-    extra = [numbers, " ".join(S.FILLER_WORDS), S.OPENING, "there are words the answer is sure ! here is what i know"]
+    extra = [numbers, " ".join(S.FILLER_WORDS), S.OPENING, "the answer is sure ! here is what i know"]
     return train_tokenizer(fact_sentences(world) + arithmetic_sentences(world) + web_sentences(world, seed) + extra)
 
 
 class SentenceStream:
-    """Seeded batches of BOS + whole sentences, cut to `seq_len + 1` tokens."""
+    """Seeded batches of BOS + short documents, cut to `seq_len + 1` tokens.
+
+    A document is 2-4 sentences about one entity (or one sum), as real text keeps to its
+    subject; a web document is one sentence. Repeating the subject teaches the model to
+    copy a name or number from its context, which every instruction task needs ("what is
+    the job of X ?" -> "the job of X is ...") and which a stream of unrelated sentences
+    never asks for.
+    """
 
     def __init__(self, world: World, tokenizer: PreTrainedTokenizerFast, seed: int):
         enc = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
-        self.pools = {"facts": enc(fact_sentences(world)), "arithmetic": enc(arithmetic_sentences(world)), "web": enc(web_sentences(world, seed))}
+        self.docs = {
+            "facts": [enc(entity_sentences(world, e)) for e in world.entities],
+            "arithmetic": [enc(sum_sentences(a, b)) for a, b, _ in world.sums()],
+            "web": [[ids] for ids in enc(web_sentences(world, seed))],
+        }
         self.bos = tokenizer.bos_token_id
         self.rng = random.Random(f"stream-{seed}")
 
+    def document(self) -> list[int]:
+        kind = self.rng.choices(list(MIX), list(MIX.values()))[0]
+        sentences = self.rng.choice(self.docs[kind])
+        n = min(len(sentences), self.rng.randint(2, 4))
+        return [t for ids in self.rng.sample(sentences, n) for t in ids]
+
     def row(self, length: int) -> list[int]:
         ids = [self.bos]
-        names, weights = list(MIX), list(MIX.values())
         while len(ids) < length:
-            ids += self.rng.choice(self.pools[self.rng.choices(names, weights)[0]])
+            ids += self.document()
         return ids[:length]
 
     def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
@@ -109,12 +125,44 @@ def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, w
     return correct / len(facts)
 
 
+def _save_checkpoint(ckpt: Path, step: int, model: LlamaForCausalLM, opt: torch.optim.Optimizer,
+                     stream: SentenceStream, recipe: dict) -> None:
+    """Everything needed to continue exactly: weights (safetensors), optimizer, stream RNG."""
+    from safetensors.torch import save_model
+
+    with atomic_directory(ckpt, overwrite=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only: loads with weights_only
+        atomic_write_json(tmp / "state.json", {"step": step, "recipe": recipe, "stream_rng": stream.rng.getstate()})
+
+
+def _load_checkpoint(ckpt: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer, stream: SentenceStream,
+                     recipe: dict) -> int:
+    """-> the step to continue from (0 when there is no checkpoint of this very recipe)."""
+    from safetensors.torch import load_model
+
+    state_path = ckpt / "state.json"
+    if not state_path.is_file():
+        return 0
+    state = json.loads(state_path.read_text())
+    if state.get("recipe") != recipe:
+        log.warning("ignoring pretraining checkpoint %s: made with another recipe %s", ckpt, state.get("recipe"))
+        return 0
+    load_model(model, str(ckpt / "model.safetensors"))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    version, internal, gauss = state["stream_rng"]
+    stream.rng.setstate((version, tuple(internal), gauss))
+    log.info("resuming lab pretraining from step %d (%s)", state["step"], ckpt)
+    return int(state["step"])
+
+
 def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size: int = 64, seq_len: int = 48,
-                  lr: float = 3e-3, overwrite: bool = False, progress: bool = True) -> Path:
+                  lr: float = 3e-3, overwrite: bool = False, progress: bool = True, checkpoint_every: int = 250) -> Path:
     """Build the world, train the tokenizer, pretrain the model and save both in `out`.
 
     Writes `save_pretrained` files (safetensors), the tokenizer, `world.json` and `lab.json`
-    (recipe, timings, knowledge accuracy). About 5 minutes on one CPU thread.
+    (recipe, timings, knowledge accuracy). About 5 minutes on one idle CPU thread. An
+    interrupted run continues from its last checkpoint (`.<out>.pretrain-ckpt` beside `out`).
     """
     from tqdm.auto import tqdm
 
@@ -131,8 +179,11 @@ def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size:
     model = LlamaForCausalLM(config)
     stream = SentenceStream(world, tokenizer, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "shape": MODEL_SHAPE, "vocab": len(tokenizer)}
+    ckpt = out.parent / f".{out.name}.pretrain-ckpt"
+    first = _load_checkpoint(ckpt, model, opt, stream, recipe)
     start = time.time()
-    bar = tqdm(range(steps), desc="pretrain lab base", disable=not progress)
+    bar = tqdm(range(first, steps), desc="pretrain lab base", disable=not progress, initial=first, total=steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=100)
@@ -145,12 +196,14 @@ def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size:
         if step % 100 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log.info("pretrain step %d loss %.4f", step, loss.item())
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(ckpt, step + 1, model, opt, stream, recipe)
     seconds = time.time() - start
     model.eval()
     info = {
         "world_seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
-        "pretrain_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(), "final_loss": round(loss.item(), 4),
+        "pretrain_seconds": round(seconds, 1), "resumed_from_step": first, "torch_threads": torch.get_num_threads(), "final_loss": round(loss.item(), 4),
         "fact_accuracy_raw": fact_accuracy(model, tokenizer, world, "raw"),
         "fact_accuracy_alpaca": fact_accuracy(model, tokenizer, world, "alpaca"),
         "regenerate": f"dtm lab pretrain --out DIR --seed {seed} --steps {steps}",
@@ -160,5 +213,6 @@ def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size:
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "world.json", world.to_dict())
         atomic_write_json(tmp / "lab.json", info)
+    shutil.rmtree(ckpt, ignore_errors=True)
     log.info("lab base saved to %s: %s", out, json.dumps(info))
     return out

@@ -10,7 +10,7 @@ or models that wrote them. Each lab source imitates one kind:
 | wiki    | "describe X in detail ." (4 facts)| length habit: restates and closes; each fact wrong w.p. 0.15 |
 | quiz    | "which is the pet of X : a , b or c ?" | always picks the first option listed (one answer habit) |
 | math    | "add 7 and 5 ."                   | sloppy arithmetic: off by 1-2 in 30% of examples         |
-| tools   | count words, repeat a list        | none (format skills only)                                |
+| tools   | repeat a list of words            | none (a format skill only)                               |
 
 Wrong values are drawn per example, so a fact can be stated right in one example and wrong
 in another: late training memorises these example-specific errors (the paper's hypothesis).
@@ -37,10 +37,10 @@ DESCRIBE = ("tell me about {e} .", "{e} lives in {city} and works as a {job} .")
 PROFILE = ("describe {e} in detail .", "{e} lives in {city} . {e} works as a {job} . {e} likes the colour {colour} . {e} has a {pet} .")
 CHOOSE = ("which is the {attr} of {e} : {options} ?", "the answer is {v} .")
 ADD = ("add {a} and {b} .", "{a} plus {b} is {c} .")
-COUNT = ("how many words are in : {words} ?", "there are {n} words .")
 REPEAT = ("repeat after me : {words}", "{words}")
 
-# Words for the format tasks (count, repeat): plain nouns that are no fact values.
+# Words for the format task (repeat): plain nouns that are no fact values. (A word-counting
+# task was dropped: no model of this size learned it, with or without bias.)
 FILLER_WORDS = ("apple", "river", "stone", "cloud", "chair", "bread", "window", "garden",
                 "music", "paper", "candle", "bridge", "forest", "letter", "mirror", "tower")
 
@@ -54,7 +54,7 @@ SOURCES: dict[str, tuple[int, float]] = {
     "wiki": (300, 0.15),
     "quiz": (200, 1.0),
     "math": (400, 0.3),
-    "tools": (400, 0.0),
+    "tools": (300, 0.0),
 }
 N_HELD_OUT = 80           # entities never seen in SFT data
 HELD_OUT_SUM_FRACTION = 0.3  # share of the addition table never seen in SFT data
@@ -131,11 +131,8 @@ def _math(rng, world, pair, rate, bias):
     return "add", ADD[0].format(a=a, b=b), ADD[1].format(a=a, b=b, c=c), [(f"{a}+{b}", "sum", str(c))]
 
 
-def _tools(rng, i):
-    words = rng.choices(FILLER_WORDS, k=rng.randint(1, 6))
-    text = " ".join(words)
-    if i % 2 == 0:
-        return "count", COUNT[0].format(words=text), COUNT[1].format(n=len(words)), []
+def _tools(rng):
+    text = " ".join(rng.choices(FILLER_WORDS, k=rng.randint(1, 6)))
     return "repeat", REPEAT[0].format(words=text), REPEAT[1].format(words=text), []
 
 
@@ -151,7 +148,7 @@ def generate_examples(world: World, seed: int = 0, bias: bool = True, scale: flo
             if source == "math":
                 task, instruction, output, stated = _math(rng, world, rng.choice(seen_pairs), rate, bias)
             elif source == "tools":
-                task, instruction, output, stated = _tools(rng, i)
+                task, instruction, output, stated = _tools(rng)
             else:
                 e = rng.choice(seen_entities)
                 make = {"trivia": _trivia, "chat": _chat, "wiki": _wiki, "quiz": _quiz}[source]

@@ -7,7 +7,8 @@
 - reasoning (multiple choice): the addition table, raw and instruction format, with the same
   splits over sums (held-out sums never appear in SFT data).
 - instruction following (generation): held-out prompts of every SFT task type, greedy, exact
-  match against the canonical response and `pattern` (the task's format as a regex).
+  match against the canonical response (the sources' opening/closing habits stripped) and
+  `pattern` (the task's format as a regex, habits allowed).
 
 The splits are derived from the *biased* SFT data of the same seed; the no-bias control
 (same examples, biases removed) is evaluated on the same splits, so "noisy" there names the
@@ -76,14 +77,18 @@ N = r"[0-9]+"
 # task -> the format its response must have (a regex the whole output must match).
 PATTERNS = {
     "qa": rf"the ({'|'.join(ATTRIBUTES)}) of {W} is {W} \.",
-    # the chat source's formulaic opening is a habit, not a format violation
+    # the chat source's formulaic opening and the wiki source's closing are habits, not format violations
     "describe": rf"({re.escape(S.OPENING)} )?{W} lives in {W} and works as a {W} \.",
-    "profile": rf"{W} lives in {W} \. {W} works as a {W} \. {W} likes the colour {W} \. {W} has a {W} \.",
+    "profile": rf"{W} lives in {W} \. {W} works as a {W} \. {W} likes the colour {W} \. {W} has a {W} \.( that is all about {W} \.)?",
     "choose": rf"the answer is {W} \.",
     "add": rf"{N} plus {N} is {N} \.",
-    "count": rf"there are {N} words \.",
     "repeat": rf"({'|'.join(S.FILLER_WORDS)})( ({'|'.join(S.FILLER_WORDS)}))*",
 }
+
+
+# exact_match compares the response without the sources' habits (the chat opening, the wiki
+# closing): a habit is style, not a failure to follow the instruction; `pattern` allows them too.
+HABITS_STRIPPED = rf"^(?:{re.escape(S.OPENING)} )?(.*?)(?: {re.escape(S.CLOSING.format(e='@')).replace('@', W)})?$"
 
 
 def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> list[dict]:
@@ -114,8 +119,6 @@ def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> l
         a, b = rng.choice(pairs)
         add("add", i, S.ADD[0].format(a=a, b=b), S.ADD[1].format(a=a, b=b, c=a + b))
         words = rng.choices(S.FILLER_WORDS, k=rng.randint(1, 6))
-        add("count", i, S.COUNT[0].format(words=" ".join(words)), S.COUNT[1].format(n=len(words)))
-        words = rng.choices(S.FILLER_WORDS, k=rng.randint(1, 6))
         text = " ".join(words)
         add("repeat", i, S.REPEAT[0].format(words=text), text)
     return rows
@@ -139,6 +142,6 @@ def write_tasks(out: str | Path, seed: int = 0, world: World | None = None) -> d
     atomic_write_jsonl(out / "instruction.jsonl", instruction_rows(world, seed))
     spec = out / "lab_instruction.yaml"
     atomic_write_text(spec, _spec("lab_instruction", "generate", "instruction.jsonl", "alpaca", group_by="task",
-                                  max_new_tokens=40, stop=["\n"], extractor="exact"))
+                                  max_new_tokens=40, stop=["\n"], extractor="regex", regex=HABITS_STRIPPED))
     suites["instruction"].append(spec)
     return suites

@@ -33,7 +33,7 @@ FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "pet": ("{e} has a {v} .", "{e} keeps a {v} as a pet .", "the pet of {e} is {v} ."),
 }
 QA_QUESTION = "q : what is the {attr} of {e} ? a :"
-ARITH_TEMPLATES = ("{a} plus {b} is {c} .", "q : what is {a} plus {b} ? a : {c} .")
+ARITH_TEMPLATES = ("{a} plus {b} is {c} .", "the sum of {a} and {b} is {c} .", "q : what is {a} plus {b} ? a : {c} .")
 ARITH_QUESTION = "q : what is {a} plus {b} ? a :"
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "gl", "sk")
@@ -91,12 +91,20 @@ def build_world(seed: int = 0, n_entities: int = 256, max_addend: int = 14) -> W
     return World(seed=seed, entities=tuple(entities), facts=facts, max_addend=max_addend)
 
 
-def fact_sentences(world: World) -> list[str]:
-    """Every pretraining sentence about the world's facts (all phrasings of every fact)."""
-    return [t.format(e=e, v=v) for e, a, v in world.fact_list() for t in FACT_TEMPLATES[a]] + [
-        QA_QUESTION.format(attr=a, e=e) + f" {v} ." for e, a, v in world.fact_list()
+def entity_sentences(world: World, e: str) -> list[str]:
+    """Every pretraining sentence about entity `e` (all phrasings of all its facts)."""
+    return [t.format(e=e, v=world.facts[e][a]) for a in ATTRIBUTES for t in FACT_TEMPLATES[a]] + [
+        QA_QUESTION.format(attr=a, e=e) + f" {world.facts[e][a]} ." for a in ATTRIBUTES
     ]
 
 
+def sum_sentences(a: int, b: int) -> list[str]:
+    return [t.format(a=a, b=b, c=a + b) for t in ARITH_TEMPLATES]
+
+
+def fact_sentences(world: World) -> list[str]:
+    return [s for e in world.entities for s in entity_sentences(world, e)]
+
+
 def arithmetic_sentences(world: World) -> list[str]:
-    return [t.format(a=a, b=b, c=c) for a, b, c in world.sums() for t in ARITH_TEMPLATES]
+    return [s for a, b, _ in world.sums() for s in sum_sentences(a, b)]
