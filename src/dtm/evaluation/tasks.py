@@ -17,6 +17,24 @@ ARC: context ``Question: {question}\\nAnswer:``, each choice after a space. A sp
 Prompts are Jinja templates over the row (``doc_to_text``), the same syntax lm-eval's task
 YAMLs use, so an lm-eval prompt can be copied over verbatim. Every bad row is an error
 naming the task, the file, the line and the field; nothing is skipped silently.
+
+A spec (every key is a field of `TaskSpec`)::
+
+    name: lab_knowledge_instruct
+    type: multiple_choice          # multiple_choice | generate | perplexity | code
+    data: knowledge.jsonl          # relative to this file
+    prompt_format: alpaca          # none: plain text, lm-eval's tokenisation; alpaca | chat:
+                                   #   context = dtm.data.template.prompt_ids(question), and each
+                                   #   choice/answer tokenised alone, as a response in training
+    target_delimiter: " "          # default " " (none) or "" (alpaca/chat)
+    group_by: split                # also report metrics per value of this row field
+    num_fewshot: 0                 # with fewshot_data (a separate JSONL), fewshot_seed, fewshot_sampler
+    max_new_tokens: 32             # generate: greedy, stops at EOS or any `stop` string
+    stop: ["\\n"]
+    extractor: exact               # exact | numeric (GSM8K) | regex (with `regex:`)
+
+Generate tasks report exact_match, and pattern_match over the rows that carry a `pattern`
+(the whole output, surrounding whitespace stripped, must match it).
 """
 
 from __future__ import annotations
