@@ -231,3 +231,19 @@ def test_perplexity_task(lab, tmp_path):
     nbytes = sum(len(r["text"].encode()) for r in rows)
     assert res["metrics"]["bits_per_byte"] == pytest.approx(-total / nbytes / math.log(2))
     assert res["metrics"]["token_perplexity"] == pytest.approx(math.exp(-total / sum(s["tokens"] for s in samples)))
+
+
+def test_a_task_the_model_cannot_run_does_not_stop_the_others(lab, tmp_path):
+    (tmp_path / "chat.yaml").write_text(f"name: chat\ndata: {lab / 'know.jsonl'}\nprompt_format: chat\n")
+    tok_dir = tmp_path / "nochat"
+    import shutil
+
+    shutil.copytree(lab / "m1", tok_dir)
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for extra in tok_dir.glob("chat_template.*"):
+        extra.unlink()
+    with pytest.raises(DtmError, match=r"chat: .*chat template"):
+        evaluate(tok_dir, [tmp_path / "chat.yaml", lab / "mc.jsonl"], out=tmp_path / "r.json", progress=False)
+    assert set(json.loads((tmp_path / "r.json").read_text())) == {"mc"}

@@ -307,8 +307,10 @@ def _run_tasks(
             scorer = scorer_factory()
         try:
             result, samples = run_task(scorer, task, batch_size, limit, max_new_tokens, allow_code_execution, progress)
-        except DtmError:
-            raise
+        except DtmError as e:  # e.g. a chat-format task on a tokenizer without a chat template
+            log.error("%s: %s", task.name, e)
+            failures.append(f"{task.name}: {e}")
+            continue
         except Exception as e:  # keep going: finished tasks are saved, this one is retried on rerun
             log.exception("%s: failed", task.name)
             failures.append(f"{task.name}: {type(e).__name__}: {e}")
