@@ -158,7 +158,7 @@ class LabConfig(Section):
     """The built-in lab (used when `data.path` / `model.model_name_or_path` are `lab`)."""
 
     scale: float = Field(1.0, gt=0, description="Multiply every SFT source's size.")
-    control: bool = Field(True, description="Also run the no-bias control (the same lab with every bias off).")
+    control: bool = Field(True, description="Also run the no-bias control (the same lab with every bias off; vanilla and DTM only).")
 
 
 class ReportConfig(Section):

@@ -278,6 +278,8 @@ def seed_runs(cfg: ExperimentConfig) -> list[tuple[ExperimentConfig, Path, bool]
         for seed in seeds:
             seed_cfg = cfg.model_copy(deep=True)
             seed_cfg.seed = seed
+            if control:  # the control answers one question (do the tax and DTM's gain vanish?): vanilla and DTM suffice
+                seed_cfg.baselines.methods = []
             out.append((seed_cfg, root / ("control-nobias" if control else "") / f"seed-{seed}", control))
     return out
 
