@@ -67,13 +67,29 @@ class Run:
         return self.root / "models"
 
 
+def base_fingerprint(cfg: ExperimentConfig) -> str:
+    """What identifies the base model's weights cheaply: a run made on other weights is stale."""
+    name = cfg.model.model_name_or_path
+    if name == "lab":
+        from dtm.lab import base_model_dir
+
+        name = str(base_model_dir())
+    path = Path(name)
+    if not path.is_dir():
+        return name  # a hub id (with its revision in the model section)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
+    return hashlib.sha256("".join(f"{p.name}:{p.stat().st_size}:{p.read_text()[:4096] if p.suffix == '.json' else ''}"
+                                  for p in files).encode()).hexdigest()[:16]
+
+
 def stage_hashes(cfg: ExperimentConfig, control: bool = False) -> dict[str, str]:
-    """Each stage's hash covers its own config sections and every earlier stage's."""
+    """Each stage's hash covers its own config sections and every earlier stage's (and the base weights)."""
     out, sections = {}, ["seed"]
     dump = cfg.model_dump(mode="json")
+    base = base_fingerprint(cfg)
     for stage in STAGES:
         sections += STAGE_SECTIONS[stage]
-        blob = json.dumps({"control": control, **{s: dump[s] for s in sections}}, sort_keys=True)
+        blob = json.dumps({"control": control, "base": base, **{s: dump[s] for s in sections}}, sort_keys=True)
         out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
 
@@ -250,6 +266,10 @@ def run_seed(cfg: ExperimentConfig, root: Path, from_stage: str | None = None, c
                 run.info = manifest["outputs"]
             _say(console, f"  [dim]{root.name}: {stage} up to date[/]")
             continue
+        if manifest or stage in forced:
+            # Finished under another config (or redone on request): its outputs are stale. A stage
+            # without a manifest was interrupted and keeps its outputs, so that it resumes.
+            clear_stage_outputs(run, stage)
         forced = STAGES[STAGES.index(stage):]  # a stage that reruns invalidates the ones after it
         _say(console, f"  {root.name}: [bold]{stage}[/] ...")
         t0 = time.perf_counter()
@@ -261,6 +281,20 @@ def run_seed(cfg: ExperimentConfig, root: Path, from_stage: str | None = None, c
                                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs})
         _say(console, f"  {root.name}: {stage} done in {seconds:.1f}s")
     return run
+
+
+def clear_stage_outputs(run: Run, stage: str) -> None:
+    """Remove what `stage` wrote, and its manifest, before it is redone."""
+    import shutil
+
+    paths = {"data": [run.root / "lab"], "disperse": [run.root / "portions"], "train": [run.models], "eval": [run.root / "eval"]}.get(stage, [])
+    if stage == "merge" and run.info:
+        paths = [run.models / name for name in merge_plan(run)]
+    for path in [*paths, run.manifest_path(stage)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _say(console: Any, text: str) -> None:
