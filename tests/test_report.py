@@ -9,7 +9,6 @@ from dtm.report import (
     best_per_column,
     frontier_gap,
     headline_markdown,
-    loss_reduction_ratios,
     mean_std,
     pareto_frontier,
     tradeoff_summary,
@@ -43,13 +42,6 @@ def test_frontier_gap_interpolates_between_front_points():
     assert frontier_gap((0.75, 0.60), ref) == pytest.approx(-0.05)
     assert frontier_gap((1.2, 0.6), ref) == pytest.approx(0.1)  # beyond the front: vs its last point
     assert frontier_gap((0.0, 0.95), ref) == pytest.approx(0.05)
-
-
-def test_loss_reduction_ratios():
-    losses = [(0.1, 2.0, 2.2), (0.2, 1.5, 1.9), (0.3, 1.0, 1.9)]
-    ratios = loss_reduction_ratios(losses)
-    assert ratios[0] == (0.2, pytest.approx(0.5 / 0.3))
-    assert math.isnan(ratios[1][1])
 
 
 def sample_report() -> ReportData:

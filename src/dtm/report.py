@@ -2,8 +2,8 @@
 
 Input is plain data (`ReportData`, assembled by the pipeline from the run directory); output
 is `report.md` and a self-contained `report.html` (plots embedded as PNG data URIs).
-The math (mean and spread over seeds, best per column, the knowledge/instruction frontier)
-lives in small pure functions so it can be tested on hand-computed numbers.
+The math (mean and spread over seeds, best per column, the knowledge/instruction frontier;
+the loss-reduction ratio is `dtm.evaluation.diagnostics`') lives in small pure functions so it can be tested on hand-computed numbers.
 """
 
 from __future__ import annotations
@@ -99,19 +99,6 @@ def frontier_gap(point: tuple[float, float], reference: list[tuple[float, float]
         if x0 <= x <= x1:
             return y - (y0 + (y1 - y0) * (x - x0) / (x1 - x0))
     raise AssertionError("unreachable")
-
-
-def loss_reduction_ratios(losses: list[tuple[float, float, float]]) -> list[tuple[float, float]]:
-    """[(fraction, train, val)] -> [(fraction, Δtrain/Δval)] between consecutive checkpoints.
-
-    The paper's bias diagnostic: late in training the train loss keeps falling while the
-    validation loss stalls, so the ratio grows. NaN where validation loss did not change.
-    """
-    out = []
-    for (_, t0, v0), (f1, t1, v1) in zip(losses, losses[1:]):
-        dv = v0 - v1
-        out.append((f1, (t0 - t1) / dv if dv != 0 else math.nan))
-    return out
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -222,10 +209,11 @@ def plot_loss_ratio(data: ReportData) -> bytes | None:
     fractions = sorted(data.losses)
     n_seeds = min(len(data.losses[f]) for f in fractions)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    from dtm.evaluation.diagnostics import loss_reduction_ratios
+
     for s in range(n_seeds):
-        series = [(f, *data.losses[f][s]) for f in fractions]
-        ratios = loss_reduction_ratios(series)
-        ax.plot([f for f, _ in ratios], [r for _, r in ratios], "o-", alpha=0.8, label=f"seed {s + 1}")
+        ratios = loss_reduction_ratios([data.losses[f][s][0] for f in fractions], [data.losses[f][s][1] for f in fractions])
+        ax.plot(fractions[1:], [math.nan if r is None else r for r in ratios], "o-", alpha=0.8, label=f"seed {s + 1}")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("fraction of the training data seen")
     ax.set_ylabel("Δ train loss / Δ validation loss")
