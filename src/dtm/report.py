@@ -432,7 +432,13 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
     merged: dict[str, dict[str, list[float]]] = {}
     curve: dict[str, dict[float, list[float]]] = {}
     compute: dict[str, dict[str, list[float]]] = {}
+    losses: dict[float, list[tuple[float, float]]] = {}
     for cfg, root, scores in per_seed:
+        fractions_file = root / "models" / "vanilla" / "fractions" / "fractions.json"
+        if fractions_file.is_file():
+            for row in json.loads(fractions_file.read_text()):
+                if row.get("val_loss") is not None:
+                    losses.setdefault(float(row["fraction"]), []).append((row["train_loss"], row["val_loss"]))
         k = cfg.disperse.k
         subs = [scores[f"sub-{i + 1}"] for i in range(k) if f"sub-{i + 1}" in scores]
         if subs:
@@ -482,7 +488,7 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
     notes.append("vanilla (best checkpoint) is picked on the test benchmark itself: an optimistic bound for vanilla")
     table = [m for m in shown if not m.startswith(("vanilla@", "sub-")) or m == "sub-models (mean)"]
     return ReportData(
-        title=title, scores=shown, columns=columns, notes=notes, tax_curve=curve, table=table,
+        title=title, scores=shown, columns=columns, notes=notes, tax_curve=curve, table=table, losses=losses,
         tradeoff_axes=(k_col, i_col) if k_col and i_col else None, groups={m: _group_of(m) for m in shown},
         portions=disperse_m.get("stats", []),
         compute={m: {k: mean_std(v)[0] for k, v in c.items()} for m, c in compute.items()},
