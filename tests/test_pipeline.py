@@ -27,7 +27,7 @@ def experiment(tmp_path_factory):
 output_dir: {tmp / 'run'}
 seeds: [1, 2]
 model: {{model_name_or_path: {base}}}
-data: {{path: data.jsonl, cutoff_len: 64}}
+data: {{path: data.jsonl, cutoff_len: 64, val_size: 4}}
 disperse: {{k: 2}}
 train:
   max_steps: 4

@@ -50,6 +50,7 @@ class DataConfig(Section):
     on_bad_example: Literal["error", "skip"] = Field("error", description="Malformed records: stop with file:line, or skip and count.")
     source_field: str | None = Field(None, description="Record field holding the data source/category (for stats and stratified dispersal).")
     max_samples: int | None = Field(None, ge=1, description="Use only the first N examples.")
+    val_size: float = Field(0, ge=0, description="Hold out this many examples (>= 1) or this fraction (< 1) as validation data: the loss-reduction diagnostic needs it.")
 
 
 class DisperseConfig(Section):

@@ -98,7 +98,8 @@ def stage_hashes(cfg: ExperimentConfig, control: bool = False) -> dict[str, str]
 
 
 def stage_data(run: Run) -> dict[str, Any]:
-    """Resolve the base model, the training data and the benchmark suites (the lab writes its own)."""
+    """Resolve the base model, the training data and the benchmark suites (the lab writes its own);
+    hold out the validation split."""
     cfg = run.cfg
     if cfg.data.path == "lab" or cfg.model.model_name_or_path == "lab":
         from dtm import lab
@@ -107,13 +108,41 @@ def stage_data(run: Run) -> dict[str, Any]:
             raise DtmError("the lab is a data set and a base model together: set both data.path and model.model_name_or_path to 'lab'")
         base = lab.base_model_dir()
         summary = lab.build_lab(run.root / "lab", seed=cfg.seed, scale=cfg.lab.scale, base_dir=base)
-        return {
+        info = {
             "base_model": str(base),
             "train_data": summary["sft_nobias" if run.control else "sft"],
             "suites": summary["tasks"],
             "lab": {k: summary[k] for k in ("examples", "examples_per_source", "examples_per_task", "base_fact_accuracy")},
         }
-    return {"base_model": cfg.model.model_name_or_path, "train_data": cfg.data.path, "suites": {}}
+    else:
+        info = {"base_model": cfg.model.model_name_or_path, "train_data": cfg.data.path, "suites": {}}
+    if cfg.data.val_size:
+        info |= split_validation(run, info["train_data"])
+    return info
+
+
+def split_validation(run: Run, data: str) -> dict[str, Any]:
+    """Write data/train.jsonl and data/validation.jsonl (a seeded random hold-out)."""
+    import numpy as np
+
+    from dtm.data.formats import load_conversations
+    from dtm.io import atomic_write_jsonl
+
+    cfg = run.cfg
+    loaded = load_conversations(data, format=cfg.data.format, on_bad_example=cfg.data.on_bad_example,
+                                source_field=cfg.data.source_field, max_samples=cfg.data.max_samples)
+    n = len(loaded)
+    n_val = int(cfg.data.val_size) if cfg.data.val_size >= 1 else int(round(cfg.data.val_size * n))
+    if not 1 <= n_val < n:
+        raise DtmError(f"data.val_size = {cfg.data.val_size} leaves {n - n_val} of {n} examples for training; choose a smaller hold-out")
+    held = set(np.random.default_rng(cfg.seed).permutation(n)[:n_val].tolist())
+    train = [c.to_record() for i, c in enumerate(loaded.conversations) if i not in held]
+    val = [c.to_record() for i, c in enumerate(loaded.conversations) if i in held]
+    out = run.root / "data"
+    atomic_write_jsonl(out / "train.jsonl", train)
+    atomic_write_jsonl(out / "validation.jsonl", val)
+    return {"train_data": str(out / "train.jsonl"), "val_data": str(out / "validation.jsonl"),
+            "split": {"train": len(train), "validation": len(val), "skipped": len(loaded.skipped)}}
 
 
 def stage_disperse(run: Run) -> dict[str, Any]:
@@ -122,7 +151,7 @@ def stage_disperse(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     result = disperse(
         run.info["train_data"], k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.root / "portions",
-        seed=cfg.dispersal_seed, format=cfg.data.format, source_field=cfg.data.source_field,
+        seed=cfg.dispersal_seed, format="auto" if "val_data" in run.info else cfg.data.format, source_field=cfg.data.source_field,
         embed_on=cfg.disperse.embed_on, encoder=cfg.disperse.encoder, balance=cfg.disperse.balance,
         on_bad_example=cfg.data.on_bad_example, overwrite=True, embed_batch_size=cfg.disperse.embed_batch_size,
     )
@@ -138,7 +167,7 @@ def training_jobs(run: Run) -> dict[str, dict[str, Any]]:
     for i in range(k):
         jobs[f"sub-{i + 1}"] = {"data": str(run.root / "portions" / f"portion-{i + 1}.jsonl"), "train": {}, "seed": cfg.seed}
     fractions = sorted(set(cfg.train.save_fractions))
-    jobs["vanilla"] = {"data": data, "train": {"save_fractions": fractions}, "seed": cfg.seed}
+    jobs["vanilla"] = {"data": data, "train": {"save_fractions": fractions}, "seed": cfg.seed, "val_data": run.info.get("val_data")}
     methods = set(cfg.baselines.methods)
     # "short": all data for 1/K of the training, i.e. the steps of one sub-model.
     short = {"num_train_epochs": cfg.train.num_train_epochs / k}
@@ -287,7 +316,7 @@ def clear_stage_outputs(run: Run, stage: str) -> None:
     """Remove what `stage` wrote, and its manifest, before it is redone."""
     import shutil
 
-    paths = {"data": [run.root / "lab"], "disperse": [run.root / "portions"], "train": [run.models], "eval": [run.root / "eval"]}.get(stage, [])
+    paths = {"data": [run.root / "lab", run.root / "data"], "disperse": [run.root / "portions"], "train": [run.models], "eval": [run.root / "eval"]}.get(stage, [])
     if stage == "merge" and run.info:
         paths = [run.models / name for name in merge_plan(run)]
     for path in [*paths, run.manifest_path(stage)]:

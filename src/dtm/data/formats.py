@@ -293,9 +293,10 @@ def record_to_conversation(rec: Any, fmt: str, index: int, source_field: str | N
     else:
         raise DataError(f"unknown data format {fmt!r}")
     _check_turns(msgs)
-    source_key = source_field or next((k for k in ("source", "dataset") if k in rec), None)
+    # `source` is where our own portion/split files keep it, whatever the user's field was called
+    source_key = source_field if source_field in rec else next((k for k in ("source", "dataset") if k in rec), None)
     source = rec.get(source_key) if source_key else None
-    if source_field and source is None:
+    if source_field and source_key is None:
         raise _Bad(f"missing source field {source_field!r}")
     meta = {k: v for k, v in rec.items() if k not in used | {"id", source_key}}
     if isinstance(meta.get("meta"), dict) and len(meta) == 1:
