@@ -29,6 +29,10 @@ _API = {
     "merge": "dtm.merging:merge",
     "evaluate": "dtm.evaluation:evaluate",
     "evaluate_many": "dtm.evaluation:evaluate_many",
+    "tax_curve": "dtm.evaluation.diagnostics:tax_curve",
+    "run": "dtm.pipeline:run",
+    "status": "dtm.pipeline:status",
+    "write_report": "dtm.report:write_report",
 }
 
 
