@@ -112,3 +112,24 @@ def test_ray_sub_models_match_the_local_executor(local_models, base_dir, portion
         ray.shutdown()
     for a, b in zip(models, local_models, strict=True):
         assert is_complete(a) and same_weights(a, b)
+
+
+def test_a_crashed_training_is_retried_and_resumes_from_its_checkpoint(base_dir, portions, tmp_path):
+    from transformers import TrainerCallback
+
+    from dtm.training.executors import Job, _with_retries
+    from dtm.training.sft import train_model
+
+    class CrashOnce(TrainerCallback):
+        crashed = False
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3 and not CrashOnce.crashed:
+                CrashOnce.crashed = True
+                raise RuntimeError("worker lost")
+
+    job = Job("sub-1", portion_path(portions, 0), tmp_path / "sub-1", 5)
+    cfg = tiny_config(base_dir, save_steps=2)
+    err = _with_retries(job, lambda: train_model(base_dir, job.data, job.out, cfg, progress=False, callbacks=[CrashOnce()]), retries=1)
+    assert err is None and CrashOnce.crashed
+    assert json.loads((job.out / COMPLETE_FILE).read_text())["resumed_from_step"] == 2
