@@ -12,6 +12,7 @@ identical batches, one thread, interleaved and repeated (best time kept):
   every 10 steps, checkpoints every 500 steps), timed from train begin to train end.
 
     .venv/bin/python benchmarks/bench_train_overhead.py [--steps 200] [--repeats 3]
+        [--lab-base src/dtm/lab/assets/base --lab-data DIR/sft.jsonl]   (DIR from `dtm lab build --out DIR`)
 """
 
 from __future__ import annotations
@@ -109,13 +110,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lab-base", help="the lab's base model dir (default: a random model of the same shape)")
+    ap.add_argument("--lab-data", help="the lab's SFT JSONL (`dtm lab build --out DIR`: DIR/sft.jsonl)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    base, n_params = save_base(tmp / "base", hidden=64, layers=4, vocab=400, intermediate=192, heads=4, tie=True)
+    if a.lab_base:
+        base = Path(a.lab_base)
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    else:
+        base, n_params = save_base(tmp / "base", hidden=64, layers=4, vocab=400, intermediate=192, heads=4, tie=True)
     cfg = lab_config(a.steps)
     _, tokenizer = load_base(base, cfg)
-    data = lab_like_data(2000)
+    if a.lab_data:
+        from dtm.data.formats import load_conversations
+
+        data = load_conversations(a.lab_data).conversations
+    else:
+        data = lab_like_data(2000)
     examples, _ = tokenize_conversations(data, tokenizer, "alpaca", cfg.data.cutoff_len)
     lengths = sorted(len(e["input_ids"]) for e in examples)
     print(f"model {n_params / 1e6:.2f}M parameters; lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
@@ -129,6 +141,7 @@ def main() -> None:
     lab_steps = 40 * 2000  # ~40 runs of ~2k steps
     result = {
         "machine": machine(),
+        "data": "lab SFT data with the lab base" if a.lab_data else "synthetic (random model of the lab's shape, BPE test tokenizer)",
         "model_parameters": n_params,
         "batch_size": BATCH,
         "steps": a.steps,
