@@ -13,14 +13,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_tokenizer  # noqa: E402
+from conftest import make_tokenizer
 
-from dtm.config import ExperimentConfig  # noqa: E402
-from dtm.data.template import conversation  # noqa: E402
+from dtm.config import ExperimentConfig
+from dtm.data.template import conversation
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,7 +52,7 @@ def save_base(out: Path, hidden: int, layers: int, vocab: int, intermediate: int
     return out, sum(p.numel() for p in model.parameters())
 
 
-WORDS = "the cat sat on mat what is capital of france paris one two three four five six seven eight nine plus minus equals".split()
+WORDS = ["the", "cat", "sat", "on", "mat", "what", "is", "capital", "of", "france", "paris", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "plus", "minus", "equals"]
 
 
 def synthetic_data(n: int, seed: int = 0, mean_words: float = 12.0, spread: float = 0.8, max_words: int = 200) -> list:
@@ -69,8 +69,7 @@ def synthetic_data(n: int, seed: int = 0, mean_words: float = 12.0, spread: floa
 def bench_config(**train) -> ExperimentConfig:
     cfg = ExperimentConfig(seed=0)
     cfg.data.cutoff_len = 512
-    settings = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, warmup_steps=0, learning_rate=1e-4,
-                    logging_steps=5, save_steps=10**6, group_by_length=False)
+    settings = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-4, "logging_steps": 5, "save_steps": 10**6, "group_by_length": False}
     for k, v in (settings | train).items():
         setattr(cfg.train, k, v)
     return cfg

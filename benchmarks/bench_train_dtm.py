@@ -23,14 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from bench_train_common import RESULTS, bench_config, machine, save_base, synthetic_data
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from dtm.dispersal import disperse  # noqa: E402
-from dtm.io import atomic_write_json  # noqa: E402
-from dtm.training import train, train_model  # noqa: E402
+from dtm.dispersal import disperse
+from dtm.io import atomic_write_json
+from dtm.training import train, train_model
 
 BATCH = 8
 

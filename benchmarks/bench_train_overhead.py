@@ -25,23 +25,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from bench_train_common import RESULTS, TrainTimer, machine, save_base
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
-from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
-
-from dtm.config import ExperimentConfig  # noqa: E402
-from dtm.data.template import conversation, tokenize_conversations  # noqa: E402
-from dtm.io import atomic_write_json  # noqa: E402
-from dtm.training.sft import ExampleDataset, freeze_modules, load_base, pad_batch, train_model  # noqa: E402
+from dtm.config import ExperimentConfig
+from dtm.data.template import conversation, tokenize_conversations
+from dtm.io import atomic_write_json
+from dtm.training.sft import (
+    ExampleDataset,
+    freeze_modules,
+    load_base,
+    pad_batch,
+    train_model,
+)
 
 BATCH = 32
 
 
 def lab_like_data(n: int, seed: int = 0) -> list:
     rng = random.Random(seed)
-    words = "what is the city of bravo lives in paris works as a pilot plus two three four".split()
+    words = ["what", "is", "the", "city", "of", "bravo", "lives", "in", "paris", "works", "as", "a", "pilot", "plus", "two", "three", "four"]
     return [conversation(" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))),
                          " ".join(rng.choice(words) for _ in range(rng.randint(2, 10))), id=str(i)) for i in range(n)]
 

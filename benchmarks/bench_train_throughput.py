@@ -13,18 +13,23 @@ only ever slows a run down).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
-from bench_train_common import RESULTS, TrainTimer, bench_config, machine, save_base, synthetic_data
+import torch
+from bench_train_common import (
+    RESULTS,
+    TrainTimer,
+    bench_config,
+    machine,
+    save_base,
+    synthetic_data,
+)
 
-import torch  # noqa: E402
-
-from dtm.data.template import tokenize_conversations  # noqa: E402
-from dtm.io import atomic_write_json  # noqa: E402
-from dtm.training.sft import load_base, train_model  # noqa: E402
+from dtm.data.template import tokenize_conversations
+from dtm.io import atomic_write_json
+from dtm.training.sft import load_base, train_model
 
 
 def run_dtm(base: Path, data: list, out: Path, kind: str, steps: int, **train) -> TrainTimer:
@@ -79,7 +84,7 @@ def main() -> None:
     cfg = bench_config()
     _, tokenizer = load_base(base, cfg)
     data = synthetic_data(a.steps * cfg.train.per_device_train_batch_size, seed=0)
-    examples, stats = tokenize_conversations(data, tokenizer, "alpaca", cfg.data.cutoff_len)
+    examples, _ = tokenize_conversations(data, tokenizer, "alpaca", cfg.data.cutoff_len)
     assert len(examples) == len(data)
     tokens = sum(len(e["input_ids"]) for e in examples)
     lengths = sorted(len(e["input_ids"]) for e in examples)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_llama
 from safetensors.torch import load_file
 
-from conftest import make_llama
 from dtm.config import ExperimentConfig
 from dtm.data.template import conversation
 from dtm.errors import DataError
@@ -30,8 +30,7 @@ torch.set_num_threads(1)
 def tiny_config(**train) -> ExperimentConfig:
     cfg = ExperimentConfig(seed=3)
     cfg.data.cutoff_len = 64
-    settings = dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0,
-                    learning_rate=3e-2, logging_steps=2, save_steps=100)
+    settings = {"max_steps": 6, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 3e-2, "logging_steps": 2, "save_steps": 100}
     for k, v in (settings | train).items():
         setattr(cfg.train, k, v)
     return cfg

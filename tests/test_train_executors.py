@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_llama
 from safetensors.torch import load_file
 
-from conftest import make_llama
 from dtm.config import ExperimentConfig
 from dtm.data.template import conversation
 from dtm.dispersal import disperse, portion_path
@@ -24,8 +24,7 @@ def tiny_config(base: Path, **train_keys) -> ExperimentConfig:
     cfg = ExperimentConfig(seed=5)
     cfg.model.model_name_or_path = str(base)
     cfg.data.cutoff_len = 64
-    settings = dict(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0,
-                    learning_rate=1e-2, logging_steps=2, save_steps=100)
+    settings = {"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-2, "logging_steps": 2, "save_steps": 100}
     for k, v in (settings | train_keys).items():
         setattr(cfg.train, k, v)
     return cfg
