@@ -90,7 +90,8 @@ def test_a_failed_sub_model_is_reported_by_name_and_the_others_finish(base_dir, 
 
 def test_train_jobs_applies_overrides_seeds_and_baselines(base_dir, portions, tmp_path):
     jobs = {
-        "short": {"data": str(portion_path(portions, 0)), "seed": 5, "train": {"max_steps": 2}},
+        "short": {"data": str(portion_path(portions, 0)), "seed": 5, "train": {"max_steps": 2, "save_fractions": [1.0]},
+                  "val_data": str(portion_path(portions, 1))},
         "l2": {"data": str(portion_path(portions, 0)), "seed": 6, "train": {}, "baseline": "l2"},
     }
     seconds = train_jobs(tiny_config(base_dir), base_dir, jobs, tmp_path / "models")
@@ -98,6 +99,8 @@ def test_train_jobs_applies_overrides_seeds_and_baselines(base_dir, portions, tm
     short = json.loads((tmp_path / "models" / "short" / COMPLETE_FILE).read_text())
     l2 = json.loads((tmp_path / "models" / "l2" / COMPLETE_FILE).read_text())
     assert (short["steps"], short["seed"], short["regularizer"]) == (2, 5, None)
+    fractions = json.loads((tmp_path / "models" / "short" / "fractions" / "fractions.json").read_text())
+    assert [r["step"] for r in fractions] == [0, 2] and all("val_loss" in r for r in fractions)
     assert (l2["steps"], l2["seed"], l2["regularizer"]) == (4, 6, "l2")
 
 

@@ -37,6 +37,7 @@ class Job:
     seed: int
     train_overrides: dict[str, Any] = field(default_factory=dict)
     baseline: str | None = None
+    val_data: str | Path | None = None  # for the losses recorded at save_fractions
 
 
 def sub_model_dir(models_dir: str | Path, index: int) -> Path:
@@ -84,7 +85,8 @@ def run_job(job: Job, config: ExperimentConfig, base: str, threads: int | None =
     from dtm.training.baselines import train_baseline
 
     cfg = job_config(config, job.train_overrides)
-    train_baseline(job.baseline or "vanilla", cfg, job.data, job.out, base=base, seed=job.seed, progress=progress, name=job.name)
+    train_baseline(job.baseline or "vanilla", cfg, job.data, job.out, base=base, seed=job.seed, progress=progress,
+                   name=job.name, val_data=job.val_data)
     return training_seconds(job.out)
 
 
@@ -118,12 +120,12 @@ def train(config: ExperimentConfig, portions_dir: str | Path, models_dir: str | 
 def train_jobs(config: ExperimentConfig, base: str | Path, jobs: dict[str, dict[str, Any]], models_dir: str | Path) -> dict[str, float]:
     """Train named models (the pipeline's sub-models and baselines) into models_dir/<name>.
 
-    `jobs`: name -> {"data": path, "seed": int, "train": {overrides}, "baseline": method?}.
+    `jobs`: name -> {"data": path, "seed": int, "train": {overrides}, "baseline": method?, "val_data": path?}.
     Returns name -> training seconds (as recorded when each model finished).
     """
     planned = [
         Job(name, spec["data"], Path(models_dir) / name, int(spec.get("seed", config.seed)),
-            dict(spec.get("train") or {}), spec.get("baseline"))
+            dict(spec.get("train") or {}), spec.get("baseline"), spec.get("val_data"))
         for name, spec in jobs.items()
     ]
     run_jobs(planned, config, str(base))
