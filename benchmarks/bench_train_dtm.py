@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "bench_train_dtm.json", result)
+    shutil.rmtree(tmp, ignore_errors=True)  # trained models: hundreds of MB
     print(json.dumps(result, indent=1))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -162,6 +163,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "bench_train_overhead.json", result)
+    shutil.rmtree(tmp, ignore_errors=True)  # trained models: hundreds of MB
     for k in ("ms_per_step_best", "trainer_overhead_ms_per_step", "dtm_overhead_ms_per_step", "dtm_overhead_share_of_step",
               "lab_projection_seconds_two_processes", "lab_budget_ms_per_step"):
         print(f"{k}: {result[k]}")

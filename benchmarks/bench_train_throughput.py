@@ -13,6 +13,7 @@ only ever slows a run down).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -132,6 +133,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "bench_train_throughput.json", result)
+    shutil.rmtree(tmp, ignore_errors=True)  # trained models: hundreds of MB
     for k in ("ratio_dtm_over_trl_lora", "ratio_dtm_over_trl_full", "padding_free_gain_over_padded", "length_grouped_gain_over_padded"):
         print(f"{k}: {result[k]}")
 
