@@ -164,13 +164,14 @@ def training_jobs(run: Run) -> dict[str, dict[str, Any]]:
     k = cfg.disperse.k
     data = run.info["train_data"]
     jobs: dict[str, dict[str, Any]] = {}
+    no_snapshots = {"save_fractions": []}  # only vanilla draws the tax curve
     for i in range(k):
-        jobs[f"sub-{i + 1}"] = {"data": str(run.root / "portions" / f"portion-{i + 1}.jsonl"), "train": {}, "seed": cfg.seed}
+        jobs[f"sub-{i + 1}"] = {"data": str(run.root / "portions" / f"portion-{i + 1}.jsonl"), "train": no_snapshots, "seed": cfg.seed}
     fractions = sorted(set(cfg.train.save_fractions))
     jobs["vanilla"] = {"data": data, "train": {"save_fractions": fractions}, "seed": cfg.seed, "val_data": run.info.get("val_data")}
     methods = set(cfg.baselines.methods)
     # "short": all data for 1/K of the training, i.e. the steps of one sub-model.
-    short = {"num_train_epochs": cfg.train.num_train_epochs / k}
+    short = {"num_train_epochs": cfg.train.num_train_epochs / k, **no_snapshots}
     if cfg.train.max_steps > 0:
         short["max_steps"] = max(1, cfg.train.max_steps // k)
     if "short" in methods or "soup" in methods:
@@ -180,7 +181,7 @@ def training_jobs(run: Run) -> dict[str, dict[str, Any]]:
             jobs[f"soup-{j + 1}"] = {"data": data, "train": short, "seed": cfg.seed + 1000 * j}
     for name in ("l2", "ewc", "replay", "curation"):
         if name in methods:
-            jobs[name] = {"data": data, "train": {}, "seed": cfg.seed, "baseline": name}
+            jobs[name] = {"data": data, "train": no_snapshots, "seed": cfg.seed, "baseline": name}
     return jobs
 
 
