@@ -231,6 +231,11 @@ def test_cli_build_writes_everything(tmp_path, capsys):
     summary = json.loads((tmp_path / "lab" / "lab.json").read_text())
     assert summary["examples"] == sum(round(n * 0.05) for n, _ in S.SOURCES.values())
     assert Path(summary["sft_nobias"]).is_file() and len(summary["tasks"]["knowledge"]) == 2
+    # the noisy split is that of the data actually written (scale 0.05), not of the full-size data
+    world = lab.load_world()
+    noisy = S.contradicted_facts(world, S.generate_examples(world, 2, bias=True, scale=0.05))
+    rows = [json.loads(line) for line in (tmp_path / "lab" / "tasks" / "knowledge_raw.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in rows if r["split"] == "noisy"} == {f"{e}-{a}" for e, a in noisy if a != "sum"}
     assert "SFT examples" in capsys.readouterr().out
 
 

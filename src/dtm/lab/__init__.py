@@ -101,11 +101,13 @@ def write_sft_data(out: str | Path, seed: int = 0, bias: bool = True, scale: flo
     return write_examples(out, generate_examples(world, seed=seed, bias=bias, scale=scale))
 
 
-def write_tasks(out: str | Path, seed: int = 0, base_dir: str | Path | None = None) -> dict[str, list[Path]]:
-    """Write the lab's benchmarks (task specs + data) under `out`; -> suite -> spec paths."""
+def write_tasks(out: str | Path, seed: int = 0, base_dir: str | Path | None = None, scale: float = 1.0) -> dict[str, list[Path]]:
+    """Write the lab's benchmarks (task specs + data) under `out`; -> suite -> spec paths.
+
+    `seed` and `scale` must match the SFT data's: they decide the clean/noisy split."""
     from dtm.lab.tasks import write_tasks as _write
 
-    return _write(out, seed=seed, world=load_world(base_dir))
+    return _write(out, seed=seed, world=load_world(base_dir), scale=scale)
 
 
 def build_lab(out: str | Path, seed: int = 0, scale: float = 1.0, base_dir: str | Path | None = None) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def build_lab(out: str | Path, seed: int = 0, scale: float = 1.0, base_dir: str 
     biased = generate_examples(world, seed=seed, bias=True, scale=scale)
     write_examples(out / "sft.jsonl", biased)
     write_examples(out / "sft-nobias.jsonl", generate_examples(world, seed=seed, bias=False, scale=scale))
-    suites = write_tasks(out / "tasks", seed=seed, base_dir=base)
+    suites = write_tasks(out / "tasks", seed=seed, base_dir=base, scale=scale)
     base_info = json.loads((base / "lab.json").read_text()) if (base / "lab.json").is_file() else {}
     summary = {
         "seed": seed, "world_seed": world.seed, "base_model": str(base), "scale": scale,

@@ -39,10 +39,10 @@ def _split(key: tuple[str, str], held: bool, noisy: set[tuple[str, str]]) -> str
     return "held_out" if held else ("noisy" if key in noisy else "clean")
 
 
-def knowledge_rows(world: World, seed: int) -> tuple[list[dict], list[dict]]:
+def knowledge_rows(world: World, seed: int, scale: float = 1.0) -> tuple[list[dict], list[dict]]:
     """(raw rows, instruction-format rows) for every fact; the same options in both."""
     held = S.held_out_entities(world, seed)
-    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True))
+    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True, scale=scale))
     rng = random.Random(f"knowledge-{seed}")
     raw, instruct = [], []
     for e, attr, v in world.fact_list():
@@ -55,10 +55,10 @@ def knowledge_rows(world: World, seed: int) -> tuple[list[dict], list[dict]]:
     return raw, instruct
 
 
-def reasoning_rows(world: World, seed: int) -> tuple[list[dict], list[dict]]:
+def reasoning_rows(world: World, seed: int, scale: float = 1.0) -> tuple[list[dict], list[dict]]:
     """(raw rows, instruction-format rows) for every sum; distractors are near misses."""
     held = S.held_out_sums(world, seed)
-    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True))
+    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True, scale=scale))
     rng = random.Random(f"reasoning-{seed}")
     raw, instruct = [], []
     for a, b, c in world.sums():
@@ -124,15 +124,17 @@ def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> l
     return rows
 
 
-def write_tasks(out: str | Path, seed: int = 0, world: World | None = None) -> dict[str, list[Path]]:
-    """Write every lab task (spec + data) under `out`; -> suite name -> spec paths."""
+def write_tasks(out: str | Path, seed: int = 0, world: World | None = None, scale: float = 1.0) -> dict[str, list[Path]]:
+    """Write every lab task (spec + data) under `out`; -> suite name -> spec paths.
+
+    `seed` and `scale` must be those of the SFT data: they decide which facts are noisy."""
     from dtm.lab import load_world
 
     world = world or load_world()
     out = Path(out)
     suites: dict[str, list[Path]] = {"knowledge": [], "reasoning": [], "instruction": []}
-    k_raw, k_inst = knowledge_rows(world, seed)
-    r_raw, r_inst = reasoning_rows(world, seed)
+    k_raw, k_inst = knowledge_rows(world, seed, scale)
+    r_raw, r_inst = reasoning_rows(world, seed, scale)
     for suite, data, rows_raw, rows_inst in (("knowledge", "knowledge", k_raw, k_inst), ("reasoning", "reasoning", r_raw, r_inst)):
         for form, rows, fmt in (("raw", rows_raw, "none"), ("instruct", rows_inst, "alpaca")):
             atomic_write_jsonl(out / f"{data}_{form}.jsonl", rows)
