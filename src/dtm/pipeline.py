@@ -259,16 +259,41 @@ def task_list(run: Run) -> list[str]:
 
 
 def stage_eval(run: Run) -> dict[str, Any]:
+    """Evaluate every model; on CPU with `train.num_workers` > 1, models are shared among that many
+    one-thread processes (the same rule as training: one process per core, one thread each)."""
+    cfg = run.cfg
+    models = evaluated_models(run)
+    tasks = task_list(run)
+    kwargs = dict(batch_size=cfg.eval.batch_size, limit=cfg.eval.limit, max_new_tokens=cfg.eval.max_new_tokens,
+                  data_dir=cfg.eval.data_dir, allow_code_execution=cfg.eval.allow_code_execution,
+                  log_samples=cfg.eval.log_samples, trust_remote_code=cfg.model.trust_remote_code)
+    import torch
+
+    workers = 1 if torch.cuda.is_available() else min(cfg.train.num_workers, len(models))
+    if workers <= 1:
+        _evaluate_group(models, tasks, str(run.root / "eval"), kwargs)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        names = list(models)
+        groups = [{n: models[n] for n in names[i::workers]} for i in range(workers)]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+            for future in [pool.submit(_evaluate_group, g, tasks, str(run.root / "eval"), kwargs | {"progress": False}) for g in groups]:
+                future.result()
+    return {"models": sorted(models), "tasks": tasks}
+
+
+def _one_thread() -> None:
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwargs: dict[str, Any]) -> None:
     from dtm.evaluation import evaluate_many
 
-    cfg = run.cfg
-    results = evaluate_many(
-        evaluated_models(run), task_list(run), out_dir=run.root / "eval", batch_size=cfg.eval.batch_size,
-        limit=cfg.eval.limit, max_new_tokens=cfg.eval.max_new_tokens, data_dir=cfg.eval.data_dir,
-        allow_code_execution=cfg.eval.allow_code_execution, log_samples=cfg.eval.log_samples,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    return {"models": sorted(results), "tasks": task_list(run)}
+    evaluate_many(models, tasks, out_dir=out_dir, **kwargs)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
