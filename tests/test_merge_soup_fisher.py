@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import dtm
 from dtm.cli import main
-from dtm.merging.fisher import compute_fisher, read_texts
+from dtm.data.formats import load_texts
+from dtm.errors import DataError
+from dtm.merging.fisher import compute_fisher
 
 torch.set_num_threads(1)
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -123,7 +125,7 @@ def test_fisher_is_mean_squared_gradient(tmp_path):
 def test_read_texts_formats(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n{"instruction": "do", "output": "done"}\n'
                                       '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
-    assert read_texts(tmp_path / "a.jsonl") == ["hello", "do\ndone", "q\na"]
+    assert load_texts(tmp_path / "a.jsonl") == ["hello", "do\ndone", "q\na"]
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"oops": 1}\n')
-    with pytest.raises(dtm.merging.MergeError, match=r"b.jsonl:2: expected a 'text' field"):
-        read_texts(tmp_path / "b.jsonl")
+    with pytest.raises(DataError, match=r"b.jsonl:2: expected a record with a string field `text`"):
+        load_texts(tmp_path / "b.jsonl")

@@ -233,9 +233,10 @@ def _add_fisher(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=512, help="truncate texts to N tokens")
 
     def run(a: argparse.Namespace) -> None:
-        from dtm.merging.fisher import compute_fisher, read_texts
+        from dtm.data.formats import load_texts
+        from dtm.merging.fisher import compute_fisher
 
-        texts = read_texts(a.data)[: a.max_examples]
+        texts = load_texts(a.data)[: a.max_examples]
         print(f"wrote {compute_fisher(a.model, texts, out=a.out, max_length=a.max_length)}")
 
     p.set_defaults(func=run)

@@ -350,3 +350,26 @@ def load_conversations(
         dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise DataError(f"{path}: duplicate example id {dup!r}; ids must be unique (remove the `id` field to number examples by position)")
     return LoadedData(conversations=conversations, format=fmt, path=path, skipped=skipped)
+
+
+def load_texts(path: str | Path, field: str = "text", missing: str = "text corpus not found") -> list[str]:
+    """Plain texts (replay corpora, Fisher samples): a `.txt` file (one text per non-empty line)
+    or JSON/JSONL records with a string `field` (or `messages` / `instruction`+`output`, joined)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
+    if path.suffix not in (".json", ".jsonl"):
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = []
+    for where, rec in _iter_records(path):
+        if isinstance(rec, _Bad):
+            raise DataError(f"{where}: {rec}")
+        if isinstance(rec, dict) and isinstance(rec.get(field), str):
+            texts.append(rec[field])
+        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            texts.append("\n".join(str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict)))
+        elif isinstance(rec, dict) and "instruction" in rec:
+            texts.append("\n".join(str(rec[k]) for k in ("instruction", "input", "output") if rec.get(k)))
+        else:
+            raise DataError(f"{where}: expected a record with a string field `{field}` (or messages / instruction+output)")
+    return texts

@@ -23,34 +23,6 @@ from dtm.merging.lora import is_adapter
 log = logging.getLogger("dtm.merging")
 
 
-def read_texts(path: str | Path, field: str = "text") -> list[str]:
-    """Texts for the Fisher: a .txt file (one text per line) or JSONL with a `text` field
-    (or `instruction`/`output`, or `messages`, joined)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MergeError(f"{path}: data file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        return [ln for ln in lines if ln.strip()]
-    texts = []
-    for i, ln in enumerate(lines, 1):
-        if not ln.strip():
-            continue
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise MergeError(f"{path}:{i}: not valid JSON ({e})") from None
-        if isinstance(rec, dict) and isinstance(rec.get(field), str):
-            texts.append(rec[field])
-        elif isinstance(rec, dict) and "messages" in rec:
-            texts.append("\n".join(str(m.get("content", "")) for m in rec["messages"]))
-        elif isinstance(rec, dict) and "instruction" in rec:
-            texts.append("\n".join(str(rec.get(k, "")) for k in ("instruction", "input", "output") if rec.get(k)))
-        else:
-            raise MergeError(f"{path}:{i}: expected a {field!r} field (or messages / instruction+output)")
-    return texts
-
-
 def compute_fisher(
     model_dir: str | Path, texts: Sequence[str], out: str | Path | None = None, max_length: int = 512,
     trust_remote_code: bool = False,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dtm.config import ExperimentConfig
-from dtm.data.formats import Conversation
+from dtm.data.formats import Conversation, load_texts
 from dtm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,32 +35,8 @@ TRAINING_BASELINES = ("vanilla", "l2", "ewc", "replay", "curation", "soup")
 
 
 def load_replay_texts(path: str | Path) -> list[str]:
-    """Plain texts from a `.txt` file (one document per non-empty line) or JSON/JSONL
-    records with a `text` field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: replay corpus not found (baselines.replay_path)")
-    texts: list[str] = []
-    if path.suffix in (".jsonl", ".json"):
-        raw = path.read_text(encoding="utf-8")
-        records = json.loads(raw) if path.suffix == ".json" else None
-        lines = enumerate(raw.splitlines(), 1) if records is None else enumerate(records, 1)
-        for where, item in lines:
-            if isinstance(item, str):
-                if not item.strip():
-                    continue
-                try:
-                    item = json.loads(item)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-                raise DataError(f"{path}:{where}: expected a record with a string field `text`")
-            texts.append(item["text"])
-    else:
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not texts:
-        raise DataError(f"{path}: replay corpus has no text")
-    return texts
+    """The replay corpus (`baselines.replay_path`): see `dtm.data.formats.load_texts`."""
+    return load_texts(path, missing="replay corpus not found (baselines.replay_path)")
 
 
 def mix_replay(sft: list[dict], replay: list[dict], ratio: float, seed: int) -> list[dict]:
