@@ -152,7 +152,10 @@ def test_first_turn_only_versus_all_turns(tokenizer):
     conv = Conversation([Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d")], id="x")
     first, _ = tokenize_conversation(conv, tokenizer, "alpaca", first_turn_only=True)
     both, _ = tokenize_conversation(conv, tokenizer, "alpaca", first_turn_only=False)
-    trained = lambda ex: tokenizer.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX])  # noqa: E731
+
+    def trained(ex):
+        return tokenizer.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX])
+
     assert trained(first) == "b</s>"
     assert trained(both) == "b</s>d</s>"
     assert both["input_ids"][: len(first["input_ids"])] == first["input_ids"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_llama, make_tokenizer
+
 from dtm.data.template import prompt_ids
 from dtm.evaluation.harness import (
     Scorer,

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_llama, make_tokenizer
+
 from dtm.errors import DtmError
 from dtm.evaluation import evaluate, evaluate_many, tax_curve
 from dtm.evaluation.codeexec import run_program

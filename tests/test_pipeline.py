@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import make_llama, make_tokenizer
+
 from dtm.cli import main
 from dtm.config import load_config
 from dtm.pipeline import run, status
@@ -74,7 +74,7 @@ def test_rerun_skips_finished_stages_and_from_redoes(experiment, capsys):
 
 
 def status_for(cfg):
-    from dtm.pipeline import Run, seed_runs, stage_hashes, STAGES
+    from dtm.pipeline import STAGES, Run, seed_runs, stage_hashes
 
     for seed_cfg, root, control in seed_runs(cfg):
         hashes = stage_hashes(seed_cfg, control)

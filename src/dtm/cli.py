@@ -418,7 +418,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     _overrides(p)
 
     def run(a: argparse.Namespace) -> None:
-        from dtm.pipeline import LAB_CONFIG, run as run_experiment
+        from dtm.pipeline import LAB_CONFIG
+        from dtm.pipeline import run as run_experiment
 
         run_experiment(LAB_CONFIG, [f"output_dir={os.path.abspath(a.out)}", *a.overrides])
 

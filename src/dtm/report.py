@@ -9,9 +9,9 @@ the loss-reduction ratio is `dtm.evaluation.diagnostics`') lives in small pure f
 from __future__ import annotations
 
 import base64
-import json
 import html
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +236,7 @@ def plot_tradeoff(data: ReportData) -> bytes | None:
     markers = {"base": "s", "vanilla": "o", "vanilla checkpoints": ".", "wise-ft": "^", "soup": "D", "dtm": "*", "baseline": "x", "sub-model": "v"}
     reference = []
     seen_groups: set[str] = set()
-    for i, (model, s) in enumerate(data.scores.items()):
+    for model, s in data.scores.items():
         if not s.get(k_col) or not s.get(i_col):
             continue
         group = data.groups.get(model, "baseline")

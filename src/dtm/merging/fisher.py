@@ -9,7 +9,6 @@ engine looks for it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path

@@ -161,7 +161,7 @@ def _with_retries(job: Job, attempt: Callable[[], object], retries: int) -> str 
             return None
         except DtmError as e:
             return str(e)
-        except Exception as e:  # noqa: BLE001 - any crash: retry, resuming from the last checkpoint
+        except Exception as e:
             log.warning("%s: attempt %d failed: %s: %s", job.name, i + 1, type(e).__name__, e)
             last = f"{type(e).__name__}: {e}"
     return last
@@ -195,7 +195,7 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
                 except DtmError as e:
                     failures[name] = str(e)
                     del pending[name]
-                except Exception as e:  # noqa: BLE001 - a crashed or killed worker: retry
+                except Exception as e:
                     failures[name] = f"{type(e).__name__}: {e}"
                     log.warning("%s: failed (%s), will retry", name, failures[name])
         if not pending:
