@@ -246,6 +246,10 @@ def test_cli_bad_base_is_a_clear_error(tmp_path, capsys):
     assert main(["lab", "build", "--out", str(tmp_path / "x"), "--base", str(tmp_path / "notabase")]) == 2
     err = capsys.readouterr().err
     assert "world.json: not found" in err and "dtm lab pretrain" in err
+    assert main(["lab", "build", "--out", str(tmp_path / "y"), "--scale", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "leaves no examples" in err and "'quiz'" in err and "at least 0.0025" in err
+    assert not (tmp_path / "y").exists()
     (tmp_path / "notabase" / "world.json").write_text("{broken")
     assert main(["lab", "build", "--out", str(tmp_path / "x"), "--base", str(tmp_path / "notabase")]) == 2
     assert "not a lab world file" in capsys.readouterr().err

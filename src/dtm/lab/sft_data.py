@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dtm.errors import DtmError
 from dtm.io import atomic_write_jsonl
 from dtm.lab.world import ATTRIBUTES, World
 
@@ -138,6 +139,11 @@ def _tools(rng):
 
 def generate_examples(world: World, seed: int = 0, bias: bool = True, scale: float = 1.0) -> list[Example]:
     """All SFT examples, in a seeded order. `scale` multiplies every source's size."""
+    empty = [source for source, (n, _) in SOURCES.items() if round(n * scale) < 1]
+    if scale <= 0 or empty:
+        smallest = min(n for n, _ in SOURCES.values())
+        raise DtmError(f"lab data scale {scale} leaves no examples for source(s) {empty or list(SOURCES)}; "
+                       f"use a scale of at least {0.5 / smallest:g}")
     seen_entities = sorted(set(world.entities) - held_out_entities(world, seed))
     held = held_out_sums(world, seed)
     seen_pairs = [(a, b) for a, b, _ in world.sums() if (a, b) not in held]
