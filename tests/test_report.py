@@ -68,6 +68,10 @@ def test_tradeoff_summary_places_dtm_against_the_frontier():
     text = tradeoff_summary(sample_report())
     # frontier at instruction 0.665: chord from WiSE-FT (0.075, 0.955) to vanilla@0.5 (0.655, 0.845)... and on to vanilla
     assert text.startswith("DTM lies above the frontier")
+    assert "No other model has both" in text
+    data = sample_report()
+    data.scores["L2"] = {"knowledge": [0.97], "instruction": [0.70]}
+    assert "as much knowledge and instruction as DTM: L2." in tradeoff_summary(data)
 
 
 def test_write_report_files(tmp_path):

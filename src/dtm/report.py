@@ -41,6 +41,7 @@ class ReportData:
     compute: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {seconds, steps, tokens}
     controls: list[ReportData] = field(default_factory=list)  # e.g. the no-bias lab
     table: list[str] | None = None  # models in the headline table (None = all); the rest only in plots
+    detail_columns: list[str] = field(default_factory=list)  # a second, full table (every metric and split)
 
     def table_scores(self) -> dict[str, dict[str, list[float]]]:
         return {m: self.scores[m] for m in (self.table if self.table is not None else self.scores) if m in self.scores}
@@ -111,27 +112,29 @@ def fmt(values: list[float], digits: int = 3) -> str:
 # ---------------------------------------------------------------- tables
 
 
-def headline_markdown(data: ReportData) -> str:
+def headline_markdown(data: ReportData, columns: list[str] | None = None) -> str:
+    columns = columns or data.columns
     rows = data.table_scores()
-    best = best_per_column(rows, data.columns)
-    lines = ["| model | " + " | ".join(data.columns) + " |", "|---|" + "---|" * len(data.columns)]
+    best = best_per_column(rows, columns)
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for model, s in rows.items():
         cells = []
-        for col in data.columns:
+        for col in columns:
             cell = fmt(s.get(col, []))
             cells.append(f"**{cell}**" if best.get(col) == model else cell)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def headline_html(data: ReportData, table_id: str = "headline") -> str:
+def headline_html(data: ReportData, table_id: str = "headline", columns: list[str] | None = None) -> str:
+    columns = columns or data.columns
     table = data.table_scores()
-    best = best_per_column(table, data.columns)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in data.columns)
+    best = best_per_column(table, columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for model, s in table.items():
         cells = "".join(
-            f"<td class=\"{'best' if best.get(c) == model else ''}\">{html.escape(fmt(s.get(c, [])))}</td>" for c in data.columns
+            f"<td class=\"{'best' if best.get(c) == model else ''}\">{html.escape(fmt(s.get(c, [])))}</td>" for c in columns
         )
         rows.append(f"<tr><th scope=row>{html.escape(model)}</th>{cells}</tr>")
     return f"<table id={table_id} class=headline><thead><tr><th>model</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -153,9 +156,16 @@ def tradeoff_summary(data: ReportData, subject: str = "DTM") -> str | None:
     point = (mean_std(data.scores[subject][i_col])[0], mean_std(data.scores[subject][k_col])[0])
     gap = frontier_gap(point, reference)
     where = "above" if gap > 0 else "below" if gap < 0 else "on"
+    dominating = [
+        m for m, s in data.scores.items()
+        if m != subject and s.get(i_col) and s.get(k_col)
+        and mean_std(s[i_col])[0] >= point[0] and mean_std(s[k_col])[0] >= point[1]
+    ]
+    others = (f" Models with at least as much {k_col} and {i_col} as {subject}: {', '.join(dominating)}." if dominating
+              else f" No other model has both at least as much {k_col} and as much {i_col}.")
     return (
         f"{subject} lies {where} the frontier traced by the base, vanilla checkpoints and WiSE-FT "
-        f"interpolations: {gap:+.3f} {k_col} at its {i_col} of {point[0]:.3f}."
+        f"interpolations: {gap:+.3f} {k_col} at its {i_col} of {point[0]:.3f}." + others
     )
 
 
@@ -293,6 +303,8 @@ def _markdown(data: ReportData, images: dict[str, str], level: int = 1) -> str:
     for name, caption in (("tax_curve", "Alignment-tax curve"), ("tradeoff", "Trade-off"), ("loss_ratio", "Loss-reduction ratio")):
         if name in images:
             parts += [f"{h}# {caption}", "", f"![{caption}]({images[name]})", ""]
+    if data.detail_columns:
+        parts += [f"{h}# All metrics (every task and split)", "", headline_markdown(data, data.detail_columns), ""]
     if data.portions:
         parts += [f"{h}# Portions", "", _portions_markdown(data.portions), ""]
     if data.compute:
@@ -321,6 +333,9 @@ def _html_section(data: ReportData, images: dict[str, bytes], level: int = 1) ->
         if images.get(name):
             b64 = base64.b64encode(images[name]).decode()
             parts.append(f"<{h2}>{caption}</{h2}><img class=plot id={name} alt='{caption}' src='data:image/png;base64,{b64}'>")
+    if data.detail_columns:
+        parts.append(f"<{h2}>All metrics (every task and split)</{h2}>"
+                     + headline_html(data, "detail-" + "".join(ch if ch.isalnum() else "-" for ch in data.title.lower()), data.detail_columns))
     if data.portions:
         keys = [k for k in data.portions[0] if k != "sources"]
         rows = "".join(
@@ -487,8 +502,11 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
     disperse_m = json.loads((root0 / "manifests" / "disperse.json").read_text()).get("outputs", {}) if (root0 / "manifests" / "disperse.json").is_file() else {}
     notes.append("vanilla (best checkpoint) is picked on the test benchmark itself: an optimistic bound for vanilla")
     table = [m for m in shown if not m.startswith(("vanilla@", "sub-")) or m == "sub-models (mean)"]
+    # At a glance: every task's main metric, and the splits of the knowledge column only.
+    headline = [c for c in columns if "/" not in c or (k_col is not None and c.startswith(k_col + "/"))]
     return ReportData(
-        title=title, scores=shown, columns=columns, notes=notes, tax_curve=curve, table=table, losses=losses,
+        title=title, scores=shown, columns=headline, detail_columns=columns if headline != columns else [],
+        notes=notes, tax_curve=curve, table=table, losses=losses,
         tradeoff_axes=(k_col, i_col) if k_col and i_col else None, groups={m: _group_of(m) for m in shown},
         portions=disperse_m.get("stats", []),
         compute={m: {k: mean_std(v)[0] for k, v in c.items()} for m, c in compute.items()},
