@@ -209,6 +209,9 @@ def plot_tax_curve(data: ReportData) -> bytes | None:
 
 
 def plot_loss_ratio(data: ReportData) -> bytes | None:
+    """Left: train and validation loss of the vanilla checkpoints. Right: the ratio of their
+    reductions between checkpoints (symlog: it explodes when the validation loss stalls and
+    turns negative when it rises while the train loss still falls)."""
     if len(data.losses) < 2:
         return None
     import matplotlib
@@ -216,20 +219,30 @@ def plot_loss_ratio(data: ReportData) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fractions = sorted(data.losses)
-    n_seeds = min(len(data.losses[f]) for f in fractions)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     from dtm.evaluation.diagnostics import loss_reduction_ratios
 
+    fractions = sorted(data.losses)
+    n_seeds = min(len(data.losses[f]) for f in fractions)
+    fig, (ax_loss, ax_ratio) = plt.subplots(1, 2, figsize=(10, 3.6))
     for s in range(n_seeds):
-        ratios = loss_reduction_ratios([data.losses[f][s][0] for f in fractions], [data.losses[f][s][1] for f in fractions])
-        ax.plot(fractions[1:], [math.nan if r is None else r for r in ratios], "o-", alpha=0.8, label=f"seed {s + 1}")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("fraction of the training data seen")
-    ax.set_ylabel("Δ train loss / Δ validation loss")
-    ax.set_title("Loss-reduction ratio between checkpoints (grows when training fits data-specific bias)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+        train = [data.losses[f][s][0] for f in fractions]
+        val = [data.losses[f][s][1] for f in fractions]
+        ax_loss.plot(fractions, train, "o-", color=f"C{s}", alpha=0.8, label=f"train, seed {s + 1}")
+        ax_loss.plot(fractions, val, "s--", color=f"C{s}", alpha=0.8, label=f"validation, seed {s + 1}")
+        ratios = loss_reduction_ratios(train, val)
+        ax_ratio.plot(fractions[1:], [math.nan if r is None else r for r in ratios], "o-", color=f"C{s}", alpha=0.8, label=f"seed {s + 1}")
+    ax_loss.set_xlabel("fraction of the training data seen")
+    ax_loss.set_ylabel("loss (response tokens)")
+    ax_loss.set_title("Vanilla SFT: train vs validation loss")
+    ax_loss.legend(fontsize=6, ncol=2)
+    ax_ratio.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax_ratio.set_yscale("symlog", linthresh=1.0)
+    ax_ratio.set_xlabel("fraction of the training data seen")
+    ax_ratio.set_ylabel("Δ train loss / Δ validation loss")
+    ax_ratio.set_title("Loss-reduction ratio (large or negative: fitting data-specific bias)", fontsize=9)
+    ax_ratio.legend(fontsize=7)
+    for ax in (ax_loss, ax_ratio):
+        ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -300,7 +313,7 @@ def _markdown(data: ReportData, images: dict[str, str], level: int = 1) -> str:
     summary = tradeoff_summary(data)
     if summary:
         parts += [summary, ""]
-    for name, caption in (("tax_curve", "Alignment-tax curve"), ("tradeoff", "Trade-off"), ("loss_ratio", "Loss-reduction ratio")):
+    for name, caption in (("tax_curve", "Alignment-tax curve"), ("tradeoff", "Trade-off"), ("loss_ratio", "Train/validation loss and the loss-reduction ratio")):
         if name in images:
             parts += [f"{h}# {caption}", "", f"![{caption}]({images[name]})", ""]
     if data.detail_columns:
@@ -329,7 +342,7 @@ def _html_section(data: ReportData, images: dict[str, bytes], level: int = 1) ->
     summary = tradeoff_summary(data)
     if summary:
         parts.append(f"<p id=frontier>{html.escape(summary)}</p>")
-    for name, caption in (("tax_curve", "Alignment-tax curve"), ("tradeoff", "Knowledge vs instruction following"), ("loss_ratio", "Loss-reduction ratio")):
+    for name, caption in (("tax_curve", "Alignment-tax curve"), ("tradeoff", "Knowledge vs instruction following"), ("loss_ratio", "Train/validation loss and the loss-reduction ratio")):
         if images.get(name):
             b64 = base64.b64encode(images[name]).decode()
             parts.append(f"<{h2}>{caption}</{h2}><img class=plot id={name} alt='{caption}' src='data:image/png;base64,{b64}'>")
