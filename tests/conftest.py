@@ -51,3 +51,12 @@ def make_llama(vocab_size: int = 400, hidden: int = 32, layers: int = 2, seed: i
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tokenizer):
+    """A pico Llama (seed 0) with the tiny tokenizer, saved as a `save_pretrained` directory (read only)."""
+    d = tmp_path_factory.mktemp("base")
+    make_llama(seed=0).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d

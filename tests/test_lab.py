@@ -146,7 +146,7 @@ def test_written_data_loads_through_the_project_loader(tmp_path, tokenizer):
     assert {c.source for c in data.conversations} == set(S.SOURCES)
     feats, truncated = tokenize_conversation(data.conversations[0], tokenizer, "alpaca", lab.DATA_RECIPE["cutoff_len"])
     assert not truncated and feats["labels"][-1] == tokenizer.eos_token_id
-    trained = [t for t, l in zip(feats["input_ids"], feats["labels"]) if l != -100]
+    trained = [t for t, label in zip(feats["input_ids"], feats["labels"]) if label != -100]
     assert tokenizer.decode(trained[:-1]) == data.conversations[0].response
 
 

@@ -40,14 +40,6 @@ def qa_data(n: int = 24) -> list:
     return [conversation(f"What is {i} + {i}?", f"{2 * i} is the sum" + " of it" * (i % 4), id=str(i)) for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer) -> Path:
-    d = tmp_path_factory.mktemp("base")
-    make_llama(seed=0).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
 # ---------------------------------------------------------------- the math
 
 

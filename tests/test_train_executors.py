@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama
 from safetensors.torch import load_file
 
 from dtm.config import ExperimentConfig
@@ -28,14 +27,6 @@ def tiny_config(base: Path, **train_keys) -> ExperimentConfig:
     for k, v in (settings | train_keys).items():
         setattr(cfg.train, k, v)
     return cfg
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer) -> Path:
-    d = tmp_path_factory.mktemp("base")
-    make_llama(seed=0).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

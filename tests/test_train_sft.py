@@ -45,14 +45,6 @@ def qa_data(n: int = 32, offset: int = 0) -> list:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer) -> Path:
-    d = tmp_path_factory.mktemp("base")
-    make_llama(seed=0).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def tied_base_dir(tmp_path_factory, tokenizer) -> Path:
     d = tmp_path_factory.mktemp("tied")
     make_llama(seed=1, tie=True).save_pretrained(d)

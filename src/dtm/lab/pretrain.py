@@ -118,7 +118,7 @@ def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, w
             texts = [format_prompt(S.QA[0].format(attr=a, e=e)) + f" the {a} of {e} is" for e, a, _ in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         logits = model(**batch).logits[:, -1]  # left padding: the last position is the next token
-        for (e, a, v), row in zip(chunk, logits):
+        for (_, a, v), row in zip(chunk, logits):
             ids = tokenizer.convert_tokens_to_ids(list(ATTRIBUTES[a]))
             correct += ATTRIBUTES[a][int(row[ids].argmax())] == v
     model.train()
