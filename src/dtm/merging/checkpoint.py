@@ -15,6 +15,7 @@ soon as it is merged. The files it writes are read back by `safe_open` in the te
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -62,6 +63,10 @@ def torch_dtype(name: str, what: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -72,17 +77,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
@@ -306,10 +305,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
