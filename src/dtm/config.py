@@ -225,7 +225,7 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _key_lines(text: str) -> dict[str, int]:
+def key_lines(text: str) -> dict[str, int]:
     """Map dotted key paths to their 1-based line in the YAML text (for error messages)."""
     lines: dict[str, int] = {}
     try:
@@ -293,7 +293,7 @@ def load_config(
     for o in overrides or []:
         keys, value = parse_override(o)
         _set_path(tree, keys, value)
-    lines = _key_lines(text)
+    lines = key_lines(text)
     try:
         cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as e:

@@ -22,21 +22,10 @@ from typing import Any
 
 import yaml
 
+from dtm.config import key_lines
 from dtm.merging.checkpoint import MergeError
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "lora_merge"}
-
-
-def _lines(text: str) -> dict[str, int]:
-    lines: dict[str, int] = {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if isinstance(root, yaml.MappingNode):
-        for k, _ in root.value:
-            lines[str(k.value)] = k.start_mark.line + 1
-    return lines
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -51,7 +40,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise MergeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise MergeError(f"{path}: expected a mapping with merge_method and models")
-    lines = _lines(text)
+    lines = key_lines(text)  # dotted keys; top-level ones are what is looked up here
 
     def where(key: str) -> str:
         return f"{path}:{lines[key]}" if key in lines else str(path)
