@@ -276,18 +276,14 @@ def stage_eval(run: Run) -> dict[str, Any]:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        from dtm.training.executors import one_thread_worker
+
         names = list(models)
         groups = [{n: models[n] for n in names[i::workers]} for i in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=one_thread_worker) as pool:
             for future in [pool.submit(_evaluate_group, g, tasks, str(run.root / "eval"), kwargs | {"progress": False}) for g in groups]:
                 future.result()
     return {"models": sorted(models), "tasks": tasks}
-
-
-def _one_thread() -> None:
-    import os
-
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
 def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwargs: dict[str, Any]) -> None:

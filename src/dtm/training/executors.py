@@ -99,7 +99,8 @@ def training_seconds(out: Path) -> float:
         return 0.0
 
 
-def _one_thread() -> None:
+def one_thread_worker() -> None:
+    """Process-pool initializer: one BLAS/OpenMP thread per process (more threads than cores slows steps tenfold)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
 
@@ -184,7 +185,7 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
     pending = {j.name: j for j in jobs}
     for _ in range(config.train.retries + 1):
         # a fresh pool per round: a worker killed by the OS breaks the whole pool
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=one_thread_worker) as pool:
             futures = {name: pool.submit(run_job, job, config, base, 1, False) for name, job in pending.items()}
             for name, future in futures.items():
                 try:
