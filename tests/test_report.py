@@ -1,3 +1,4 @@
+import json
 import math
 import shutil
 import subprocess
@@ -5,13 +6,20 @@ import subprocess
 import pytest
 
 from dtm.report import (
+    GroupTable,
     ReportData,
     best_per_column,
+    build_report_data,
     frontier_gap,
+    group_table_models,
+    grouped_generation_tasks,
     headline_markdown,
     mean_std,
+    method_costs,
     pareto_frontier,
+    task_columns,
     tradeoff_summary,
+    training_cost,
     write_report,
 )
 
@@ -47,19 +55,24 @@ def test_frontier_gap_interpolates_between_front_points():
 def sample_report() -> ReportData:
     scores = {
         "base": {"knowledge": [0.87, 0.87], "instruction": [0.0, 0.0]},
-        "vanilla": {"knowledge": [0.78, 0.80], "instruction": [0.72, 0.73]},
+        "vanilla": {"knowledge": [0.78, 0.80], "instruction": [0.72, 0.73], "instruction/qa": [0.9, 0.7], "instruction/add": [0.5, 0.6]},
+        "sub-1": {"instruction/qa": [0.1, 0.3], "instruction/add": [0.0, 0.0]},
         "vanilla @ 0.5": {"knowledge": [0.84, 0.85], "instruction": [0.65, 0.66]},
         "WiSE-FT 0.5": {"knowledge": [0.95, 0.96], "instruction": [0.05, 0.10]},
-        "DTM": {"knowledge": [0.96, 0.95], "instruction": [0.65, 0.68]},
+        "DTM": {"knowledge": [0.96, 0.95], "instruction": [0.65, 0.68], "instruction/qa": [0.8, 1.0], "instruction/add": [0.4, 0.4]},
     }
-    groups = {"base": "base", "vanilla": "vanilla", "vanilla @ 0.5": "vanilla checkpoints", "WiSE-FT 0.5": "wise-ft", "DTM": "dtm"}
+    groups = {"base": "base", "vanilla": "vanilla", "vanilla @ 0.5": "vanilla checkpoints", "WiSE-FT 0.5": "wise-ft", "DTM": "dtm", "sub-1": "sub-model"}
     return ReportData(
         title="lab", scores=scores, columns=["knowledge", "instruction"], notes=["seeds: 2"], groups=groups,
+        table=["base", "vanilla", "vanilla @ 0.5", "WiSE-FT 0.5", "DTM"],
         tax_curve={"knowledge": {0.5: [0.84, 0.85], 1.0: [0.78, 0.80]}},
         losses={0.5: [(1.0, 1.2), (1.1, 1.3)], 1.0: [(0.5, 1.25), (0.6, 1.3)]},
         tradeoff_axes=("knowledge", "instruction"),
         portions=[{"portion": 1, "examples": 10, "sources": {"a": 5, "b": 5}}],
-        compute={"DTM": {"seconds": 12.0}, "vanilla": {"seconds": 11.0}},
+        compute={"vanilla": {"steps": 8.0, "examples": 64.0, "seconds": 11.0}, "DTM": {"steps": 8.0, "examples": 64.0, "seconds": 12.0},
+                 "WiSE-FT 0.5": {"steps": 0.0, "examples": 0.0, "seconds": 0.2}},
+        compute_parts={"DTM": "sub-1, sub-2 + merge", "vanilla": "vanilla", "WiSE-FT 0.5": "merge only (reuses vanilla)"},
+        group_tables=[GroupTable("instruction", "exact_match", "", ["qa", "add"], ["instruction/qa", "instruction/add"], ["vanilla", "DTM", "sub-1"])],
         controls=[ReportData("no-bias control", {"DTM": {"knowledge": [0.9]}}, ["knowledge"])],
     )
 
@@ -80,6 +93,136 @@ def test_write_report_files(tmp_path):
     assert "**0.955 ± 0.007**" in text and "tax_curve.png" in text and "no-bias control" in text
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert page.read_text().count("data:image/png;base64,") == 3
+    # per-group table: qa of sub-1 is mean 0.2, std sqrt(2 * 0.1^2 / 1) = 0.141; best qa is DTM's 0.9
+    assert "## instruction per group: exact_match" in text
+    assert "| model | qa | add |" in text
+    assert "| sub-1 | 0.200 ± 0.141 | 0.000 ± 0.000 |" in text
+    assert "| DTM | **0.900 ± 0.141** | 0.400 ± 0.000 |" in text and "| vanilla | 0.800 ± 0.141 | **0.550 ± 0.071** |" in text
+    assert "| model | sums | optimizer steps | examples processed (examples × epochs) | train+merge seconds |" in text
+    assert "| DTM | sub-1, sub-2 + merge | 8 | 64 | 12.0 |" in text
+    assert "| WiSE-FT 0.5 | merge only (reuses vanilla) | 0 | 0 | 0.2 |" in text
+    page_text = page.read_text()
+    assert "<h2>instruction per group: exact_match</h2>" in page_text and "<td>sub-1, sub-2 + merge</td>" not in page_text
+    assert "<td style='text-align:left'>sub-1, sub-2 + merge</td><td>8</td><td>64</td><td>12.0</td>" in page_text
+    assert "<th scope=row>sub-1</th><td class=\"\">0.200 ± 0.141</td>" in page_text
+
+
+# ---------------------------------------------------------------- from a run directory (plain dicts, hand numbers)
+
+
+def generate_result(task: str, exact: float, pattern: float, groups: dict[str, tuple[float, float]]) -> dict:
+    return {"task": task, "type": "generate", "metrics": {"exact_match": exact, "exact_match_stderr": 0.1, "pattern_match": pattern},
+            "groups": {g: {"exact_match": e, "pattern_match": p, "items": 10} for g, (e, p) in groups.items()}}
+
+
+def mc_result(task: str, acc: float, groups: dict[str, float] | None = None) -> dict:
+    return {"task": task, "type": "multiple_choice", "metrics": {"acc": acc, "acc_norm": 0.0},
+            "groups": {g: {"acc": a, "items": 5} for g, a in (groups or {}).items()}}
+
+
+def test_task_columns_use_the_headline_metrics_per_group():
+    gen = generate_result("if", 0.5, 0.9, {"qa": (0.25, 1.0), "add": (0.75, 0.8)})
+    assert task_columns(gen) == {"if": 0.5, "if/qa": 0.25, "if/add": 0.75, "if (format)": 0.9, "if/qa (format)": 1.0, "if/add (format)": 0.8}
+    assert task_columns(mc_result("kn", 0.6, {"clean": 0.7})) == {"kn": 0.6, "kn/clean": 0.7}
+    no_main = {"task": "x", "type": "generate", "metrics": {"pattern_match": 1.0}, "groups": {}}
+    assert task_columns(no_main) == {}
+    # Only generation tasks with groups get per-group tables; groups are the union in first-seen order.
+    other = generate_result("if", 0.5, 0.9, {"add": (0.1, 0.1), "repeat": (0.0, 1.0)})
+    found = grouped_generation_tasks([gen, mc_result("kn", 0.6, {"clean": 0.7}), generate_result("plain", 0.1, 0.2, {}), other])
+    assert found == {("if", "exact_match", ""): ["qa", "add", "repeat"], ("if", "pattern_match", " (format)"): ["qa", "add", "repeat"]}
+
+
+def test_group_table_models_put_each_sub_model_after_their_mean():
+    models = ["base", "vanilla", "vanilla (best checkpoint)", "short", "sub-models (mean)", "DTM", "sub-1", "sub-10", "sub-2",
+              "vanilla@0.50", "wise_ft-0.5"]
+    assert group_table_models(models) == ["base", "vanilla", "short", "sub-models (mean)", "sub-1", "sub-2", "sub-10", "DTM", "wise_ft-0.5"]
+
+
+def complete(examples: int, steps: int, seconds: float, epochs: float = 3.0, **extra) -> dict:
+    return {"examples": examples, "replay_examples": extra.pop("replay", 0), "steps": steps, "seconds": seconds,
+            "config": {"num_train_epochs": epochs, "max_steps": extra.pop("max_steps", -1), "per_device_train_batch_size": 4,
+                       "gradient_accumulation_steps": 2}}
+
+
+def test_training_cost_counts_examples_times_epochs():
+    assert training_cost(complete(10, 6, 1.5)) == {"steps": 6.0, "examples": 30.0, "seconds": 1.5}
+    assert training_cost(complete(10, 6, 1.5, epochs=2.0, replay=5))["examples"] == 30.0  # (10 + 5) x 2
+    assert training_cost(complete(10, 5, 1.0, max_steps=5))["examples"] == 40.0  # 5 steps x batch 4 x accumulation 2
+
+
+def test_method_costs_sum_each_methods_models():
+    trained = {"sub-1": {"steps": 6.0, "examples": 30.0, "seconds": 1.5}, "sub-2": {"steps": 7.0, "examples": 36.0, "seconds": 2.5},
+               "vanilla": {"steps": 13.0, "examples": 66.0, "seconds": 5.0}, "short": {"steps": 3.0, "examples": 11.0, "seconds": 1.0},
+               "soup-2": {"steps": 3.0, "examples": 11.0, "seconds": 1.25}}
+    costs = method_costs(trained, {"DTM": 0.5, "soup": 0.25, "wise_ft-0.5": 0.125}, ensembles=("ensemble",))
+    assert costs["DTM"] == ("sub-1, sub-2 + merge", {"steps": 13.0, "examples": 66.0, "seconds": 4.5})
+    assert costs["soup"] == ("short, soup-2 + merge", {"steps": 6.0, "examples": 22.0, "seconds": 2.5})
+    assert costs["wise_ft-0.5"] == ("merge only (reuses vanilla)", {"steps": 0.0, "examples": 0.0, "seconds": 0.125})
+    assert costs["ensemble"] == ("sub-1, sub-2 (no merge)", {"steps": 13.0, "examples": 66.0, "seconds": 4.0})
+    assert costs["vanilla"] == ("vanilla", trained["vanilla"]) and costs["short"] == ("short", trained["short"])
+    assert not any(name.startswith(("sub-", "soup-")) for name in costs)  # ingredients are counted in their method
+    # A part without a step count leaves DTM's steps unknown rather than understated.
+    del trained["sub-2"]["steps"]
+    assert method_costs(trained, {"DTM": 0.5})["DTM"][1] == {"examples": 66.0, "seconds": 4.5}
+
+
+def write_seed_run(root, seed: int, evals: dict[str, dict], trained: dict[str, dict], merge_seconds: dict[str, float]) -> None:
+    (root / "eval").mkdir(parents=True)
+    (root / "manifests").mkdir()
+    for model, results in evals.items():
+        (root / "eval" / f"{model}.json").write_text(json.dumps({r["task"]: r for r in results}))
+    for name, info in trained.items():
+        (root / "models" / name).mkdir(parents=True)
+        (root / "models" / name / "training_complete.json").write_text(json.dumps(info))
+    (root / "manifests" / "train.json").write_text(json.dumps({"outputs": {"models": sorted(trained),
+                                                                           "seconds": {n: i["seconds"] for n, i in trained.items()}}}))
+    (root / "manifests" / "merge.json").write_text(json.dumps({"outputs": {"models": sorted(merge_seconds), "seconds": merge_seconds}}))
+
+
+def test_build_report_data_from_two_seed_runs(tmp_path):
+    from dtm.config import ExperimentConfig
+
+    # seed -> model -> (if exact, (qa exact, add exact)); format is 1.0 everywhere
+    numbers = {
+        1: {"base": (0.0, (0.0, 0.0)), "vanilla": (0.5, (0.6, 0.4)), "sub-1": (0.2, (0.4, 0.0)), "sub-2": (0.3, (0.2, 0.4)),
+            "DTM": (0.4, (0.5, 0.3)), "wise_ft-0.5": (0.1, (0.2, 0.0)), "vanilla@0.50": (0.3, (0.3, 0.3))},
+        2: {"base": (0.0, (0.0, 0.0)), "vanilla": (0.7, (0.8, 0.6)), "sub-1": (0.4, (0.8, 0.0)), "sub-2": (0.5, (0.6, 0.4)),
+            "DTM": (0.4, (0.7, 0.1)), "wise_ft-0.5": (0.1, (0.2, 0.0)), "vanilla@0.50": (0.3, (0.3, 0.3))},
+    }
+    runs = []
+    for seed, by_model in numbers.items():
+        cfg = ExperimentConfig.model_validate({"model": {"model_name_or_path": "x"}, "data": {"path": "y"}, "seed": seed, "disperse": {"k": 2}})
+        evals = {m: [mc_result("knowledge_instruct", 0.9), generate_result("instruction", e, 1.0, {"qa": (qa, 1.0), "add": (add, 1.0)})]
+                 for m, (e, (qa, add)) in by_model.items()}
+        trained = {"sub-1": complete(10, 6, 1.5 * seed), "sub-2": complete(12, 6, 2.5 * seed), "vanilla": complete(22, 12, 5.0 * seed)}
+        write_seed_run(tmp_path / f"seed-{seed}", seed, evals, trained, {"DTM": 0.5 * seed, "wise_ft-0.5": 0.25 * seed})
+        runs.append((cfg, tmp_path / f"seed-{seed}"))
+    data = build_report_data(runs, "t")
+
+    assert [(t.task, t.metric, t.suffix, t.groups) for t in data.group_tables] == [
+        ("instruction", "exact_match", "", ["qa", "add"]), ("instruction", "pattern_match", " (format)", ["qa", "add"])]
+    table = data.group_tables[0]
+    assert table.rows == ["base", "vanilla", "sub-models (mean)", "sub-1", "sub-2", "DTM", "wise_ft-0.5"]
+    assert table.columns == ["instruction/qa", "instruction/add"]
+    assert mean_std(data.scores["sub-1"]["instruction/qa"]) == pytest.approx((0.6, math.sqrt(0.08)))  # 0.4, 0.8
+    assert mean_std(data.scores["sub-models (mean)"]["instruction/qa"]) == pytest.approx((0.5, math.sqrt(0.08)))  # 0.3, 0.7
+    assert data.group_tables[1].columns == ["instruction/qa (format)", "instruction/add (format)"]
+    # the per-group columns are not repeated in the headline or the detail table
+    assert data.columns == ["knowledge_instruct", "instruction", "instruction (format)"]
+    assert not any("/" in c for c in data.detail_columns)
+
+    # compute, mean over the seeds: DTM = sub-1 + sub-2 + merge = (1.5 + 2.5 + 0.5) x seed -> 4.5, 9.0 -> 6.75
+    assert data.compute["DTM"] == pytest.approx({"steps": 12.0, "examples": 66.0, "seconds": 6.75})
+    assert data.compute["vanilla"] == pytest.approx({"steps": 12.0, "examples": 66.0, "seconds": 7.5})
+    assert data.compute["wise_ft-0.5"] == pytest.approx({"steps": 0.0, "examples": 0.0, "seconds": 0.375})
+    assert list(data.compute) == ["vanilla", "DTM", "wise_ft-0.5"]
+    assert data.compute_parts["DTM"] == "sub-1, sub-2 + merge"
+
+    md, _ = write_report(data, tmp_path / "out")
+    text = md.read_text()
+    assert "| sub-1 | 0.600 ± 0.283 | 0.000 ± 0.000 |" in text
+    assert "| DTM | sub-1, sub-2 + merge | 12 | 66 | 6.8 |" in text
+    assert "## instruction (format) per group: pattern_match" in text
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -97,8 +240,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
             "</body>",
             "<script>window.onload=()=>{const imgs=[...document.images];"
             "document.title='rows='+document.querySelectorAll('#headline tbody tr').length+"
-            "';imgs='+imgs.filter(i=>i.complete&&i.naturalWidth>100).length+';best='+document.querySelectorAll('#headline td.best').length;}</script></body>",
+            "';imgs='+imgs.filter(i=>i.complete&&i.naturalWidth>100).length+';best='+document.querySelectorAll('#headline td.best').length+"
+            "';groups='+document.querySelectorAll('table[id^=groups-] tbody tr').length+"
+            "';compute='+document.querySelectorAll('table.compute tbody tr').length;}</script></body>",
         )
     )
     out = subprocess.run([CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=3000", probe.as_uri()], capture_output=True, text=True, timeout=120)
-    assert "<title>rows=5;imgs=3;best=2</title>" in out.stdout, out.stderr[-2000:]
+    assert "<title>rows=5;imgs=3;best=2;groups=3;compute=3</title>" in out.stdout, out.stderr[-2000:]

@@ -23,6 +23,19 @@ from dtm.io import atomic_write_text
 
 
 @dataclass
+class GroupTable:
+    """One metric of a grouped generation task (e.g. instruction following by instruction type),
+    one column per group: shows whether every model, each sub-model included, learned every group."""
+
+    task: str
+    metric: str  # the result's metric name, as the evaluator wrote it
+    suffix: str  # the metric's headline column suffix ("" for the main metric, " (format)", ...)
+    groups: list[str]  # column headers
+    columns: list[str]  # the matching score columns (`task/group` plus the metric's headline suffix)
+    rows: list[str]  # models, in display order
+
+
+@dataclass
 class ReportData:
     title: str
     # model -> column -> one value per seed (higher is better in every column)
@@ -38,7 +51,10 @@ class ReportData:
     # model -> group ("base", "vanilla checkpoints", "wise-ft", "soup", "dtm", ...)
     groups: dict[str, str] = field(default_factory=dict)
     portions: list[dict[str, Any]] = field(default_factory=list)  # dispersal stats per portion
-    compute: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {seconds, steps, tokens}
+    # method -> {steps, examples, seconds} (COMPUTE_COLUMNS keys), mean over seeds of its parts' sum
+    compute: dict[str, dict[str, float]] = field(default_factory=dict)
+    compute_parts: dict[str, str] = field(default_factory=dict)  # method -> what its numbers sum
+    group_tables: list[GroupTable] = field(default_factory=list)  # a generation task's metric per group
     controls: list[ReportData] = field(default_factory=list)  # e.g. the no-bias lab
     table: list[str] | None = None  # models in the headline table (None = all); the rest only in plots
     detail_columns: list[str] = field(default_factory=list)  # a second, full table (every metric and split)
@@ -112,11 +128,10 @@ def fmt(values: list[float], digits: int = 3) -> str:
 # ---------------------------------------------------------------- tables
 
 
-def headline_markdown(data: ReportData, columns: list[str] | None = None) -> str:
-    columns = columns or data.columns
-    rows = data.table_scores()
+def scores_markdown(rows: dict[str, dict[str, list[float]]], columns: list[str], headers: list[str] | None = None) -> str:
+    """A model x column table of mean ± std, the best mean per column in bold."""
     best = best_per_column(rows, columns)
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines = ["| model | " + " | ".join(headers or columns) + " |", "|---|" + "---|" * len(columns)]
     for model, s in rows.items():
         cells = []
         for col in columns:
@@ -126,18 +141,64 @@ def headline_markdown(data: ReportData, columns: list[str] | None = None) -> str
     return "\n".join(lines)
 
 
-def headline_html(data: ReportData, table_id: str = "headline", columns: list[str] | None = None) -> str:
-    columns = columns or data.columns
-    table = data.table_scores()
-    best = best_per_column(table, columns)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    rows = []
-    for model, s in table.items():
+def scores_html(rows: dict[str, dict[str, list[float]]], columns: list[str], table_id: str, headers: list[str] | None = None) -> str:
+    """The HTML twin of `scores_markdown` (best cells get class `best`)."""
+    best = best_per_column(rows, columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in headers or columns)
+    body = []
+    for model, s in rows.items():
         cells = "".join(
             f"<td class=\"{'best' if best.get(c) == model else ''}\">{html.escape(fmt(s.get(c, [])))}</td>" for c in columns
         )
-        rows.append(f"<tr><th scope=row>{html.escape(model)}</th>{cells}</tr>")
-    return f"<table id={table_id} class=headline><thead><tr><th>model</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        body.append(f"<tr><th scope=row>{html.escape(model)}</th>{cells}</tr>")
+    return f"<table id={table_id} class=headline><thead><tr><th>model</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def headline_markdown(data: ReportData, columns: list[str] | None = None) -> str:
+    return scores_markdown(data.table_scores(), columns or data.columns)
+
+
+def headline_html(data: ReportData, table_id: str = "headline", columns: list[str] | None = None) -> str:
+    return scores_html(data.table_scores(), columns or data.columns, table_id)
+
+
+def group_table_rows(data: ReportData, table: GroupTable) -> dict[str, dict[str, list[float]]]:
+    return {m: data.scores[m] for m in table.rows if m in data.scores}
+
+
+def group_table_title(table: GroupTable) -> str:
+    """Named as its headline column, so the per-group table reads as that column split up."""
+    return f"{table.task}{table.suffix} per group: {table.metric}"
+
+
+GROUP_NOTE = ("Mean ± sample std over seeds, one column per group of the task's items; each sub-model has its own row, "
+              "to show whether every sub-model learned every group.")
+
+
+COMPUTE_COLUMNS = {  # key -> (header, decimals)
+    "steps": ("optimizer steps", 0),
+    "examples": ("examples processed (examples × epochs)", 0),
+    "seconds": ("train+merge seconds", 1),
+}
+COMPUTE_NOTE = (
+    "Mean over seeds. A method's numbers are the sum over the models it needs (column 'sums'): DTM's sub-models "
+    "and merge, the soup's ingredients and merge; WiSE-FT reuses vanilla and adds only a merge (0 training of its own). "
+    "Examples processed = training examples × epochs (token counts are not recorded by training). Seconds are summed "
+    "even where models were trained side by side, so they measure compute, not the wait."
+)
+
+
+def compute_table(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (model, what it sums, then one cell per compute column) of the compute table;
+    shared by the markdown and the HTML so the two cannot drift apart."""
+    keys = [k for k in COMPUTE_COLUMNS if any(k in v for v in data.compute.values())]
+    keys += sorted({k for v in data.compute.values() for k in v} - set(keys))
+    header = ["model", "sums", *(COMPUTE_COLUMNS.get(k, (k, 1))[0] for k in keys)]
+    rows = []
+    for model, v in data.compute.items():
+        cells = [f"{v[k]:.{COMPUTE_COLUMNS.get(k, (k, 1))[1]}f}" if k in v else "–" for k in keys]
+        rows.append([model, data.compute_parts.get(model, model), *cells])
+    return header, rows
 
 
 def tradeoff_summary(data: ReportData, subject: str = "DTM") -> str | None:
@@ -297,13 +358,10 @@ def _portions_markdown(portions: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _compute_markdown(compute: dict[str, dict[str, float]]) -> str:
-    if not compute:
-        return ""
-    keys = sorted({k for v in compute.values() for k in v})
-    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for model, v in compute.items():
-        lines.append(f"| {model} | " + " | ".join(f"{v[k]:.1f}" if k in v else "–" for k in keys) + " |")
+def _compute_markdown(data: ReportData) -> str:
+    header, rows = compute_table(data)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -318,10 +376,13 @@ def _markdown(data: ReportData, images: dict[str, str], level: int = 1) -> str:
             parts += [f"{h}# {caption}", "", f"![{caption}]({images[name]})", ""]
     if data.detail_columns:
         parts += [f"{h}# All metrics (every task and split)", "", headline_markdown(data, data.detail_columns), ""]
+    for table in data.group_tables:
+        parts += [f"{h}# {group_table_title(table)}", "", GROUP_NOTE, "",
+                  scores_markdown(group_table_rows(data, table), table.columns, table.groups), ""]
     if data.portions:
         parts += [f"{h}# Portions", "", _portions_markdown(data.portions), ""]
     if data.compute:
-        parts += [f"{h}# Wall time and compute per method", "", _compute_markdown(data.compute), ""]
+        parts += [f"{h}# Wall time and compute per method", "", COMPUTE_NOTE, "", _compute_markdown(data), ""]
     for control in data.controls:
         parts += [_markdown(control, {}, level + 1), ""]
     return "\n".join(parts)
@@ -335,10 +396,14 @@ img{max-width:100%;border:1px solid #eee}.note{color:#555}
 """
 
 
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+
+
 def _html_section(data: ReportData, images: dict[str, bytes], level: int = 1) -> str:
     h1, h2 = f"h{level}", f"h{level + 1}"
     parts = [f"<{h1}>{html.escape(data.title)}</{h1}>", "<ul class=note>" + "".join(f"<li>{html.escape(n)}</li>" for n in data.notes) + "</ul>"]
-    parts += [f"<{h2}>Headline</{h2}>", "<p class=note>Mean ± sample standard deviation over seeds; the best value per column is highlighted.</p>", headline_html(data, "headline" if level == 1 else "headline-" + "".join(ch if ch.isalnum() else "-" for ch in data.title.lower()))]
+    parts += [f"<{h2}>Headline</{h2}>", "<p class=note>Mean ± sample standard deviation over seeds; the best value per column is highlighted.</p>", headline_html(data, "headline" if level == 1 else "headline-" + _slug(data.title))]
     summary = tradeoff_summary(data)
     if summary:
         parts.append(f"<p id=frontier>{html.escape(summary)}</p>")
@@ -347,8 +412,11 @@ def _html_section(data: ReportData, images: dict[str, bytes], level: int = 1) ->
             b64 = base64.b64encode(images[name]).decode()
             parts.append(f"<{h2}>{caption}</{h2}><img class=plot id={name} alt='{caption}' src='data:image/png;base64,{b64}'>")
     if data.detail_columns:
-        parts.append(f"<{h2}>All metrics (every task and split)</{h2}>"
-                     + headline_html(data, "detail-" + "".join(ch if ch.isalnum() else "-" for ch in data.title.lower()), data.detail_columns))
+        parts.append(f"<{h2}>All metrics (every task and split)</{h2}>" + headline_html(data, "detail-" + _slug(data.title), data.detail_columns))
+    for table in data.group_tables:
+        table_id = "groups-" + _slug(f"{data.title} {table.task} {table.metric}")
+        parts.append(f"<{h2}>{html.escape(group_table_title(table))}</{h2}><p class=note>{html.escape(GROUP_NOTE)}</p>"
+                     + scores_html(group_table_rows(data, table), table.columns, table_id, table.groups))
     if data.portions:
         keys = [k for k in data.portions[0] if k != "sources"]
         rows = "".join(
@@ -358,12 +426,13 @@ def _html_section(data: ReportData, images: dict[str, bytes], level: int = 1) ->
         )
         parts.append(f"<{h2}>Portions</{h2}><table id=portions><tr>" + "".join(f"<th>{k}</th>" for k in keys) + f"<th>sources</th></tr>{rows}</table>")
     if data.compute:
-        keys = sorted({k for v in data.compute.values() for k in v})
-        rows = "".join(
-            f"<tr><th scope=row>{html.escape(m)}</th>" + "".join(f"<td>{v[k]:.1f}</td>" if k in v else "<td>–</td>" for k in keys) + "</tr>"
-            for m, v in data.compute.items()
-        )
-        parts.append(f"<{h2}>Wall time and compute per method</{h2}><table id=compute><tr><th>model</th>" + "".join(f"<th>{k}</th>" for k in keys) + f"</tr>{rows}</table>")
+        header, rows = compute_table(data)
+        body = "".join(f"<tr><th scope=row>{html.escape(r[0])}</th><td style='text-align:left'>{html.escape(r[1])}</td>"
+                       + "".join(f"<td>{html.escape(c)}</td>" for c in r[2:]) + "</tr>" for r in rows)
+        parts.append(f"<{h2}>Wall time and compute per method</{h2}><p class=note>{html.escape(COMPUTE_NOTE)}</p>"
+                     + f"<table id=compute-{_slug(data.title)} class=compute><thead><tr>"
+                     + "".join(f"<th{' style=text-align:left' if i < 2 else ''}>{html.escape(c)}</th>" for i, c in enumerate(header))
+                     + f"</tr></thead><tbody>{body}</tbody></table>")
     for control in data.controls:
         parts.append("<section class=control>" + _html_section(control, render_plots(control), level + 1) + "</section>")
     return "\n".join(parts)
@@ -397,21 +466,110 @@ def write_report(data: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
 MODEL_ORDER = ["base", "vanilla", "vanilla (best checkpoint)", "short", "soup", "l2", "ewc", "replay", "curation", "sub-models (mean)", "ensemble", "DTM"]
 
 
+# task type -> its headline metrics as (metric, column suffix); the first is the main one. A
+# generation task also shows format compliance, which can be high while exact match is low.
+HEADLINE_METRICS: dict[str, list[tuple[str, str]]] = {
+    "multiple_choice": [("acc", "")],
+    "generate": [("exact_match", ""), ("pattern_match", " (format)")],
+}
+
+
+def headline_metrics(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, suffix) of the headline metrics this result has; none without its main metric."""
+    wanted = HEADLINE_METRICS.get(result["type"], [])
+    if not wanted or result["metrics"].get(wanted[0][0]) is None:
+        return []
+    return [(m, suffix) for m, suffix in wanted if result["metrics"].get(m) is not None]
+
+
 def task_columns(result: dict[str, Any]) -> dict[str, float]:
-    """Headline numbers of one task result: its main metric, per group for multiple choice,
-    and format compliance for generation."""
-    task, kind, metrics = result["task"], result["type"], result["metrics"]
-    main = {"multiple_choice": "acc", "generate": "exact_match"}.get(kind)
-    if main is None or metrics.get(main) is None:
-        return {}
-    cols = {task: metrics[main]}
-    if kind == "multiple_choice":
+    """Headline numbers of one task result: its main metric (and format compliance for
+    generation), overall and per group (`task/group`)."""
+    task = result["task"]
+    cols: dict[str, float] = {}
+    for metric, suffix in headline_metrics(result):
+        cols[task + suffix] = result["metrics"][metric]
         for group, m in result.get("groups", {}).items():
-            if m.get(main) is not None:
-                cols[f"{task}/{group}"] = m[main]
-    elif metrics.get("pattern_match") is not None:
-        cols[f"{task} (format)"] = metrics["pattern_match"]
+            if m.get(metric) is not None:
+                cols[f"{task}/{group}{suffix}"] = m[metric]
     return cols
+
+
+def grouped_generation_tasks(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[str]]:
+    """(task, metric, suffix) -> groups, for generation tasks whose results are split into groups
+    (the lab's instruction following by instruction type), in first-seen order over `results`."""
+    found: dict[tuple[str, str, str], list[str]] = {}
+    for result in results:
+        if result["type"] != "generate" or not result.get("groups"):
+            continue
+        for metric, suffix in headline_metrics(result):
+            groups = found.setdefault((result["task"], metric, suffix), [])
+            groups += [g for g, m in result["groups"].items() if m.get(metric) is not None and g not in groups]
+    return found
+
+
+def group_table_models(models: list[str]) -> list[str]:
+    """Rows of a per-group table: every model but vanilla's checkpoints, each sub-model (sub-1..sub-K,
+    in numeric order) right after their mean: the table asks whether each of them learned every group."""
+    subs = sorted((m for m in models if _is_sub_model(m)), key=lambda m: int(m.removeprefix("sub-")))
+    rows: list[str] = []
+    for m in models:
+        if _is_sub_model(m) or m.startswith("vanilla@") or m == "vanilla (best checkpoint)":
+            continue
+        rows.append(m)
+        if m == "sub-models (mean)":
+            rows += subs
+    return rows + [m for m in subs if m not in rows]
+
+
+def _is_sub_model(name: str) -> bool:
+    return name.startswith("sub-") and name.removeprefix("sub-").isdigit()
+
+
+def training_cost(complete: dict[str, Any]) -> dict[str, float]:
+    """What one trained model cost, from its training_complete.json: optimizer steps, examples
+    processed (examples × epochs, replay included; training records no token counts) and seconds."""
+    cfg = complete.get("config", {})
+    n = complete["examples"] + complete.get("replay_examples", 0)
+    if cfg.get("max_steps", -1) > 0:  # stopped by steps, not epochs: every step saw a full batch
+        processed = complete["steps"] * cfg["per_device_train_batch_size"] * cfg.get("gradient_accumulation_steps", 1)
+    else:
+        processed = n * cfg["num_train_epochs"]
+    return {"steps": float(complete["steps"]), "examples": float(processed), "seconds": float(complete["seconds"])}
+
+
+def _sum_costs(costs: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise sum; a key missing from any part is left out (a partial sum would understate the cost)."""
+    keys = set.intersection(*(set(c) for c in costs)) if costs else set()
+    return {k: sum(c[k] for c in costs) for k in sorted(keys)}
+
+
+def method_costs(trained: dict[str, dict[str, float]], merge_seconds: dict[str, float],
+                 ensembles: tuple[str, ...] = ()) -> dict[str, tuple[str, dict[str, float]]]:
+    """method -> (what it sums, its cost), by the pipeline's model names: DTM = sub-1..sub-K + its merge,
+    soup = short + soup-2.. + its merge, WiSE-FT = its merge only (vanilla is reused, not retrained), an
+    ensemble = its sub-models (no merge); every other trained or merged model is its own cost."""
+    subs = sorted((n for n in trained if _is_sub_model(n)), key=lambda n: int(n.removeprefix("sub-")))
+    ingredients = [n for n in trained if n == "short"] + sorted((n for n in trained if n.startswith("soup-")),
+                                                                key=lambda n: int(n.removeprefix("soup-")))
+    zero = {"steps": 0.0, "examples": 0.0, "seconds": 0.0}
+    out: dict[str, tuple[str, dict[str, float]]] = {}
+    for name, cost in trained.items():
+        if not _is_sub_model(name) and not name.startswith("soup-"):
+            out[name] = (name, dict(cost))
+    for name, sec in merge_seconds.items():
+        parts = {"DTM": subs, "soup": ingredients}.get(name, [])
+        merged = {**zero, "seconds": sec}
+        if parts:
+            out[name] = (", ".join(parts) + " + merge", _sum_costs([trained[p] for p in parts] + [merged]))
+        elif name.startswith("wise_ft"):
+            out[name] = ("merge only (reuses vanilla)", merged)
+        else:
+            out[name] = ("merge", merged)
+    for name in ensembles:
+        if subs:
+            out[name] = (", ".join(subs) + " (no merge)", _sum_costs([trained[p] for p in subs]))
+    return out
 
 
 def _group_of(model: str) -> str:
@@ -428,16 +586,44 @@ def _group_of(model: str) -> str:
     return {"DTM": "dtm", "soup": "soup"}.get(model, "baseline")
 
 
+def load_results(eval_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """model -> task -> result, from one seed run's eval/<model>.json files."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(eval_dir.glob("*.json"))}
+
+
+def scores_of(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """model -> column -> value, from `load_results`' model -> task -> result."""
+    scores: dict[str, dict[str, float]] = {}
+    for model, by_task in results.items():
+        cols: dict[str, float] = {}
+        for result in by_task.values():
+            cols |= task_columns(result)
+        scores[model] = cols
+    return scores
+
+
 def collect_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
     """model -> column -> value from one seed run's eval/<model>.json files."""
-    scores: dict[str, dict[str, float]] = {}
-    for path in sorted(eval_dir.glob("*.json")):
-        results = json.loads(path.read_text())
-        cols: dict[str, float] = {}
-        for result in results.values():
-            cols |= task_columns(result)
-        scores[path.stem] = cols
-    return scores
+    return scores_of(load_results(eval_dir))
+
+
+def run_costs(root: Path, evaluated: list[str]) -> dict[str, tuple[str, dict[str, float]]]:
+    """`method_costs` of one seed run: training from each model's training_complete.json (the train
+    manifest's seconds where that file is missing), merge seconds from the merge manifest."""
+    def outputs(stage: str) -> dict[str, Any]:
+        path = root / "manifests" / f"{stage}.json"
+        return json.loads(path.read_text()).get("outputs", {}) if path.is_file() else {}
+
+    train_m, merge_m = outputs("train"), outputs("merge")
+    trained: dict[str, dict[str, float]] = {}
+    for name in train_m.get("models", train_m.get("seconds", {})):
+        complete = root / "models" / name / "training_complete.json"
+        if complete.is_file():
+            trained[name] = training_cost(json.loads(complete.read_text()))
+        elif name in train_m.get("seconds", {}):
+            trained[name] = {"seconds": float(train_m["seconds"][name])}
+    merge_seconds = {n: float(merge_m.get("seconds", {}).get(n, 0.0)) for n in merge_m.get("models", merge_m.get("seconds", {}))}
+    return method_costs(trained, merge_seconds, tuple(m for m in evaluated if m == "ensemble"))
 
 
 def _best_checkpoint(scores: dict[str, dict[str, float]], column: str) -> dict[str, float] | None:
@@ -447,7 +633,10 @@ def _best_checkpoint(scores: dict[str, dict[str, float]], column: str) -> dict[s
 
 def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[str] | None = None) -> ReportData:
     """Assemble ReportData from seed run directories [(config, root)] of one experiment."""
-    per_seed = [(cfg, root, collect_scores(root / "eval")) for cfg, root in runs]
+    results = [load_results(root / "eval") for _, root in runs]
+    per_seed = [(cfg, root, scores_of(res)) for (cfg, root), res in zip(runs, results)]
+    grouped = grouped_generation_tasks([r for res in results for by_task in res.values() for r in by_task.values()])
+    group_cols = {f"{task}/{g}{suffix}" for (task, _, suffix), groups in grouped.items() for g in groups}
     columns: list[str] = []
     for _, _, scores in per_seed:
         for s in scores.values():
@@ -460,6 +649,7 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
     merged: dict[str, dict[str, list[float]]] = {}
     curve: dict[str, dict[float, list[float]]] = {}
     compute: dict[str, dict[str, list[float]]] = {}
+    compute_parts: dict[str, str] = {}
     losses: dict[float, list[tuple[float, float]]] = {}
     for cfg, root, scores in per_seed:
         fractions_file = root / "models" / "vanilla" / "fractions" / "fractions.json"
@@ -483,18 +673,10 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
                 for c, v in cols.items():
                     if "/" not in c and "(format)" not in c:
                         curve.setdefault(c, {}).setdefault(frac, []).append(v)
-        train_m = json.loads((root / "manifests" / "train.json").read_text()) if (root / "manifests" / "train.json").is_file() else {}
-        merge_m = json.loads((root / "manifests" / "merge.json").read_text()) if (root / "manifests" / "merge.json").is_file() else {}
-        seconds = dict(train_m.get("outputs", {}).get("seconds", {}))
-        for name, sec in merge_m.get("outputs", {}).get("seconds", {}).items():
-            seconds[name] = seconds.get(name, 0.0) + sec
-        if any(n.startswith("sub-") for n in seconds):
-            seconds["DTM"] = sum(v for n, v in seconds.items() if n.startswith("sub-")) + seconds.get("DTM", 0.0)
-        if "soup" in seconds or "short" in seconds:
-            seconds["soup"] = seconds.get("soup", 0.0) + sum(v for n, v in seconds.items() if n == "short" or n.startswith("soup-"))
-        for name, sec in seconds.items():
-            if not name.startswith(("sub-", "soup-")):
-                compute.setdefault(name, {}).setdefault("train+merge seconds", []).append(sec)
+        for method, (what, cost) in run_costs(root, list(scores)).items():
+            compute_parts[method] = what
+            for key, value in cost.items():
+                compute.setdefault(method, {}).setdefault(key, []).append(value)
 
     ordered = [m for m in MODEL_ORDER if m in merged] + sorted(m for m in merged if m not in MODEL_ORDER)
     shown = {m: merged[m] for m in ordered}
@@ -517,12 +699,18 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
     table = [m for m in shown if not m.startswith(("vanilla@", "sub-")) or m == "sub-models (mean)"]
     # At a glance: every task's main metric, and the splits of the knowledge column only.
     headline = [c for c in columns if "/" not in c or (k_col is not None and c.startswith(k_col + "/"))]
+    detail = [c for c in columns if c not in group_cols]  # grouped generation tasks get their own tables
+    rows = group_table_models(ordered)
+    group_tables = [GroupTable(task, metric, suffix, groups, [f"{task}/{g}{suffix}" for g in groups], rows)
+                    for (task, metric, suffix), groups in grouped.items()]
+    order = [m for m in ordered if m in compute] + [m for m in compute if m not in ordered]
     return ReportData(
-        title=title, scores=shown, columns=headline, detail_columns=columns if headline != columns else [],
+        title=title, scores=shown, columns=headline, detail_columns=detail if headline != detail else [],
+        group_tables=group_tables, compute_parts=compute_parts,
         notes=notes, tax_curve=curve, table=table, losses=losses,
         tradeoff_axes=(k_col, i_col) if k_col and i_col else None, groups={m: _group_of(m) for m in shown},
         portions=disperse_m.get("stats", []),
-        compute={m: {k: mean_std(v)[0] for k, v in c.items()} for m, c in compute.items()},
+        compute={m: {k: mean_std(v)[0] for k, v in compute[m].items()} for m in order},
     )
 
 
