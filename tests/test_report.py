@@ -148,6 +148,7 @@ def test_training_cost_counts_examples_times_epochs():
     assert training_cost(complete(10, 6, 1.5)) == {"steps": 6.0, "examples": 30.0, "seconds": 1.5}
     assert training_cost(complete(10, 6, 1.5, epochs=2.0, replay=5))["examples"] == 30.0  # (10 + 5) x 2
     assert training_cost(complete(10, 5, 1.0, max_steps=5))["examples"] == 40.0  # 5 steps x batch 4 x accumulation 2
+    assert training_cost(complete(10, 6, 1.5) | {"trained_tokens": 1234})["tokens"] == 1234.0  # recorded by training
 
 
 def test_method_costs_sum_each_methods_models():

@@ -103,6 +103,9 @@ def test_lora_run_writes_adapter_logs_fractions_and_is_skipped_when_done(base_di
     assert [r["step"] for r in rows] == [1, 2, 4, 6, 8]
     assert all({"loss", "lr", "tokens_per_second"} <= set(r) and r["tokens_per_second"] > 0 for r in rows)
     assert list((out / "logs").glob("events.out.tfevents.*"))
+    done = json.loads((out / COMPLETE_FILE).read_text())
+    steps_per_epoch = -(-done["examples"] // cfg.train.per_device_train_batch_size)
+    assert done["trained_tokens"] == round(done["tokens_per_epoch"] * done["steps"] / steps_per_epoch) > 0
     summary = json.loads((out / "fractions" / "fractions.json").read_text())
     assert [r["step"] for r in summary] == [0, 4, 8]
     assert all("train_loss" in r and "val_loss" in r for r in summary)

@@ -178,12 +178,14 @@ GROUP_NOTE = ("Mean ± sample std over seeds, one column per group of the task's
 COMPUTE_COLUMNS = {  # key -> (header, decimals)
     "steps": ("optimizer steps", 0),
     "examples": ("examples processed (examples × epochs)", 0),
+    "tokens": ("tokens processed (no padding)", 0),
     "seconds": ("train+merge seconds", 1),
 }
 COMPUTE_NOTE = (
     "Mean over seeds. A method's numbers are the sum over the models it needs (column 'sums'): DTM's sub-models "
     "and merge, the soup's ingredients and merge; WiSE-FT reuses vanilla and adds only a merge (0 training of its own). "
-    "Examples processed = training examples × epochs (token counts are not recorded by training). Seconds are summed "
+    "Examples processed = training examples × epochs; tokens processed = their real tokens (prompt and response, "
+    "padding excluded). Seconds are summed "
     "even where models were trained side by side, so they measure compute, not the wait."
 )
 
@@ -528,14 +530,17 @@ def _is_sub_model(name: str) -> bool:
 
 def training_cost(complete: dict[str, Any]) -> dict[str, float]:
     """What one trained model cost, from its training_complete.json: optimizer steps, examples
-    processed (examples × epochs, replay included; training records no token counts) and seconds."""
+    processed (examples × epochs, replay included), real tokens processed (where training recorded them) and seconds."""
     cfg = complete.get("config", {})
     n = complete["examples"] + complete.get("replay_examples", 0)
     if cfg.get("max_steps", -1) > 0:  # stopped by steps, not epochs: every step saw a full batch
         processed = complete["steps"] * cfg["per_device_train_batch_size"] * cfg.get("gradient_accumulation_steps", 1)
     else:
         processed = n * cfg["num_train_epochs"]
-    return {"steps": float(complete["steps"]), "examples": float(processed), "seconds": float(complete["seconds"])}
+    cost = {"steps": float(complete["steps"]), "examples": float(processed), "seconds": float(complete["seconds"])}
+    if "trained_tokens" in complete:
+        cost["tokens"] = float(complete["trained_tokens"])
+    return cost
 
 
 def _sum_costs(costs: list[dict[str, float]]) -> dict[str, float]:
@@ -552,7 +557,7 @@ def method_costs(trained: dict[str, dict[str, float]], merge_seconds: dict[str, 
     subs = sorted((n for n in trained if _is_sub_model(n)), key=lambda n: int(n.removeprefix("sub-")))
     ingredients = [n for n in trained if n == "short"] + sorted((n for n in trained if n.startswith("soup-")),
                                                                 key=lambda n: int(n.removeprefix("soup-")))
-    zero = {"steps": 0.0, "examples": 0.0, "seconds": 0.0}
+    zero = {k: 0.0 for cost in trained.values() for k in cost} or {"steps": 0.0, "examples": 0.0, "seconds": 0.0}
     out: dict[str, tuple[str, dict[str, float]]] = {}
     for name, cost in trained.items():
         if not _is_sub_model(name) and not name.startswith("soup-"):

@@ -578,6 +578,9 @@ def train_model(
         "replay_examples": len(examples) - n_sft,
         "regularizer": regularizer,
         "steps": trainer.state.global_step,
+        # compute, in real tokens (padding excluded): what the report's cost table sums
+        "tokens_per_epoch": sum(len(e["input_ids"]) for e in examples),
+        "trained_tokens": round(sum(len(e["input_ids"]) for e in examples) * (trainer.state.epoch or 0.0)),
         "train_loss": result.training_loss,
         "seconds": round(time.perf_counter() - started, 2),
         "resumed_from_step": resume_step,
