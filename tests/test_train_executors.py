@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,32 @@ def test_a_crashed_training_is_retried_and_resumes_from_its_checkpoint(base_dir,
     err = _with_retries(job, lambda: train_model(base_dir, job.data, job.out, cfg, progress=False, callbacks=[CrashOnce()]), retries=1)
     assert err is None and CrashOnce.crashed
     assert json.loads((job.out / COMPLETE_FILE).read_text())["resumed_from_step"] == 2
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_pool_workers_really_run_one_torch_thread():
+    # the evaluation pool runs no training code that would set it: the initializer must
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dtm.training.executors import one_thread_worker
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=one_thread_worker) as pool:
+        assert pool.submit(_torch_threads).result() == 1
+
+
+def test_worker_pool_is_shared_until_discarded():
+    from dtm.training.executors import discard_pool, worker_pool
+
+    pool = worker_pool(3)
+    assert worker_pool(3) is pool  # one start-up per run, not per stage
+    pids = {pool.submit(os.getpid).result() for _ in range(3)}
+    assert os.getpid() not in pids and pool.submit(_torch_threads).result() == 1
+    discard_pool(3)
+    assert worker_pool(3) is not pool
+    discard_pool(3)

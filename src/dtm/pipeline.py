@@ -273,16 +273,13 @@ def stage_eval(run: Run) -> dict[str, Any]:
     if workers <= 1:
         _evaluate_group(models, tasks, str(run.root / "eval"), kwargs)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from dtm.training.executors import worker_pool
 
-        from dtm.training.executors import one_thread_worker
-
-        names = list(models)
-        groups = [{n: models[n] for n in names[i::workers]} for i in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=one_thread_worker) as pool:
-            for future in [pool.submit(_evaluate_group, g, tasks, str(run.root / "eval"), kwargs | {"progress": False}) for g in groups]:
-                future.result()
+        pool = worker_pool(cfg.train.num_workers)  # the training workers, already started
+        futures = [pool.submit(_evaluate_group, {name: spec}, tasks, str(run.root / "eval"), kwargs | {"progress": False})
+                   for name, spec in models.items()]
+        for future in futures:
+            future.result()
     return {"models": sorted(models), "tasks": tasks}
 
 

@@ -100,9 +100,43 @@ def training_seconds(out: Path) -> float:
 
 
 def one_thread_worker() -> None:
-    """Process-pool initializer: one BLAS/OpenMP thread per process (more threads than cores slows steps tenfold)."""
+    """Process-pool initializer: one BLAS/OpenMP thread per process (more threads than cores slows steps tenfold).
+
+    The environment variables alone are not enough: torch may already be imported (its thread
+    pool sized to every core) by the time the initializer runs, so set torch's count too."""
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+_POOLS: dict[int, Any] = {}
+
+
+def worker_pool(workers: int):
+    """A `ProcessPoolExecutor` of `workers` one-thread processes, kept for the life of this process.
+
+    A fresh worker pays for a Python start and the torch/transformers imports (about 5 s on
+    the lab machine); `dtm run` trains and evaluates several stages per seed, so one pool for
+    the whole run saves that at every stage. Every job seeds itself, so a reused worker trains
+    exactly as a fresh one. A pool broken by a killed worker is replaced (`discard_pool`).
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = _POOLS.get(workers)
+    if pool is None or getattr(pool, "_broken", False):
+        pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=one_thread_worker)
+    return pool
+
+
+def discard_pool(workers: int) -> None:
+    """Drop (and shut down) the shared pool of this size, e.g. after one of its workers died."""
+    pool = _POOLS.pop(workers, None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _cuda() -> bool:
@@ -178,27 +212,29 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
             if err:
                 failures[job.name] = err
         return failures
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     failures = {}
     pending = {j.name: j for j in jobs}
     for _ in range(config.train.retries + 1):
-        # a fresh pool per round: a worker killed by the OS breaks the whole pool
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=one_thread_worker) as pool:
-            futures = {name: pool.submit(run_job, job, config, base, 1, False) for name, job in pending.items()}
-            for name, future in futures.items():
-                try:
-                    future.result()
-                    del pending[name]
-                    failures.pop(name, None)
-                    log.info("%s: done", name)
-                except DtmError as e:
-                    failures[name] = str(e)
-                    del pending[name]
-                except Exception as e:
-                    failures[name] = f"{type(e).__name__}: {e}"
-                    log.warning("%s: failed (%s), will retry", name, failures[name])
+        pool = worker_pool(config.train.num_workers)
+        futures = {name: pool.submit(run_job, job, config, base, 1, False) for name, job in pending.items()}
+        broken = False
+        for name, future in futures.items():
+            try:
+                future.result()
+                del pending[name]
+                failures.pop(name, None)
+                log.info("%s: done", name)
+            except DtmError as e:
+                failures[name] = str(e)
+                del pending[name]
+            except Exception as e:
+                broken |= isinstance(e, BrokenProcessPool)
+                failures[name] = f"{type(e).__name__}: {e}"
+                log.warning("%s: failed (%s), will retry", name, failures[name])
+        if broken:  # a worker killed by the OS breaks the whole pool: the retry gets a fresh one
+            discard_pool(config.train.num_workers)
         if not pending:
             break
     return failures
