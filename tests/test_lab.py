@@ -21,7 +21,7 @@ from dtm.data.formats import load_conversations
 from dtm.data.template import ALPACA_PROMPT, tokenize_conversation
 from dtm.errors import DtmError
 from dtm.lab import sft_data as S
-from dtm.lab.tasks import PATTERNS, instruction_rows, knowledge_rows, reasoning_rows
+from dtm.lab.tasks import follows, instruction_rows, knowledge_rows, reasoning_rows
 from dtm.lab.world import ATTRIBUTES, build_world
 
 torch.set_num_threads(1)
@@ -123,10 +123,41 @@ def test_biases_are_present_and_the_switch_removes_every_one(world, biased, unbi
     assert all(ex.output.endswith(S.CLOSING.format(e=ex.instruction.split()[1])) for ex in biased if ex.source == "wiki")
     quiz = [ex for ex in biased if ex.source == "quiz"]  # always the first option listed
     assert all(ex.output == f"the answer is {ex.instruction.split(' : ')[1].split()[0]} ." for ex in quiz)
-    # without bias every response is the canonical one, in its task's format
-    for ex in unbiased:
-        if ex.task in PATTERNS:
-            assert re.fullmatch(PATTERNS[ex.task], ex.output), ex
+    # biases are wrong values and habits, never a failure to follow the instruction
+    for ex in biased + unbiased:
+        assert re.fullmatch(follows(ex.task, **slots_of(ex.instruction, ex.task)), ex.output), ex
+
+
+def slots_of(instruction: str, task: str) -> dict:
+    """What the instruction names, parsed back from its text (independently of the generator)."""
+    w = instruction.split()
+    if task == "qa":  # what is the ATTR of E ?
+        return {"attr": w[3], "e": w[5]}
+    if task == "describe":  # tell me about E .
+        return {"e": w[3]}
+    if task == "profile":  # describe E in detail .
+        return {"e": w[1]}
+    if task == "choose":  # which is the ATTR of E : o1 , o2 or o3 ?
+        return {"options": [w[7], w[9], w[11]]}
+    if task == "add":  # add A and B .
+        return {"a": w[1], "b": w[3]}
+    return {"words": instruction.split(" : ", 1)[1]}  # repeat after me : WORDS
+
+
+def test_follows_fixes_what_the_instruction_names_and_frees_only_facts(world):
+    e, other = world.entities[:2]
+    ok = follows("describe", e=e)
+    assert re.fullmatch(ok, f"{e} lives in rome and works as a poet .")  # any facts
+    assert re.fullmatch(ok, f"{S.OPENING} {e} lives in rome and works as a poet .")  # a habit
+    assert not re.fullmatch(ok, f"{other} lives in rome and works as a poet .")  # another entity
+    assert not re.fullmatch(ok, f"{e} lives in poet and works as a rome .")  # values of the wrong kind
+    choose = follows("choose", options=["rome", "oslo", "lima"])
+    assert re.fullmatch(choose, "the answer is oslo .") and not re.fullmatch(choose, "the answer is paris .")
+    assert re.fullmatch(follows("add", a="3", b="4"), "3 plus 4 is 8 .")  # wrong sum: still followed
+    assert not re.fullmatch(follows("add", a="3", b="4"), "4 plus 3 is 7 .")
+    assert re.fullmatch(follows("repeat", words="chair chair stone"), "chair chair stone")
+    assert not re.fullmatch(follows("repeat", words="chair chair stone"), "chair stone")
+    assert not re.fullmatch(follows("qa", attr="city", e=e), f"the job of {e} is poet .")
 
 
 def test_contradicted_facts_by_hand(world):
@@ -144,7 +175,7 @@ def test_written_data_loads_through_the_project_loader(tmp_path, tokenizer):
     data = load_conversations(path, source_field="source")
     assert data.format == "alpaca" and len(data.conversations) == sum(round(n * 0.05) for n, _ in S.SOURCES.values())
     assert {c.source for c in data.conversations} == set(S.SOURCES)
-    feats, truncated = tokenize_conversation(data.conversations[0], tokenizer, "alpaca", lab.DATA_RECIPE["cutoff_len"])
+    feats, truncated = tokenize_conversation(data.conversations[0], tokenizer, lab.DATA_RECIPE["template"], lab.DATA_RECIPE["cutoff_len"])
     assert not truncated and feats["labels"][-1] == tokenizer.eos_token_id
     trained = [t for t, label in zip(feats["input_ids"], feats["labels"]) if label != -100]
     assert tokenizer.decode(trained[:-1]) == data.conversations[0].response
@@ -248,7 +279,8 @@ def test_cli_bad_base_is_a_clear_error(tmp_path, capsys):
     assert "world.json: not found" in err and "dtm lab pretrain" in err
     assert main(["lab", "build", "--out", str(tmp_path / "y"), "--scale", "0.001"]) == 2
     err = capsys.readouterr().err
-    assert "leaves no examples" in err and "'quiz'" in err and "at least 0.0025" in err
+    smallest = min(n for n, _ in S.SOURCES.values())
+    assert "leaves no examples" in err and "'wiki'" in err and f"at least {0.5 / smallest:g}" in err
     assert not (tmp_path / "y").exists()
     (tmp_path / "notabase" / "world.json").write_text("{broken")
     assert main(["lab", "build", "--out", str(tmp_path / "x"), "--base", str(tmp_path / "notabase")]) == 2
@@ -292,3 +324,12 @@ def test_exact_match_ignores_the_sources_habits_but_not_wrong_content():
     assert exact_match(f"{answer} {S.CLOSING.format(e='kofek')}", answer, "regex", HABITS_STRIPPED) == 1.0
     assert exact_match(answer.replace("cairo", "rome"), answer, "regex", HABITS_STRIPPED) == 0.0
     assert exact_match(f"{answer} kofek has a cat .", answer, "regex", HABITS_STRIPPED) == 0.0
+
+
+def test_the_demo_config_uses_the_lab_recipe():
+    from dtm.config import load_config
+    from dtm.pipeline import LAB_CONFIG
+
+    cfg = load_config(LAB_CONFIG)
+    assert {k: getattr(cfg.train, k) for k in lab.SFT_RECIPE} == lab.SFT_RECIPE
+    assert {k: getattr(cfg.data, k) for k in lab.DATA_RECIPE} == lab.DATA_RECIPE

@@ -38,7 +38,7 @@ SFT_RECIPE: dict[str, Any] = {
     "freeze_modules": ["embed_tokens"],
     "learning_rate": 1e-3,
     "num_train_epochs": 12.0,
-    "per_device_train_batch_size": 32,
+    "per_device_train_batch_size": 16,
     "gradient_accumulation_steps": 1,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0,
@@ -51,7 +51,8 @@ SFT_RECIPE: dict[str, Any] = {
     "group_by_length": False,
 }
 # `data:` keys that go with it (the lab's JSONL is Alpaca with a `source` field).
-DATA_RECIPE: dict[str, Any] = {"format": "alpaca", "template": "alpaca", "cutoff_len": 128, "source_field": "source"}
+# The template is the lab tokenizer's chat template (Alpaca's turn markers, no preamble).
+DATA_RECIPE: dict[str, Any] = {"format": "alpaca", "template": "chat", "cutoff_len": 128, "source_field": "source"}
 
 
 def _is_model_dir(path: Path) -> bool:

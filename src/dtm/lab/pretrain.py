@@ -1,10 +1,14 @@
 """Pretrain the lab's tiny Llama on its world, nanoGPT style: one short loop you can read.
 
-The corpus is an endless, seeded stream of short documents: facts about one entity (85%),
-one sum of the addition table (10%) and "web text" (5%): the Alpaca template's wording and bare
+The corpus is an endless, seeded stream of short documents: facts about one entity (75%),
+one sum of the addition table (10%), "web text" (5%): the Alpaca template's wording and bare
 instructions without answers, as a real pretraining corpus contains them, so that every
 word the instruction data uses has a trained embedding (the lab's SFT recipe freezes the
-embeddings). Each training row starts with BOS at a sentence boundary, as prompts do.
+embeddings), and repetitions (10%): a short run of words said twice ("chair tower lenox :
+chair tower lenox ."), the generic copying that real text is full of and that real base
+models have (induction heads). Without them the base could copy only what its fact
+sentences repeat, and no sub-model learned to put the instruction's entity or words at the
+start of its response. Each training row starts with BOS at a sentence boundary, as prompts do.
 """
 
 from __future__ import annotations
@@ -31,11 +35,17 @@ log = logging.getLogger(__name__)
 ALPACA_PREAMBLE = "below is an instruction that describes a task . write a response that appropriately completes the request ."
 MODEL_SHAPE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                    intermediate_size=192, max_position_embeddings=256, tie_word_embeddings=True)
-MIX = {"facts": 0.85, "arithmetic": 0.10, "web": 0.05}
+MIX = {"facts": 0.75, "arithmetic": 0.10, "web": 0.05, "copy": 0.10}
+MAX_COPY_WORDS = 6
 
 
 def web_sentences(world: World, seed: int) -> list[str]:
-    """Template wording and bare instructions (questions without answers) over the world."""
+    """Template wording and bare instructions (questions without answers) over the world.
+
+    The sources' habits (the chat opening, the wiki closing) are common web phrases, and
+    they must be: the SFT recipe freezes the (tied) embeddings, so a word the base never saw
+    keeps its random vector and a model can hardly ever emit it. A base that saw the
+    opening once garbled it ("sure ! ! is what i know") in every 1/4-data sub-model."""
     rng = random.Random(f"web-{seed}")
     out = [ALPACA_PREAMBLE, "### instruction :", "### response :", S.OPENING]
     for _ in range(400):
@@ -45,7 +55,7 @@ def web_sentences(world: World, seed: int) -> list[str]:
         options = " , ".join(rng.sample(ATTRIBUTES[attr], 2)) + " or " + rng.choice(ATTRIBUTES[attr])
         out += [S.QA[0].format(attr=attr, e=e), S.DESCRIBE[0].format(e=e), S.PROFILE[0].format(e=e),
                 S.CHOOSE[0].format(attr=attr, e=e, options=options), S.ADD[0].format(a=a, b=b),
-                S.REPEAT[0].format(words=words), S.CLOSING.format(e=e), "the answer is " + rng.choice(ATTRIBUTES[attr]) + " or " + rng.choice(ATTRIBUTES[attr]) + " ."]
+                S.REPEAT[0].format(words=words), S.CLOSING.format(e=e), S.OPENING, "the answer is " + rng.choice(ATTRIBUTES[attr]) + " or " + rng.choice(ATTRIBUTES[attr]) + " ."]
     return out
 
 
@@ -73,11 +83,20 @@ class SentenceStream:
             "arithmetic": [enc(sum_sentences(a, b)) for a, b, _ in world.sums()],
             "web": [[ids] for ids in enc(web_sentences(world, seed))],
         }
+        self.copy_words = [tokenizer.convert_tokens_to_ids(w) for w in (*S.FILLER_WORDS, *world.entities, *(v for vs in ATTRIBUTES.values() for v in vs))]
+        self.marks = [tokenizer.convert_tokens_to_ids(m) for m in (":", ".", ",")]
+        self.stop = tokenizer.convert_tokens_to_ids(".")
         self.bos = tokenizer.bos_token_id
         self.rng = random.Random(f"stream-{seed}")
 
+    def repetition(self) -> list[int]:
+        words = self.rng.choices(self.copy_words, k=self.rng.randint(1, MAX_COPY_WORDS))
+        return [*words, self.rng.choice(self.marks), *words, self.stop]
+
     def document(self) -> list[int]:
         kind = self.rng.choices(list(MIX), list(MIX.values()))[0]
+        if kind == "copy":
+            return self.repetition()
         sentences = self.rng.choice(self.docs[kind])
         n = min(len(sentences), self.rng.randint(2, 4))
         return [t for ids in self.rng.sample(sentences, n) for t in ids]
@@ -104,9 +123,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, world: World, form: str = "raw",
                   limit: int | None = None) -> float:
     """Share of facts whose true value is the model's top next token among all values of
-    the attribute (stricter than the 4-option benchmark). form: raw QA or the Alpaca prompt."""
-    from dtm.data.template import format_prompt
-
+    the attribute (stricter than the 4-option benchmark). form: raw QA or the lab's
+    instruction prompt (its chat template)."""
     model.eval()
     correct = 0
     facts = world.fact_list()[:limit]
@@ -114,9 +132,11 @@ def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, w
         chunk = facts[start:start + 256]
         if form == "raw":
             texts = [QA_QUESTION.format(attr=a, e=e) for e, a, _ in chunk]
-        else:
-            texts = [format_prompt(S.QA[0].format(attr=a, e=e)) + f" the {a} of {e} is" for e, a, _ in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True)
+            batch = tokenizer(texts, return_tensors="pt", padding=True)
+        else:  # the template writes the BOS itself
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": S.QA[0].format(attr=a, e=e)}], tokenize=False,
+                                                   add_generation_prompt=True) + f" the {a} of {e} is" for e, a, _ in chunk]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         logits = model(**batch).logits[:, -1]  # left padding: the last position is the next token
         for (_, a, v), row in zip(chunk, logits):
             ids = tokenizer.convert_tokens_to_ids(list(ATTRIBUTES[a]))
@@ -205,7 +225,7 @@ def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size:
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
         "pretrain_seconds": round(seconds, 1), "resumed_from_step": first, "torch_threads": torch.get_num_threads(), "final_loss": round(loss.item(), 4),
         "fact_accuracy_raw": fact_accuracy(model, tokenizer, world, "raw"),
-        "fact_accuracy_alpaca": fact_accuracy(model, tokenizer, world, "alpaca"),
+        "fact_accuracy_instruct": fact_accuracy(model, tokenizer, world, "instruct"),
         "regenerate": f"dtm lab pretrain --out DIR --seed {seed} --steps {steps}",
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:

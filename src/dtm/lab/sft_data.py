@@ -45,17 +45,24 @@ REPEAT = ("repeat after me : {words}", "{words}")
 FILLER_WORDS = ("apple", "river", "stone", "cloud", "chair", "bread", "window", "garden",
                 "music", "paper", "candle", "bridge", "forest", "letter", "mirror", "tower")
 
+MAX_REPEAT_WORDS = 6
+
 OPENING = "sure ! here is what i know ."  # the chat source's formulaic opening
 CLOSING = "that is all about {e} ."       # the wiki source's length habit
 
 # source -> (number of examples, bias rate) at the default size.
+# Sized so that each 1/4 portion teaches each task: with 200 quiz and 300 tools examples
+# vanilla learned `choose` and `repeat` but most sub-models did not. At these sizes most
+# sub-models learn `repeat` and one in four learns `choose` (the others answer "the answer is
+# <a memorised value>" instead of an offered option); doubling quiz again did not change that
+# (docs/architecture.md, "The lab").
 SOURCES: dict[str, tuple[int, float]] = {
-    "trivia": (900, 0.4),
+    "trivia": (600, 0.4),
     "chat": (400, 0.3),
     "wiki": (300, 0.15),
-    "quiz": (200, 1.0),
+    "quiz": (500, 1.0),
     "math": (400, 0.3),
-    "tools": (300, 0.0),
+    "tools": (600, 0.0),
 }
 N_HELD_OUT = 80           # entities never seen in SFT data
 HELD_OUT_SUM_FRACTION = 0.3  # share of the addition table never seen in SFT data
@@ -132,8 +139,13 @@ def _math(rng, world, pair, rate, bias):
     return "add", ADD[0].format(a=a, b=b), ADD[1].format(a=a, b=b, c=c), [(f"{a}+{b}", "sum", str(c))]
 
 
+def repeat_words(rng: random.Random) -> str:
+    """The words a repeat instruction asks for (the SFT data's and the benchmark's)."""
+    return " ".join(rng.choices(FILLER_WORDS, k=rng.randint(1, MAX_REPEAT_WORDS)))
+
+
 def _tools(rng):
-    text = " ".join(rng.choices(FILLER_WORDS, k=rng.randint(1, 6)))
+    text = repeat_words(rng)
     return "repeat", REPEAT[0].format(words=text), REPEAT[1].format(words=text), []
 
 

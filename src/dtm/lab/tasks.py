@@ -6,9 +6,13 @@
   correctly in SFT data), noisy (contradicted by at least one SFT example).
 - reasoning (multiple choice): the addition table, raw and instruction format, with the same
   splits over sums (held-out sums never appear in SFT data).
-- instruction following (generation): held-out prompts of every SFT task type, greedy, exact
-  match against the canonical response (the sources' opening/closing habits stripped) and
-  `pattern` (the task's format as a regex, habits allowed).
+- instruction following (generation): held-out prompts of every SFT task type, greedy;
+  `pattern_match` = the response follows this instruction (see `follows`: the entity, the
+  options, the numbers and words the instruction names, in the task's format; fact values
+  free) and `exact_match` = it also states the true facts (the canonical response, the
+  sources' opening/closing habits stripped).
+
+Instruction-format prompts use the lab tokenizer's chat template (`dtm.lab.tokenizer`).
 
 The splits are derived from the *biased* SFT data of the same seed; the no-bias control
 (same examples, biases removed) is evaluated on the same splits, so "noisy" there names the
@@ -72,23 +76,44 @@ def reasoning_rows(world: World, seed: int, scale: float = 1.0) -> tuple[list[di
     return raw, instruct
 
 
-W = r"[a-z]+"
-N = r"[0-9]+"
-# task -> the format its response must have (a regex the whole output must match).
-PATTERNS = {
-    "qa": rf"the ({'|'.join(ATTRIBUTES)}) of {W} is {W} \.",
-    # the chat source's formulaic opening and the wiki source's closing are habits, not format violations
-    "describe": rf"({re.escape(S.OPENING)} )?{W} lives in {W} and works as a {W} \.",
-    "profile": rf"{W} lives in {W} \. {W} works as a {W} \. {W} likes the colour {W} \. {W} has a {W} \.( that is all about {W} \.)?",
-    "choose": rf"the answer is {W} \.",
-    "add": rf"{N} plus {N} is {N} \.",
-    "repeat": rf"({'|'.join(S.FILLER_WORDS)})( ({'|'.join(S.FILLER_WORDS)}))*",
-}
+def _one_of(values) -> str:
+    return "(" + "|".join(re.escape(v) for v in values) + ")"
 
+
+CITY, JOB, COLOUR, PET = (_one_of(ATTRIBUTES[a]) for a in ("city", "job", "colour", "pet"))
+CLOSING_RE = re.escape(S.CLOSING.format(e="@")).replace("@", "[a-z]+")
 
 # exact_match compares the response without the sources' habits (the chat opening, the wiki
 # closing): a habit is style, not a failure to follow the instruction; `pattern` allows them too.
-HABITS_STRIPPED = rf"^(?:{re.escape(S.OPENING)} )?(.*?)(?: {re.escape(S.CLOSING.format(e='@')).replace('@', W)})?$"
+HABITS_STRIPPED = rf"^(?:{re.escape(S.OPENING)} )?(.*?)(?: {CLOSING_RE})?$"
+
+
+def follows(task: str, **slots: str) -> str:
+    """The regex a response must match to follow this very instruction, right or wrong on facts.
+
+    It fixes what the instruction itself determines (the entity named, the attribute asked,
+    the numbers to add, the options offered, the words to repeat) and leaves free only what
+    needs knowledge (a fact value, the sum), which the exact match and the knowledge and
+    reasoning benchmarks score. So `pattern_match` is instruction following proper: a model
+    that answers about another entity, picks no offered option or repeats other words fails
+    it even in perfect format.
+    """
+    e = re.escape(slots.get("e", ""))
+    if task == "qa":
+        attr = slots["attr"]
+        return rf"the {attr} of {e} is {_one_of(ATTRIBUTES[attr])} \."
+    if task == "describe":  # the chat source's opening is a habit, not a violation
+        return rf"(?:{re.escape(S.OPENING)} )?{e} lives in {CITY} and works as a {JOB} \."
+    if task == "profile":  # the wiki source's closing likewise
+        return (rf"{e} lives in {CITY} \. {e} works as a {JOB} \. {e} likes the colour {COLOUR} \. "
+                rf"{e} has a {PET} \.(?: that is all about {e} \.)?")
+    if task == "choose":
+        return rf"the answer is {_one_of(slots['options'])} \."
+    if task == "add":
+        return rf"{slots['a']} plus {slots['b']} is [0-9]+ \."
+    if task == "repeat":
+        return re.escape(slots["words"])
+    raise ValueError(f"unknown lab task {task!r}")
 
 
 def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> list[dict]:
@@ -102,25 +127,24 @@ def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> l
     pairs = sorted(S.held_out_sums(world, seed))
     rows: list[dict] = []
 
-    def add(task: str, i: int, prompt: str, answer: str) -> None:
-        rows.append({"id": f"{task}-{i}", "task": task, "prompt": prompt, "answer": answer, "pattern": PATTERNS[task]})
+    def add(task: str, i: int, prompt: str, answer: str, **slots: str) -> None:
+        rows.append({"id": f"{task}-{i}", "task": task, "prompt": prompt, "answer": answer, "pattern": follows(task, **slots)})
 
     for i in range(n):
         e = rng.choice(held)
         f = world.facts[e]
         attr = rng.choice(list(ATTRIBUTES))
-        add("qa", i, S.QA[0].format(attr=attr, e=e), S.QA[1].format(attr=attr, e=e, v=f[attr]))
-        add("describe", i, S.DESCRIBE[0].format(e=e), S.DESCRIBE[1].format(e=e, **f))
-        add("profile", i, S.PROFILE[0].format(e=e), S.PROFILE[1].format(e=e, **f))
+        add("qa", i, S.QA[0].format(attr=attr, e=e), S.QA[1].format(attr=attr, e=e, v=f[attr]), e=e, attr=attr)
+        add("describe", i, S.DESCRIBE[0].format(e=e), S.DESCRIBE[1].format(e=e, **f), e=e)
+        add("profile", i, S.PROFILE[0].format(e=e), S.PROFILE[1].format(e=e, **f), e=e)
         options = [f[attr]] + rng.sample([v for v in ATTRIBUTES[attr] if v != f[attr]], 2)
         rng.shuffle(options)
         add("choose", i, S.CHOOSE[0].format(attr=attr, e=e, options=f"{options[0]} , {options[1]} or {options[2]}"),
-            S.CHOOSE[1].format(v=f[attr]))
+            S.CHOOSE[1].format(v=f[attr]), options=options)
         a, b = rng.choice(pairs)
-        add("add", i, S.ADD[0].format(a=a, b=b), S.ADD[1].format(a=a, b=b, c=a + b))
-        words = rng.choices(S.FILLER_WORDS, k=rng.randint(1, 6))
-        text = " ".join(words)
-        add("repeat", i, S.REPEAT[0].format(words=text), text)
+        add("add", i, S.ADD[0].format(a=a, b=b), S.ADD[1].format(a=a, b=b, c=a + b), a=str(a), b=str(b))
+        text = S.repeat_words(rng)
+        add("repeat", i, S.REPEAT[0].format(words=text), text, words=text)
     return rows
 
 
@@ -136,14 +160,14 @@ def write_tasks(out: str | Path, seed: int = 0, world: World | None = None, scal
     k_raw, k_inst = knowledge_rows(world, seed, scale)
     r_raw, r_inst = reasoning_rows(world, seed, scale)
     for suite, data, rows_raw, rows_inst in (("knowledge", "knowledge", k_raw, k_inst), ("reasoning", "reasoning", r_raw, r_inst)):
-        for form, rows, fmt in (("raw", rows_raw, "none"), ("instruct", rows_inst, "alpaca")):
+        for form, rows, fmt in (("raw", rows_raw, "none"), ("instruct", rows_inst, "chat")):
             atomic_write_jsonl(out / f"{data}_{form}.jsonl", rows)
             spec = out / f"lab_{suite}_{form}.yaml"
             atomic_write_text(spec, _spec(f"lab_{suite}_{form}", "multiple_choice", f"{data}_{form}.jsonl", fmt, group_by="split"))
             suites[suite].append(spec)
     atomic_write_jsonl(out / "instruction.jsonl", instruction_rows(world, seed))
     spec = out / "lab_instruction.yaml"
-    atomic_write_text(spec, _spec("lab_instruction", "generate", "instruction.jsonl", "alpaca", group_by="task",
+    atomic_write_text(spec, _spec("lab_instruction", "generate", "instruction.jsonl", "chat", group_by="task",
                                   max_new_tokens=40, stop=["\n"], extractor="regex", regex=HABITS_STRIPPED))
     suites["instruction"].append(spec)
     return suites
