@@ -156,3 +156,32 @@ def test_worker_pool_is_shared_until_discarded():
     discard_pool(3)
     assert worker_pool(3) is not pool
     discard_pool(3)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_pool_workers_end_when_the_run_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, sys, time\n"
+              "from dtm.training.executors import worker_pool\n"
+              "if __name__ == '__main__':\n"
+              "    print(worker_pool(1).submit(os.getpid).result(), flush=True)\n"
+              "    time.sleep(60)\n")
+    (tmp_path / "run.py").write_text(script)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(50):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the pool worker outlived its killed parent")

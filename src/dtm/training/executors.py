@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +108,23 @@ def one_thread_worker() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _die_with_parent()
     import torch
 
     torch.set_num_threads(1)
+
+
+def _die_with_parent() -> None:
+    """On Linux, end this worker when the `dtm` process that started it ends (also on SIGKILL):
+    an idle pool worker otherwise outlives a killed run, holding its memory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 _POOLS: dict[int, Any] = {}
