@@ -185,3 +185,18 @@ def test_pool_workers_end_when_the_run_is_killed(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the pool worker outlived its killed parent")
+
+
+def test_longest_jobs_start_first(tmp_path):
+    from dtm.training.executors import Job, expected_cost
+
+    cfg = ExperimentConfig()
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    small.write_text("x" * 100)
+    big.write_text("x" * 400)
+    sub = Job("sub-1", small, tmp_path / "a", 1)
+    vanilla = Job("vanilla", big, tmp_path / "b", 1)
+    short = Job("short", big, tmp_path / "c", 1, {"num_train_epochs": cfg.train.num_train_epochs / 4})
+    jobs = sorted([sub, short, vanilla], key=lambda j: -expected_cost(j, cfg))
+    assert jobs[0].name == "vanilla"
+    assert expected_cost(vanilla, cfg) == 4 * expected_cost(sub, cfg) == 4 * expected_cost(short, cfg)

@@ -77,6 +77,20 @@ def job_config(config: ExperimentConfig, overrides: dict[str, Any]) -> Experimen
     return cfg
 
 
+def expected_cost(job: Job, config: ExperimentConfig) -> float:
+    """A job's relative cost: bytes of training data x epochs (or its max_steps). Only the
+    order matters: `run_local` starts the longest jobs first, so that a long vanilla run does
+    not start last and leave the other workers idle (longest-processing-time-first)."""
+    train = config.train.model_dump() | job.train_overrides
+    if train.get("max_steps", -1) > 0:
+        return float(train["max_steps"] * train["per_device_train_batch_size"] * 100)
+    try:
+        size = os.path.getsize(job.data)
+    except (OSError, TypeError):
+        size = 0
+    return float(size * train["num_train_epochs"])
+
+
 def run_job(job: Job, config: ExperimentConfig, base: str, threads: int | None = None, progress: bool = True) -> float:
     """Train one model (in whatever process or Ray worker this runs in); returns its seconds."""
     if threads is not None:
@@ -233,7 +247,8 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
     pending = {j.name: j for j in jobs}
     for _ in range(config.train.retries + 1):
         pool = worker_pool(config.train.num_workers)
-        futures = {name: pool.submit(run_job, job, config, base, 1, False) for name, job in pending.items()}
+        longest_first = sorted(pending.items(), key=lambda item: -expected_cost(item[1], config))
+        futures = {name: pool.submit(run_job, job, config, base, 1, False) for name, job in longest_first}
         broken = False
         for name, future in futures.items():
             try:
