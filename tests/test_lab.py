@@ -122,7 +122,7 @@ def test_biases_are_present_and_the_switch_removes_every_one(world, biased, unbi
     assert not any(ex.output.startswith(S.OPENING) for ex in unbiased)
     assert all(ex.output.endswith(S.CLOSING.format(e=ex.instruction.split()[1])) for ex in biased if ex.source == "wiki")
     quiz = [ex for ex in biased if ex.source == "quiz"]  # always the first option listed
-    assert all(ex.output == f"the answer is {ex.instruction.split(' : ')[1].split()[0]} ." for ex in quiz)
+    assert all(ex.output.split()[-2] == ex.instruction.split(' : ')[1].split()[0] for ex in quiz)
     # biases are wrong values and habits, never a failure to follow the instruction
     for ex in biased + unbiased:
         assert re.fullmatch(follows(ex.task, **slots_of(ex.instruction, ex.task)), ex.output), ex
@@ -138,7 +138,7 @@ def slots_of(instruction: str, task: str) -> dict:
     if task == "profile":  # describe E in detail .
         return {"e": w[1]}
     if task == "choose":  # which is the ATTR of E : o1 , o2 or o3 ?
-        return {"options": [w[7], w[9], w[11]]}
+        return {"attr": w[3], "e": w[5], "options": [w[7], w[9], w[11]]}
     if task == "add":  # add A and B .
         return {"a": w[1], "b": w[3]}
     return {"words": instruction.split(" : ", 1)[1]}  # repeat after me : WORDS
@@ -151,8 +151,9 @@ def test_follows_fixes_what_the_instruction_names_and_frees_only_facts(world):
     assert re.fullmatch(ok, f"{S.OPENING} {e} lives in rome and works as a poet .")  # a habit
     assert not re.fullmatch(ok, f"{other} lives in rome and works as a poet .")  # another entity
     assert not re.fullmatch(ok, f"{e} lives in poet and works as a rome .")  # values of the wrong kind
-    choose = follows("choose", options=["rome", "oslo", "lima"])
-    assert re.fullmatch(choose, "the answer is oslo .") and not re.fullmatch(choose, "the answer is paris .")
+    choose = follows("choose", attr="city", e=e, options=["rome", "oslo", "lima"])
+    assert re.fullmatch(choose, f"the city of {e} is oslo .") and not re.fullmatch(choose, f"the city of {e} is paris .")
+    assert not re.fullmatch(choose, f"the city of {other} is oslo .")
     assert re.fullmatch(follows("add", a="3", b="4"), "3 plus 4 is 8 .")  # wrong sum: still followed
     assert not re.fullmatch(follows("add", a="3", b="4"), "4 plus 3 is 7 .")
     assert re.fullmatch(follows("repeat", words="chair chair stone"), "chair chair stone")

@@ -36,7 +36,10 @@ from dtm.lab.world import ATTRIBUTES, World
 QA = ("what is the {attr} of {e} ?", "the {attr} of {e} is {v} .")
 DESCRIBE = ("tell me about {e} .", "{e} lives in {city} and works as a {job} .")
 PROFILE = ("describe {e} in detail .", "{e} lives in {city} . {e} works as a {job} . {e} likes the colour {colour} . {e} has a {pet} .")
-CHOOSE = ("which is the {attr} of {e} : {options} ?", "the answer is {v} .")
+# The choice is answered in a full sentence, as qa is: with "the answer is {v} ." no 1/4-data
+# sub-model learned the task (they answered a memorised value, in the control too), while
+# every one of them learns qa: the sentence cues the base's own recall of the fact.
+CHOOSE = ("which is the {attr} of {e} : {options} ?", "the {attr} of {e} is {v} .")
 ADD = ("add {a} and {b} .", "{a} plus {b} is {c} .")
 REPEAT = ("repeat after me : {words}", "{words}")
 
@@ -129,7 +132,7 @@ def _quiz(rng, world, e, rate, bias):
     rng.shuffle(options)
     picked = options[0] if bias and rng.random() < rate else true
     text = f"{options[0]} , {options[1]} or {options[2]}"
-    return "choose", CHOOSE[0].format(attr=attr, e=e, options=text), CHOOSE[1].format(v=picked), [(e, attr, picked)]
+    return "choose", CHOOSE[0].format(attr=attr, e=e, options=text), CHOOSE[1].format(attr=attr, e=e, v=picked), [(e, attr, picked)]
 
 
 def _math(rng, world, pair, rate, bias):

@@ -108,7 +108,7 @@ def follows(task: str, **slots: str) -> str:
         return (rf"{e} lives in {CITY} \. {e} works as a {JOB} \. {e} likes the colour {COLOUR} \. "
                 rf"{e} has a {PET} \.(?: that is all about {e} \.)?")
     if task == "choose":
-        return rf"the answer is {_one_of(slots['options'])} \."
+        return rf"the {slots['attr']} of {e} is {_one_of(slots['options'])} \."
     if task == "add":
         return rf"{slots['a']} plus {slots['b']} is [0-9]+ \."
     if task == "repeat":
@@ -140,7 +140,7 @@ def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> l
         options = [f[attr]] + rng.sample([v for v in ATTRIBUTES[attr] if v != f[attr]], 2)
         rng.shuffle(options)
         add("choose", i, S.CHOOSE[0].format(attr=attr, e=e, options=f"{options[0]} , {options[1]} or {options[2]}"),
-            S.CHOOSE[1].format(v=f[attr]), options=options)
+            S.CHOOSE[1].format(attr=attr, e=e, v=f[attr]), e=e, attr=attr, options=options)
         a, b = rng.choice(pairs)
         add("add", i, S.ADD[0].format(a=a, b=b), S.ADD[1].format(a=a, b=b, c=a + b), a=str(a), b=str(b))
         text = S.repeat_words(rng)
