@@ -55,10 +55,8 @@ CLOSING = "that is all about {e} ."       # the wiki source's length habit
 
 # source -> (number of examples, bias rate) at the default size.
 # Sized so that each 1/4 portion teaches each task: with 200 quiz and 300 tools examples
-# vanilla learned `choose` and `repeat` but most sub-models did not. At these sizes most
-# sub-models learn `repeat` and one in four learns `choose` (the others answer "the answer is
-# <a memorised value>" instead of an offered option); doubling quiz again did not change that
-# (docs/architecture.md, "The lab").
+# vanilla learned `choose` and `repeat` but most sub-models did not. `choose` is still the
+# weakest task per sub-model (docs/architecture.md, "The lab").
 SOURCES: dict[str, tuple[int, float]] = {
     "trivia": (600, 0.4),
     "chat": (400, 0.3),
