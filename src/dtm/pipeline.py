@@ -273,12 +273,12 @@ def stage_eval(run: Run) -> dict[str, Any]:
     if workers <= 1:
         _evaluate_group(models, tasks, str(run.root / "eval"), kwargs)
     else:
-        from dtm.training.executors import worker_pool
+        from dtm.training.executors import finished_in_turn, worker_pool
 
         pool = worker_pool(cfg.train.num_workers)  # the training workers, already started
-        futures = [pool.submit(_evaluate_group, {name: spec}, tasks, str(run.root / "eval"), kwargs | {"progress": False})
-                   for name, spec in models.items()]
-        for future in futures:
+        futures = {pool.submit(_evaluate_group, {name: spec}, tasks, str(run.root / "eval"), kwargs | {"progress": False}): name
+                   for name, spec in models.items()}
+        for future in finished_in_turn(futures, "eval"):
             future.result()
     return {"models": sorted(models), "tasks": tasks}
 

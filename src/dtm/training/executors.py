@@ -124,8 +124,10 @@ def one_thread_worker() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _die_with_parent()
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # a worker's bars ("Loading weights" per model) would interleave; the pool shows one
 
 
 def _die_with_parent() -> None:
@@ -159,6 +161,19 @@ def worker_pool(workers: int):
     if pool is None or getattr(pool, "_broken", False):
         pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=one_thread_worker)
     return pool
+
+
+def finished_in_turn(futures: dict[Any, str], what: str):
+    """Yield futures as they finish, with one progress bar over them (the names done so far)."""
+    from concurrent.futures import as_completed
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(futures), desc=what, unit="model") as bar:
+        for future in as_completed(futures):
+            bar.set_postfix_str(futures[future])
+            bar.update()
+            yield future
 
 
 def discard_pool(workers: int) -> None:
@@ -248,9 +263,10 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
     for _ in range(config.train.retries + 1):
         pool = worker_pool(config.train.num_workers)
         longest_first = sorted(pending.items(), key=lambda item: -expected_cost(item[1], config))
-        futures = {name: pool.submit(run_job, job, config, base, 1, False) for name, job in longest_first}
+        futures = {pool.submit(run_job, job, config, base, 1, False): name for name, job in longest_first}
         broken = False
-        for name, future in futures.items():
+        for future in finished_in_turn(futures, "train"):
+            name = futures[future]
             try:
                 future.result()
                 del pending[name]
