@@ -301,7 +301,7 @@ def merge_streaming(
     files = shard_names(len(shards))
     total = sum(t.nbytes for t in plan)
     weight_map = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress, delay=1.0)  # no bar for a merge that takes under a second
     reader = ChunkReader()
     # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
     # and on a busy machine one descheduled OpenMP worker stalls every op (measured: 30x slower
