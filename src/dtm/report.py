@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -513,7 +514,7 @@ def grouped_generation_tasks(results: list[dict[str, Any]]) -> dict[tuple[str, s
 def group_table_models(models: list[str]) -> list[str]:
     """Rows of a per-group table: every model but vanilla's checkpoints, each sub-model (sub-1..sub-K,
     in numeric order) right after their mean: the table asks whether each of them learned every group."""
-    subs = sorted((m for m in models if _is_sub_model(m)), key=lambda m: int(m.removeprefix("sub-")))
+    subs = sub_models(models)
     rows: list[str] = []
     for m in models:
         if _is_sub_model(m) or m.startswith("vanilla@") or m == "vanilla (best checkpoint)":
@@ -526,6 +527,11 @@ def group_table_models(models: list[str]) -> list[str]:
 
 def _is_sub_model(name: str) -> bool:
     return name.startswith("sub-") and name.removeprefix("sub-").isdigit()
+
+
+def sub_models(names: Iterable[str]) -> list[str]:
+    """The sub-model names among `names`, in numeric order (sub-2 before sub-10)."""
+    return sorted((n for n in names if _is_sub_model(n)), key=lambda n: int(n.removeprefix("sub-")))
 
 
 def training_cost(complete: dict[str, Any]) -> dict[str, float]:
@@ -554,7 +560,7 @@ def method_costs(trained: dict[str, dict[str, float]], merge_seconds: dict[str, 
     """method -> (what it sums, its cost), by the pipeline's model names: DTM = sub-1..sub-K + its merge,
     soup = short + soup-2.. + its merge, WiSE-FT = its merge only (vanilla is reused, not retrained), an
     ensemble = its sub-models (no merge); every other trained or merged model is its own cost."""
-    subs = sorted((n for n in trained if _is_sub_model(n)), key=lambda n: int(n.removeprefix("sub-")))
+    subs = sub_models(trained)
     ingredients = [n for n in trained if n == "short"] + sorted((n for n in trained if n.startswith("soup-")),
                                                                 key=lambda n: int(n.removeprefix("soup-")))
     zero = {k: 0.0 for cost in trained.values() for k in cost} or {"steps": 0.0, "examples": 0.0, "seconds": 0.0}
@@ -612,14 +618,16 @@ def collect_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
     return scores_of(load_results(eval_dir))
 
 
+def manifest_outputs(root: Path, stage: str) -> dict[str, Any]:
+    """The `outputs` a finished stage recorded in its manifest ({} if it has none yet)."""
+    path = root / "manifests" / f"{stage}.json"
+    return json.loads(path.read_text()).get("outputs", {}) if path.is_file() else {}
+
+
 def run_costs(root: Path, evaluated: list[str]) -> dict[str, tuple[str, dict[str, float]]]:
     """`method_costs` of one seed run: training from each model's training_complete.json (the train
     manifest's seconds where that file is missing), merge seconds from the merge manifest."""
-    def outputs(stage: str) -> dict[str, Any]:
-        path = root / "manifests" / f"{stage}.json"
-        return json.loads(path.read_text()).get("outputs", {}) if path.is_file() else {}
-
-    train_m, merge_m = outputs("train"), outputs("merge")
+    train_m, merge_m = manifest_outputs(root, "train"), manifest_outputs(root, "merge")
     trained: dict[str, dict[str, float]] = {}
     for name in train_m.get("models", train_m.get("seconds", {})):
         complete = root / "models" / name / "training_complete.json"
@@ -694,12 +702,12 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
         + (f"{cfg0.train.max_steps} steps, " if cfg0.train.max_steps > 0 else f"{cfg0.train.num_train_epochs:g} epochs, ")
         + f"batch {cfg0.train.per_device_train_batch_size}x{cfg0.train.gradient_accumulation_steps}",
     ]
-    data_m = json.loads((root0 / "manifests" / "data.json").read_text()).get("outputs", {}) if (root0 / "manifests" / "data.json").is_file() else {}
+    data_m = manifest_outputs(root0, "data")
     if data_m.get("lab"):
         lab = data_m["lab"]
         notes.append(f"lab data: {lab['examples']} SFT examples; per source {lab['examples_per_source']}; per task {lab['examples_per_task']}")
         notes.append(f"lab base model knowledge: {lab['base_fact_accuracy']}")
-    disperse_m = json.loads((root0 / "manifests" / "disperse.json").read_text()).get("outputs", {}) if (root0 / "manifests" / "disperse.json").is_file() else {}
+    disperse_m = manifest_outputs(root0, "disperse")
     notes.append("vanilla (best checkpoint) is picked on the test benchmark itself: an optimistic bound for vanilla")
     table = [m for m in shown if not m.startswith(("vanilla@", "sub-")) or m == "sub-models (mean)"]
     # At a glance: every task's main metric, and the splits of the knowledge column only.

@@ -125,6 +125,8 @@ def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, w
     """Share of facts whose true value is the model's top next token among all values of
     the attribute (stricter than the 4-option benchmark). form: raw QA or the lab's
     instruction prompt (its chat template)."""
+    from dtm.data.template import format_prompt
+
     model.eval()
     correct = 0
     facts = world.fact_list()[:limit]
@@ -134,8 +136,7 @@ def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, w
             texts = [QA_QUESTION.format(attr=a, e=e) for e, a, _ in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True)
         else:  # the template writes the BOS itself
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": S.QA[0].format(attr=a, e=e)}], tokenize=False,
-                                                   add_generation_prompt=True) + f" the {a} of {e} is" for e, a, _ in chunk]
+            texts = [format_prompt(S.QA[0].format(attr=a, e=e), "chat", tokenizer) + f" the {a} of {e} is" for e, a, _ in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         logits = model(**batch).logits[:, -1]  # left padding: the last position is the next token
         for (_, a, v), row in zip(chunk, logits):

@@ -569,6 +569,7 @@ def train_model(
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except OSError as e:
         raise _disk_error(e, out, "training (writing a checkpoint)") from None
+    tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
     summary = {
         "name": name,
         "base": str(base),
@@ -579,8 +580,8 @@ def train_model(
         "regularizer": regularizer,
         "steps": trainer.state.global_step,
         # compute, in real tokens (padding excluded): what the report's cost table sums
-        "tokens_per_epoch": sum(len(e["input_ids"]) for e in examples),
-        "trained_tokens": round(sum(len(e["input_ids"]) for e in examples) * (trainer.state.epoch or 0.0)),
+        "tokens_per_epoch": tokens_per_epoch,
+        "trained_tokens": round(tokens_per_epoch * (trainer.state.epoch or 0.0)),
         "train_loss": result.training_loss,
         "seconds": round(time.perf_counter() - started, 2),
         "resumed_from_step": resume_step,
