@@ -22,9 +22,12 @@ from dtm.training import TrainingError, fraction_dir, is_complete, train_model
 from dtm.training.sft import (
     COMPLETE_FILE,
     LOG_FILE,
-    flatten_batch,
+    REAL_TOKENS,
     freeze_modules,
     last_checkpoint,
+    make_collator,
+    pack_batch,
+    packed_row_tokens,
     pad_batch,
 )
 
@@ -67,24 +70,39 @@ def test_pad_batch_pads_right_with_ignored_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_flatten_batch_restarts_positions_and_masks_boundaries():
-    batch = flatten_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])
+def test_pack_batch_restarts_positions_and_masks_boundaries():
+    examples = [{"input_ids": [8, 9], "labels": [-100, 9]}, {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    batch = pack_batch(examples, pad_id=0)  # one row, longest first
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
 
 
+def test_pack_batch_fills_rows_first_fit_and_pads_the_rest():
+    lengths = [4, 3, 2, 2, 1]
+    examples = [{"input_ids": [10 * n + i for i in range(n)], "labels": [10 * n + i for i in range(n)]} for n in lengths]
+    batch = pack_batch(examples, pad_id=0, row_tokens=5)  # rows: 4+1, 3+2, 2 (+3 padding)
+    assert batch["input_ids"].tolist() == [[40, 41, 42, 43, 10], [30, 31, 32, 20, 21], [20, 21, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 41, 42, 43, -100], [-100, 31, 32, -100, 21], [-100, 21, -100, -100, -100]]
+    # the trainer's token count excludes the row padding (the collator adds it; the trainer removes it)
+    collated = make_collator(True, pad_id=0)(examples)
+    assert int(collated.pop(REAL_TOKENS)) == 12 and collated["input_ids"].shape == (2, 8)  # rows 4+3+1 and 2+2, at most 2 x 4 tokens
+
+
 def test_padding_free_loss_equals_padded_loss(tokenizer):
-    """The flattened batch must give the same loss and gradients: no cross-example attention,
-    response-only labels intact."""
+    """Packed batches, in one row or several, must give the padded batch's loss: no
+    cross-example attention, response-only labels intact."""
     model = make_llama(seed=3)
     examples, _ = tokenize_conversations(qa_data(5), tokenizer, "alpaca", 64)
     assert len({len(e["input_ids"]) for e in examples}) > 1  # really different lengths
     padded = model(**pad_batch(examples, tokenizer.pad_token_id)).loss
-    flat = model(**flatten_batch(examples), use_cache=False).loss
-    torch.testing.assert_close(flat, padded, rtol=1e-5, atol=1e-5)
+    for row_tokens in (None, packed_row_tokens("sdpa", examples)):
+        packed = pack_batch(examples, tokenizer.pad_token_id, row_tokens)
+        assert 1 < len(packed["input_ids"]) < len(examples) or row_tokens is None
+        torch.testing.assert_close(model(**packed, use_cache=False).loss, padded, rtol=1e-5, atol=1e-5)
     # with a KV cache transformers skips the per-example mask and examples see each other
-    assert abs(float(model(**flatten_batch(examples), use_cache=True).loss) - float(padded)) > 1e-4
+    assert abs(float(model(**pack_batch(examples, 0), use_cache=True).loss) - float(padded)) > 1e-4
 
 
 # ---------------------------------------------------------------- a run and its outputs

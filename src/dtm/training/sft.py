@@ -7,7 +7,7 @@ seen, so a resumed run ends with the same weights as an uninterrupted one. What 
 module adds around it:
 
 - the data: response-only labels from `dtm.data.template`, optional replay text (loss on
-  every token), right-padded or padding-free (flattened) batches;
+  every token), right-padded or padding-free (packed) batches;
 - the output directory: a `save_pretrained` model (safetensors; a PEFT adapter dir for LoRA)
   with its tokenizer, `train_log.jsonl` and TensorBoard events in `logs/`, checkpoints in
   `checkpoints/` while training, snapshots at fractions of training in `fractions/`, and
@@ -238,33 +238,69 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
-def flatten_batch(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-    """Padding-free batch: all examples in one row, positions restarting at 0 for each.
+def pack_batch(examples: Sequence[Example], pad_id: int, row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Padding-free batch: the examples packed into rows, positions restarting at 0 for each.
 
     transformers builds a block-diagonal causal mask from the restarting `position_ids`
     (sdpa/eager: `masking_utils.find_packed_sequence_indices`; flash-attention natively), so
     no example attends to another, but only when the model runs without a KV cache
-    (`use_cache=False`, which `load_base` sets; `test_padding_free_loss_equals_padded_loss`). The first label of each example is set to -100: it
-    would otherwise be predicted from the previous example's last token. Response-only
-    labels are kept as they are.
+    (`use_cache=False`, which `load_base` sets; `test_padding_free_loss_equals_padded_loss`).
+    The first label of each example is set to -100: it would otherwise be predicted from the
+    previous example's last token. The loss is the padded batch's (same labelled tokens).
+
+    Rows hold at most `row_tokens` tokens (first fit, longest example first; None: one row).
+    One row suits flash-attention's variable-length kernels. Under sdpa/eager the mask is
+    dense, so attention costs row² per row: rows of about twice the longest example keep
+    it at the padded batch's while dropping most padding (`packed_row_tokens`).
+    Shorter rows are right-padded; the padding is a segment of its own with label -100.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for e in examples:
+    capacity = sum(len(e["input_ids"]) for e in examples) if row_tokens is None else row_tokens
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
         n = len(e["input_ids"])
-        input_ids += e["input_ids"]
-        labels += [IGNORE_INDEX] + list(e["labels"][1:])
-        positions += range(n)
-    return {
-        "input_ids": torch.tensor([input_ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]),
-    }
+        fits = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if fits is None:
+            rows.append([])
+            room.append(max(capacity, n))
+            fits = len(rows) - 1
+        rows[fits].append(e)
+        room[fits] -= n
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    input_ids, labels, positions = [], [], []
+    for row in rows:
+        ids, labs, pos = [], [], []
+        for e in row:
+            ids += e["input_ids"]
+            labs += [IGNORE_INDEX, *e["labels"][1:]]
+            pos += range(len(e["input_ids"]))
+        padding = width - len(ids)
+        input_ids.append(ids + [pad_id] * padding)
+        labels.append(labs + [IGNORE_INDEX] * padding)
+        positions.append(pos + list(range(padding)))
+    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
 
 
-def make_collator(packing: bool, pad_id: int) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
-    return flatten_batch if packing else (lambda batch: pad_batch(batch, pad_id))
+def packed_row_tokens(attn_implementation: str | None, examples: Sequence[Example]) -> int | None:
+    """Row length for `pack_batch`: one row for flash-attention, else twice the longest example."""
+    if attn_implementation and "flash" in attn_implementation:
+        return None
+    return 2 * max(len(e["input_ids"]) for e in examples)
+
+
+REAL_TOKENS = "num_real_tokens"  # a packed batch's token count; DtmTrainer removes it before the model sees the batch
+
+
+def make_collator(packing: bool, pad_id: int, attn_implementation: str | None = None) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
+    if not packing:
+        return lambda batch: pad_batch(batch, pad_id)
+
+    def collate(batch: Sequence[Example]) -> dict[str, torch.Tensor]:
+        packed = pack_batch(batch, pad_id, packed_row_tokens(attn_implementation, batch))
+        packed[REAL_TOKENS] = torch.tensor(sum(len(e["input_ids"]) for e in batch))
+        return packed
+
+    return collate
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -315,10 +351,10 @@ class DtmTrainer(Trainer):
         self._window_start = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        if "attention_mask" in inputs:
-            self._window_tokens = self._window_tokens + inputs["attention_mask"].sum().cpu()
-        else:  # padding-free: every position is a real token
-            self._window_tokens = self._window_tokens + inputs["input_ids"].numel()
+        real = inputs.pop(REAL_TOKENS, None)
+        if real is None:
+            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        self._window_tokens = self._window_tokens + torch.as_tensor(real).cpu()
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if not torch.isfinite(loss.detach()).item():
@@ -550,7 +586,7 @@ def train_model(
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),
-        data_collator=make_collator(t.packing, tokenizer.pad_token_id),
+        data_collator=make_collator(t.packing, tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None)),
         penalty=penalty,
         callbacks=[JsonlLogCallback(out / LOG_FILE, resume_step), _tensorboard_callback(out / TENSORBOARD_DIR)],
     )
