@@ -160,6 +160,7 @@ class LabConfig(Section):
 
     scale: float = Field(1.0, gt=0, description="Multiply every SFT source's size.")
     control: bool = Field(True, description="Also run the no-bias control (the same lab with every bias off; vanilla and DTM only).")
+    control_seeds: int = Field(1, ge=1, description="Run the control on the first this many of `seeds` (it checks that the tax and DTM's gain vanish, a large effect; one seed keeps the demo short).")
 
 
 class ReportConfig(Section):

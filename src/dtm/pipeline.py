@@ -357,7 +357,7 @@ def seed_runs(cfg: ExperimentConfig) -> list[tuple[ExperimentConfig, Path, bool]
     out = []
     controls = [False, True] if cfg.data.path == "lab" and cfg.lab.control else [False]
     for control in controls:
-        for seed in seeds:
+        for seed in seeds[: cfg.lab.control_seeds] if control else seeds:
             seed_cfg = cfg.model_copy(deep=True)
             seed_cfg.seed = seed
             if control:  # the control answers one question (do the tax and DTM's gain vanish?): vanilla and DTM suffice

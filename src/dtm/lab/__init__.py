@@ -49,6 +49,7 @@ SFT_RECIPE: dict[str, Any] = {
     "max_grad_norm": 1.0,
     "weight_decay": 0.0,
     "group_by_length": False,
+    "packing": True,
 }
 # `data:` keys that go with it (the lab's JSONL is Alpaca with a `source` field).
 # The template is the lab tokenizer's chat template (Alpaca's turn markers, no preamble).
