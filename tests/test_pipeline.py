@@ -81,3 +81,12 @@ def status_for(cfg):
         for stage in STAGES:
             m = Run(seed_cfg, root, control).manifest(stage)
             yield {"run": root.name, "stage": stage, "state": "done" if m and m["hash"] == hashes[stage] else "stale"}
+
+
+def test_lab_control_runs_on_the_first_control_seeds():
+    from dtm.pipeline import seed_runs
+
+    cfg = load_config(None, ["data.path=lab", "model.model_name_or_path=lab", "seeds=[1, 2, 3]", "lab.control_seeds=2"], check_paths=False)
+    runs = seed_runs(cfg)
+    assert [(c.seed, control) for c, _, control in runs] == [(1, False), (2, False), (3, False), (1, True), (2, True)]
+    assert all(root.parent.name == "control-nobias" and c.baselines.methods == [] for c, root, control in runs if control)
