@@ -71,6 +71,12 @@ def test_rerun_skips_finished_stages_and_from_redoes(experiment, capsys):
     rows = {(r["run"], r["stage"]): r["state"] for r in status_for(changed)}
     assert rows[("seed-1", "train")] == "done" and rows[("seed-1", "merge")] == "stale"
     assert merge_manifest.is_file()
+    # the report has a manifest too: its hash follows every seed's evaluation
+    from dtm.pipeline import report_hash
+
+    report_manifest = json.loads((experiment / "run" / "manifests" / "report.json").read_text())
+    assert report_manifest["hash"] == report_hash(cfg) != report_hash(changed)
+    assert report_manifest["outputs"]["html"].endswith("report.html") and report_manifest["seconds"] > 0
 
 
 def status_for(cfg):

@@ -94,6 +94,17 @@ def stage_hashes(cfg: ExperimentConfig, control: bool = False) -> dict[str, str]
     return out
 
 
+def report_hash(cfg: ExperimentConfig) -> str:
+    """The report reads every seed run's evaluation: its hash covers theirs and the report section."""
+    evals = [stage_hashes(seed_cfg, control)["eval"] for seed_cfg, _, control in seed_runs(cfg)]
+    blob = json.dumps({"evals": evals, "report": cfg.report.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def report_manifest_path(root: Path) -> Path:
+    return root / "manifests" / "report.json"
+
+
 # ---------------------------------------------------------------- stages
 
 
@@ -385,7 +396,11 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     if report:
         from dtm.report import write_run_report
 
+        t_report = time.perf_counter()
         md, page = write_run_report(cfg, console=console)
+        atomic_write_json(report_manifest_path(root), {
+            "stage": "report", "hash": report_hash(cfg), "seconds": round(time.perf_counter() - t_report, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": {"markdown": str(md), "html": str(page)}})
         console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")
     return root
 
@@ -406,6 +421,9 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
             state = "pending" if m is None else ("done" if m["hash"] == hashes[stage] else "stale")
             rows.append({"run": str(seed_root.relative_to(root)), "stage": stage, "state": state,
                          "seconds": m.get("seconds") if m else None, "finished": m.get("finished") if m else None})
-    report = root / "report.html"
-    rows.append({"run": ".", "stage": "report", "state": "done" if report.is_file() else "pending", "seconds": None, "finished": None})
+    manifest_path = report_manifest_path(root)
+    m = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    state = "pending" if m is None else ("done" if m["hash"] == report_hash(cfg) else "stale")
+    rows.append({"run": ".", "stage": "report", "state": state, "seconds": m.get("seconds") if m else None,
+                 "finished": m.get("finished") if m else None})
     return rows
