@@ -696,7 +696,7 @@ def build_report_data(runs: list[tuple[Any, Path]], title: str, tradeoff: list[s
     cfg0, root0, _ = per_seed[0]
     seeds = [cfg.seed for cfg, _, _ in per_seed]
     notes = [
-        f"seeds: {seeds} (every number is the mean ± sample std over these)",
+        f"seeds: {seeds} " + ("(every number is the mean ± sample std over these)" if len(seeds) > 1 else "(one seed: no spread to show)"),
         f"K = {cfg0.disperse.k} portions, dispersal: {cfg0.disperse.strategy}; merge: {cfg0.merge.method}",
         f"training: {cfg0.train.finetuning_type} fine-tuning, lr {cfg0.train.learning_rate}, "
         + (f"{cfg0.train.max_steps} steps, " if cfg0.train.max_steps > 0 else f"{cfg0.train.num_train_epochs:g} epochs, ")
