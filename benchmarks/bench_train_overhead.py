@@ -1,25 +1,25 @@
 """Per-step overhead of the Hugging Face Trainer on the lab's tiny model.
 
-The lab demo trains ~40 full fine-tuning runs of 1-3k steps of a 0.24M-parameter Llama
-(hidden 64, 4 layers, ~400-word vocabulary, tied embeddings frozen, batch 32, sequences of
-~30-60 tokens) and must fit in 5 minutes on 2 cores (two one-thread processes). At that
-size a step is a few milliseconds of maths, so per-step bookkeeping matters. Three arms on
-identical batches, one thread, interleaved and repeated (best time kept):
+The lab demo (`examples/lab.yaml`) trains 35 full fine-tuning runs, 27,432 optimizer steps
+in all, of a 0.24M-parameter Llama (hidden 64, 4 layers, 453-token vocabulary, tied
+embeddings frozen, batch 16, examples of 14-41 tokens in the lab's chat template, packed
+padding-free) on 2 cores (two one-thread processes), with a 5-minute target. At that size a
+step is milliseconds of maths, so per-step bookkeeping matters, and the bare loop's time
+per step sets a floor on the demo. Three arms on identical batches, one thread, interleaved
+and repeated (best time kept):
 
-- `plain`: a bare PyTorch loop (AdamW, grad-norm clipping, cosine schedule, padded batches);
+- `plain`: a bare PyTorch loop (AdamW, grad-norm clipping, cosine schedule, the packed batches);
 - `trainer`: the Hugging Face Trainer with the same collator, no callbacks, no logging;
 - `dtm`: `dtm.train_model` (Trainer + loss check, token counting, JSONL/TensorBoard logs
   every 10 steps, checkpoints every 500 steps), timed from train begin to train end.
 
-    .venv/bin/python benchmarks/bench_train_overhead.py [--steps 200] [--repeats 3]
-        [--lab-base src/dtm/lab/assets/base --lab-data DIR/sft.jsonl]   (DIR from `dtm lab build --out DIR`)
+    .venv/bin/python benchmarks/bench_train_overhead.py [--steps 400] [--repeats 3] [--lab-data SFT.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import random
 import shutil
 import statistics
 import tempfile
@@ -27,39 +27,44 @@ import time
 from pathlib import Path
 
 import torch
-from bench_train_common import RESULTS, TrainTimer, machine, save_base
+from bench_train_common import RESULTS, TrainTimer, machine
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from dtm import lab
 from dtm.config import ExperimentConfig
-from dtm.data.template import conversation, tokenize_conversations
+from dtm.data.formats import load_conversations
+from dtm.data.template import tokenize_conversations
 from dtm.io import atomic_write_json
 from dtm.training.sft import (
+    REAL_TOKENS,
     ExampleDataset,
     freeze_modules,
     load_base,
-    pad_batch,
+    make_collator,
     train_model,
 )
 
-BATCH = 32
+BATCH = 16
+DEMO_STEPS = 27_432  # the demo's optimizer steps: 3 seeds x 7,836 + the one-seed control's 3,924
+COLLATE = make_collator(True, 0, "sdpa")  # the lab recipe's packed rows
 
 
-def lab_like_data(n: int, seed: int = 0) -> list:
-    rng = random.Random(seed)
-    words = ["what", "is", "the", "city", "of", "bravo", "lives", "in", "paris", "works", "as", "a", "pilot", "plus", "two", "three", "four"]
-    return [conversation(" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))),
-                         " ".join(rng.choice(words) for _ in range(rng.randint(2, 10))), id=str(i)) for i in range(n)]
+def model_inputs(examples: list[dict]) -> dict:
+    batch = COLLATE(examples)
+    batch.pop(REAL_TOKENS)  # the trainer's token count, not a model input
+    return batch
 
 
 def lab_config(steps: int) -> ExperimentConfig:
     cfg = ExperimentConfig(seed=0)
     cfg.data.cutoff_len = 64
+    cfg.data.template = "chat"
     t = cfg.train
     t.finetuning_type, t.freeze_modules = "full", ["embed_tokens"]
     t.max_steps, t.per_device_train_batch_size, t.gradient_accumulation_steps = steps, BATCH, 1
     t.learning_rate, t.warmup_steps, t.logging_steps, t.save_steps = 1e-3, 0, 10, 500
-    t.group_by_length = False
+    t.group_by_length, t.packing = False, True
     return cfg
 
 
@@ -77,7 +82,7 @@ def plain_loop(base: Path, examples: list[dict], steps: int, cfg: ExperimentConf
     start = time.perf_counter()
     for s in range(steps):
         idx = [order[(s * BATCH + j) % len(order)] for j in range(BATCH)]
-        batch = pad_batch([examples[i] for i in idx], 0)
+        batch = model_inputs([examples[i] for i in idx])
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
@@ -99,7 +104,7 @@ def plain_trainer(base: Path, examples: list[dict], steps: int, cfg: ExperimentC
     )
     timer = TrainTimer()
     trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(examples),
-                      data_collator=lambda b: pad_batch(b, 0), callbacks=[timer])
+                      data_collator=model_inputs, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.train()
@@ -114,27 +119,18 @@ def dtm_run(base: Path, data: list, steps: int, cfg: ExperimentConfig, out: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--lab-base", help="the lab's base model dir (default: a random model of the same shape)")
-    ap.add_argument("--lab-data", help="the lab's SFT JSONL (`dtm lab build --out DIR`: DIR/sft.jsonl)")
+    ap.add_argument("--lab-data", help="an SFT JSONL in the lab's format (default: the lab's seed-1 SFT data, generated)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    if a.lab_base:
-        base = Path(a.lab_base)
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
-    else:
-        base, n_params = save_base(tmp / "base", hidden=64, layers=4, vocab=400, intermediate=192, heads=4, tie=True)
+    base = lab.base_model_dir()  # shipped in the package
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
     cfg = lab_config(a.steps)
     _, tokenizer = load_base(base, cfg)
-    if a.lab_data:
-        from dtm.data.formats import load_conversations
-
-        data = load_conversations(a.lab_data).conversations
-    else:
-        data = lab_like_data(2000)
-    examples, _ = tokenize_conversations(data, tokenizer, "alpaca", cfg.data.cutoff_len)
+    data = load_conversations(a.lab_data or lab.write_sft_data(tmp / "sft.jsonl", seed=1)).conversations
+    examples, _ = tokenize_conversations(data, tokenizer, cfg.data.template, cfg.data.cutoff_len)
     lengths = sorted(len(e["input_ids"]) for e in examples)
     print(f"model {n_params / 1e6:.2f}M parameters; lengths min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
     seconds: dict[str, list[float]] = {"plain": [], "trainer": [], "dtm": []}
@@ -144,10 +140,9 @@ def main() -> None:
         seconds["dtm"].append(dtm_run(base, data, a.steps, cfg, tmp / f"dtm-{r}"))
         print(f"repeat {r}: " + "  ".join(f"{k} {v[-1] / a.steps * 1000:.2f} ms/step" for k, v in seconds.items()))
     ms = {k: round(min(v) / a.steps * 1000, 3) for k, v in seconds.items()}
-    lab_steps = 40 * 2000  # ~40 runs of ~2k steps
     result = {
         "machine": machine(),
-        "data": "lab SFT data with the lab base" if a.lab_data else "synthetic (random model of the lab's shape, BPE test tokenizer)",
+        "data": a.lab_data or "the lab's seed-1 SFT data (dtm.lab.write_sft_data), the shipped lab base",
         "model_parameters": n_params,
         "batch_size": BATCH,
         "steps": a.steps,
@@ -158,14 +153,14 @@ def main() -> None:
         "trainer_overhead_ms_per_step": round(ms["trainer"] - ms["plain"], 3),
         "dtm_overhead_ms_per_step": round(ms["dtm"] - ms["plain"], 3),
         "dtm_overhead_share_of_step": round((ms["dtm"] - ms["plain"]) / ms["dtm"], 3),
-        "lab_projection_seconds_two_processes": {k: round(lab_steps * v / 1000 / 2, 1) for k, v in ms.items()},
-        "lab_budget_ms_per_step": round(300 * 2 / lab_steps * 1000, 2),
+        "demo_steps": DEMO_STEPS,
+        "demo_training_floor_seconds_two_processes": {k: round(DEMO_STEPS * v / 1000 / 2, 1) for k, v in ms.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "bench_train_overhead.json", result)
     shutil.rmtree(tmp, ignore_errors=True)  # trained models: hundreds of MB
     for k in ("ms_per_step_best", "trainer_overhead_ms_per_step", "dtm_overhead_ms_per_step", "dtm_overhead_share_of_step",
-              "lab_projection_seconds_two_processes", "lab_budget_ms_per_step"):
+              "demo_training_floor_seconds_two_processes"):
         print(f"{k}: {result[k]}")
 
 

@@ -17,8 +17,8 @@ module adds around it:
 
 Why the Trainer and not a loop of our own: `benchmarks/bench_train_overhead.py` times a bare
 PyTorch loop, the plain Trainer and this module on the lab's base and SFT data (0.24M
-parameters, batch 32, 32-59 tokens, one thread): 85.5 / 90.2 / 88.9 ms per step (best of 3,
-shared 2-core machine), i.e. about 4% of a step; the step is the maths. Against TRL's
+parameters, batch 16, packed rows, one thread): 17.46 / 17.51 / 17.47 ms per step (best of
+3, idle 2-core machine), the same within noise; the step is the maths. Against TRL's
 SFTTrainer on a 25M model (`bench_train_throughput.py`) it is 1.16x (LoRA) and 1.01x (full)
 as fast on identical batches.
 """
