@@ -140,6 +140,30 @@ def test_ensemble_and_many_models(lab, tmp_path):
     assert sorted(p.name for p in (tmp_path / "all").glob("*.json")) == ["base.json", "ens.json", "other.json"]
 
 
+def test_a_model_with_the_same_tokenizer_files_reuses_the_task_encoding(lab, tmp_path, monkeypatch):
+    import shutil
+
+    import dtm.evaluation.runner as runner
+
+    runner._ENCODINGS.clear()
+    encoded = []
+    real = runner.encode_mc
+    monkeypatch.setattr(runner, "encode_mc", lambda *a: encoded.append(a[0].name) or real(*a))
+    evaluate(lab / "m1", [lab / "know.yaml"], progress=False)
+    second = evaluate(lab / "m2", [lab / "know.yaml"], progress=False)["know"]  # other weights, same tokenizer files
+    assert encoded == ["know"]
+    runner._ENCODINGS.clear()  # the reused ids give what a fresh encoding gives
+    assert evaluate(lab / "m2", [lab / "know.yaml"], progress=False)["know"]["metrics"] == second["metrics"]
+    assert evaluate(lab / "m2", [lab / "know.yaml"], limit=5, progress=False)["know"]["counts"]["items"] == 5
+    assert encoded == ["know"] * 3  # a different row count is encoded anew
+    other = tmp_path / "m3"
+    shutil.copytree(lab / "m2", other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 99}))
+    evaluate(other, [lab / "know.yaml"], progress=False)
+    assert encoded == ["know"] * 4  # other tokenizer files: encoded again
+
+
 def test_tax_curve_resumes_per_checkpoint(lab, tmp_path):
     curve = tax_curve({0.0: lab / "m1", 0.5: lab / "m2", 1.0: lab / "m1"}, [lab / "mc.jsonl"], tmp_path / "curve", progress=False)
     assert curve["fractions"] == [0.0, 0.5, 1.0]

@@ -20,6 +20,7 @@ FLOPs, is the cost. So:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -51,6 +52,9 @@ class Scorer:
     names: list[str]
     share_context: bool = True
     stop_token_ids: set[int] = field(default_factory=set)
+    # Identifies the tokenizer by its files, so that the next model with the same ones reuses
+    # a task's token ids (`runner.task_encoding`); "" = never reuse (remote tokenizer code).
+    tokenizer_key: str = ""
 
     @property
     def pad_id(self) -> int:
@@ -141,6 +145,20 @@ def resolve_model_dir(path: str | os.PathLike, adapter: str | os.PathLike | None
     raise DtmError(f"{path}: not a model directory (no config.json) nor a PEFT adapter (no adapter_config.json); pass a `save_pretrained` directory")
 
 
+# The files a Hugging Face tokenizer is loaded from: same bytes, same token ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_fingerprint(directory: Path) -> str:
+    """A hash of the tokenizer files in `directory` (which model dir holds them does not matter)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.name in TOKENIZER_FILES or p.suffix == ".tiktoken"):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
     """The adapter's own tokenizer if it saved one, else the base model's."""
     if adapter_dir is not None and any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -166,7 +184,8 @@ def load_scorer(
         raise DtmError("no model given")
     refs = [resolve_model_dir(p, adapter) for p in paths]
     dev = _resolve_device(device)
-    tokenizer = _load_tokenizer(_tokenizer_dir(*refs[0]), trust_remote_code)
+    tokenizer_dir = _tokenizer_dir(*refs[0])
+    tokenizer = _load_tokenizer(tokenizer_dir, trust_remote_code)
     for p, ref in zip(paths[1:], refs[1:], strict=True):
         other = _load_tokenizer(_tokenizer_dir(*ref), trust_remote_code)
         if other.get_vocab() != tokenizer.get_vocab():
@@ -184,6 +203,7 @@ def load_scorer(
         models=models, tokenizer=tokenizer, device=dev,
         max_length=min(model_max_length(m, tokenizer) for m in models),
         names=[str(p) for p in paths], stop_token_ids=stop_ids,
+        tokenizer_key="" if trust_remote_code else tokenizer_fingerprint(tokenizer_dir),
     )
     scorer.share_context = probe_packing(scorer) if share_context is None else share_context
     return scorer

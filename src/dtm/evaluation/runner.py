@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,35 @@ def encode_mc(task: Task, tokenizer: Any, rows: list[dict[str, Any]]) -> list[tu
     return out
 
 
+# Token ids of tasks' requests, kept across the models one process evaluates: DTM scores K
+# sub-models, the merge and the baselines, usually with one tokenizer, on the same tasks, and
+# encoding a lab task took a third of a model's evaluation. Bounded in token ids (Python ints:
+# about 30 bytes each), oldest out first; a task larger than the bound is not kept.
+_ENCODINGS: OrderedDict[tuple[str, str, str, int], tuple[Any, int]] = OrderedDict()
+ENCODING_CACHE_IDS = 4_000_000
+
+
+def _count_ids(value: Any) -> int:
+    return sum(_count_ids(v) for v in value) if value and isinstance(value[0], (list, tuple)) else len(value)
+
+
+def task_encoding(scorer: Scorer, task: Task, kind: str, rows: list[dict[str, Any]], encode: Any) -> Any:
+    """`encode()`, or what it returned for this task, row count and tokenizer files before."""
+    if not scorer.tokenizer_key:
+        return encode()
+    key = (scorer.tokenizer_key, task.spec_hash, kind, len(rows))
+    if key in _ENCODINGS:
+        _ENCODINGS.move_to_end(key)
+        return _ENCODINGS[key][0]
+    value = encode()
+    size = _count_ids(value)
+    if size <= ENCODING_CACHE_IDS:
+        _ENCODINGS[key] = (value, size)
+        while sum(n for _, n in _ENCODINGS.values()) > ENCODING_CACHE_IDS:
+            _ENCODINGS.popitem(last=False)
+    return value
+
+
 # ---------------------------------------------------------------- one task
 
 
@@ -150,7 +180,7 @@ def run_task(
     samples: list[dict[str, Any]] = []
     if spec.type == "multiple_choice":
         items = []
-        for ctx, choices in encode_mc(task, tok, rows):
+        for ctx, choices in task_encoding(scorer, task, "mc", rows, lambda: encode_mc(task, tok, rows)):
             ctx, choices, cut = truncate_mc(ctx, choices, scorer.max_length)
             truncated += cut
             items.append((ctx, choices))
@@ -164,7 +194,7 @@ def run_task(
         if room < 1:
             raise DtmError(f"task {spec.name!r}: max_new_tokens={new_tokens} leaves no room for a prompt in the model's {scorer.max_length} positions")
         prompts = []
-        for ids in encode_prompts(task, tok, build_texts(task, rows)):
+        for ids in task_encoding(scorer, task, "prompts", rows, lambda: encode_prompts(task, tok, build_texts(task, rows))):
             ids, cut = truncate_left(ids, room)
             truncated += cut
             prompts.append(ids)
