@@ -44,7 +44,7 @@ baselines: {{methods: [short, soup, wise_ft], soup_size: 2, wise_ft_alphas: [0.5
     return tmp
 
 
-def test_run_writes_every_model_result_and_the_report(experiment):
+def test_run_writes_every_model_result_and_the_report(experiment, monkeypatch):
     cfg = load_config(experiment / "exp.yaml")
     root = run(cfg)
     for seed in (1, 2):
@@ -55,6 +55,8 @@ def test_run_writes_every_model_result_and_the_report(experiment):
     report = (root / "report.md").read_text()
     assert "| DTM |" in report and "| vanilla |" in report and "seeds: [1, 2]" in report
     assert all(row["state"] == "done" for row in status(root))
+    monkeypatch.chdir(experiment)  # a relative run dir, as typed after `make demo`
+    assert [row["state"] for row in status("run")] == [row["state"] for row in status(root)]
 
 
 def test_rerun_skips_finished_stages_and_from_redoes(experiment, capsys):

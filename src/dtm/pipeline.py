@@ -412,6 +412,7 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
     if not cfg_path.is_file():
         raise DtmError(f"{root}: not a run directory (no config.json); start one with `dtm run CONFIG`")
     cfg = ExperimentConfig.model_validate(json.loads(cfg_path.read_text()))
+    cfg.output_dir = str(root)  # where the run is now, however it was given or wherever it was moved
     rows = []
     for seed_cfg, seed_root, control in seed_runs(cfg):
         run_ = Run(seed_cfg, seed_root, control)
