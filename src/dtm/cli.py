@@ -410,7 +410,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the built-in lab end to end (about 8 min on 2 idle CPU cores)",
+        help="run the built-in lab end to end (about 6 min on 2 idle CPU cores)",
         description="Runs the lab experiment (dtm/configs/lab.yaml: base, vanilla SFT, DTM K=4 and baselines over 3 seeds, "
         "plus the no-bias control) and writes the report.",
     )
