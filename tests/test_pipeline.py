@@ -57,6 +57,9 @@ def test_run_writes_every_model_result_and_the_report(experiment, monkeypatch):
     assert all(row["state"] == "done" for row in status(root))
     monkeypatch.chdir(experiment)  # a relative run dir, as typed after `make demo`
     assert [row["state"] for row in status("run")] == [row["state"] for row in status(root)]
+    (root / "report.md").unlink()
+    assert main(["report", "run"]) == 0  # rewrites the report (and its manifest) where the run is
+    assert (root / "report.md").is_file() and status("run")[-1]["state"] == "done"
 
 
 def test_rerun_skips_finished_stages_and_from_redoes(experiment, capsys):

@@ -389,19 +389,11 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
 
     def run(a: argparse.Namespace) -> None:
-        import json
-        from pathlib import Path
-
         from rich.console import Console
 
-        from dtm.config import ExperimentConfig
-        from dtm.report import write_run_report
+        from dtm.pipeline import load_run_config, stage_report
 
-        cfg_path = Path(a.run_dir) / "config.json"
-        if not cfg_path.is_file():
-            raise DtmError(f"{a.run_dir}: not a run directory (no config.json)")
-        cfg = ExperimentConfig.model_validate(json.loads(cfg_path.read_text()))
-        md, page = write_run_report(cfg, console=Console())
+        md, page = stage_report(load_run_config(a.run_dir), Console())
         print(f"wrote {md} and {page}")
 
     p.set_defaults(func=run)

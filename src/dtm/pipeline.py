@@ -394,25 +394,38 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
         console.print(f"[bold]{'no-bias control, ' if control else ''}seed {seed_cfg.seed}[/] -> {seed_root}")
         run_seed(seed_cfg, seed_root, None if from_stage == "report" else from_stage, control, console)
     if report:
-        from dtm.report import write_run_report
-
-        t_report = time.perf_counter()
-        md, page = write_run_report(cfg, console=console)
-        atomic_write_json(report_manifest_path(root), {
-            "stage": "report", "hash": report_hash(cfg), "seconds": round(time.perf_counter() - t_report, 2),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": {"markdown": str(md), "html": str(page)}})
+        md, page = stage_report(cfg, console)
         console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")
     return root
 
 
-def status(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Where a run stands: one row per seed run and stage (done / stale / pending)."""
+def stage_report(cfg: ExperimentConfig, console: Any = None) -> tuple[Path, Path]:
+    """Write report.md/report.html over every seed run, and the report's manifest."""
+    from dtm.report import write_run_report
+
+    t0 = time.perf_counter()
+    md, page = write_run_report(cfg, console=console)
+    atomic_write_json(report_manifest_path(Path(cfg.output_dir)), {
+        "stage": "report", "hash": report_hash(cfg), "seconds": round(time.perf_counter() - t0, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": {"markdown": str(md), "html": str(page)}})
+    return md, page
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The config a run directory was made with, pointed at where the directory is now."""
     root = Path(run_dir)
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise DtmError(f"{root}: not a run directory (no config.json); start one with `dtm run CONFIG`")
     cfg = ExperimentConfig.model_validate(json.loads(cfg_path.read_text()))
-    cfg.output_dir = str(root)  # where the run is now, however it was given or wherever it was moved
+    cfg.output_dir = str(root)  # however it was given (relative) or wherever it was moved
+    return cfg
+
+
+def status(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Where a run stands: one row per seed run and stage (done / stale / pending)."""
+    root = Path(run_dir)
+    cfg = load_run_config(root)
     rows = []
     for seed_cfg, seed_root, control in seed_runs(cfg):
         run_ = Run(seed_cfg, seed_root, control)
