@@ -88,6 +88,8 @@ def test_pack_batch_fills_rows_first_fit_and_pads_the_rest():
     # the trainer's token count excludes the row padding (the collator adds it; the trainer removes it)
     collated = make_collator(True, pad_id=0)(examples)
     assert int(collated.pop(REAL_TOKENS)) == 12 and collated["input_ids"].shape == (2, 8)  # rows 4+3+1 and 2+2, at most 2 x 4 tokens
+    padded = make_collator(False, pad_id=0)(examples)
+    assert padded.pop(REAL_TOKENS) == 12 and padded["input_ids"].shape == (5, 4)  # padding excluded here too
 
 
 def test_padding_free_loss_equals_padded_loss(tokenizer):

@@ -290,17 +290,17 @@ def packed_row_tokens(attn_implementation: str | None, examples: Sequence[Exampl
     return 2 * max(len(e["input_ids"]) for e in examples)
 
 
-REAL_TOKENS = "num_real_tokens"  # a packed batch's token count; DtmTrainer removes it before the model sees the batch
+# A batch's real token count (padding excluded), a plain int counted while collating, so the
+# trainer's tokens/s needs no device sync; DtmTrainer removes it before the model sees the batch.
+REAL_TOKENS = "num_real_tokens"
 
 
-def make_collator(packing: bool, pad_id: int, attn_implementation: str | None = None) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
-    if not packing:
-        return lambda batch: pad_batch(batch, pad_id)
-
-    def collate(batch: Sequence[Example]) -> dict[str, torch.Tensor]:
-        packed = pack_batch(batch, pad_id, packed_row_tokens(attn_implementation, batch))
-        packed[REAL_TOKENS] = torch.tensor(sum(len(e["input_ids"]) for e in batch))
-        return packed
+def make_collator(packing: bool, pad_id: int, attn_implementation: str | None = None) -> Callable[[Sequence[Example]], dict[str, Any]]:
+    def collate(batch: Sequence[Example]) -> dict[str, Any]:
+        out: dict[str, Any] = (pack_batch(batch, pad_id, packed_row_tokens(attn_implementation, batch)) if packing
+                               else pad_batch(batch, pad_id))
+        out[REAL_TOKENS] = sum(len(e["input_ids"]) for e in batch)
+        return out
 
     return collate
 
@@ -349,14 +349,11 @@ class DtmTrainer(Trainer):
         self.penalty = penalty
         self._penalty_sum = 0.0
         self._penalty_n = 0
-        self._window_tokens = torch.zeros((), dtype=torch.long)
+        self._window_tokens = 0
         self._window_start = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        real = inputs.pop(REAL_TOKENS, None)
-        if real is None:
-            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-        self._window_tokens = self._window_tokens + torch.as_tensor(real).cpu()
+        self._window_tokens += inputs.pop(REAL_TOKENS)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if not torch.isfinite(loss.detach()).item():
@@ -378,10 +375,10 @@ class DtmTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         now = time.perf_counter()
         if "loss" in logs:
-            logs["tokens_per_second"] = round(int(self._window_tokens) / max(now - self._window_start, 1e-9), 1)
+            logs["tokens_per_second"] = round(self._window_tokens / max(now - self._window_start, 1e-9), 1)
             if self._penalty_n:
                 logs["penalty"] = self._penalty_sum / self._penalty_n
-            self._window_tokens = torch.zeros((), dtype=torch.long)
+            self._window_tokens = 0
             self._window_start = now
             self._penalty_sum, self._penalty_n = 0.0, 0
         super().log(logs, *args, **kwargs)
