@@ -56,11 +56,10 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)  # from the data stage: paths, base, suites
 
     def manifest_path(self, stage: str) -> Path:
-        return self.root / "manifests" / f"{stage}.json"
+        return manifest_path(self.root, stage)
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
-        path = self.manifest_path(stage)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_manifest(self.root, stage)
 
     @property
     def models(self) -> Path:
@@ -101,8 +100,14 @@ def report_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def report_manifest_path(root: Path) -> Path:
-    return root / "manifests" / "report.json"
+def manifest_path(root: Path, stage: str) -> Path:
+    """Where a stage records what it did: a seed run's stages in its dir, the report in the run's."""
+    return root / "manifests" / f"{stage}.json"
+
+
+def read_manifest(root: Path, stage: str) -> dict[str, Any] | None:
+    path = manifest_path(root, stage)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------- stages
@@ -405,7 +410,7 @@ def stage_report(cfg: ExperimentConfig, console: Any = None) -> tuple[Path, Path
 
     t0 = time.perf_counter()
     md, page = write_run_report(cfg, console=console)
-    atomic_write_json(report_manifest_path(Path(cfg.output_dir)), {
+    atomic_write_json(manifest_path(Path(cfg.output_dir), "report"), {
         "stage": "report", "hash": report_hash(cfg), "seconds": round(time.perf_counter() - t0, 2),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": {"markdown": str(md), "html": str(page)}})
     return md, page
@@ -435,8 +440,7 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
             state = "pending" if m is None else ("done" if m["hash"] == hashes[stage] else "stale")
             rows.append({"run": str(seed_root.relative_to(root)), "stage": stage, "state": state,
                          "seconds": m.get("seconds") if m else None, "finished": m.get("finished") if m else None})
-    manifest_path = report_manifest_path(root)
-    m = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    m = read_manifest(root, "report")
     state = "pending" if m is None else ("done" if m["hash"] == report_hash(cfg) else "stale")
     rows.append({"run": ".", "stage": "report", "state": state, "seconds": m.get("seconds") if m else None,
                  "finished": m.get("finished") if m else None})

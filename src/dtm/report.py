@@ -620,8 +620,9 @@ def collect_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
 
 def manifest_outputs(root: Path, stage: str) -> dict[str, Any]:
     """The `outputs` a finished stage recorded in its manifest ({} if it has none yet)."""
-    path = root / "manifests" / f"{stage}.json"
-    return json.loads(path.read_text()).get("outputs", {}) if path.is_file() else {}
+    from dtm.pipeline import read_manifest
+
+    return (read_manifest(root, stage) or {}).get("outputs", {})
 
 
 def run_costs(root: Path, evaluated: list[str]) -> dict[str, tuple[str, dict[str, float]]]:
