@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,6 @@ def test_a_crashed_training_is_retried_and_resumes_from_its_checkpoint(base_dir,
 
 
 def _torch_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
@@ -158,11 +157,10 @@ def test_worker_pool_is_shared_until_discarded():
     discard_pool(3)
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_pool_workers_end_when_the_run_is_killed(tmp_path):
     import signal
     import subprocess
-    import sys
     import time
 
     script = ("import os, sys, time\n"
