@@ -1,0 +1,302 @@
+"""The run directory: the one module that spells its paths, its model names and its manifests.
+
+    <output_dir>/                        RunDir
+      config.json                        the resolved config the run was made with
+      manifests/report.json              the report stage's record
+      report.md, report.html, *.png      the report (written by `dtm.report`)
+      seed-<s>/                          one seed's run (SeedRun)
+      control-nobias/seed-<s>/           the lab's no-bias control, first `lab.control_seeds` seeds
+
+    seed-<s>/                            SeedRun
+      lab/                               the lab's SFT data and task files (lab runs only)
+      data/train.jsonl, validation.jsonl the hold-out split (`data.val_size`)
+      portions/portion-<k>.jsonl         the dispersal (`dtm.dispersal.portion_path`), stats.json
+      models/<name>/                     one `save_pretrained` directory per model (names below)
+      eval/<name>.json                   one result file per evaluated model
+      manifests/<stage>.json             what each stage did (`write_manifest`)
+
+    models/<name>/                       a trained model (written by `dtm.training`)
+      training_complete.json             written last: a directory without it is unfinished
+      train_log.jsonl, logs/             JSONL and TensorBoard logs
+      checkpoints/                       while training (kept with `train.keep_checkpoints`)
+      fractions/frac-0.10/               snapshots along training, fractions/fractions.json
+
+Model names (the directory under `models/` and the file under `eval/`):
+  base            the base model (evaluated, not written)
+  sub-1..sub-K    one per portion                 DTM          the merge of the sub-models
+  vanilla         all data, K=1                   vanilla@0.10 its snapshot at a fraction of training
+  short           all data, 1/K of the compute    soup-2..     the soup's other ingredients
+  soup            uniform soup of short-like runs wise_ft-0.5  base/vanilla interpolation
+  ensemble        the sub-models' averaged outputs (evaluated, not written)
+  l2, ewc, replay, curation                       training baselines
+
+Nothing here imports torch: `dtm status` and the report read a run without it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dtm.io import atomic_write_json
+
+# ---------------------------------------------------------------- model names
+
+BASE = "base"
+VANILLA = "vanilla"
+SHORT = "short"
+SOUP = "soup"
+DTM = "DTM"
+ENSEMBLE = "ensemble"
+SUB_PREFIX = "sub-"
+SOUP_PREFIX = "soup-"
+WISE_FT_PREFIX = "wise_ft-"
+
+
+def sub_model_name(index: int) -> str:
+    """sub-1 .. sub-K (index is 0-based, like `dtm.dispersal.portion_path`)."""
+    return f"{SUB_PREFIX}{index + 1}"
+
+
+def is_sub_model(name: str) -> bool:
+    return name.startswith(SUB_PREFIX) and name.removeprefix(SUB_PREFIX).isdigit()
+
+
+def sub_models(names: Iterable[str]) -> list[str]:
+    """The sub-model names among `names`, in numeric order (sub-2 before sub-10)."""
+    return sorted((n for n in names if is_sub_model(n)), key=lambda n: int(n.removeprefix(SUB_PREFIX)))
+
+
+def soup_ingredient_name(index: int) -> str:
+    """The soup's ingredients: `short` is the first (index 0), then soup-2, soup-3, ..."""
+    return SHORT if index == 0 else f"{SOUP_PREFIX}{index + 1}"
+
+
+def is_soup_ingredient(name: str) -> bool:
+    return name.startswith(SOUP_PREFIX) and name.removeprefix(SOUP_PREFIX).isdigit()
+
+
+def soup_ingredients(names: Iterable[str]) -> list[str]:
+    """`short` and soup-2.. among `names`, in soup order."""
+    names = list(names)
+    rest = sorted((n for n in names if is_soup_ingredient(n)), key=lambda n: int(n.removeprefix(SOUP_PREFIX)))
+    return [n for n in names if n == SHORT] + rest
+
+
+def wise_ft_name(alpha: float) -> str:
+    return f"{WISE_FT_PREFIX}{alpha:g}"
+
+
+def snapshot_name(label: str) -> str:
+    """vanilla's snapshot at a fraction of training: `vanilla@0.10` (label as in `frac-0.10`)."""
+    return f"{VANILLA}@{label}"
+
+
+def is_snapshot(name: str) -> bool:
+    return name.startswith(VANILLA + "@")
+
+
+def snapshot_fraction(name: str) -> float:
+    """0.0 for the base, 1.0 for vanilla, f for vanilla@f: where a model lies on the tax curve."""
+    if name == BASE:
+        return 0.0
+    if name == VANILLA:
+        return 1.0
+    return float(name.split("@", 1)[1])
+
+
+# ---------------------------------------------------------------- a trained model's directory
+
+COMPLETE_FILE = "training_complete.json"
+LOG_FILE = "train_log.jsonl"
+TENSORBOARD_DIR = "logs"
+CHECKPOINT_DIR = "checkpoints"
+FRACTION_DIR = "fractions"
+FRACTIONS_FILE = "fractions.json"
+FRACTION_PREFIX = "frac-"
+
+
+def is_complete(model_dir: str | Path) -> bool:
+    """A model directory is finished only once its completion marker exists."""
+    return (Path(model_dir) / COMPLETE_FILE).is_file()
+
+
+def training_summary(model_dir: str | Path) -> dict[str, Any] | None:
+    """What training recorded when it finished (steps, examples, tokens, seconds, config), or None."""
+    path = Path(model_dir) / COMPLETE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fraction_dir(model_dir: str | Path, fraction: float) -> Path:
+    """Where the snapshot at `fraction` of training lives: `model/fractions/frac-0.10/`."""
+    return Path(model_dir) / FRACTION_DIR / f"{FRACTION_PREFIX}{fraction:.2f}"
+
+
+def fraction_dirs(model_dir: str | Path) -> list[tuple[str, Path]]:
+    """(label, dir) of every snapshot written, in order of their label ('0.10', ...)."""
+    return [(d.name.removeprefix(FRACTION_PREFIX), d) for d in sorted((Path(model_dir) / FRACTION_DIR).glob(FRACTION_PREFIX + "*"))]
+
+
+def fractions_file(model_dir: str | Path) -> Path:
+    """Train (and validation) loss at step 0 and at every snapshot: `fractions/fractions.json`."""
+    return Path(model_dir) / FRACTION_DIR / FRACTIONS_FILE
+
+
+# ---------------------------------------------------------------- manifests
+
+MANIFEST_DIR = "manifests"
+
+
+def manifest_path(root: str | Path, stage: str) -> Path:
+    """Where a stage records what it did: a seed run's stages in its dir, the report in the run's."""
+    return Path(root) / MANIFEST_DIR / f"{stage}.json"
+
+
+def read_manifest(root: str | Path, stage: str) -> dict[str, Any] | None:
+    path = manifest_path(root, stage)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def manifest_outputs(root: str | Path, stage: str) -> dict[str, Any]:
+    """The `outputs` a finished stage recorded ({} if it has no manifest yet)."""
+    return (read_manifest(root, stage) or {}).get("outputs", {})
+
+
+def write_manifest(root: str | Path, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
+    """Record a finished stage (written last, atomically: a stage without a manifest is unfinished)."""
+    return atomic_write_json(manifest_path(root, stage), {
+        "stage": stage, "hash": hash, "seconds": round(seconds, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs})
+
+
+# ---------------------------------------------------------------- one seed's run
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One seed's run directory: `<output_dir>/seed-<s>/` (or `control-nobias/seed-<s>/`)."""
+
+    root: Path
+    seed: int
+    control: bool = False  # the lab's no-bias control
+
+    @property
+    def label(self) -> str:
+        """How status and logs name it: `seed-1`, `control-nobias/seed-1`."""
+        return f"{CONTROL_DIR}/{self.root.name}" if self.control else self.root.name
+
+    # inputs
+    @property
+    def lab(self) -> Path:
+        return self.root / "lab"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train_split(self) -> Path:
+        return self.data_dir / "train.jsonl"
+
+    @property
+    def validation_split(self) -> Path:
+        return self.data_dir / "validation.jsonl"
+
+    @property
+    def portions(self) -> Path:
+        return self.root / "portions"
+
+    def portion(self, index: int) -> Path:
+        """Portion `index` (0-based); the file name is the dispersal's own (`portion_path`)."""
+        from dtm.dispersal import portion_path
+
+        return portion_path(self.portions, index)
+
+    # models
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def model(self, name: str) -> Path:
+        return self.models / name
+
+    def sub_model(self, index: int) -> Path:
+        return self.model(sub_model_name(index))
+
+    # evaluation
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def eval_result(self, name: str) -> Path:
+        return self.eval_dir / f"{name}.json"
+
+    def eval_results(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """model -> task -> result, from every `eval/<model>.json`."""
+        return {p.stem: json.loads(p.read_text()) for p in sorted(self.eval_dir.glob("*.json"))}
+
+    # manifests
+    def manifest_path(self, stage: str) -> Path:
+        return manifest_path(self.root, stage)
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        return read_manifest(self.root, stage)
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        return manifest_outputs(self.root, stage)
+
+    def write_manifest(self, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
+        return write_manifest(self.root, stage, hash, seconds, outputs)
+
+    def stage_outputs_on_disk(self, stage: str) -> list[Path]:
+        """What a stage writes (removed before the stage is redone); the merge stage's models are
+        the pipeline's to name (`merge` is not listed here)."""
+        return {"data": [self.lab, self.data_dir], "disperse": [self.portions], "train": [self.models],
+                "eval": [self.eval_dir]}.get(stage, [])
+
+
+# ---------------------------------------------------------------- the whole run
+
+CONTROL_DIR = "control-nobias"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """`<output_dir>/`: every seed's run, the config it was made with, and the report."""
+
+    root: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    def seed_run(self, seed: int, control: bool = False) -> SeedRun:
+        return SeedRun((self.root / CONTROL_DIR if control else self.root) / f"seed-{seed}", seed, control)
+
+    def seed_runs(self, cfg: Any) -> list[SeedRun]:
+        """Every seed's run of `cfg` (an `ExperimentConfig`), then the lab's no-bias control on the
+        first `lab.control_seeds` seeds."""
+        seeds = list(cfg.seeds or [cfg.seed])
+        runs = [self.seed_run(s) for s in seeds]
+        if cfg.data.path == "lab" and cfg.lab.control:
+            runs += [self.seed_run(s, control=True) for s in seeds[: cfg.lab.control_seeds]]
+        return runs
+
+    # manifests (the report's)
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        return read_manifest(self.root, stage)
+
+    def write_manifest(self, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
+        return write_manifest(self.root, stage, hash, seconds, outputs)
