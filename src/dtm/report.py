@@ -620,7 +620,7 @@ def collect_scores(eval_dir: Path) -> dict[str, dict[str, float]]:
 
 def manifest_outputs(root: Path, stage: str) -> dict[str, Any]:
     """The `outputs` a finished stage recorded in its manifest ({} if it has none yet)."""
-    from dtm.pipeline import read_manifest
+    from dtm.rundir import read_manifest
 
     return (read_manifest(root, stage) or {}).get("outputs", {})
 
@@ -732,7 +732,7 @@ def write_run_report(cfg: Any, console: Any = None) -> tuple[Path, Path]:
     """The report of a whole `dtm run` (all seeds; the no-bias control as a section)."""
     from dtm.pipeline import seed_runs
 
-    runs = seed_runs(cfg)
+    runs = [(r.cfg, r.dir.root, r.dir.control) for r in seed_runs(cfg)]
     main = [(c, r) for c, r, control in runs if not control]
     controls = [(c, r) for c, r, control in runs if control]
     data = build_report_data(main, "Disperse-Then-Merge: results", cfg.report.tradeoff)

@@ -12,6 +12,7 @@
       data/train.jsonl, validation.jsonl the hold-out split (`data.val_size`)
       portions/portion-<k>.jsonl         the dispersal (`dtm.dispersal.portion_path`), stats.json
       models/<name>/                     one `save_pretrained` directory per model (names below)
+      fisher/<name>.safetensors          a sub-model's diagonal Fisher (`merge.method: fisher`)
       eval/<name>.json                   one result file per evaluated model
       manifests/<stage>.json             what each stage did (`write_manifest`)
 
@@ -226,6 +227,14 @@ class SeedRun:
 
     def sub_model(self, index: int) -> Path:
         return self.model(sub_model_name(index))
+
+    @property
+    def fisher_dir(self) -> Path:
+        """Each sub-model's diagonal Fisher, for `merge.method: fisher` (the merge stage's)."""
+        return self.root / "fisher"
+
+    def fisher_file(self, name: str) -> Path:
+        return self.fisher_dir / f"{name}.safetensors"
 
     # evaluation
     @property

@@ -148,6 +148,9 @@ def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> l
     return rows
 
 
+SUITES = ("knowledge", "reasoning", "instruction")  # the suite names `eval.suites` may use on the lab
+
+
 def write_tasks(out: str | Path, seed: int = 0, world: World | None = None, scale: float = 1.0) -> dict[str, list[Path]]:
     """Write every lab task (spec + data) under `out`; -> suite name -> spec paths.
 
@@ -156,7 +159,7 @@ def write_tasks(out: str | Path, seed: int = 0, world: World | None = None, scal
 
     world = world or load_world()
     out = Path(out)
-    suites: dict[str, list[Path]] = {"knowledge": [], "reasoning": [], "instruction": []}
+    suites: dict[str, list[Path]] = {name: [] for name in SUITES}
     k_raw, k_inst = knowledge_rows(world, seed, scale)
     r_raw, r_inst = reasoning_rows(world, seed, scale)
     for suite, data, rows_raw, rows_inst in (("knowledge", "knowledge", k_raw, k_inst), ("reasoning", "reasoning", r_raw, r_inst)):

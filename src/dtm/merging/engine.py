@@ -77,6 +77,28 @@ class Source(Protocol):
 
 # ---------------------------------------------------------------- the public API
 
+def check_merge_args(method: str, k: int, weights: Sequence[float] | None, parameters: dict[str, Any] | None
+                     ) -> tuple[M.MergeMethod, dict[str, Any], list[float]]:
+    """The per-tensor method, its resolved parameters and the weights for merging `k` models;
+    a `MergeError` naming what is wrong. Checked before any file is opened (the config runs
+    it at load time, so a run does not fail at the merge stage after all its training)."""
+    try:
+        spec = M.get_method(method)
+    except KeyError:
+        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(M.method_names())}") from None
+    method_params = {key: v for key, v in (parameters or {}).items() if key not in ENGINE_PARAMS}
+    try:
+        fn_params = M.resolve_params(spec, method_params)
+    except KeyError as e:
+        known = sorted([*spec.params, *ENGINE_PARAMS])
+        raise MergeError(f"method {spec.name!r} has no parameter {e.args[0]!r}; its parameters are {', '.join(known)}") from None
+    except ValueError as e:
+        raise MergeError(f"method {spec.name!r}: {e}") from None
+    weights = check_weights(weights, k, spec)
+    if spec.max_models is not None and k > spec.max_models:
+        raise MergeError(f"method {spec.name!r} takes {spec.max_models} model besides the base, got {k}")
+    return spec, fn_params, weights
+
 
 def merge(
     models: Sequence[str | Path],
@@ -119,21 +141,7 @@ def merge(
             raise MergeError("greedy_soup needs a score function (score_fn=...): use the Python API or the pipeline")
         return greedy_soup(models, out, score_fn, base=base, dtype=dtype, out_dtype=out_dtype,
                            overwrite=overwrite, allow_pickle=allow_pickle, parameters=parameters, progress=progress)
-    try:
-        spec = M.get_method(method)
-    except KeyError:
-        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(M.method_names())}") from None
-    method_params = {k: v for k, v in parameters.items() if k not in ENGINE_PARAMS}
-    try:
-        fn_params = M.resolve_params(spec, method_params)
-    except KeyError as e:
-        known = sorted([*spec.params, *ENGINE_PARAMS])
-        raise MergeError(f"method {spec.name!r} has no parameter {e.args[0]!r}; its parameters are {', '.join(known)}") from None
-    except ValueError as e:
-        raise MergeError(f"method {spec.name!r}: {e}") from None
-    weights = check_weights(weights, len(models), spec)
-    if spec.max_models is not None and len(models) > spec.max_models:
-        raise MergeError(f"method {spec.name!r} takes {spec.max_models} model besides the base, got {len(models)}")
+    spec, fn_params, weights = check_merge_args(method, len(models), weights, parameters)
     compute = torch_dtype(dtype, "dtype")
     if compute not in (torch.float32, torch.float64):
         raise MergeError(f"dtype: compute in float32 or float64 (got {dtype}); use out_dtype for a smaller output")
