@@ -58,7 +58,7 @@ def test_missing_data_file_is_reported_with_key(tmp_path):
 
 def test_relative_paths_resolve_against_the_config_dir(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
-    p = write(tmp_path, "data:\n  path: d.jsonl\noutput_dir: out\n")
+    p = write(tmp_path, "data:\n  path: d.jsonl\nmodel:\n  model_name_or_path: org/model\neval:\n  suites: [knowledge]\noutput_dir: out\n")
     cfg = load_config(p)
     assert cfg.data.path == str(tmp_path / "d.jsonl")
     assert cfg.output_dir == "out"  # relative to the working directory, like TrainingArguments
@@ -78,11 +78,36 @@ def test_overrides_are_yaml_values_on_dotted_keys(tmp_path):
         load_config(None, ["disperse.kk=3"])
 
 
-def test_slice_hash_changes_only_with_its_sections():
+def test_a_config_that_cannot_run_is_refused_at_load_with_every_reason(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    p = write(tmp_path, "data:\n  path: d.jsonl\neval:\n  suites: [instruction]\nbaselines:\n  methods: [replay]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    lines = str(err.value).splitlines()[1:]
+    assert [line.strip().split(": ")[1] for line in lines] == ["model.model_name_or_path", "baselines.methods", "eval.suites"]
+    assert lines[1].strip().startswith(f"{p}:6: baselines.methods: replay needs baselines.replay_path")
+    load_config(p, check_paths=False)  # `dtm config show` shows it all the same
+
+
+def test_stage_hashes_change_from_the_changed_section_on():
+    from dtm.pipeline import stage_hashes
+
     a, b = ExperimentConfig(), ExperimentConfig()
     b.merge.method = "ties"
-    assert a.slice_hash("data", "disperse") == b.slice_hash("data", "disperse")
-    assert a.slice_hash("merge") != b.slice_hash("merge")
+    ha, hb = stage_hashes(a), stage_hashes(b)
+    assert [ha[s] == hb[s] for s in ("data", "disperse", "train", "merge", "eval")] == [True, True, True, False, False]
+
+
+def test_allowed_values_come_from_the_registries():
+    from dtm.dispersal import STRATEGIES
+    from dtm.merging.methods import method_names
+    from dtm.plan import BASELINES
+
+    for key, names in (("merge.method", method_names()), ("disperse.strategy", STRATEGIES), ("baselines.methods", list(BASELINES))):
+        for name in names:
+            load_config(None, [f"{key}={[name] if key == 'baselines.methods' else name}"], check_paths=False)
+        with pytest.raises(ConfigError, match=f"{key}: .*unknown value 'nope'; choose one of {', '.join(names)}"):
+            load_config(None, [f"{key}={['nope'] if key == 'baselines.methods' else 'nope'}"], check_paths=False)
 
 
 def test_example_config_round_trips(tmp_path):

@@ -233,7 +233,7 @@ def runnable_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     lab_data, lab_model = cfg.data.path == "lab", cfg.model.model_name_or_path == "lab"
     if lab_data != lab_model:
-        problems.append(("data.path" if lab_model else "model.model_name_or_path",
+        problems.append(("model.model_name_or_path" if lab_model else "data.path",
                          "the lab is a data set and a base model together: set both data.path and model.model_name_or_path to 'lab'"))
     if cfg.merge.method == "greedy_soup" and not cfg.data.val_size:
         problems.append(("merge.method", "greedy_soup scores soups on held-out training data: set data.val_size (e.g. 0.05)"))
