@@ -64,7 +64,7 @@ def _add_disperse(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", help="data file (JSON/JSONL/Parquet) or local `datasets` directory")
     p.add_argument("--k", type=int, default=4, help="number of portions (default 4, as in the paper)")
-    p.add_argument("--strategy", default="random", choices=["random", "stratified", "length", "kmeans"])
+    p.add_argument("--strategy", default="random", help="random (default), stratified, length or kmeans (`dtm.dispersal.STRATEGIES`)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "prompt_completion"])
@@ -114,15 +114,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides epochs)")
     p.add_argument("--seed", type=int, help="training seed (default: the config's seed)")
     p.add_argument("--val-data", help="one model: validation data, for the losses recorded at save_fractions")
-    p.add_argument("--baseline", choices=["vanilla", "l2", "ewc", "replay", "curation", "soup"], default="vanilla",
-                   help="one model: train a Table-1 baseline instead (settings under `baselines:`)")
-    p.add_argument("--portions", help="CONFIG: portion-*.jsonl directory (default: <output_dir>/seed-<seed>/portions, as `dtm run` lays it out)")
-    p.add_argument("--models", help="CONFIG: where sub-1..K go (default: <output_dir>/seed-<seed>/models)")
+    p.add_argument("--baseline", default="vanilla",
+                   help="one model: train a Table-1 baseline instead: vanilla, l2, ewc, replay, curation or soup (settings under `baselines:`)")
+    p.add_argument("--portions", help="CONFIG: portion-*.jsonl directory (default: the seed's portions in the run directory, as `dtm run` lays it out)")
+    p.add_argument("--models", help="CONFIG: where sub-1..K go (default: the seed's models in the run directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> None:
-        from pathlib import Path
-
         from dtm.config import load_config
         from dtm.errors import ConfigError
 
@@ -140,25 +138,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         if a.base:
             overrides.append(f"model.model_name_or_path={a.base}")
         cfg = load_config(file, overrides, check_paths=False)
-        if cfg.model.model_name_or_path == "lab":
-            from dtm.lab import base_model_dir
-
-            cfg.model.model_name_or_path = str(base_model_dir())
         if a.data:
             if not a.out:
                 raise ConfigError("--data trains one model and needs --out DIR")
             from dtm.training import train_baseline
 
-            out = train_baseline(a.baseline, cfg, a.data, a.out, val_data=a.val_data, progress=not a.no_progress)
-            print(f"trained {out}")
-            return
-        if not file:
+            print(f"trained {train_baseline(a.baseline, cfg, a.data, a.out, val_data=a.val_data, progress=not a.no_progress)}")
+        elif not file:
             raise ConfigError("give --data FILE --out DIR (one model) or a CONFIG file (all K sub-models)")
-        from dtm.training import train
+        else:
+            from dtm.training import train
 
-        root = Path(cfg.output_dir) / f"seed-{cfg.seed}"  # the run layout of `dtm run`
-        models = train(cfg, a.portions or root / "portions", a.models or root / "models")
-        print(f"trained {len(models)} sub-models: " + ", ".join(str(m) for m in models))
+            models = train(cfg, a.portions, a.models)
+            print(f"trained {len(models)} sub-models: " + ", ".join(str(m) for m in models))
 
     p.set_defaults(func=run)
 
@@ -171,12 +163,12 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         "merge",
         help="merge K models or LoRA adapters into one (streaming, bounded memory)",
         description="Merge MODEL directories (save_pretrained full models or PEFT LoRA adapters) into --out. "
-        "Methods: average (the paper's), linear (= average), task_arithmetic, wise_ft, ties, dare_linear, "
-        "dare_ties, fisher. Flags override the values of --config.",
+        "Flags override the values of --config.",
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="model or adapter directories")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", default=None, help="merge method (default: average)")
+    p.add_argument("--method", default=None, help="merge method (default: average, the paper's); an unknown name lists them all "
+                   "(the registry: `dtm.merging.method_names()`)")
     p.add_argument("--weights", default=None, help="comma-separated weights, one per model (default: uniform)")
     p.add_argument("--base", default=None, help="base model dir (task vectors, WiSE-FT, TIES, DARE; adapters' base)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter, e.g. density=0.5 lambda=1.0 alpha=0.5 seed=0")
@@ -268,38 +260,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs")
 
     def run(a: argparse.Namespace) -> None:
-        from dtm.evaluation.runner import evaluate, evaluate_many, summary_lines
+        from dtm.evaluation.runner import evaluate_models, summary_lines
 
-        tasks = a.task + a.suite
-        if not tasks and not a.lm_eval_tasks:
-            raise DtmError("no tasks: pass --task FILE (or a suite/benchmark name) or --suite NAME")
-        opts = dict(batch_size=a.batch_size, limit=a.limit, max_new_tokens=a.max_new_tokens, device=a.device,
-                    data_dir=a.data_dir, allow_code_execution=a.allow_code_execution, log_samples=a.log_samples)
-        if tasks and len(a.model) > 1 and not a.ensemble:
-            by_model = evaluate_many(a.model, tasks, a.out, **opts)
-            for name, results in by_model.items():
+        by_model = evaluate_models(
+            a.model, a.task + a.suite, a.out, ensemble=a.ensemble, adapter=a.adapter,
+            lm_eval_tasks=a.lm_eval_tasks.split(",") if a.lm_eval_tasks else (), lm_eval_include=a.lm_eval_include,
+            batch_size=a.batch_size, limit=a.limit, max_new_tokens=a.max_new_tokens, device=a.device, data_dir=a.data_dir,
+            allow_code_execution=a.allow_code_execution, log_samples=a.log_samples)
+        for name, results in by_model.items():
+            if len(by_model) > 1:
                 print(f"== {name}")
-                print("\n".join(summary_lines(results)))
-        elif tasks:
-            results = evaluate(a.model, tasks, a.out, ensemble=a.ensemble, adapter=a.adapter, **opts)
-            print("\n".join(summary_lines(results)))
-        if a.lm_eval_tasks:
-            from dtm.evaluation.lmeval import run_lm_eval
-
-            if len(a.model) > 1:
-                raise DtmError("--lm-eval-tasks takes one model")
-            results = run_lm_eval(a.model[0], a.lm_eval_tasks.split(","), a.out, a.batch_size, a.limit,
-                                  device="cuda" if a.device == "auto" and _eval_cuda() else ("cpu" if a.device == "auto" else a.device),
-                                  include_path=a.lm_eval_include)
             print("\n".join(summary_lines(results)))
 
     p.set_defaults(func=run)
-
-
-def _eval_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------- lab
@@ -391,9 +364,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> None:
         from rich.console import Console
 
-        from dtm.pipeline import load_run_config, stage_report
+        from dtm.pipeline import write_report
 
-        md, page = stage_report(load_run_config(a.run_dir), Console())
+        md, page = write_report(a.run_dir, Console())
         print(f"wrote {md} and {page}")
 
     p.set_defaults(func=run)
@@ -410,10 +383,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     _overrides(p)
 
     def run(a: argparse.Namespace) -> None:
-        from dtm.pipeline import LAB_CONFIG
-        from dtm.pipeline import run as run_experiment
+        from dtm.pipeline import demo
 
-        run_experiment(LAB_CONFIG, [f"output_dir={os.path.abspath(a.out)}", *a.overrides])
+        demo(a.out, a.overrides)
 
     p.set_defaults(func=run)
 

@@ -397,6 +397,11 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     return run_dir.root
 
 
+def demo(out: str | Path = "runs/demo", overrides: list[str] | None = None) -> Path:
+    """`dtm demo`: the built-in lab end to end (`dtm run` on `LAB_CONFIG`) into `out`."""
+    return run(LAB_CONFIG, [f"output_dir={Path(out).resolve()}", *(overrides or [])])
+
+
 def stage_report(cfg: ExperimentConfig, console: Any = None) -> tuple[Path, Path]:
     """Write report.md/report.html over every seed run, and the report's manifest."""
     from dtm.report import write_run_report

@@ -15,10 +15,10 @@
 
 from dtm.evaluation.convert import convert_rows
 from dtm.evaluation.diagnostics import bias_diagnostic, curve_from_results, loss_reduction_ratios, tax_curve
-from dtm.evaluation.runner import evaluate, evaluate_many
+from dtm.evaluation.runner import evaluate, evaluate_many, evaluate_models
 from dtm.evaluation.tasks import BUILTIN_SUITES, PAPER_TASKS, Task, TaskSpec, load_task, resolve_tasks
 
 __all__ = [
     "BUILTIN_SUITES", "PAPER_TASKS", "Task", "TaskSpec", "bias_diagnostic", "convert_rows", "curve_from_results", "evaluate",
-    "evaluate_many", "load_task", "loss_reduction_ratios", "resolve_tasks", "tax_curve",
+    "evaluate_many", "evaluate_models", "load_task", "loss_reduction_ratios", "resolve_tasks", "tax_curve",
 ]

@@ -100,12 +100,8 @@ def _load_one(path: str | os.PathLike, adapter: str | os.PathLike | None, device
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "", None)
     if torch_dtype is None:
         torch_dtype = torch.float32 if device.type == "cpu" else "auto"
-    import transformers
-
-    # transformers >= 4.56 names the argument `dtype`; earlier versions `torch_dtype`
-    dtype_kw = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **{dtype_kw: torch_dtype})
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise DtmError(f"{path}: cannot load the model: {e}") from None
     if adapter is not None:

@@ -465,6 +465,42 @@ def evaluate_many(
     return results
 
 
+def evaluate_models(
+    models: Sequence[ModelRef],
+    tasks: list[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    *,
+    ensemble: bool = False,
+    adapter: str | os.PathLike | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_include: str | os.PathLike | None = None,
+    **opts: Any,
+) -> dict[str, dict[str, Any]]:
+    """`dtm eval`: each model on its own (`evaluate_many`), or one model or an ensemble
+    (`evaluate`), then lm-evaluation-harness tasks on the single model; -> {label: {task: result}}."""
+    if not tasks and not lm_eval_tasks:
+        raise DtmError("no tasks: pass --task FILE (or a suite/benchmark name) or --suite NAME")
+    if lm_eval_tasks and len(models) > 1:
+        raise DtmError("lm-eval tasks take one model")
+    by_model: dict[str, dict[str, Any]] = {}
+    if tasks and len(models) > 1 and not ensemble:
+        by_model = evaluate_many(list(models), tasks, out, **opts)
+    elif tasks:
+        by_model[str(models[0]) if len(models) == 1 else "ensemble"] = evaluate(list(models), tasks, out, ensemble=ensemble, adapter=adapter, **opts)
+    if lm_eval_tasks:
+        import torch
+
+        from dtm.evaluation.lmeval import run_lm_eval
+
+        device = opts.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        results = run_lm_eval(models[0], list(lm_eval_tasks), out, opts.get("batch_size", 16), opts.get("limit"),
+                              device=device, include_path=lm_eval_include)
+        by_model.setdefault(str(models[0]), {}).update(results)
+    return by_model
+
+
 def summary_lines(results: Mapping[str, Any]) -> list[str]:
     """One line per task: the headline metrics with standard errors, items, truncations, time."""
     lines = []

@@ -32,7 +32,7 @@ DEFAULT_WORLD_SEED = 0
 # The SFT recipe the lab was calibrated with (keys of `dtm.config.TrainConfig`).
 # Full fine-tuning with the embedding matrix frozen: with tied embeddings and one token per
 # entity, training the embeddings drove even held-out facts towards chance for reasons that
-# have nothing to do with data bias (see LAB-FINDINGS / docs/architecture.md).
+# have nothing to do with data bias (docs/architecture.md, "The lab": the SFT recipe).
 SFT_RECIPE: dict[str, Any] = {
     "finetuning_type": "full",
     "freeze_modules": ["embed_tokens"],

@@ -278,13 +278,6 @@ def _pickle_checkpoint(path: Path, config: dict[str, Any]) -> Checkpoint:
 # ---------------------------------------------------------------- writing
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def parse_size(size: int | str) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
     if isinstance(size, int):
@@ -360,7 +353,7 @@ class ShardWriter:
                 raise RuntimeError(f"writer expected {expected.dtype} for {name}, got {c.dtype}")
             self._append(c)
             written += c.numel()
-        if name != expected.name or written != _numel(expected.shape):
+        if name != expected.name or written != math.prod(expected.shape):
             raise RuntimeError(f"writer expected {expected}, got {name} with {written} elements")
         self._next += 1
 

@@ -518,10 +518,9 @@ def merge_adapters(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG, config)
-        for d in [adapters[0].path]:
-            for f in sorted(d.iterdir()):
-                if f.is_file() and CARRIED_FILES.match(f.name) and f.name != "config.json":
-                    shutil.copy2(f, tmp / f.name)
+        for f in sorted(adapters[0].path.iterdir()):  # the tokenizer and generation config travel with the adapter
+            if f.is_file() and CARRIED_FILES.match(f.name) and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
         record = {"method": "average", "models": [str(a.path) for a in adapters], "weights": list(weights),
                   "base": config["base_model_name_or_path"], "lora_merge": mode, "ranks": ranks}
         if mode == "svd":
