@@ -24,7 +24,7 @@ from typing import Any
 
 from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_texts
-from dtm.errors import DataError
+from dtm.errors import DataError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def soup_recipes(config: ExperimentConfig, first_seed: int | None = None) -> lis
 def train_baseline(method: str, config: ExperimentConfig, data: str | Path | list[Conversation], out: str | Path,
                    base: str | Path | None = None, **kwargs: Any) -> Path | list[Path]:
     """Train the baseline `method` on all of `data` into `out` (a list of dirs for `soup`)."""
-    from dtm.training.sft import TrainingError, as_conversations, train_model
+    from dtm.training.sft import as_conversations, train_model
 
     base = base or config.model.model_name_or_path
     out = Path(out)

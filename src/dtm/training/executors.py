@@ -23,7 +23,7 @@ from typing import Any
 
 from dtm.config import ExperimentConfig
 from dtm.dispersal import portion_path
-from dtm.errors import DtmError
+from dtm.errors import DtmError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,6 @@ def sub_model_dir(models_dir: str | Path, index: int) -> Path:
 
 def plan_sub_models(config: ExperimentConfig, portions_dir: str | Path, models_dir: str | Path) -> list[Job]:
     """One job per portion file, all with the experiment seed (only the data differs)."""
-    from dtm.training.sft import TrainingError
-
     portions_dir = Path(portions_dir)
     jobs: list[Job] = []
     while portion_path(portions_dir, len(jobs)).is_file():
@@ -213,7 +211,7 @@ def train_jobs(config: ExperimentConfig, base: str | Path, jobs: dict[str, dict[
 
 def run_jobs(jobs: list[Job], config: ExperimentConfig, base: str | Path) -> None:
     """Run the unfinished jobs with the configured executor; raise naming every failed one."""
-    from dtm.training.sft import TrainingError, is_complete
+    from dtm.training.sft import is_complete
 
     todo = [j for j in jobs if not is_complete(j.out)]
     for j in jobs:
@@ -293,8 +291,6 @@ def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, s
     local one, which is shut down again at the end). Outputs go to the models directory,
     which must be on a path every worker sees (a shared filesystem on a cluster).
     """
-    from dtm.training.sft import TrainingError
-
     try:
         import ray
     except ImportError:

@@ -52,7 +52,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_conversations
 from dtm.data.template import IGNORE_INDEX, special_prefix, tokenize_conversations
-from dtm.errors import DtmError
+from dtm.errors import TrainingError
 from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,6 @@ FRACTION_DIR = "fractions"
 TENSORBOARD_DIR = "logs"
 
 Example = dict[str, list[int]]
-
-
-class TrainingError(DtmError):
-    """Training cannot start or cannot go on; the message says which model, step or key."""
 
 
 # ---------------------------------------------------------------- output directory layout
