@@ -22,7 +22,8 @@ from dtm.training.regularizers import (
     l2_penalty,
     normalise_fisher,
 )
-from dtm.training.sft import COMPLETE_FILE, text_examples
+from dtm.training.batches import text_examples
+from dtm.training.sft import COMPLETE_FILE
 
 torch.set_num_threads(1)
 

@@ -80,7 +80,8 @@ def score_response_length(conversations: list[Conversation], context: dict[str, 
 def score_base_loss(conversations: list[Conversation], context: dict[str, Any]) -> list[float]:
     """Minus the base model's mean loss on each response (higher = more plausible to it)."""
     from dtm.data.template import tokenize_conversations
-    from dtm.training.sft import load_base, mean_loss
+    from dtm.training.batches import mean_loss
+    from dtm.training.sft import load_base
 
     config: ExperimentConfig = context["config"]
     model, tokenizer = load_base(context["base"], config)

@@ -159,7 +159,7 @@ def fisher_texts(config: Any, conversations: Sequence[Any], replay: str | Path |
 def build_penalty(kind: str, model: torch.nn.Module, tokenizer: Any, config: Any,
                   conversations: Sequence[Any], replay: str | Path | Sequence[str] | None = None) -> WeightPenalty:
     """The penalty for `kind` ("l2" or "ewc") on a model already wrapped for training."""
-    from dtm.training.sft import text_examples
+    from dtm.training.batches import text_examples
 
     if kind == "l2":
         return WeightPenalty(model, config.baselines.l2_coef)
