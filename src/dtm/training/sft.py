@@ -8,19 +8,18 @@ module adds around it:
 
 - the data: response-only labels from `dtm.data.template`, optional replay text (loss on
   every token), right-padded or padding-free (packed) batches;
-- the output directory: a `save_pretrained` model (safetensors; a PEFT adapter dir for LoRA)
-  with its tokenizer, `train_log.jsonl` and TensorBoard events in `logs/`, checkpoints in
-  `checkpoints/` while training, snapshots at fractions of training in `fractions/`, and
-  `training_complete.json` written last (atomically): a directory without it is unfinished;
+- the output directory (names from `dtm.rundir`): a `save_pretrained` model (safetensors;
+  a PEFT adapter dir for LoRA) with its tokenizer, `train_log.jsonl` and TensorBoard events
+  in `logs/`, checkpoints in `checkpoints/` while training, snapshots at fractions of
+  training in `fractions/`, and `training_complete.json` written last (atomically): a
+  directory without it is unfinished;
 - clear errors (`TrainingError`) for a missing base model, LoRA targets the model lacks,
   a portion empty after truncation, a non-finite loss (with the step) and a full disk.
 
-Why the Trainer and not a loop of our own: `benchmarks/bench_train_overhead.py` times a bare
-PyTorch loop, the plain Trainer and this module on the lab's base and SFT data (0.24M
-parameters, batch 16, packed rows, one thread): 17.46 / 17.51 / 17.47 ms per step (best of
-3, idle 2-core machine), the same within noise; the step is the maths. Against TRL's
-SFTTrainer on a 25M model (`bench_train_throughput.py`) it is 1.16x (LoRA) and 1.01x (full)
-as fast on identical batches.
+Why the Trainer and not a loop of our own: a step costs the same as a bare PyTorch loop's
+(the step is the maths; `benchmarks/bench_train_overhead.py` times a bare loop, the plain
+Trainer and this module), and no more than TRL's SFTTrainer on identical batches
+(`benchmarks/bench_train_throughput.py`).
 """
 
 from __future__ import annotations
@@ -54,27 +53,20 @@ from dtm.data.formats import Conversation, load_conversations
 from dtm.data.template import tokenize_conversations
 from dtm.errors import TrainingError
 from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+from dtm.rundir import (
+    CHECKPOINT_DIR,
+    COMPLETE_FILE,
+    LOG_FILE,
+    TENSORBOARD_DIR,
+    fraction_dir,
+    fractions_file,
+    is_complete,
+)
 from dtm.training.batches import REAL_TOKENS, Example, ExampleDataset, make_collator, mean_loss, text_examples
 
 log = logging.getLogger(__name__)
 
-COMPLETE_FILE = "training_complete.json"
-LOG_FILE = "train_log.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-FRACTION_DIR = "fractions"
-TENSORBOARD_DIR = "logs"
-
 # ---------------------------------------------------------------- output directory layout
-
-
-def is_complete(out: str | Path) -> bool:
-    """A model directory is finished only once its completion marker exists."""
-    return (Path(out) / COMPLETE_FILE).is_file()
-
-
-def fraction_dir(out: str | Path, fraction: float) -> Path:
-    """Where the snapshot at `fraction` of training lives: `out/fractions/frac-0.10/`."""
-    return Path(out) / FRACTION_DIR / f"frac-{fraction:.2f}"
 
 
 def last_checkpoint(out: str | Path) -> Path | None:
@@ -293,7 +285,7 @@ class FractionCallback(TrainerCallback):
                  val_examples: list[Example] | None, pad_id: int):
         self.out, self.fractions, self.tokenizer = out, list(fractions), tokenizer
         self.train_sample, self.val_examples, self.pad_id = train_sample, val_examples, pad_id
-        self.summary_path = out / FRACTION_DIR / "fractions.json"
+        self.summary_path = fractions_file(out)
         self.targets: dict[int, float] = {}
 
     def _losses(self, model) -> dict[str, float]:
