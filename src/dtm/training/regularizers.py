@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dtm.data.template import IGNORE_INDEX
 from dtm.errors import TrainingError
+from dtm.training.batches import text_examples
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,11 @@ class WeightPenalty:
         if not self.lora:
             self.anchored = [(n, p, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad]
 
+    @property
+    def kind(self) -> str:
+        """What the training summary records as its `regularizer`."""
+        return "l2" if self.fisher is None else "ewc"
+
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, layer in self.lora:
             for adapter in layer.active_adapters:
@@ -142,13 +147,10 @@ class WeightPenalty:
         return {name: p for name, p, _ in self.anchored}
 
 
-def fisher_texts(config: Any, conversations: Sequence[Any], replay: str | Path | Sequence[str] | None) -> list[str]:
+def fisher_texts(config: Any, conversations: Sequence[Any], replay_texts: Sequence[str] | None) -> list[str]:
     """Base-model text for the Fisher: the replay corpus if there is one, else the SFT text."""
-    from dtm.training.baselines import load_replay_texts
-
-    source = replay if replay is not None else config.baselines.replay_path
-    if source is not None:
-        texts = load_replay_texts(source) if isinstance(source, (str, Path)) else list(source)
+    if replay_texts is not None:
+        texts = list(replay_texts)
     else:
         log.warning("EWC: no baselines.replay_path (base-model text) given; estimating the Fisher on the SFT texts instead")
         texts = [f"{c.instruction}\n{c.response}" for c in conversations]
@@ -157,16 +159,18 @@ def fisher_texts(config: Any, conversations: Sequence[Any], replay: str | Path |
 
 
 def build_penalty(kind: str, model: torch.nn.Module, tokenizer: Any, config: Any,
-                  conversations: Sequence[Any], replay: str | Path | Sequence[str] | None = None) -> WeightPenalty:
-    """The penalty for `kind` ("l2" or "ewc") on a model already wrapped for training."""
-    from dtm.training.batches import text_examples
+                  conversations: Sequence[Any], replay_texts: Sequence[str] | None = None) -> WeightPenalty:
+    """The penalty for `kind` ("l2" or "ewc") on a model already wrapped for training.
 
+    `replay_texts`: the base-model text EWC's Fisher is estimated on (the replay corpus);
+    None falls back to the SFT texts.
+    """
     if kind == "l2":
         return WeightPenalty(model, config.baselines.l2_coef)
     if kind != "ewc":
         raise TrainingError(f"regularizer {kind!r}: expected 'l2' or 'ewc'")
     penalty = WeightPenalty(model, config.baselines.ewc_coef)
-    examples = text_examples(fisher_texts(config, conversations, replay), tokenizer, config.data.cutoff_len)
+    examples = text_examples(fisher_texts(config, conversations, replay_texts), tokenizer, config.data.cutoff_len)
     if not examples:
         raise TrainingError("EWC: no base-model text to estimate the Fisher on (baselines.replay_path is empty)")
     try:

@@ -6,8 +6,8 @@ checkpoints with optimizer/scheduler/RNG state, and resume that skips the batche
 seen, so a resumed run ends with the same weights as an uninterrupted one. What this
 module adds around it:
 
-- the data: response-only labels from `dtm.data.template`, optional replay text (loss on
-  every token), right-padded or padding-free (packed) batches;
+- the data: response-only labels from `dtm.data.template`, optionally mixed with other
+  examples (the replay baseline's text), right-padded or padding-free (packed) batches;
 - the output directory (names from `dtm.rundir`): a `save_pretrained` model (safetensors;
   a PEFT adapter dir for LoRA) with its tokenizer, `train_log.jsonl` and TensorBoard events
   in `logs/`, checkpoints in `checkpoints/` while training, snapshots at fractions of
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import (
@@ -62,7 +62,7 @@ from dtm.rundir import (
     fractions_file,
     is_complete,
 )
-from dtm.training.batches import REAL_TOKENS, Example, ExampleDataset, make_collator, mean_loss, text_examples
+from dtm.training.batches import REAL_TOKENS, Example, ExampleDataset, make_collator, mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,25 @@ def sft_examples(conversations: list[Conversation], tokenizer: Any, config: Expe
 # ---------------------------------------------------------------- trainer
 
 
+class Penalty(Protocol):
+    """A weight penalty added to the loss once per optimizer step (`regularizers.WeightPenalty`)."""
+
+    kind: str  # recorded as `regularizer` in training_complete.json
+    coef: float  # recorded as `penalty_coef`
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor: ...
+
+
+# (model wrapped for training, tokenizer, the SFT conversations) -> the penalty
+PenaltyFactory = Callable[[torch.nn.Module, Any, list[Conversation]], Penalty]
+# (the SFT examples, tokenizer) -> the examples to train on, in training order
+MixIn = Callable[[list[Example], Any], list[Example]]
+
+
 class DtmTrainer(Trainer):
     """`Trainer` plus an optional weight penalty (L2/EWC), a finite-loss check and token counts."""
 
-    def __init__(self, *args: Any, penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, penalty: Penalty | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.penalty = penalty
         self._penalty_sum = 0.0
@@ -388,8 +403,8 @@ def train_model(
     seed: int | None = None,
     *,
     val_data: str | Path | list[Conversation] | None = None,
-    replay: str | Path | Sequence[str] | None = None,
-    regularizer: str | None = None,
+    mix_in: MixIn | None = None,
+    penalty: PenaltyFactory | None = None,
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
     name: str | None = None,
@@ -397,8 +412,10 @@ def train_model(
     """Fine-tune `base` on `data` and save the result in `out`; returns `out`.
 
     Resumes from the last checkpoint in `out` if one exists; a finished `out` (with
-    `training_complete.json`) is returned as is. `replay` mixes plain-text LM examples
-    in at `baselines.replay_ratio`; `regularizer` is "l2" or "ewc" (towards the base).
+    `training_complete.json`) is returned as is. The baselines plug in here without this
+    module knowing them (`baselines.train_baseline` builds both): `mix_in` turns the SFT
+    examples into the training set (replay), `penalty` builds a weight penalty on the model
+    once it is wrapped for training (L2, EWC).
     """
     out = Path(out)
     name = name or out.name
@@ -417,11 +434,8 @@ def train_model(
     model, tokenizer = load_base(base, config, precision.load_dtype)
     examples = sft_examples(conversations, tokenizer, config, name=f"{name} ({data if isinstance(data, (str, Path)) else 'given data'})")
     examples_sft, n_sft = examples, len(examples)
-    if replay is not None:
-        from dtm.training.baselines import load_replay_texts, mix_replay
-
-        texts = load_replay_texts(replay) if isinstance(replay, (str, Path)) else list(replay)
-        examples = mix_replay(examples, text_examples(texts, tokenizer, config.data.cutoff_len), config.baselines.replay_ratio, seed)
+    if mix_in is not None:
+        examples = mix_in(examples, tokenizer)
     val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
 
     if t.finetuning_type == "lora":
@@ -429,11 +443,7 @@ def train_model(
     elif t.freeze_modules:
         frozen = freeze_modules(model, t.freeze_modules)
         log.info("%s: froze %d parameter tensors: %s", name, len(frozen), frozen)
-    penalty = None
-    if regularizer is not None:
-        from dtm.training.regularizers import build_penalty
-
-        penalty = build_penalty(regularizer, model, tokenizer, config, conversations, replay)
+    weight_penalty = penalty(model, tokenizer, conversations) if penalty is not None else None
 
     out.mkdir(parents=True, exist_ok=True)
     resume = last_checkpoint(out)
@@ -446,7 +456,7 @@ def train_model(
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=make_collator(t.packing, tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None)),
-        penalty=penalty,
+        penalty=weight_penalty,
         callbacks=[JsonlLogCallback(out / LOG_FILE, resume_step), _tensorboard_callback(out / TENSORBOARD_DIR)],
     )
     trainer.remove_callback(PrinterCallback)
@@ -472,7 +482,7 @@ def train_model(
         "seed": seed,
         "examples": n_sft,
         "replay_examples": len(examples) - n_sft,
-        "regularizer": regularizer,
+        "regularizer": weight_penalty.kind if weight_penalty is not None else None,
         "steps": trainer.state.global_step,
         # compute, in real tokens (padding excluded): what the report's cost table sums
         "tokens_per_epoch": tokens_per_epoch,
@@ -482,8 +492,8 @@ def train_model(
         "resumed_from_step": resume_step,
         "config": config.train.model_dump(mode="json"),
     }
-    if penalty is not None:
-        summary["penalty_coef"] = penalty.coef
+    if weight_penalty is not None:
+        summary["penalty_coef"] = weight_penalty.coef
     save_final(trainer.model, tokenizer, out, summary)
     if not t.keep_checkpoints:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
