@@ -5,14 +5,12 @@ Both penalise how far fine-tuning moves the weights from the base weights theta_
     L2:   coef * sum_i (theta_i - theta0_i)^2
     EWC:  coef * sum_i F_i (theta_i - theta0_i)^2      (Kirkpatrick et al. 2017)
 
-with F the diagonal (empirical) Fisher of the base model on base-model text, normalised to
-mean 1 so that `ewc_coef` and `l2_coef` are on the same scale: EWC only redistributes the
-penalty towards the weights the base model's text depends on. For LoRA the moved weight
-is the adapter's delta (B A alpha/r, from PEFT's `get_delta_weight`), so the penalty acts
-on what the adapter changes, not on A and B separately.
-
-The Fisher estimator lives here because the merge stage only reads Fisher files
-(`merging/checkpoint.py`); `diagonal_fisher` can also be used to write them.
+with F the diagonal (empirical) Fisher of the base model on base-model text (`dtm.fisher`,
+the estimator Fisher merging uses too), normalised to mean 1 so that `ewc_coef` and
+`l2_coef` are on the same scale: EWC only redistributes the penalty towards the weights the
+base model's text depends on. For LoRA the moved weight is the adapter's delta (B A alpha/r,
+from PEFT's `get_delta_weight`), so the penalty acts on what the adapter changes, not on A
+and B separately.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ from typing import Any
 
 import torch
 
-from dtm.data.template import IGNORE_INDEX
 from dtm.errors import TrainingError
+from dtm.fisher import diagonal_fisher
 from dtm.training.batches import text_examples
 
 log = logging.getLogger(__name__)
@@ -53,43 +51,6 @@ def normalise_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     if total <= 0:
         raise ValueError("the Fisher estimate is all zeros (no gradient reached the weights)")
     return {k: f * (count / total) for k, f in fisher.items()}
-
-
-# ---------------------------------------------------------------- estimation
-
-
-def diagonal_fisher(
-    model: torch.nn.Module, examples: Sequence[dict[str, list[int]]], params: Mapping[str, torch.nn.Parameter]
-) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher: the mean over examples of the squared gradient of each
-    example's LM loss, for the given parameters (one example per backward pass, as the
-    definition needs: squaring a batch gradient would underestimate it).
-
-    Runs in eval mode (no dropout); `requires_grad` of the parameters is restored after.
-    """
-    was_training = model.training
-    model.eval()
-    previous = {k: p.requires_grad for k, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    device = next(model.parameters()).device
-    fisher = {k: torch.zeros(p.shape, dtype=torch.float32, device=device) for k, p in params.items()}
-    try:
-        for e in examples:
-            ids = torch.tensor([e["input_ids"]], device=device)
-            labels = torch.tensor([e["labels"]], device=device)
-            if (labels[:, 1:] == IGNORE_INDEX).all():
-                continue
-            loss = model(input_ids=ids, labels=labels).loss
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for k, g in zip(params, grads, strict=True):
-                if g is not None:
-                    fisher[k] += g.float().pow(2)
-    finally:
-        for k, p in params.items():
-            p.requires_grad_(previous[k])
-        model.train(was_training)
-    return {k: f / max(len(examples), 1) for k, f in fisher.items()}
 
 
 # ---------------------------------------------------------------- the penalty used in training
