@@ -18,7 +18,7 @@ from dtm.training.baselines import load_replay_texts, mix_replay, soup_recipes
 from dtm.fisher import diagonal_fisher
 from dtm.training.regularizers import WeightPenalty, ewc_penalty, l2_penalty, normalise_fisher
 from dtm.training.batches import text_examples
-from dtm.training.sft import COMPLETE_FILE
+from dtm.rundir import COMPLETE_FILE
 
 torch.set_num_threads(1)
 
