@@ -2,7 +2,7 @@
 
 The lab's sources have fixed lengths (14 to 41 tokens): a random batch of 16 is padded to
 its longest example, so about a third of what a padded step computes is padding. Packed
-batches (`train.packing`, `dtm.training.sft.pack_batch`) put the examples into rows of at
+batches (`train.packing`, `dtm.training.batches.pack_batch`) put the examples into rows of at
 most twice the longest example with restarting positions; the loss is the padded batch's
 (same labelled tokens, block-diagonal attention), so the arms differ only in speed and in
 float rounding. Each arm is `dtm.train_model` on one seed's lab SFT data with the demo's

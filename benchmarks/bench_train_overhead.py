@@ -36,14 +36,8 @@ from dtm.config import ExperimentConfig
 from dtm.data.formats import load_conversations
 from dtm.data.template import tokenize_conversations
 from dtm.io import atomic_write_json
-from dtm.training.sft import (
-    REAL_TOKENS,
-    ExampleDataset,
-    freeze_modules,
-    load_base,
-    make_collator,
-    train_model,
-)
+from dtm.training.batches import REAL_TOKENS, ExampleDataset, make_collator
+from dtm.training.sft import freeze_modules, load_base, train_model
 
 BATCH = 16
 DEMO_STEPS = 27_432  # the demo's optimizer steps: 3 seeds x 7,836 + the one-seed control's 3,924

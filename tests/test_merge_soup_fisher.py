@@ -14,7 +14,7 @@ import dtm
 from dtm.cli import main
 from dtm.data.formats import load_texts
 from dtm.errors import DataError
-from dtm.merging.fisher import compute_fisher
+from dtm.fisher import compute_fisher
 
 torch.set_num_threads(1)
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

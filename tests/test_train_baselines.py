@@ -15,14 +15,10 @@ from dtm.data.template import conversation
 from dtm.errors import DataError
 from dtm.training import TrainingError, curate, train_baseline
 from dtm.training.baselines import load_replay_texts, mix_replay, soup_recipes
-from dtm.training.regularizers import (
-    WeightPenalty,
-    diagonal_fisher,
-    ewc_penalty,
-    l2_penalty,
-    normalise_fisher,
-)
-from dtm.training.sft import COMPLETE_FILE, text_examples
+from dtm.fisher import diagonal_fisher
+from dtm.training.regularizers import WeightPenalty, ewc_penalty, l2_penalty, normalise_fisher
+from dtm.training.batches import text_examples
+from dtm.rundir import COMPLETE_FILE
 
 torch.set_num_threads(1)
 
@@ -60,10 +56,10 @@ def test_diagonal_fisher_is_the_mean_of_per_example_squared_gradients(tokenizer)
     target = {"model.layers.0.mlp.up_proj.weight": model.model.layers[0].mlp.up_proj.weight}
     got = diagonal_fisher(model, examples, target)["model.layers.0.mlp.up_proj.weight"]
     expected = torch.zeros_like(got)
-    for e in examples:
+    for e in examples:  # the gradient of each example's summed log-likelihood (mean loss x predicted tokens)
         model.zero_grad()
         ids = torch.tensor([e["input_ids"]])
-        model(input_ids=ids, labels=ids).loss.backward()
+        (model(input_ids=ids, labels=ids).loss * (ids.shape[1] - 1)).backward()
         expected += model.model.layers[0].mlp.up_proj.weight.grad.pow(2)
     torch.testing.assert_close(got, expected / 2)
     assert float(got.sum()) > 0

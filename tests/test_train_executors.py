@@ -16,7 +16,7 @@ from dtm.data.template import conversation
 from dtm.dispersal import disperse, portion_path
 from dtm.io import atomic_write_jsonl
 from dtm.training import TrainingError, is_complete, train, train_jobs
-from dtm.training.sft import COMPLETE_FILE
+from dtm.rundir import COMPLETE_FILE
 
 torch.set_num_threads(1)
 
@@ -112,7 +112,7 @@ def test_ray_sub_models_match_the_local_executor(local_models, base_dir, portion
 def test_a_crashed_training_is_retried_and_resumes_from_its_checkpoint(base_dir, portions, tmp_path):
     from transformers import TrainerCallback
 
-    from dtm.training.executors import Job, _with_retries
+    from dtm.training.executors import Job, Retries
     from dtm.training.sft import train_model
 
     class CrashOnce(TrainerCallback):
@@ -125,9 +125,57 @@ def test_a_crashed_training_is_retried_and_resumes_from_its_checkpoint(base_dir,
 
     job = Job("sub-1", portion_path(portions, 0), tmp_path / "sub-1", 5)
     cfg = tiny_config(base_dir, save_steps=2)
-    err = _with_retries(job, lambda: train_model(base_dir, job.data, job.out, cfg, progress=False, callbacks=[CrashOnce()]), retries=1)
+    err = Retries(1).run(job.name, lambda: train_model(base_dir, job.data, job.out, cfg, progress=False, callbacks=[CrashOnce()]))
     assert err is None and CrashOnce.crashed
     assert json.loads((job.out / COMPLETE_FILE).read_text())["resumed_from_step"] == 2
+
+
+def test_one_retry_policy_never_retries_user_errors():
+    from dtm.errors import DataError
+    from dtm.training.executors import Retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        raise RuntimeError("worker lost")
+
+    def bad_data():
+        calls.append(2)
+        raise DataError("portion-2.jsonl:3: no response")
+
+    retries = Retries(2)
+    assert retries.run("sub-1", flaky) == "RuntimeError: worker lost" and calls == [1, 1, 1]  # 1 + 2 attempts
+    assert retries.run("sub-2", bad_data) == "portion-2.jsonl:3: no response" and calls[3:] == [2]  # never retried
+    assert retries.failures == {"sub-1": "RuntimeError: worker lost", "sub-2": "portion-2.jsonl:3: no response"}
+    assert retries.failed("sub-3", RuntimeError("x")) and retries.failed("sub-3", RuntimeError("x"))
+    assert not retries.failed("sub-3", RuntimeError("x"))
+    retries.succeeded("sub-3")
+    assert "sub-3" not in retries.failures
+
+
+def test_a_broken_pool_is_replaced():
+    import signal
+
+    from dtm.training.executors import discard_pool, worker_pool
+
+    pool = worker_pool(1)
+    pid = pool.submit(os.getpid).result()
+    future = pool.submit(time_sleep, 30)
+    os.kill(pid, signal.SIGKILL)
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool):
+        future.result(timeout=60)
+    fresh = worker_pool(1)
+    assert fresh is not pool and fresh.submit(os.getpid).result() != pid
+    discard_pool(1)
+
+
+def time_sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
 
 
 def _torch_threads() -> int:

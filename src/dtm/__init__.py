@@ -26,6 +26,7 @@ _API = {
     "train": "dtm.training:train",
     "train_model": "dtm.training:train_model",
     "train_baseline": "dtm.training:train_baseline",
+    "compute_fisher": "dtm.fisher:compute_fisher",
     "merge": "dtm.merging:merge",
     "evaluate": "dtm.evaluation:evaluate",
     "evaluate_many": "dtm.evaluation:evaluate_many",

@@ -226,7 +226,7 @@ def _add_fisher(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> None:
         from dtm.data.formats import load_texts
-        from dtm.merging.fisher import compute_fisher
+        from dtm.fisher import compute_fisher
 
         texts = load_texts(a.data)[: a.max_examples]
         print(f"wrote {compute_fisher(a.model, texts, out=a.out, max_length=a.max_length)}")

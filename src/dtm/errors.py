@@ -18,3 +18,7 @@ class ConfigError(DtmError):
 
 class DataError(DtmError):
     """A data file is unreadable or malformed; the message names the file and line."""
+
+
+class TrainingError(DtmError):
+    """Training cannot start or cannot go on; the message says which model, step or key."""

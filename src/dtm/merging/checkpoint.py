@@ -28,15 +28,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dtm.errors import DtmError
+from dtm.fisher import ADAPTER_CONFIG, FISHER_FILE  # the Fisher's file and PEFT's adapter config name, defined once there
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFE = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
-FISHER_FILE = "fisher.safetensors"
 
 # Files that travel with a merged model: config, generation config, tokenizer, chat template.
 CARRIED_FILES = re.compile(

@@ -6,8 +6,9 @@
     dtm.train_baseline("ewc", config, data, out)  # a Table-1 baseline
 """
 
+from dtm.errors import TrainingError
 from dtm.training.baselines import curate, train_baseline
 from dtm.training.executors import train, train_jobs
-from dtm.training.sft import TrainingError, fraction_dir, is_complete, train_model
+from dtm.training.sft import fraction_dir, is_complete, train_model
 
 __all__ = ["TrainingError", "curate", "fraction_dir", "is_complete", "train", "train_baseline", "train_jobs", "train_model"]

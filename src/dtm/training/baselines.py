@@ -1,9 +1,11 @@
 """The training baselines of the paper's Table 1, all through `train_model`.
 
 - vanilla SFT: one model on all data (K=1, the same code path as a sub-model);
-- L2 / EWC: a weight penalty towards the base (`regularizers.py`);
+- L2 / EWC: a weight penalty towards the base (`regularizers.py`), passed to `train_model`
+  as its `penalty` hook;
 - replay: plain-text LM examples (loss on every token) mixed into the SFT data at
-  `baselines.replay_ratio` replay examples per SFT example (1:1 in the paper);
+  `baselines.replay_ratio` replay examples per SFT example (1:1 in the paper), through
+  `train_model`'s `mix_in` hook;
 - uniform soup ingredients: full-data models with different seeds (and learning rates),
   averaged later by the merge stage;
 - data curation: keep the top `curation_fraction` of the data by a quality score. The
@@ -24,7 +26,10 @@ from typing import Any
 
 from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_texts
-from dtm.errors import DataError
+from dtm.errors import DataError, TrainingError
+from dtm.training.batches import Example, mean_loss, text_examples
+from dtm.training.regularizers import build_penalty
+from dtm.training.sft import MixIn, Penalty, PenaltyFactory, as_conversations, load_base, train_model
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,6 @@ def score_response_length(conversations: list[Conversation], context: dict[str, 
 def score_base_loss(conversations: list[Conversation], context: dict[str, Any]) -> list[float]:
     """Minus the base model's mean loss on each response (higher = more plausible to it)."""
     from dtm.data.template import tokenize_conversations
-    from dtm.training.sft import load_base, mean_loss
 
     config: ExperimentConfig = context["config"]
     model, tokenizer = load_base(context["base"], config)
@@ -106,6 +110,29 @@ def curate(conversations: list[Conversation], fraction: float, score: str | Scor
 # ---------------------------------------------------------------- the entry point
 
 
+def replay_mix_in(config: ExperimentConfig, seed: int) -> MixIn:
+    """`train_model`'s `mix_in` for replay: the corpus as plain-text examples, mixed into the
+    SFT examples at `baselines.replay_ratio` in a seeded order."""
+
+    def mix_in(sft: list[Example], tokenizer: Any) -> list[Example]:
+        texts = load_replay_texts(config.baselines.replay_path)
+        return mix_replay(sft, text_examples(texts, tokenizer, config.data.cutoff_len), config.baselines.replay_ratio, seed)
+
+    return mix_in
+
+
+def penalty_factory(kind: str, config: ExperimentConfig) -> PenaltyFactory:
+    """`train_model`'s `penalty` for L2 or EWC; EWC's Fisher is estimated on the replay corpus
+    when there is one (base-model text), else on the SFT texts."""
+
+    def build(model: Any, tokenizer: Any, conversations: list[Conversation]) -> Penalty:
+        replay = config.baselines.replay_path
+        replay_texts = load_replay_texts(replay) if kind == "ewc" and replay is not None else None
+        return build_penalty(kind, model, tokenizer, config, conversations, replay_texts)
+
+    return build
+
+
 def soup_recipes(config: ExperimentConfig, first_seed: int | None = None) -> list[tuple[int, float]]:
     """(seed, learning rate) per soup ingredient: seeds seed, seed+1, ...; rates cycled."""
     seed = config.seed if first_seed is None else first_seed
@@ -115,20 +142,24 @@ def soup_recipes(config: ExperimentConfig, first_seed: int | None = None) -> lis
 
 def train_baseline(method: str, config: ExperimentConfig, data: str | Path | list[Conversation], out: str | Path,
                    base: str | Path | None = None, **kwargs: Any) -> Path | list[Path]:
-    """Train the baseline `method` on all of `data` into `out` (a list of dirs for `soup`)."""
-    from dtm.training.sft import TrainingError, as_conversations, train_model
+    """Train the baseline `method` on all of `data` into `out` (a list of dirs for `soup`).
 
+    `kwargs` go to `train_model` (seed, val_data, progress, callbacks, name). The baselines
+    reach into training only through `train_model`'s `mix_in` (replay) and `penalty` (L2,
+    EWC) hooks, so the trainer imports nothing from here.
+    """
     base = base or config.model.model_name_or_path
     out = Path(out)
     b = config.baselines
     if method == "vanilla":
         return train_model(base, data, out, config, **kwargs)
     if method in ("l2", "ewc"):
-        return train_model(base, data, out, config, regularizer=method, **kwargs)
+        return train_model(base, data, out, config, penalty=penalty_factory(method, config), **kwargs)
     if method == "replay":
         if b.replay_path is None:
             raise TrainingError("baseline replay: set baselines.replay_path to a plain-text corpus (.txt lines or JSONL with `text`)")
-        return train_model(base, data, out, config, replay=b.replay_path, **kwargs)
+        seed = kwargs.get("seed")
+        return train_model(base, data, out, config, mix_in=replay_mix_in(config, config.seed if seed is None else seed), **kwargs)
     if method == "curation":
         conversations = as_conversations(data, config)
         kept = curate(conversations, b.curation_fraction, b.curation_scorer, {"config": config, "base": base})

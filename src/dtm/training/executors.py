@@ -12,18 +12,20 @@ small matrix products of a training step slow down about tenfold.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtm.config import ExperimentConfig
 from dtm.dispersal import portion_path
-from dtm.errors import DtmError
+from dtm.errors import DtmError, TrainingError
+from dtm.rundir import is_complete, sub_model_name, training_summary
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +45,16 @@ class Job:
 
 def sub_model_dir(models_dir: str | Path, index: int) -> Path:
     """models_dir/sub-1 .. sub-K (index is 0-based, like `portion_path`)."""
-    return Path(models_dir) / f"sub-{index + 1}"
+    return Path(models_dir) / sub_model_name(index)
 
 
 def plan_sub_models(config: ExperimentConfig, portions_dir: str | Path, models_dir: str | Path) -> list[Job]:
     """One job per portion file, all with the experiment seed (only the data differs)."""
-    from dtm.training.sft import TrainingError
-
     portions_dir = Path(portions_dir)
     jobs: list[Job] = []
     while portion_path(portions_dir, len(jobs)).is_file():
         i = len(jobs)
-        jobs.append(Job(f"sub-{i + 1}", portion_path(portions_dir, i), sub_model_dir(models_dir, i), config.seed))
+        jobs.append(Job(sub_model_name(i), portion_path(portions_dir, i), sub_model_dir(models_dir, i), config.seed))
     if not jobs:
         raise TrainingError(f"{portions_dir}: no portion-1.jsonl; run `dtm disperse` first")
     return jobs
@@ -106,10 +106,9 @@ def run_job(job: Job, config: ExperimentConfig, base: str, threads: int | None =
 
 
 def training_seconds(out: Path) -> float:
-    from dtm.training.sft import COMPLETE_FILE
-
+    """The seconds a finished model's training took (0 if it has no readable summary)."""
     try:
-        return float(json.loads((Path(out) / COMPLETE_FILE).read_text()).get("seconds", 0.0))
+        return float((training_summary(out) or {}).get("seconds", 0.0))
     except (OSError, ValueError):
         return 0.0
 
@@ -152,13 +151,21 @@ def worker_pool(workers: int):
     A fresh worker pays for a Python start and the torch/transformers imports (about 5 s on
     the lab machine); `dtm run` trains and evaluates several stages per seed, so one pool for
     the whole run saves that at every stage. Every job seeds itself, so a reused worker trains
-    exactly as a fresh one. A pool broken by a killed worker is replaced (`discard_pool`).
+    exactly as a fresh one. A pool broken by a killed worker is replaced: here, where a broken
+    pool refuses new work at once, and in `run_local`, which sees its futures fail with
+    `BrokenProcessPool`.
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     pool = _POOLS.get(workers)
-    if pool is None or getattr(pool, "_broken", False):
+    if pool is not None:
+        try:
+            pool.submit(int)  # a no-op for a healthy pool; a broken or shut-down one raises here
+        except (BrokenProcessPool, RuntimeError):
+            discard_pool(workers)
+            pool = None
+    if pool is None:
         pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=one_thread_worker)
     return pool
 
@@ -213,8 +220,6 @@ def train_jobs(config: ExperimentConfig, base: str | Path, jobs: dict[str, dict[
 
 def run_jobs(jobs: list[Job], config: ExperimentConfig, base: str | Path) -> None:
     """Run the unfinished jobs with the configured executor; raise naming every failed one."""
-    from dtm.training.sft import TrainingError, is_complete
-
     todo = [j for j in jobs if not is_complete(j.out)]
     for j in jobs:
         if j not in todo:
@@ -231,36 +236,54 @@ def run_jobs(jobs: list[Job], config: ExperimentConfig, base: str | Path) -> Non
         )
 
 
-def _with_retries(job: Job, attempt: Callable[[], object], retries: int) -> str | None:
-    """Run `attempt` up to 1 + retries times; user errors (DtmError) are not retried."""
-    last = None
-    for i in range(retries + 1):
-        try:
-            attempt()
-            return None
-        except DtmError as e:
-            return str(e)
-        except Exception as e:
-            log.warning("%s: attempt %d failed: %s: %s", job.name, i + 1, type(e).__name__, e)
-            last = f"{type(e).__name__}: {e}"
-    return last
+class Retries:
+    """The one retry policy, for every executor: a job gets 1 + `retries` attempts; a user
+    error (`DtmError`: bad data, bad config) is final at once, since a rerun would fail the
+    same way; the last failure of each job is kept under its model's name."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+        self.attempts: Counter[str] = Counter()
+        self.failures: dict[str, str] = {}
+
+    def failed(self, name: str, error: BaseException) -> bool:
+        """Record a failed attempt of `name`; True if it should be tried again."""
+        self.attempts[name] += 1
+        if isinstance(error, DtmError):
+            self.failures[name] = str(error)
+            return False
+        self.failures[name] = f"{type(error).__name__}: {error}"
+        again = self.attempts[name] <= self.retries
+        log.warning("%s: attempt %d failed (%s)%s", name, self.attempts[name], self.failures[name], "; retrying" if again else "")
+        return again
+
+    def succeeded(self, name: str) -> None:
+        self.failures.pop(name, None)
+        log.info("%s: done", name)
+
+    def run(self, name: str, attempt: Callable[[], object]) -> str | None:
+        """Run `attempt` in this process until it succeeds or may not be retried; the error or None."""
+        while True:
+            try:
+                attempt()
+            except Exception as e:
+                if not self.failed(name, e):
+                    return self.failures[name]
+            else:
+                self.succeeded(name)
+                return None
 
 
 def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:
     """One after another; or, on CPU with `train.num_workers` > 1, that many one-thread processes."""
+    retries = Retries(config.train.retries)
     workers = min(config.train.num_workers, len(jobs))
     if workers <= 1 or _cuda():
-        failures = {}
         for job in jobs:
-            err = _with_retries(job, lambda job=job: run_job(job, config, base), config.train.retries)
-            if err:
-                failures[job.name] = err
-        return failures
-    from concurrent.futures.process import BrokenProcessPool
-
-    failures = {}
+            retries.run(job.name, lambda job=job: run_job(job, config, base))
+        return retries.failures
     pending = {j.name: j for j in jobs}
-    for _ in range(config.train.retries + 1):
+    while pending:  # rounds: every unfinished job that may still be retried, longest first
         pool = worker_pool(config.train.num_workers)
         longest_first = sorted(pending.items(), key=lambda item: -expected_cost(item[1], config))
         futures = {pool.submit(run_job, job, config, base, 1, False): name for name, job in longest_first}
@@ -269,21 +292,16 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
             name = futures[future]
             try:
                 future.result()
-                del pending[name]
-                failures.pop(name, None)
-                log.info("%s: done", name)
-            except DtmError as e:
-                failures[name] = str(e)
-                del pending[name]
             except Exception as e:
                 broken |= isinstance(e, BrokenProcessPool)
-                failures[name] = f"{type(e).__name__}: {e}"
-                log.warning("%s: failed (%s), will retry", name, failures[name])
-        if broken:  # a worker killed by the OS breaks the whole pool: the retry gets a fresh one
+                if not retries.failed(name, e):
+                    del pending[name]
+            else:
+                retries.succeeded(name)
+                del pending[name]
+        if broken:  # a worker killed by the OS breaks the whole pool: the next round gets a fresh one
             discard_pool(config.train.num_workers)
-        if not pending:
-            break
-    return failures
+    return retries.failures
 
 
 def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:
@@ -293,8 +311,6 @@ def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, s
     local one, which is shut down again at the end). Outputs go to the models directory,
     which must be on a path every worker sees (a shared filesystem on a cluster).
     """
-    from dtm.training.sft import TrainingError
-
     try:
         import ray
     except ImportError:
@@ -307,27 +323,27 @@ def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, s
         gpus = t.num_gpus_per_model if ray.cluster_resources().get("GPU", 0) > 0 else 0
         if gpus == 0 and t.num_gpus_per_model > 0:
             log.info("ray: the cluster has no GPU; sub-models train on CPU")
-        task = ray.remote(num_cpus=t.num_cpus_per_model, num_gpus=gpus, max_retries=t.retries)(run_job)
+        # max_retries=0: `Retries` below is the only retry loop (Ray's own retries would
+        # multiply with it: up to (1 + retries)^2 runs of a job)
+        task = ray.remote(num_cpus=t.num_cpus_per_model, num_gpus=gpus, max_retries=0)(run_job)
         threads = max(1, int(t.num_cpus_per_model))
-        failures: dict[str, str] = {}
+        retries = Retries(t.retries)
         pending = {j.name: j for j in jobs}
-        for _ in range(t.retries + 1):
+        while pending:
             refs = {name: task.remote(job, config, base, threads, False) for name, job in pending.items()}
             for name, ref in refs.items():
                 try:
                     ray.get(ref)
-                    del pending[name]
-                    failures.pop(name, None)
-                except ray.exceptions.RayTaskError as e:
-                    cause = e.cause if hasattr(e, "cause") else e
-                    failures[name] = f"{type(cause).__name__}: {cause}"
-                    if isinstance(cause, DtmError):
+                except ray.exceptions.RayTaskError as e:  # the job raised: judge its own exception
+                    if not retries.failed(name, getattr(e, "cause", None) or e):
                         del pending[name]
-                except ray.exceptions.RayError as e:  # worker died, node lost: retry
-                    failures[name] = f"{type(e).__name__}: {e}"
-            if not pending:
-                break
-        return failures
+                except ray.exceptions.RayError as e:  # worker died, node lost
+                    if not retries.failed(name, e):
+                        del pending[name]
+                else:
+                    retries.succeeded(name)
+                    del pending[name]
+        return retries.failures
     finally:
         if started_here:
             ray.shutdown()

@@ -5,14 +5,12 @@ Both penalise how far fine-tuning moves the weights from the base weights theta_
     L2:   coef * sum_i (theta_i - theta0_i)^2
     EWC:  coef * sum_i F_i (theta_i - theta0_i)^2      (Kirkpatrick et al. 2017)
 
-with F the diagonal (empirical) Fisher of the base model on base-model text, normalised to
-mean 1 so that `ewc_coef` and `l2_coef` are on the same scale: EWC only redistributes the
-penalty towards the weights the base model's text depends on. For LoRA the moved weight
-is the adapter's delta (B A alpha/r, from PEFT's `get_delta_weight`), so the penalty acts
-on what the adapter changes, not on A and B separately.
-
-The Fisher estimator lives here because the merge stage only reads Fisher files
-(`merging/checkpoint.py`); `diagonal_fisher` can also be used to write them.
+with F the diagonal (empirical) Fisher of the base model on base-model text (`dtm.fisher`,
+the estimator Fisher merging uses too), normalised to mean 1 so that `ewc_coef` and
+`l2_coef` are on the same scale: EWC only redistributes the penalty towards the weights the
+base model's text depends on. For LoRA the moved weight is the adapter's delta (B A alpha/r,
+from PEFT's `get_delta_weight`), so the penalty acts on what the adapter changes, not on A
+and B separately.
 """
 
 from __future__ import annotations
@@ -20,12 +18,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dtm.data.template import IGNORE_INDEX
+from dtm.errors import TrainingError
+from dtm.fisher import diagonal_fisher
+from dtm.training.batches import text_examples
 
 log = logging.getLogger(__name__)
 
@@ -52,43 +51,6 @@ def normalise_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     if total <= 0:
         raise ValueError("the Fisher estimate is all zeros (no gradient reached the weights)")
     return {k: f * (count / total) for k, f in fisher.items()}
-
-
-# ---------------------------------------------------------------- estimation
-
-
-def diagonal_fisher(
-    model: torch.nn.Module, examples: Sequence[dict[str, list[int]]], params: Mapping[str, torch.nn.Parameter]
-) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher: the mean over examples of the squared gradient of each
-    example's LM loss, for the given parameters (one example per backward pass, as the
-    definition needs: squaring a batch gradient would underestimate it).
-
-    Runs in eval mode (no dropout); `requires_grad` of the parameters is restored after.
-    """
-    was_training = model.training
-    model.eval()
-    previous = {k: p.requires_grad for k, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    device = next(model.parameters()).device
-    fisher = {k: torch.zeros(p.shape, dtype=torch.float32, device=device) for k, p in params.items()}
-    try:
-        for e in examples:
-            ids = torch.tensor([e["input_ids"]], device=device)
-            labels = torch.tensor([e["labels"]], device=device)
-            if (labels[:, 1:] == IGNORE_INDEX).all():
-                continue
-            loss = model(input_ids=ids, labels=labels).loss
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for k, g in zip(params, grads, strict=True):
-                if g is not None:
-                    fisher[k] += g.float().pow(2)
-    finally:
-        for k, p in params.items():
-            p.requires_grad_(previous[k])
-        model.train(was_training)
-    return {k: f / max(len(examples), 1) for k, f in fisher.items()}
 
 
 # ---------------------------------------------------------------- the penalty used in training
@@ -121,6 +83,11 @@ class WeightPenalty:
         if not self.lora:
             self.anchored = [(n, p, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad]
 
+    @property
+    def kind(self) -> str:
+        """What the training summary records as its `regularizer`."""
+        return "l2" if self.fisher is None else "ewc"
+
     def deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, layer in self.lora:
             for adapter in layer.active_adapters:
@@ -141,13 +108,10 @@ class WeightPenalty:
         return {name: p for name, p, _ in self.anchored}
 
 
-def fisher_texts(config: Any, conversations: Sequence[Any], replay: str | Path | Sequence[str] | None) -> list[str]:
+def fisher_texts(config: Any, conversations: Sequence[Any], replay_texts: Sequence[str] | None) -> list[str]:
     """Base-model text for the Fisher: the replay corpus if there is one, else the SFT text."""
-    from dtm.training.baselines import load_replay_texts
-
-    source = replay if replay is not None else config.baselines.replay_path
-    if source is not None:
-        texts = load_replay_texts(source) if isinstance(source, (str, Path)) else list(source)
+    if replay_texts is not None:
+        texts = list(replay_texts)
     else:
         log.warning("EWC: no baselines.replay_path (base-model text) given; estimating the Fisher on the SFT texts instead")
         texts = [f"{c.instruction}\n{c.response}" for c in conversations]
@@ -156,16 +120,18 @@ def fisher_texts(config: Any, conversations: Sequence[Any], replay: str | Path |
 
 
 def build_penalty(kind: str, model: torch.nn.Module, tokenizer: Any, config: Any,
-                  conversations: Sequence[Any], replay: str | Path | Sequence[str] | None = None) -> WeightPenalty:
-    """The penalty for `kind` ("l2" or "ewc") on a model already wrapped for training."""
-    from dtm.training.sft import TrainingError, text_examples
+                  conversations: Sequence[Any], replay_texts: Sequence[str] | None = None) -> WeightPenalty:
+    """The penalty for `kind` ("l2" or "ewc") on a model already wrapped for training.
 
+    `replay_texts`: the base-model text EWC's Fisher is estimated on (the replay corpus);
+    None falls back to the SFT texts.
+    """
     if kind == "l2":
         return WeightPenalty(model, config.baselines.l2_coef)
     if kind != "ewc":
         raise TrainingError(f"regularizer {kind!r}: expected 'l2' or 'ewc'")
     penalty = WeightPenalty(model, config.baselines.ewc_coef)
-    examples = text_examples(fisher_texts(config, conversations, replay), tokenizer, config.data.cutoff_len)
+    examples = text_examples(fisher_texts(config, conversations, replay_texts), tokenizer, config.data.cutoff_len)
     if not examples:
         raise TrainingError("EWC: no base-model text to estimate the Fisher on (baselines.replay_path is empty)")
     try:

@@ -6,21 +6,20 @@ checkpoints with optimizer/scheduler/RNG state, and resume that skips the batche
 seen, so a resumed run ends with the same weights as an uninterrupted one. What this
 module adds around it:
 
-- the data: response-only labels from `dtm.data.template`, optional replay text (loss on
-  every token), right-padded or padding-free (packed) batches;
-- the output directory: a `save_pretrained` model (safetensors; a PEFT adapter dir for LoRA)
-  with its tokenizer, `train_log.jsonl` and TensorBoard events in `logs/`, checkpoints in
-  `checkpoints/` while training, snapshots at fractions of training in `fractions/`, and
-  `training_complete.json` written last (atomically): a directory without it is unfinished;
+- the data: response-only labels from `dtm.data.template`, optionally mixed with other
+  examples (the replay baseline's text), right-padded or padding-free (packed) batches;
+- the output directory (names from `dtm.rundir`): a `save_pretrained` model (safetensors;
+  a PEFT adapter dir for LoRA) with its tokenizer, `train_log.jsonl` and TensorBoard events
+  in `logs/`, checkpoints in `checkpoints/` while training, snapshots at fractions of
+  training in `fractions/`, and `training_complete.json` written last (atomically): a
+  directory without it is unfinished;
 - clear errors (`TrainingError`) for a missing base model, LoRA targets the model lacks,
   a portion empty after truncation, a non-finite loss (with the step) and a full disk.
 
-Why the Trainer and not a loop of our own: `benchmarks/bench_train_overhead.py` times a bare
-PyTorch loop, the plain Trainer and this module on the lab's base and SFT data (0.24M
-parameters, batch 16, packed rows, one thread): 17.46 / 17.51 / 17.47 ms per step (best of
-3, idle 2-core machine), the same within noise; the step is the maths. Against TRL's
-SFTTrainer on a 25M model (`bench_train_throughput.py`) it is 1.16x (LoRA) and 1.01x (full)
-as fast on identical batches.
+Why the Trainer and not a loop of our own: a step costs the same as a bare PyTorch loop's
+(the step is the maths; `benchmarks/bench_train_overhead.py` times a bare loop, the plain
+Trainer and this module), and no more than TRL's SFTTrainer on identical batches
+(`benchmarks/bench_train_throughput.py`).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import (
@@ -51,36 +50,23 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_conversations
-from dtm.data.template import IGNORE_INDEX, special_prefix, tokenize_conversations
-from dtm.errors import DtmError
+from dtm.data.template import tokenize_conversations
+from dtm.errors import TrainingError
 from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+from dtm.rundir import (
+    CHECKPOINT_DIR,
+    COMPLETE_FILE,
+    LOG_FILE,
+    TENSORBOARD_DIR,
+    fraction_dir,
+    fractions_file,
+    is_complete,
+)
+from dtm.training.batches import REAL_TOKENS, Example, ExampleDataset, make_collator, mean_loss
 
 log = logging.getLogger(__name__)
 
-COMPLETE_FILE = "training_complete.json"
-LOG_FILE = "train_log.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-FRACTION_DIR = "fractions"
-TENSORBOARD_DIR = "logs"
-
-Example = dict[str, list[int]]
-
-
-class TrainingError(DtmError):
-    """Training cannot start or cannot go on; the message says which model, step or key."""
-
-
 # ---------------------------------------------------------------- output directory layout
-
-
-def is_complete(out: str | Path) -> bool:
-    """A model directory is finished only once its completion marker exists."""
-    return (Path(out) / COMPLETE_FILE).is_file()
-
-
-def fraction_dir(out: str | Path, fraction: float) -> Path:
-    """Where the snapshot at `fraction` of training lives: `out/fractions/frac-0.10/`."""
-    return Path(out) / FRACTION_DIR / f"frac-{fraction:.2f}"
 
 
 def last_checkpoint(out: str | Path) -> Path | None:
@@ -212,139 +198,28 @@ def sft_examples(conversations: list[Conversation], tokenizer: Any, config: Expe
     return examples
 
 
-def text_examples(texts: Sequence[str], tokenizer: Any, cutoff_len: int) -> list[Example]:
-    """Plain-text LM examples (replay, Fisher estimation): loss on every token, EOS at the end."""
-    prefix = special_prefix(tokenizer)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = []
-    for text in texts:
-        ids = (prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + eos)[:cutoff_len]
-        if len(ids) > len(prefix) + 1:
-            out.append({"input_ids": ids, "labels": list(ids), "attention_mask": [1] * len(ids)})
-    return out
-
-
-def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding has label -100 and attention 0."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), longest), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        attention[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-
-
-def pack_batch(examples: Sequence[Example], pad_id: int, row_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """Padding-free batch: the examples packed into rows, positions restarting at 0 for each.
-
-    transformers builds a block-diagonal causal mask from the restarting `position_ids`
-    (sdpa/eager: `masking_utils.find_packed_sequence_indices`; flash-attention natively), so
-    no example attends to another, but only when the model runs without a KV cache
-    (`use_cache=False`, which `load_base` sets; `test_padding_free_loss_equals_padded_loss`).
-    The first label of each example is set to -100: it would otherwise be predicted from the
-    previous example's last token. The loss is the padded batch's (same labelled tokens).
-
-    Rows hold at most `row_tokens` tokens (first fit, longest example first; None: one row).
-    One row suits flash-attention's variable-length kernels. Under sdpa/eager the mask is
-    dense, so attention costs row² per row: rows of at most twice the longest example drop
-    most padding while attention costs at most twice the padded batch's (the worst case: all
-    examples of one length, where packing saves nothing). On the lab's mixed lengths this
-    was 1.24x faster per job than padding; one row was slower (`packed_row_tokens`).
-    Shorter rows are right-padded; the padding is a segment of its own with label -100.
-    """
-    capacity = sum(len(e["input_ids"]) for e in examples) if row_tokens is None else row_tokens
-    rows: list[list[Example]] = []
-    room: list[int] = []
-    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
-        n = len(e["input_ids"])
-        fits = next((r for r in range(len(rows)) if room[r] >= n), None)
-        if fits is None:
-            rows.append([])
-            room.append(max(capacity, n))
-            fits = len(rows) - 1
-        rows[fits].append(e)
-        room[fits] -= n
-    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
-    input_ids, labels, positions = [], [], []
-    for row in rows:
-        ids, labs, pos = [], [], []
-        for e in row:
-            ids += e["input_ids"]
-            labs += [IGNORE_INDEX, *e["labels"][1:]]
-            pos += range(len(e["input_ids"]))
-        padding = width - len(ids)
-        input_ids.append(ids + [pad_id] * padding)
-        labels.append(labs + [IGNORE_INDEX] * padding)
-        positions.append(pos + list(range(padding)))
-    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
-
-
-def packed_row_tokens(attn_implementation: str | None, examples: Sequence[Example]) -> int | None:
-    """Row length for `pack_batch`: one row for flash-attention, else twice the longest example."""
-    if attn_implementation and "flash" in attn_implementation:
-        return None
-    return 2 * max(len(e["input_ids"]) for e in examples)
-
-
-# A batch's real token count (padding excluded), a plain int counted while collating, so the
-# trainer's tokens/s needs no device sync; DtmTrainer removes it before the model sees the batch.
-REAL_TOKENS = "num_real_tokens"
-
-
-def make_collator(packing: bool, pad_id: int, attn_implementation: str | None = None) -> Callable[[Sequence[Example]], dict[str, Any]]:
-    def collate(batch: Sequence[Example]) -> dict[str, Any]:
-        out: dict[str, Any] = (pack_batch(batch, pad_id, packed_row_tokens(attn_implementation, batch)) if packing
-                               else pad_batch(batch, pad_id))
-        out[REAL_TOKENS] = sum(len(e["input_ids"]) for e in batch)
-        return out
-
-    return collate
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """A list of tokenised examples (a plain list keeps per-step overhead minimal)."""
-
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16) -> float:
-    """Token-weighted mean loss over `examples` (labelled tokens only), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[i : i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += float(loss)
-        count += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 # ---------------------------------------------------------------- trainer
+
+
+class Penalty(Protocol):
+    """A weight penalty added to the loss once per optimizer step (`regularizers.WeightPenalty`)."""
+
+    kind: str  # recorded as `regularizer` in training_complete.json
+    coef: float  # recorded as `penalty_coef`
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor: ...
+
+
+# (model wrapped for training, tokenizer, the SFT conversations) -> the penalty
+PenaltyFactory = Callable[[torch.nn.Module, Any, list[Conversation]], Penalty]
+# (the SFT examples, tokenizer) -> the examples to train on, in training order
+MixIn = Callable[[list[Example], Any], list[Example]]
 
 
 class DtmTrainer(Trainer):
     """`Trainer` plus an optional weight penalty (L2/EWC), a finite-loss check and token counts."""
 
-    def __init__(self, *args: Any, penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, penalty: Penalty | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.penalty = penalty
         self._penalty_sum = 0.0
@@ -425,7 +300,7 @@ class FractionCallback(TrainerCallback):
                  val_examples: list[Example] | None, pad_id: int):
         self.out, self.fractions, self.tokenizer = out, list(fractions), tokenizer
         self.train_sample, self.val_examples, self.pad_id = train_sample, val_examples, pad_id
-        self.summary_path = out / FRACTION_DIR / "fractions.json"
+        self.summary_path = fractions_file(out)
         self.targets: dict[int, float] = {}
 
     def _losses(self, model) -> dict[str, float]:
@@ -528,8 +403,8 @@ def train_model(
     seed: int | None = None,
     *,
     val_data: str | Path | list[Conversation] | None = None,
-    replay: str | Path | Sequence[str] | None = None,
-    regularizer: str | None = None,
+    mix_in: MixIn | None = None,
+    penalty: PenaltyFactory | None = None,
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
     name: str | None = None,
@@ -537,8 +412,10 @@ def train_model(
     """Fine-tune `base` on `data` and save the result in `out`; returns `out`.
 
     Resumes from the last checkpoint in `out` if one exists; a finished `out` (with
-    `training_complete.json`) is returned as is. `replay` mixes plain-text LM examples
-    in at `baselines.replay_ratio`; `regularizer` is "l2" or "ewc" (towards the base).
+    `training_complete.json`) is returned as is. The baselines plug in here without this
+    module knowing them (`baselines.train_baseline` builds both): `mix_in` turns the SFT
+    examples into the training set (replay), `penalty` builds a weight penalty on the model
+    once it is wrapped for training (L2, EWC).
     """
     out = Path(out)
     name = name or out.name
@@ -557,11 +434,8 @@ def train_model(
     model, tokenizer = load_base(base, config, precision.load_dtype)
     examples = sft_examples(conversations, tokenizer, config, name=f"{name} ({data if isinstance(data, (str, Path)) else 'given data'})")
     examples_sft, n_sft = examples, len(examples)
-    if replay is not None:
-        from dtm.training.baselines import load_replay_texts, mix_replay
-
-        texts = load_replay_texts(replay) if isinstance(replay, (str, Path)) else list(replay)
-        examples = mix_replay(examples, text_examples(texts, tokenizer, config.data.cutoff_len), config.baselines.replay_ratio, seed)
+    if mix_in is not None:
+        examples = mix_in(examples, tokenizer)
     val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
 
     if t.finetuning_type == "lora":
@@ -569,11 +443,7 @@ def train_model(
     elif t.freeze_modules:
         frozen = freeze_modules(model, t.freeze_modules)
         log.info("%s: froze %d parameter tensors: %s", name, len(frozen), frozen)
-    penalty = None
-    if regularizer is not None:
-        from dtm.training.regularizers import build_penalty
-
-        penalty = build_penalty(regularizer, model, tokenizer, config, conversations, replay)
+    weight_penalty = penalty(model, tokenizer, conversations) if penalty is not None else None
 
     out.mkdir(parents=True, exist_ok=True)
     resume = last_checkpoint(out)
@@ -586,7 +456,7 @@ def train_model(
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=make_collator(t.packing, tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None)),
-        penalty=penalty,
+        penalty=weight_penalty,
         callbacks=[JsonlLogCallback(out / LOG_FILE, resume_step), _tensorboard_callback(out / TENSORBOARD_DIR)],
     )
     trainer.remove_callback(PrinterCallback)
@@ -612,7 +482,7 @@ def train_model(
         "seed": seed,
         "examples": n_sft,
         "replay_examples": len(examples) - n_sft,
-        "regularizer": regularizer,
+        "regularizer": weight_penalty.kind if weight_penalty is not None else None,
         "steps": trainer.state.global_step,
         # compute, in real tokens (padding excluded): what the report's cost table sums
         "tokens_per_epoch": tokens_per_epoch,
@@ -622,8 +492,8 @@ def train_model(
         "resumed_from_step": resume_step,
         "config": config.train.model_dump(mode="json"),
     }
-    if penalty is not None:
-        summary["penalty_coef"] = penalty.coef
+    if weight_penalty is not None:
+        summary["penalty_coef"] = weight_penalty.coef
     save_final(trainer.model, tokenizer, out, summary)
     if not t.keep_checkpoints:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
