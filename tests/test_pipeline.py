@@ -145,9 +145,9 @@ def test_a_config_the_run_cannot_execute_fails_before_training(experiment, tmp_p
     bad.write_text((experiment / "exp.yaml").read_text().replace("val_size: 4", "val_size: 0") + "merge:\n  method: greedy_soup\n")
     line = bad.read_text().splitlines().index("  method: greedy_soup") + 1
     with pytest.raises(ConfigError, match=rf"bad\.yaml:{line}: merge\.method: greedy_soup scores soups on held-out"):
-        load_config(bad, [f"output_dir={out}"])
+        run(load_config(bad, [f"output_dir={out}"]))
     with pytest.raises(ConfigError, match=r"override 'merge.parameters=\{alpha: 1\}': merge\.parameters: method 'ties' has no parameter 'alpha'"):
-        load_config(experiment / "exp.yaml", [f"output_dir={out}", "merge.method=ties", "merge.parameters={alpha: 1}"])
+        run(experiment / "exp.yaml", [f"output_dir={out}", "merge.method=ties", "merge.parameters={alpha: 1}"])
     assert main(["run", str(experiment / "exp.yaml"), f"output_dir={out}", "merge.method=ties", "merge.parameters={alpha: 1}"]) == 2
     assert main(["run", str(experiment / "exp.yaml"), f"output_dir={out}", "baselines.methods=[replay]"]) == 2
     assert not out.exists()

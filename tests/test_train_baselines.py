@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 from dtm.config import ExperimentConfig
 from dtm.data.template import conversation
 from dtm.errors import DataError
-from dtm.training import TrainingError, curate, train_baseline
-from dtm.training.baselines import load_replay_texts, mix_replay, soup_recipes
 from dtm.fisher import diagonal_fisher
-from dtm.training.regularizers import WeightPenalty, ewc_penalty, l2_penalty, normalise_fisher
-from dtm.training.batches import text_examples
+from dtm.plan import soup_recipes
 from dtm.rundir import COMPLETE_FILE
+from dtm.training import TrainingError, curate, train_baseline
+from dtm.training.baselines import load_replay_texts, mix_replay
+from dtm.training.batches import text_examples
+from dtm.training.regularizers import WeightPenalty, ewc_penalty, l2_penalty, normalise_fisher
 
 torch.set_num_threads(1)
 
@@ -183,8 +184,8 @@ def test_base_loss_scorer_prefers_responses_the_base_model_finds_likely(base_dir
 def test_soup_recipes_vary_seed_and_cycle_learning_rates():
     cfg = tiny_config()
     cfg.baselines.soup_size = 3
-    assert soup_recipes(cfg) == [(3, 3e-2), (4, 3e-2), (5, 3e-2)]
-    cfg.baselines.soup_learning_rates = [1e-3, 2e-3]
-    assert soup_recipes(cfg) == [(3, 1e-3), (4, 2e-3), (5, 1e-3)]
+    assert soup_recipes(cfg) == [("short", 3, 3e-2), ("soup-2", 1003, 3e-2), ("soup-3", 2003, 3e-2)]
+    cfg.baselines.soup_learning_rates = [1e-3, 2e-3]  # the first ingredient is no longer the `short` baseline
+    assert soup_recipes(cfg) == [("soup-1", 3, 1e-3), ("soup-2", 1003, 2e-3), ("soup-3", 2003, 1e-3)]
     with pytest.raises(TrainingError, match="'ensemble' is not trained here"):
         train_baseline("ensemble", cfg, qa_data(), "unused")

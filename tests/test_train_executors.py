@@ -15,8 +15,8 @@ from dtm.config import ExperimentConfig
 from dtm.data.template import conversation
 from dtm.dispersal import disperse, portion_path
 from dtm.io import atomic_write_jsonl
-from dtm.training import TrainingError, is_complete, train, train_jobs
 from dtm.rundir import COMPLETE_FILE
+from dtm.training import TrainingError, is_complete, train, train_jobs
 
 torch.set_num_threads(1)
 

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from dtm.config import ExperimentConfig
 from dtm.data.template import conversation, tokenize_conversations
+from dtm.rundir import COMPLETE_FILE, LOG_FILE
 from dtm.training import TrainingError, fraction_dir, is_complete, train_model
 from dtm.training.batches import REAL_TOKENS, make_collator, pack_batch, packed_row_tokens, pad_batch
-from dtm.rundir import COMPLETE_FILE, LOG_FILE
 from dtm.training.sft import freeze_modules, last_checkpoint
 
 torch.set_num_threads(1)

@@ -11,14 +11,13 @@ Any key can be overridden from the command line as `key.sub=value`.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from dtm.errors import ConfigError, DtmError
+from dtm.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -190,6 +189,9 @@ class ReportConfig(Section):
 class ExperimentConfig(Section):
     """A whole experiment: base model, data, dispersal, training, merge, evaluation."""
 
+    # where each key came from (file, line, override), for errors raised after loading
+    _origin: dict[str, Any] = PrivateAttr(default_factory=lambda: {"source": "<defaults>", "lines": {}, "overrides": {}})
+
     output_dir: str = "runs/dtm"
     seed: int = 42
     seeds: list[int] = Field(default_factory=list, description="Run the whole experiment once per seed (report: mean and spread); empty = just `seed`.")
@@ -207,6 +209,18 @@ class ExperimentConfig(Section):
     def dispersal_seed(self) -> int:
         return self.disperse.seed if self.disperse.seed is not None else self.seed
 
+    def where(self, key: str) -> str:
+        """Where `key` was set, for error messages: `file:line` (of the key or its nearest
+        section), the command-line override that set it, or the file alone."""
+        origin = self._origin
+        parts = key.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        given = next((origin["overrides"][p] for p in prefixes if p in origin["overrides"]), None)
+        if given is not None:
+            return f"override {given!r}"
+        line = next((origin["lines"][p] for p in prefixes if p in origin["lines"]), None)
+        return f"{origin['source']}:{line}" if line else origin["source"]
+
     def base_model(self) -> str:
         """`model.model_name_or_path`, with 'lab' resolved to the lab's base model directory."""
         if self.model.model_name_or_path == "lab":
@@ -222,62 +236,6 @@ def _one_of(value: str, known: object) -> str:
     if value not in names:
         raise ValueError(f"unknown value {value!r}; choose one of {', '.join(names)}")
     return value
-
-
-# ---------------------------------------------------------------- can this config run?
-
-
-def runnable_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """(dotted key, what is wrong) for everything `dtm run` would fail on only after training
-    has started: checked when the config is loaded, so a run never dies at the merge stage."""
-    problems: list[tuple[str, str]] = []
-    lab_data, lab_model = cfg.data.path == "lab", cfg.model.model_name_or_path == "lab"
-    if lab_data != lab_model:
-        problems.append(("model.model_name_or_path" if lab_model else "data.path",
-                         "the lab is a data set and a base model together: set both data.path and model.model_name_or_path to 'lab'"))
-    if cfg.merge.method == "greedy_soup" and not cfg.data.val_size:
-        problems.append(("merge.method", "greedy_soup scores soups on held-out training data: set data.val_size (e.g. 0.05)"))
-    if cfg.merge.method != "greedy_soup":
-        from dtm.merging.engine import check_merge_args
-
-        try:
-            check_merge_args(cfg.merge.method, cfg.disperse.k, cfg.merge.weights, cfg.merge.parameters)
-        except DtmError as e:  # a MergeError
-            problems.append(("merge.weights" if "weights" in str(e) else "merge.parameters", str(e)))
-    for key, value in (("merge.parameters.fisher_files", "fisher_files"),):
-        if value in cfg.merge.parameters:
-            problems.append((key, "the run computes each sub-model's Fisher itself (merge.fisher_samples); remove fisher_files"))
-    methods = set(cfg.baselines.methods)
-    if "replay" in methods and not cfg.baselines.replay_path:
-        problems.append(("baselines.methods", "replay needs baselines.replay_path (a plain-text corpus: .txt lines or JSONL with `text`)"))
-    if "curation" in methods:
-        from dtm.training.baselines import SCORERS
-
-        if cfg.baselines.curation_scorer not in SCORERS:
-            problems.append(("baselines.curation_scorer", f"unknown scorer {cfg.baselines.curation_scorer!r}; choose one of {', '.join(SCORERS)}"))
-    if cfg.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        problems.append(("eval.lm_eval_tasks", "needs lm-evaluation-harness: pip install 'disperse-then-merge[lmeval]'"))
-    if cfg.train.executor == "ray" and importlib.util.find_spec("ray") is None:
-        problems.append(("train.executor", "ray needs the ray package: pip install 'disperse-then-merge[ray]'"))
-    if cfg.disperse.strategy == "kmeans" and importlib.util.find_spec("sentence_transformers") is None:
-        problems.append(("disperse.strategy", "kmeans embeds with sentence-transformers: pip install 'disperse-then-merge[embed]'"))
-    if not (cfg.eval.suites or cfg.eval.tasks or cfg.eval.lm_eval_tasks):
-        problems.append(("eval", "nothing to evaluate: give eval.suites, eval.tasks or eval.lm_eval_tasks"))
-    problems += [("eval.suites", p) for p in unknown_suites(cfg)]
-    return problems
-
-
-def unknown_suites(cfg: ExperimentConfig) -> list[str]:
-    """Suite and benchmark names in `eval.suites` that the run cannot resolve."""
-    from dtm.evaluation.tasks import BUILTIN_SUITES, PAPER_TASKS
-
-    known = set(BUILTIN_SUITES) | set(PAPER_TASKS)
-    if cfg.data.path == "lab":
-        from dtm.lab.tasks import SUITES
-
-        known = set(SUITES)
-    return [f"{name!r} is not a suite or benchmark here ({', '.join(sorted(known))}) nor a file"
-            for name in cfg.eval.suites if name not in known and not Path(name).exists()]
 
 
 # ---------------------------------------------------------------- loading
@@ -354,8 +312,8 @@ def load_config(
 
     Relative data and model paths are resolved against the config file's directory, so a
     config works from any working directory; `output_dir` stays relative to the working
-    directory, as in Hugging Face `TrainingArguments`. With `check_paths` (what `dtm run`
-    needs) the data must exist and everything `runnable_problems` checks must hold.
+    directory, as in Hugging Face `TrainingArguments`. With `check_paths` the data must exist.
+    What a whole run needs beyond valid values is `dtm.pipeline.check_runnable`'s.
     """
     tree: dict[str, Any] = {}
     text = ""
@@ -402,22 +360,9 @@ def load_config(
         cfg.baselines.replay_path = resolve(cfg.baselines.replay_path)
     from dtm.data.formats import looks_like_hub_id
 
-    def where(key: str) -> str:
-        """file:line of `key` (or of its nearest section), or the override that set it."""
-        parts = key.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-        given = next((overridden[p] for p in prefixes if p in overridden), None)
-        if given is not None:
-            return f"override {given!r}"
-        line = next((lines[p] for p in prefixes if p in lines), None)
-        return f"{source}:{line}" if line else source
-
+    cfg._origin = {"source": source, "lines": lines, "overrides": overridden}
     if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists() and not looks_like_hub_id(cfg.data.path):
-        raise ConfigError(f"{where('data.path')}: data.path: file not found: {cfg.data.path}")
-    if check_paths:
-        problems = runnable_problems(cfg)
-        if problems:
-            raise ConfigError("this config cannot run:\n  " + "\n  ".join(f"{where(key)}: {key}: {msg}" for key, msg in problems))
+        raise ConfigError(f"{cfg.where('data.path')}: data.path: file not found: {cfg.data.path}")
     return cfg
 
 

@@ -15,6 +15,7 @@ What each stage makes, by name, is `dtm.plan`'s; where it goes is `dtm.rundir`'s
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 from dtm import plan
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
-from dtm.errors import DtmError
+from dtm.errors import ConfigError, DtmError
 from dtm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,71 @@ def report_hash(cfg: ExperimentConfig) -> str:
     evals = [stage_hashes(run.cfg, run.dir.control)["eval"] for run in seed_runs(cfg)]
     blob = json.dumps({"evals": evals, "report": cfg.report.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- can this config run?
+
+
+def check_runnable(cfg: ExperimentConfig) -> None:
+    """Refuse, before any stage starts, a config whose run would fail only after training
+    (naming each key and where it was set)."""
+    problems = runnable_problems(cfg)
+    if problems:
+        raise ConfigError("this config cannot run:\n  " + "\n  ".join(f"{cfg.where(key)}: {key}: {msg}" for key, msg in problems))
+
+
+def runnable_problems(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(dotted key, what is wrong) for everything `dtm run` would fail on only after training
+    has started: checked when the config is loaded, so a run never dies at the merge stage."""
+    problems: list[tuple[str, str]] = []
+    lab_data, lab_model = cfg.data.path == "lab", cfg.model.model_name_or_path == "lab"
+    if lab_data != lab_model:
+        problems.append(("model.model_name_or_path" if lab_model else "data.path",
+                         "the lab is a data set and a base model together: set both data.path and model.model_name_or_path to 'lab'"))
+    if cfg.merge.method == "greedy_soup" and not cfg.data.val_size:
+        problems.append(("merge.method", "greedy_soup scores soups on held-out training data: set data.val_size (e.g. 0.05)"))
+    if cfg.merge.method != "greedy_soup":
+        from dtm.merging.engine import check_merge_args
+
+        try:
+            check_merge_args(cfg.merge.method, cfg.disperse.k, cfg.merge.weights, cfg.merge.parameters)
+        except DtmError as e:  # a MergeError
+            problems.append(("merge.weights" if "weights" in str(e) else "merge.parameters", str(e)))
+    for key, value in (("merge.parameters.fisher_files", "fisher_files"),):
+        if value in cfg.merge.parameters:
+            problems.append((key, "the run computes each sub-model's Fisher itself (merge.fisher_samples); remove fisher_files"))
+    methods = set(cfg.baselines.methods)
+    if "replay" in methods and not cfg.baselines.replay_path:
+        problems.append(("baselines.methods", "replay needs baselines.replay_path (a plain-text corpus: .txt lines or JSONL with `text`)"))
+    if "curation" in methods:
+        from dtm.training.baselines import SCORERS
+
+        if cfg.baselines.curation_scorer not in SCORERS:
+            problems.append(("baselines.curation_scorer", f"unknown scorer {cfg.baselines.curation_scorer!r}; choose one of {', '.join(SCORERS)}"))
+    if cfg.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        problems.append(("eval.lm_eval_tasks", "needs lm-evaluation-harness: pip install 'disperse-then-merge[lmeval]'"))
+    if cfg.train.executor == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append(("train.executor", "ray needs the ray package: pip install 'disperse-then-merge[ray]'"))
+    if cfg.disperse.strategy == "kmeans" and importlib.util.find_spec("sentence_transformers") is None:
+        problems.append(("disperse.strategy", "kmeans embeds with sentence-transformers: pip install 'disperse-then-merge[embed]'"))
+    if not (cfg.eval.suites or cfg.eval.tasks or cfg.eval.lm_eval_tasks):
+        problems.append(("eval", "nothing to evaluate: give eval.suites, eval.tasks or eval.lm_eval_tasks"))
+    problems += [("eval.suites", p) for p in unknown_suites(cfg)]
+    return problems
+
+
+def unknown_suites(cfg: ExperimentConfig) -> list[str]:
+    """Suite and benchmark names in `eval.suites` that the run cannot resolve."""
+    from dtm.evaluation.tasks import BUILTIN_SUITES, PAPER_TASKS
+
+    known = set(BUILTIN_SUITES) | set(PAPER_TASKS)
+    if cfg.data.path == "lab":
+        from dtm.lab.tasks import SUITES
+
+        known = set(SUITES)
+    return [f"{name!r} is not a suite or benchmark here ({', '.join(sorted(known))}) nor a file"
+            for name in cfg.eval.suites if name not in known and not Path(name).exists()]
+
 
 
 # ---------------------------------------------------------------- stages
@@ -246,7 +312,7 @@ def validation_score(run: Run) -> Callable[[Path], float]:
 
     from dtm.data.formats import load_conversations
     from dtm.data.template import tokenize_conversations
-    from dtm.training.sft import mean_loss
+    from dtm.training.batches import mean_loss
 
     cfg = run.cfg
     conversations = load_conversations(run.inputs.val_data, format="auto").conversations
@@ -383,6 +449,7 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     if from_stage is not None and from_stage not in (*STAGES, "report"):
         raise DtmError(f"unknown stage {from_stage!r}; stages: {', '.join((*STAGES, 'report'))}")
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    check_runnable(cfg)
     console = Console()
     run_dir = rd.RunDir(Path(cfg.output_dir))
     run_dir.root.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def run_lm_eval(
             "seconds": round(seconds, 4),  # the whole lm-eval call (all its tasks)
         }
     if out is not None:
-        from dtm.evaluation.runner import ResultStore
+        from dtm.evaluation.results import ResultStore
 
         store = ResultStore(out)
         for task, result in results.items():

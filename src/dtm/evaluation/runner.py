@@ -30,8 +30,8 @@ from dtm.evaluation.harness import (
     truncate_left,
     truncate_mc,
 )
+from dtm.evaluation.results import ResultStore
 from dtm.evaluation.tasks import Task, build_texts, choice_targets, resolve_tasks
-from dtm.io import atomic_write_json, atomic_write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -275,43 +275,6 @@ def run_key(task: Task, models: Sequence[ModelRef], adapter: ModelRef | None, li
         "limit": limit, "max_new_tokens": max_new_tokens if task.type in ("generate", "code") else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class ResultStore:
-    """Where results go: one JSON file {task: result}, or a directory of <task>.json files."""
-
-    def __init__(self, out: str | os.PathLike | None):
-        self.path = Path(out) if out is not None else None
-        self.is_file = self.path is not None and self.path.suffix == ".json"
-
-    def _task_path(self, name: str) -> Path:
-        assert self.path is not None
-        return self.path / f"{name}.json"
-
-    def load(self) -> dict[str, Any]:
-        if self.path is None or not self.path.exists():
-            return {}
-        try:
-            if self.is_file:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                return data if isinstance(data, dict) else {}
-            return {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in self.path.glob("*.json")}
-        except (json.JSONDecodeError, OSError) as e:
-            raise DtmError(f"{self.path}: existing results are unreadable ({e}); move the file away to start afresh") from None
-
-    def save(self, name: str, result: dict[str, Any], samples: list[dict[str, Any]] | None) -> None:
-        if self.path is None:
-            return
-        if self.is_file:
-            current = self.load()
-            current[name] = result
-            atomic_write_json(self.path, current)
-            samples_path = self.path.with_name(f"{self.path.stem}.{name}.samples.jsonl")
-        else:
-            atomic_write_json(self._task_path(name), result)
-            samples_path = self.path / f"{name}.samples.jsonl"
-        if samples is not None:
-            atomic_write_jsonl(samples_path, samples)
 
 
 def _run_tasks(

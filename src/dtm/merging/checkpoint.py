@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dtm.errors import DtmError
-from dtm.fisher import ADAPTER_CONFIG, FISHER_FILE  # the Fisher's file and PEFT's adapter config name, defined once there
+from dtm.fisher import ADAPTER_CONFIG  # the Fisher's file and PEFT's adapter config name, defined once there
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

@@ -27,12 +27,12 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from dtm.fisher import FISHER_FILE
 from dtm.io import atomic_directory, atomic_write_json
 from dtm.merging import methods as M
 from dtm.merging.checkpoint import (
     ADAPTER_CONFIG,
     CARRIED_FILES,
-    FISHER_FILE,
     SAFE_INDEX,
     Checkpoint,
     ChunkReader,

@@ -27,6 +27,7 @@ from typing import Any
 from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_texts
 from dtm.errors import DataError, TrainingError
+from dtm.plan import soup_recipes
 from dtm.training.batches import Example, mean_loss, text_examples
 from dtm.training.regularizers import build_penalty
 from dtm.training.sft import MixIn, Penalty, PenaltyFactory, as_conversations, load_base, train_model
@@ -133,13 +134,6 @@ def penalty_factory(kind: str, config: ExperimentConfig) -> PenaltyFactory:
     return build
 
 
-def soup_recipes(config: ExperimentConfig, first_seed: int | None = None) -> list[tuple[int, float]]:
-    """(seed, learning rate) per soup ingredient: seeds seed, seed+1, ...; rates cycled."""
-    seed = config.seed if first_seed is None else first_seed
-    rates = config.baselines.soup_learning_rates or [config.train.learning_rate]
-    return [(seed + i, rates[i % len(rates)]) for i in range(config.baselines.soup_size)]
-
-
 def train_baseline(method: str, config: ExperimentConfig, data: str | Path | list[Conversation], out: str | Path,
                    base: str | Path | None = None, **kwargs: Any) -> Path | list[Path]:
     """Train the baseline `method` on all of `data` into `out` (a list of dirs for `soup`).
@@ -148,7 +142,7 @@ def train_baseline(method: str, config: ExperimentConfig, data: str | Path | lis
     reach into training only through `train_model`'s `mix_in` (replay) and `penalty` (L2,
     EWC) hooks, so the trainer imports nothing from here.
     """
-    base = base or config.model.model_name_or_path
+    base = base or config.base_model()
     out = Path(out)
     b = config.baselines
     if method == "vanilla":
@@ -169,7 +163,8 @@ def train_baseline(method: str, config: ExperimentConfig, data: str | Path | lis
         first_seed = kwargs.pop("seed", None)
         kwargs.pop("name", None)
         paths = []
-        for i, (seed, lr) in enumerate(soup_recipes(config, first_seed), 1):
+        recipe_cfg = config if first_seed is None else config.model_copy(update={"seed": first_seed})
+        for i, (_, seed, lr) in enumerate(soup_recipes(recipe_cfg), 1):
             cfg = config.model_copy(deep=True)
             cfg.train.learning_rate = lr
             paths.append(train_model(base, data, out / f"soup-{i}", cfg, seed=seed, name=f"soup-{i}", **kwargs))

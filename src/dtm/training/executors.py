@@ -25,7 +25,7 @@ from typing import Any
 from dtm.config import ExperimentConfig
 from dtm.dispersal import portion_path
 from dtm.errors import DtmError, TrainingError
-from dtm.rundir import is_complete, sub_model_name, training_summary
+from dtm.rundir import RunDir, is_complete, sub_model_name, training_summary
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def train(config: ExperimentConfig, portions_dir: str | Path, models_dir: str | Path) -> list[Path]:
-    """Train every portion's sub-model into models_dir/sub-1..K with the configured executor."""
-    jobs = plan_sub_models(config, portions_dir, models_dir)
-    run_jobs(jobs, config, config.model.model_name_or_path)
+def train(config: ExperimentConfig, portions_dir: str | Path | None = None, models_dir: str | Path | None = None) -> list[Path]:
+    """Train every portion's sub-model into models_dir/sub-1..K with the configured executor
+    (by default the portions and models of the config's seed in its run directory, where `dtm run` has them)."""
+    seed_run = RunDir(Path(config.output_dir)).seed_run(config.seed)
+    jobs = plan_sub_models(config, portions_dir or seed_run.portions, models_dir or seed_run.models)
+    run_jobs(jobs, config, config.base_model())
     return [j.out for j in jobs]
 
 

@@ -1,0 +1,51 @@
+"""The plan of a run: which models each stage makes, by name, from the config alone."""
+
+from pathlib import Path
+
+from dtm import plan
+from dtm.config import load_config
+from dtm.rundir import RunDir
+
+INPUTS = plan.Inputs(base="/base", train_data="/data/train.jsonl", val_data="/data/validation.jsonl")
+
+
+def config(*overrides):
+    return load_config(None, ["data.path=lab", "model.model_name_or_path=lab", "disperse.k=3", "train.num_train_epochs=6",
+                              "train.save_fractions=[0.5]", *overrides], check_paths=False)
+
+
+def test_dtm_and_vanilla_are_always_planned():
+    cfg = config()
+    run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
+    jobs = plan.training_jobs(cfg, run, INPUTS)
+    assert list(jobs) == ["sub-1", "sub-2", "sub-3", "vanilla"]
+    assert jobs["sub-2"]["data"] == str(run.portions / "portion-2.jsonl") and jobs["sub-2"]["train"] == {"save_fractions": []}
+    assert jobs["vanilla"] == {"data": INPUTS.train_data, "train": {"save_fractions": [0.5]}, "seed": cfg.seed, "val_data": INPUTS.val_data}
+    merges = plan.merge_plan(cfg, run, INPUTS)
+    assert list(merges) == ["DTM"] and merges["DTM"]["models"] == [run.model(f"sub-{i}") for i in (1, 2, 3)]
+    assert list(plan.evaluated_models(cfg, run, INPUTS)) == ["base", "vanilla", "sub-1", "sub-2", "sub-3", "DTM"]
+
+
+def test_every_registered_baseline_adds_its_models():
+    cfg = config(f"baselines.methods={list(plan.BASELINES)}", "baselines.soup_size=3", "baselines.wise_ft_alphas=[0.5]",
+                 "baselines.soup_learning_rates=[0.1, 0.2]")
+    run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
+    jobs = plan.training_jobs(cfg, run, INPUTS)
+    assert list(jobs) == ["sub-1", "sub-2", "sub-3", "vanilla", "short", "soup-1", "soup-2", "soup-3", "l2", "ewc", "replay", "curation"]
+    assert jobs["short"]["train"] == {"num_train_epochs": 2.0, "save_fractions": []}  # the compute of one sub-model
+    assert [jobs[f"soup-{j}"]["train"].get("learning_rate") for j in (1, 2, 3)] == [0.1, 0.2, 0.1]
+    assert [jobs[f"soup-{j}"]["seed"] for j in (1, 2, 3)] == [cfg.seed, cfg.seed + 1000, cfg.seed + 2000]
+    assert jobs["ewc"]["baseline"] == "ewc"
+    merges = plan.merge_plan(cfg, run, INPUTS)
+    assert list(merges) == ["DTM", "soup", "wise_ft-0.5"]
+    assert merges["soup"]["models"] == [run.model(f"soup-{j}") for j in (1, 2, 3)]
+    assert merges["wise_ft-0.5"]["parameters"] == {"alpha": 0.5}
+    models = plan.evaluated_models(cfg, run, INPUTS)
+    assert "soup-2" not in models and models["ensemble"] == [str(run.model(f"sub-{i}")) for i in (1, 2, 3)]
+
+
+def test_the_soup_reuses_short_when_its_recipe_is_vanillas():
+    cfg = config("baselines.methods=[soup]", "baselines.soup_size=2")
+    run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
+    assert list(plan.training_jobs(cfg, run, INPUTS))[-2:] == ["short", "soup-2"]
+    assert plan.merge_plan(cfg, run, INPUTS)["soup"]["models"] == [run.model("short"), run.model("soup-2")]
