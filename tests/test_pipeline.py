@@ -158,3 +158,21 @@ def test_lab_control_runs_on_the_first_control_seeds():
     runs = seed_runs(cfg)
     assert [(r.cfg.seed, r.dir.control) for r in runs] == [(1, False), (2, False), (3, False), (1, True), (2, True)]
     assert all(r.dir.root.parent.name == "control-nobias" and r.cfg.baselines.methods == [] for r in runs if r.dir.control)
+
+
+def test_lm_eval_tasks_run_on_every_model_beside_ours(finished, experiment, tmp_path):
+    pytest.importorskip("lm_eval")
+    root, overrides = own_copy(finished, tmp_path)
+    tasks = tmp_path / "lm_eval_tasks"
+    tasks.mkdir()
+    (tasks / "local_mc.yaml").write_text(
+        f"task: local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {experiment / 'mc.jsonl'}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
+    run(load_config(experiment / "exp.yaml", [*overrides, "seeds=[1]", "eval.lm_eval_tasks=[local_mc]", f"eval.lm_eval_include={tasks}",
+                                              "baselines.methods=[]"]))
+    for name in ("base", "sub-1", "DTM"):  # a full model, a LoRA adapter (lm-eval's peft=), a merge
+        results = json.loads((root / "seed-1" / "eval" / f"{name}.json").read_text())
+        assert results["local_mc"]["type"] == "lm-eval" and 0 <= results["local_mc"]["metrics"]["acc"] <= 1
+        assert "mc" in results  # ours, beside it
+    assert "| local_mc |" in (root / "report.md").read_text() or "local_mc" in (root / "report.md").read_text()
