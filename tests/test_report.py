@@ -300,3 +300,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     )
     out = subprocess.run([CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=3000", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert "<title>rows=5;imgs=3;best=2;groups=3;compute=3</title>" in out.stdout, out.stderr[-2000:]
+
+
+def test_collect_run_nests_the_no_bias_control(tmp_path):
+    from dtm.config import ExperimentConfig
+
+    cfg = ExperimentConfig.model_validate({"model": {"model_name_or_path": "lab"}, "data": {"path": "lab"}, "seeds": [1, 2],
+                                           "disperse": {"k": 2}, "lab": {"control_seeds": 1}, "output_dir": str(tmp_path)})
+    evals = {m: [mc_result("knowledge_instruct", 0.9 - i / 10), generate_result("instruction", i / 10, 1.0, {"qa": (0.5, 1.0)})]
+             for i, m in enumerate(["base", "vanilla", "sub-1", "sub-2", "DTM"])}
+    trained = {"sub-1": complete(10, 6, 1.5), "sub-2": complete(12, 6, 2.5), "vanilla": complete(22, 12, 5.0)}
+    for root in (tmp_path / "seed-1", tmp_path / "seed-2", tmp_path / "control-nobias" / "seed-1"):
+        write_seed_run(root, 1, evals, trained, {"DTM": 0.5})
+    data = collect_run(cfg)
+    assert data.title == "Disperse-Then-Merge: results" and data.notes[0].startswith("seeds: [1, 2] ")
+    [control] = data.controls
+    assert control.title.startswith("No-bias control") and control.notes[0].startswith("seeds: [1] (one seed")
+    assert control.table == ["base", "vanilla", "vanilla (best checkpoint)", "sub-models (mean)", "DTM"]
+    md, page = render_report(data, tmp_path)
+    md_titles, html_titles = section_titles(md.read_text(), page.read_text())
+    assert md_titles == html_titles and md_titles.count("Wall time and compute per method") == 2
+    assert "### Wall time and compute per method" in md.read_text()
