@@ -5,23 +5,25 @@ import subprocess
 
 import pytest
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from dtm.report import (
+    SECTIONS,
     GroupTable,
     ReportData,
     best_per_column,
-    build_report_data,
+    collect_run,
     frontier_gap,
-    group_table_models,
-    grouped_generation_tasks,
     headline_markdown,
     mean_std,
     method_costs,
     pareto_frontier,
-    task_columns,
+    render_report,
     tradeoff_summary,
     training_cost,
-    write_report,
 )
+from dtm.report.collect import group_table_models, grouped_generation_tasks, task_columns
 
 
 def test_mean_std_hand_computed():
@@ -41,6 +43,29 @@ def test_best_per_column_and_bold_cell():
 def test_pareto_frontier_drops_dominated_points():
     pts = [(0.0, 0.9), (0.5, 0.8), (0.4, 0.7), (1.0, 0.5), (1.0, 0.4)]
     assert pareto_frontier(pts) == [(0.0, 0.9), (0.5, 0.8), (1.0, 0.5)]
+
+
+unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+@given(st.lists(st.tuples(unit, unit), min_size=1, max_size=30))
+def test_pareto_frontier_points_are_undominated_and_dominate_every_point(points):
+    front = pareto_frontier(points)
+    assert front == sorted(front) and set(front) <= set(points)
+    assert all(y0 > y1 for (_, y0), (_, y1) in zip(front, front[1:]))  # x ascending, y descending
+    for x, y in front:  # no input point is at least as good in both and better in one
+        assert not any(px >= x and py >= y and (px, py) != (x, y) for px, py in points)
+    for px, py in points:  # every input point is on the front or dominated by a point of it
+        assert any(x >= px and y >= py for x, y in front)
+
+
+@given(st.lists(st.tuples(unit, unit), min_size=1, max_size=30))
+def test_frontier_gap_is_zero_on_the_front_and_never_positive_for_a_reference_point(points):
+    front = pareto_frontier(points)
+    for x, y in front:
+        assert frontier_gap((x, y), points) == pytest.approx(0.0, abs=1e-9)
+    for p in points:  # the frontier joins undominated points: a reference point lies on or below it
+        assert frontier_gap(p, points) <= 1e-9
 
 
 def test_frontier_gap_interpolates_between_front_points():
@@ -88,7 +113,7 @@ def test_tradeoff_summary_places_dtm_against_the_frontier():
 
 
 def test_write_report_files(tmp_path):
-    md, page = write_report(sample_report(), tmp_path)
+    md, page = render_report(sample_report(), tmp_path)
     text = md.read_text()
     assert "**0.955 ± 0.007**" in text and "tax_curve.png" in text and "no-bias control" in text
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
@@ -105,6 +130,34 @@ def test_write_report_files(tmp_path):
     assert "<h2>instruction per group: exact_match</h2>" in page_text and "<td>sub-1, sub-2 + merge</td>" not in page_text
     assert "<td style='text-align:left'>sub-1, sub-2 + merge</td><td>8</td><td>64</td><td>12.0</td>" in page_text
     assert "<th scope=row>sub-1</th><td class=\"\">0.200 ± 0.141</td>" in page_text
+
+
+def section_titles(md_text: str, html_text: str) -> tuple[list[str], list[str]]:
+    """The headings of report.md (any level) and of report.html (h1-h3), in order."""
+    import html
+    import re
+
+    md = [line.lstrip("#").strip() for line in md_text.splitlines() if line.startswith("#")]
+    page = [html.unescape(t) for _, t in re.findall(r"<h([1-3])>(.*?)</h\1>", html_text)]
+    return md, page
+
+
+def test_markdown_and_html_show_the_same_sections_in_the_same_order(tmp_path):
+    data = sample_report()
+    data.controls[0].portions = data.portions  # a nested report with more than its headline
+    md, page = render_report(data, tmp_path)
+    md_titles, html_titles = section_titles(md.read_text(), page.read_text())
+    assert md_titles == html_titles
+    assert md_titles == ["lab", "Headline (mean ± sample std over seeds; best per column in bold)", "Alignment-tax curve",
+                         "Trade-off", "Train/validation loss and the loss-reduction ratio", "instruction per group: exact_match",
+                         "Portions", "Wall time and compute per method",
+                         "no-bias control", "Headline (mean ± sample std over seeds; best per column in bold)", "Portions"]
+    # every title comes from SECTIONS, in its order
+    fixed = [s.title for s in SECTIONS if "{" not in s.title]
+    assert [t for t in md_titles if t in fixed][:6] == [t for t in fixed if t in md_titles][:6]
+    text = page.read_text()  # ids are unique: a nested report's tables get its title in their id
+    assert 'id="headline"' in text and 'id="headline-no-bias-control"' in text
+    assert 'id="portions"' in text and 'id="portions-no-bias-control"' in text and 'id="frontier"' in text
 
 
 # ---------------------------------------------------------------- from a run directory (plain dicts, hand numbers)
@@ -190,15 +243,14 @@ def test_build_report_data_from_two_seed_runs(tmp_path):
         2: {"base": (0.0, (0.0, 0.0)), "vanilla": (0.7, (0.8, 0.6)), "sub-1": (0.4, (0.8, 0.0)), "sub-2": (0.5, (0.6, 0.4)),
             "DTM": (0.4, (0.7, 0.1)), "wise_ft-0.5": (0.1, (0.2, 0.0)), "vanilla@0.50": (0.3, (0.3, 0.3))},
     }
-    runs = []
+    cfg = ExperimentConfig.model_validate({"model": {"model_name_or_path": "x"}, "data": {"path": "y"}, "seeds": [1, 2],
+                                           "disperse": {"k": 2}, "output_dir": str(tmp_path)})
     for seed, by_model in numbers.items():
-        cfg = ExperimentConfig.model_validate({"model": {"model_name_or_path": "x"}, "data": {"path": "y"}, "seed": seed, "disperse": {"k": 2}})
         evals = {m: [mc_result("knowledge_instruct", 0.9), generate_result("instruction", e, 1.0, {"qa": (qa, 1.0), "add": (add, 1.0)})]
                  for m, (e, (qa, add)) in by_model.items()}
         trained = {"sub-1": complete(10, 6, 1.5 * seed), "sub-2": complete(12, 6, 2.5 * seed), "vanilla": complete(22, 12, 5.0 * seed)}
         write_seed_run(tmp_path / f"seed-{seed}", seed, evals, trained, {"DTM": 0.5 * seed, "wise_ft-0.5": 0.25 * seed})
-        runs.append((cfg, tmp_path / f"seed-{seed}"))
-    data = build_report_data(runs, "t")
+    data = collect_run(cfg)
 
     assert [(t.task, t.metric, t.suffix, t.groups) for t in data.group_tables] == [
         ("instruction", "exact_match", "", ["qa", "add"]), ("instruction", "pattern_match", " (format)", ["qa", "add"])]
@@ -219,7 +271,7 @@ def test_build_report_data_from_two_seed_runs(tmp_path):
     assert list(data.compute) == ["vanilla", "DTM", "wise_ft-0.5"]
     assert data.compute_parts["DTM"] == "sub-1, sub-2 + merge"
 
-    md, _ = write_report(data, tmp_path / "out")
+    md, _ = render_report(data, tmp_path / "out")
     text = md.read_text()
     assert "| sub-1 | 0.600 ± 0.283 | 0.000 ± 0.000 |" in text
     assert "| DTM | sub-1, sub-2 + merge | 12 | 66 | 6.8 |" in text
@@ -231,7 +283,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it where apt is available)")
 def test_report_renders_in_headless_chromium(tmp_path):
-    _, page = write_report(sample_report(), tmp_path)
+    _, page = render_report(sample_report(), tmp_path)
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
     # The page's own script-free DOM, as the browser parsed it, with image decode state checked by JS.
@@ -248,3 +300,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     )
     out = subprocess.run([CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=3000", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert "<title>rows=5;imgs=3;best=2;groups=3;compute=3</title>" in out.stdout, out.stderr[-2000:]
+
+
+def test_collect_run_nests_the_no_bias_control(tmp_path):
+    from dtm.config import ExperimentConfig
+
+    cfg = ExperimentConfig.model_validate({"model": {"model_name_or_path": "lab"}, "data": {"path": "lab"}, "seeds": [1, 2],
+                                           "disperse": {"k": 2}, "lab": {"control_seeds": 1}, "output_dir": str(tmp_path)})
+    evals = {m: [mc_result("knowledge_instruct", 0.9 - i / 10), generate_result("instruction", i / 10, 1.0, {"qa": (0.5, 1.0)})]
+             for i, m in enumerate(["base", "vanilla", "sub-1", "sub-2", "DTM"])}
+    trained = {"sub-1": complete(10, 6, 1.5), "sub-2": complete(12, 6, 2.5), "vanilla": complete(22, 12, 5.0)}
+    for root in (tmp_path / "seed-1", tmp_path / "seed-2", tmp_path / "control-nobias" / "seed-1"):
+        write_seed_run(root, 1, evals, trained, {"DTM": 0.5})
+    data = collect_run(cfg)
+    assert data.title == "Disperse-Then-Merge: results" and data.notes[0].startswith("seeds: [1, 2] ")
+    [control] = data.controls
+    assert control.title.startswith("No-bias control") and control.notes[0].startswith("seeds: [1] (one seed")
+    assert control.table == ["base", "vanilla", "vanilla (best checkpoint)", "sub-models (mean)", "DTM"]
+    md, page = render_report(data, tmp_path)
+    md_titles, html_titles = section_titles(md.read_text(), page.read_text())
+    assert md_titles == html_titles and md_titles.count("Wall time and compute per method") == 2
+    assert "### Wall time and compute per method" in md.read_text()

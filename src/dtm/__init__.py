@@ -33,7 +33,8 @@ _API = {
     "tax_curve": "dtm.evaluation.diagnostics:tax_curve",
     "run": "dtm.pipeline:run",
     "status": "dtm.pipeline:status",
-    "write_report": "dtm.report:write_report",
+    "write_report": "dtm.pipeline:write_report",
+    "render_report": "dtm.report:render_report",
 }
 
 

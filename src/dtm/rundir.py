@@ -56,6 +56,7 @@ ENSEMBLE = "ensemble"
 SUB_PREFIX = "sub-"
 SOUP_PREFIX = "soup-"
 WISE_FT_PREFIX = "wise_ft-"
+TRAINING_BASELINES = ("l2", "ewc", "replay", "curation")  # `baselines.methods` trained on all the data
 
 
 def sub_model_name(index: int) -> str:
@@ -90,6 +91,10 @@ def soup_ingredients(names: Iterable[str]) -> list[str]:
 
 def wise_ft_name(alpha: float) -> str:
     return f"{WISE_FT_PREFIX}{alpha:g}"
+
+
+def is_wise_ft(name: str) -> bool:
+    return name.startswith(WISE_FT_PREFIX)
 
 
 def snapshot_name(label: str) -> str:
@@ -290,6 +295,10 @@ class RunDir:
     @property
     def report_html(self) -> Path:
         return self.root / "report.html"
+
+    def report_plot(self, name: str) -> Path:
+        """A plot of the report, beside it: `tax_curve.png`, ... (linked from report.md)."""
+        return self.root / f"{name}.png"
 
     def seed_run(self, seed: int, control: bool = False) -> SeedRun:
         return SeedRun((self.root / CONTROL_DIR if control else self.root) / f"seed-{seed}", seed, control)

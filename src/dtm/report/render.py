@@ -1,0 +1,236 @@
+"""Render the report model as report.md (+ its PNGs) and a self-contained report.html.
+
+Both files show the same `SECTIONS`, in the same order, with the same titles and notes; the
+templates (`templates/report.md.j2`, `templates/report.html.j2`) only decide how each *kind* of
+block looks. Adding a section is one entry in `SECTIONS` (plus template markup for a new kind).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from dtm.io import atomic_write_bytes, atomic_write_text
+from dtm.report.model import GroupTable, ReportData
+from dtm.report.plots import render_plots
+from dtm.report.stats import best_per_column, fmt, tradeoff_summary
+from dtm.rundir import RunDir
+
+# ---------------------------------------------------------------- what the templates show
+
+
+@dataclass
+class Cell:
+    text: str
+    best: bool = False  # the column's best mean: bold (markdown), class `best` (HTML)
+
+
+@dataclass
+class Table:
+    """A table as text cells. `row_header`: the first cell of a row names it (a model); `left`: the
+    columns aligned left (text among numbers) in the HTML."""
+
+    header: list[str]
+    rows: list[list[Cell]]
+    row_header: bool = True
+    left: frozenset[int] = frozenset()
+
+
+@dataclass
+class Plot:
+    file: str  # the PNG's file name beside report.md
+    png: bytes
+
+    @property
+    def uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode()
+
+
+@dataclass
+class Block:
+    """One shown section: heading, note, then its body (a Table, a Plot or a nested Page), then `after`."""
+
+    kind: str  # scores (a Table with best cells), table, plot, report (a nested Page)
+    section: str  # the id of its `Section`
+    id: str  # the HTML id of its table or image (unique in the page)
+    title: str
+    note: str
+    body: Any
+    after: str | None = None  # a paragraph under the body
+    after_id: str | None = None  # its HTML id
+
+
+@dataclass
+class Page:
+    """A report (or a nested one, such as the no-bias control) as the templates walk it."""
+
+    title: str
+    notes: list[str]
+    level: int  # heading level of the title; its sections are one deeper
+    blocks: list[Block] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def scores_table(rows: dict[str, dict[str, list[float]]], columns: list[str], headers: list[str] | None = None) -> Table:
+    """A model x column table of mean ± std, the best mean per column marked."""
+    best = best_per_column(rows, columns)
+    return Table(["model", *(headers or columns)],
+                 [[Cell(model), *(Cell(fmt(s.get(c, [])), best.get(c) == model) for c in columns)] for model, s in rows.items()])
+
+
+def group_table_title(table: GroupTable) -> str:
+    """Named as its headline column, so the per-group table reads as that column split up."""
+    return f"{table.task}{table.suffix} per group: {table.metric}"
+
+
+GROUP_NOTE = ("Mean ± sample std over seeds, one column per group of the task's items; each sub-model has its own row, "
+              "to show whether every sub-model learned every group.")
+
+COMPUTE_COLUMNS = {  # key -> (header, decimals)
+    "steps": ("optimizer steps", 0),
+    "examples": ("examples processed (examples × epochs)", 0),
+    "tokens": ("tokens processed (no padding)", 0),
+    "seconds": ("train+merge seconds", 1),
+}
+COMPUTE_NOTE = (
+    "Mean over seeds. A method's numbers are the sum over the models it needs (column 'sums'): DTM's sub-models "
+    "and merge, the soup's ingredients and merge; WiSE-FT reuses vanilla and adds only a merge (0 training of its own). "
+    "Examples processed = training examples × epochs; tokens processed = their real tokens (prompt and response, "
+    "padding excluded). Seconds are summed "
+    "even where models were trained side by side, so they measure compute, not the wait."
+)
+
+
+def compute_table(data: ReportData) -> Table:
+    """model, what it sums, then one cell per compute column that any method has."""
+    keys = [k for k in COMPUTE_COLUMNS if any(k in v for v in data.compute.values())]
+    keys += sorted({k for v in data.compute.values() for k in v} - set(keys))
+    header = ["model", "sums", *(COMPUTE_COLUMNS.get(k, (k, 1))[0] for k in keys)]
+    rows = []
+    for model, v in data.compute.items():
+        cells = [f"{v[k]:.{COMPUTE_COLUMNS.get(k, (k, 1))[1]}f}" if k in v else "–" for k in keys]
+        rows.append([Cell(c) for c in (model, data.compute_parts.get(model, model), *cells)])
+    return Table(header, rows, left=frozenset({0, 1}))
+
+
+def portions_table(portions: list[dict[str, Any]]) -> Table:
+    """One row per portion: its dispersal stats, then its examples per source."""
+    keys = [k for k in portions[0] if k != "sources"]
+    rows = [[*(Cell(str(p[k])) for k in keys), Cell(", ".join(f"{a}: {b}" for a, b in p.get("sources", {}).items()))]
+            for p in portions]
+    return Table([*keys, "sources"], rows, row_header=False, left=frozenset({len(keys)}))
+
+
+# ---------------------------------------------------------------- the sections
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+
+
+@dataclass(frozen=True)
+class Item:
+    """One block of a section: its body, its HTML id, and what fills the section's title."""
+
+    body: Any
+    id: str
+    title: dict[str, str] = field(default_factory=dict)
+    after: str | None = None
+
+
+@dataclass(frozen=True)
+class Section:
+    id: str  # names the section; the stem of its blocks' HTML ids
+    title: str  # heading, markdown and HTML alike; `{...}` fields are filled per item
+    kind: str  # which template block shows an item: scores, table, plot, report
+    items: Callable[[ReportData, dict[str, Plot], int], list[Item]]  # what it shows: none, no section
+    note: str = ""  # paragraph under the heading
+    after_id: str | None = None  # HTML id of the paragraph under the body (`_own_id`)
+
+
+def _own_id(stem: str, data: ReportData, level: int) -> str:
+    """The top report's `headline`; a nested report's `headline-<its title>`."""
+    return stem if level == 1 else f"{stem}-{_slug(data.title)}"
+
+
+def _plot(name: str) -> Callable[[ReportData, dict[str, Plot], int], list[Item]]:
+    return lambda data, plots, level: [Item(plots[name], name)] if name in plots else []
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("headline", "Headline (mean ± sample std over seeds; best per column in bold)", "scores",
+            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.columns), _own_id("headline", d, lv), after=tradeoff_summary(d))],
+            after_id="frontier"),
+    Section("tax_curve", "Alignment-tax curve", "plot", _plot("tax_curve")),
+    Section("tradeoff", "Trade-off", "plot", _plot("tradeoff")),
+    Section("loss_ratio", "Train/validation loss and the loss-reduction ratio", "plot", _plot("loss_ratio")),
+    Section("detail", "All metrics (every task and split)", "scores",
+            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.detail_columns), "detail-" + _slug(d.title))] if d.detail_columns else []),
+    Section("groups", "{title}", "scores",
+            lambda d, p, lv: [Item(scores_table({m: d.scores[m] for m in t.rows if m in d.scores}, t.columns, t.groups),
+                                   "groups-" + _slug(f"{d.title} {t.task} {t.metric}"), {"title": group_table_title(t)})
+                              for t in d.group_tables],
+            note=GROUP_NOTE),
+    Section("portions", "Portions", "table",
+            lambda d, p, lv: [Item(portions_table(d.portions), _own_id("portions", d, lv))] if d.portions else []),
+    Section("compute", "Wall time and compute per method", "table",
+            lambda d, p, lv: [Item(compute_table(d), "compute-" + _slug(d.title))] if d.compute else [],
+            note=COMPUTE_NOTE),
+    # A nested report (the no-bias control) shows its tables; the plot files beside report.md are the main report's.
+    Section("control", "{title}", "report",
+            lambda d, p, lv: [Item(page(c, {}, lv + 1), "control-" + _slug(c.title), {"title": c.title}) for c in d.controls]),
+)
+
+
+def page(data: ReportData, plots: dict[str, Plot], level: int = 1) -> Page:
+    """`data` as the templates walk it: every section of `SECTIONS` that has something to show."""
+    out = Page(data.title, data.notes, level)
+    for section in SECTIONS:
+        for item in section.items(data, plots, level):
+            after_id = _own_id(section.after_id, data, level) if section.after_id else None
+            out.blocks.append(Block(section.kind, section.id, item.id, section.title.format(**item.title), section.note,
+                                    item.body, item.after, after_id))
+    return out
+
+
+# ---------------------------------------------------------------- templates
+
+
+@cache
+def _env(html: bool) -> Any:
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("dtm.report", "templates"), autoescape=html,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+
+
+def markdown(report: Page) -> str:
+    return _env(False).get_template("report.md.j2").render(page=report)
+
+
+def html(report: Page) -> str:
+    return _env(True).get_template("report.html.j2").render(page=report)
+
+
+def headline_markdown(data: ReportData, columns: list[str] | None = None) -> str:
+    """The headline table in markdown (as the report shows it; the pipeline prints it)."""
+    table = scores_table(data.table_scores(), columns or data.columns)
+    return _env(False).get_template("report.md.j2").module.table(table).rstrip("\n")
+
+
+def render_report(data: ReportData, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md (+ its PNGs beside it) and a self-contained report.html into `out_dir`."""
+    out = RunDir(Path(out_dir))
+    out.root.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    for name, png in render_plots(data).items():
+        path = atomic_write_bytes(out.report_plot(name), png)
+        plots[name] = Plot(path.name, png)
+    report = page(data, plots)
+    return atomic_write_text(out.report_md, markdown(report)), atomic_write_text(out.report_html, html(report))

@@ -1,0 +1,150 @@
+"""The report's math, pure functions tested on hand-computed numbers: mean and spread over seeds,
+best per column, the knowledge/instruction frontier, what each method cost. (The loss-reduction
+ratio is `dtm.evaluation.diagnostics`'.)"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dtm import rundir
+from dtm.report.model import REFERENCE_GROUPS, ReportData
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def best_per_column(scores: dict[str, dict[str, list[float]]], columns: list[str]) -> dict[str, str]:
+    """Column -> model with the highest mean (first one on ties)."""
+    best: dict[str, str] = {}
+    for col in columns:
+        ranked = [(mean_std(s[col])[0], m) for m, s in scores.items() if s.get(col)]
+        ranked = [(v, m) for v, m in ranked if not math.isnan(v)]
+        if ranked:
+            top = max(v for v, _ in ranked)
+            best[col] = next(m for v, m in ranked if v == top)
+    return best
+
+
+def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated in (x, y), both maximised; sorted by x ascending (y then descends)."""
+    front = []
+    for x, y in sorted(set(points), key=lambda p: (-p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
+def frontier_gap(point: tuple[float, float], reference: list[tuple[float, float]]) -> float:
+    """y of `point` minus the frontier of `reference` at the point's x.
+
+    The frontier is the Pareto front joined by straight lines (mixing two models' weights or
+    outputs moves roughly along such chords). Left of the front's first point the frontier is
+    that point's y; right of its last point nothing reaches that x, and the gap is measured
+    against the last point's y. Positive: more y at equal x than any mix of the references.
+    """
+    front = pareto_frontier(reference)
+    x, y = point
+    if x <= front[0][0]:
+        return y - front[0][1]
+    if x >= front[-1][0]:
+        return y - front[-1][1]
+    for (x0, y0), (x1, y1) in zip(front, front[1:]):
+        if x0 <= x <= x1:
+            return y - (y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    raise AssertionError("unreachable")
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    """mean ± std (just the mean for one value, – for none)."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+
+
+def tradeoff_summary(data: ReportData, subject: str = rundir.DTM) -> str | None:
+    """One sentence: where `subject` lies against the frontier of base/vanilla/WiSE-FT models."""
+    if not data.tradeoff_axes or subject not in data.scores:
+        return None
+    k_col, i_col = data.tradeoff_axes
+    reference = [
+        (mean_std(s[i_col])[0], mean_std(s[k_col])[0])
+        for m, s in data.scores.items()
+        if data.groups.get(m) in REFERENCE_GROUPS and s.get(i_col) and s.get(k_col)
+    ]
+    if not reference:
+        return None
+    point = (mean_std(data.scores[subject][i_col])[0], mean_std(data.scores[subject][k_col])[0])
+    gap = frontier_gap(point, reference)
+    where = "above" if gap > 0 else "below" if gap < 0 else "on"
+    dominating = [
+        m for m, s in data.scores.items()
+        if m != subject and s.get(i_col) and s.get(k_col)
+        and mean_std(s[i_col])[0] >= point[0] and mean_std(s[k_col])[0] >= point[1]
+    ]
+    others = (f" Models with at least as much {k_col} and {i_col} as {subject}: {', '.join(dominating)}." if dominating
+              else f" No other model has both at least as much {k_col} and as much {i_col}.")
+    return (
+        f"{subject} lies {where} the frontier traced by the base, vanilla checkpoints and WiSE-FT "
+        f"interpolations: {gap:+.3f} {k_col} at its {i_col} of {point[0]:.3f}." + others
+    )
+
+
+# ---------------------------------------------------------------- compute
+
+
+def training_cost(complete: dict[str, Any]) -> dict[str, float]:
+    """What one trained model cost, from its training summary (`rundir.training_summary`): optimizer steps, examples
+    processed (examples × epochs, replay included), real tokens processed (where training recorded them) and seconds."""
+    cfg = complete.get("config", {})
+    n = complete["examples"] + complete.get("replay_examples", 0)
+    if cfg.get("max_steps", -1) > 0:  # stopped by steps, not epochs: every step saw a full batch
+        processed = complete["steps"] * cfg["per_device_train_batch_size"] * cfg.get("gradient_accumulation_steps", 1)
+    else:
+        processed = n * cfg["num_train_epochs"]
+    cost = {"steps": float(complete["steps"]), "examples": float(processed), "seconds": float(complete["seconds"])}
+    if "trained_tokens" in complete:
+        cost["tokens"] = float(complete["trained_tokens"])
+    return cost
+
+
+def _sum_costs(costs: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise sum; a key missing from any part is left out (a partial sum would understate the cost)."""
+    keys = set.intersection(*(set(c) for c in costs)) if costs else set()
+    return {k: sum(c[k] for c in costs) for k in sorted(keys)}
+
+
+def method_costs(trained: dict[str, dict[str, float]], merge_seconds: dict[str, float],
+                 ensembles: tuple[str, ...] = ()) -> dict[str, tuple[str, dict[str, float]]]:
+    """method -> (what it sums, its cost), by the run directory's model names: DTM = sub-1..sub-K + its merge,
+    soup = short + soup-2.. + its merge, WiSE-FT = its merge only (vanilla is reused, not retrained), an
+    ensemble = its sub-models (no merge); every other trained or merged model is its own cost."""
+    subs = rundir.sub_models(trained)
+    ingredients = rundir.soup_ingredients(trained)
+    zero = {k: 0.0 for cost in trained.values() for k in cost} or {"steps": 0.0, "examples": 0.0, "seconds": 0.0}
+    out: dict[str, tuple[str, dict[str, float]]] = {}
+    for name, cost in trained.items():
+        if not rundir.is_sub_model(name) and not rundir.is_soup_ingredient(name):
+            out[name] = (name, dict(cost))
+    for name, sec in merge_seconds.items():
+        parts = {rundir.DTM: subs, rundir.SOUP: ingredients}.get(name, [])
+        merged = {**zero, "seconds": sec}
+        if parts:
+            out[name] = (", ".join(parts) + " + merge", _sum_costs([trained[p] for p in parts] + [merged]))
+        elif rundir.is_wise_ft(name):
+            out[name] = ("merge only (reuses vanilla)", merged)
+        else:
+            out[name] = ("merge", merged)
+    for name in ensembles:
+        if subs:
+            out[name] = (", ".join(subs) + " (no merge)", _sum_costs([trained[p] for p in subs]))
+    return out
