@@ -120,10 +120,14 @@ register(Baseline("soup", "uniform soup of `baselines.soup_size` short runs with
                   train=_soup_jobs, merge=_soup_merge))
 register(Baseline("wise_ft", "WiSE-FT: base/vanilla weight interpolations at `baselines.wise_ft_alphas`", merge=_wise_ft_merge))
 register(Baseline("ensemble", "the K sub-models' averaged next-token probabilities (K times the inference cost)", evaluate=_ensemble))
-register(Baseline("l2", "L2 penalty towards the base weights (`baselines.l2_coef`)", train=_trained_baseline("l2")))
-register(Baseline("ewc", "EWC: Fisher-weighted penalty towards the base (`baselines.ewc_coef`)", train=_trained_baseline("ewc")))
-register(Baseline("replay", "replay of plain text (`baselines.replay_path`) mixed into the SFT data", train=_trained_baseline("replay")))
-register(Baseline("curation", "the top `baselines.curation_fraction` of the data by a quality score", train=_trained_baseline("curation")))
+TRAINED_HELP = {
+    "l2": "L2 penalty towards the base weights (`baselines.l2_coef`)",
+    "ewc": "EWC: Fisher-weighted penalty towards the base (`baselines.ewc_coef`)",
+    "replay": "replay of plain text (`baselines.replay_path`) mixed into the SFT data",
+    "curation": "the top `baselines.curation_fraction` of the data by a quality score",
+}
+for _name in rd.TRAINING_BASELINES:  # trained by `dtm.training.train_baseline` on all the data
+    register(Baseline(_name, TRAINED_HELP[_name], train=_trained_baseline(_name)))
 
 
 def _chosen(cfg: ExperimentConfig) -> list[Baseline]:

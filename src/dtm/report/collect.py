@@ -38,8 +38,11 @@ Scores = dict[str, dict[str, float]]  # model -> column -> value, one seed
 
 
 def headline_metrics(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """(metric, suffix) of the headline metrics this result has; none without its main metric."""
+    """(metric, suffix) of the headline metrics this result has; none without its main metric.
+    An lm-evaluation-harness result's main metric is the first its task lists."""
     wanted = HEADLINE_METRICS.get(result["type"], [])
+    if result["type"] == "lm-eval":
+        wanted = [(m, "") for m, v in result["metrics"].items() if not m.endswith("_stderr") and isinstance(v, (int, float))][:1]
     if not wanted or result["metrics"].get(wanted[0][0]) is None:
         return []
     return [(m, suffix) for m, suffix in wanted if result["metrics"].get(m) is not None]

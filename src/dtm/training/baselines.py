@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dtm import rundir
 from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_texts
 from dtm.errors import DataError, TrainingError
@@ -34,7 +35,7 @@ from dtm.training.sft import MixIn, Penalty, PenaltyFactory, as_conversations, l
 
 log = logging.getLogger(__name__)
 
-TRAINING_BASELINES = ("vanilla", "l2", "ewc", "replay", "curation", "soup")
+TRAINING_BASELINES = ("vanilla", *rundir.TRAINING_BASELINES, "soup")
 
 # ---------------------------------------------------------------- replay
 
