@@ -312,8 +312,8 @@ def merge_streaming(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress, delay=1.0)  # no bar for a merge that takes under a second
     reader = ChunkReader()
     # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
-    # and on a busy machine one descheduled OpenMP worker stalls every op (measured: 30x slower
-    # on a loaded 2-core machine with 2 threads). Whole-tensor methods (TIES, DARE) keep them.
+    # and on a busy machine one descheduled OpenMP worker stalls every op (docs/architecture.md,
+    # "Merging"). Whole-tensor methods (TIES, DARE) keep them.
     with torch_threads(1) if spec.elementwise else contextlib.nullcontext():
         for shard, file in zip(shards, files):
             writer = ShardWriter(out_dir / file, shard)

@@ -7,7 +7,7 @@ from its last checkpoint, and a failed one is retried `train.retries` times befo
 failure is reported by name; the others are finished first, never silently lost.
 
 On CPU, side-by-side processes get one thread each: with more threads than cores, the
-small matrix products of a training step slow down about tenfold.
+small matrix products of a training step slow down many times over (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def training_seconds(out: Path) -> float:
 
 
 def one_thread_worker() -> None:
-    """Process-pool initializer: one BLAS/OpenMP thread per process (more threads than cores slows steps tenfold).
+    """Process-pool initializer: one BLAS/OpenMP thread per process (more threads than cores slows small steps badly).
 
     The environment variables alone are not enough: torch may already be imported (its thread
     pool sized to every core) by the time the initializer runs, so set torch's count too."""
@@ -148,8 +148,8 @@ _POOLS: dict[int, Any] = {}
 def worker_pool(workers: int):
     """A `ProcessPoolExecutor` of `workers` one-thread processes, kept for the life of this process.
 
-    A fresh worker pays for a Python start and the torch/transformers imports (about 5 s on
-    the lab machine); `dtm run` trains and evaluates several stages per seed, so one pool for
+    A fresh worker pays for a Python start and the torch/transformers imports (seconds);
+    `dtm run` trains and evaluates several stages per seed, so one pool for
     the whole run saves that at every stage. Every job seeds itself, so a reused worker trains
     exactly as a fresh one. A pool broken by a killed worker is replaced: here, where a broken
     pool refuses new work at once, and in `run_local`, which sees its futures fail with
