@@ -39,7 +39,9 @@ W = "model.layers.0.mlp.up_proj.weight"
 
 def test_cli_average_with_weights(models, tmp_path, capsys):
     rc = main(["merge", "--method", "average", "--weights", "1,3", "--out", str(tmp_path / "o"), str(models[0]), str(models[1])])
-    assert rc == 0 and "merged 2 models (average)" in capsys.readouterr().out
+    assert rc == 0 and f"merged into {tmp_path / 'o'}" in capsys.readouterr().out
+    record = json.loads((tmp_path / "o" / "dtm_merge.json").read_text())
+    assert record["method"] == "average" and record["weights"] == [1.0, 3.0] and len(record["models"]) == 2
     expected = (tensor(models[0], W) + 3 * tensor(models[1], W)) / 4
     assert torch.allclose(tensor(tmp_path / "o", W), expected, atol=1e-7)
 

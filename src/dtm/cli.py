@@ -12,7 +12,9 @@ import os
 import sys
 from collections.abc import Callable
 
+from dtm.dispersal import STRATEGIES
 from dtm.errors import DtmError
+from dtm.rundir import TRAINING_BASELINES
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -64,7 +66,7 @@ def _add_disperse(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", help="data file (JSON/JSONL/Parquet) or local `datasets` directory")
     p.add_argument("--k", type=int, default=4, help="number of portions (default 4, as in the paper)")
-    p.add_argument("--strategy", default="random", help="random (default), stratified, length or kmeans (`dtm.dispersal.STRATEGIES`)")
+    p.add_argument("--strategy", default="random", choices=STRATEGIES)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages", "prompt_completion"])
@@ -114,8 +116,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides epochs)")
     p.add_argument("--seed", type=int, help="training seed (default: the config's seed)")
     p.add_argument("--val-data", help="one model: validation data, for the losses recorded at save_fractions")
-    p.add_argument("--baseline", default="vanilla",
-                   help="one model: train a Table-1 baseline instead: vanilla, l2, ewc, replay, curation or soup (settings under `baselines:`)")
+    p.add_argument("--baseline", default="vanilla", choices=("vanilla", *TRAINING_BASELINES, "soup"),
+                   help="one model: train a Table-1 baseline instead (settings under `baselines:`)")
     p.add_argument("--portions", help="CONFIG: portion-*.jsonl directory (default: the seed's portions in the run directory, as `dtm run` lays it out)")
     p.add_argument("--models", help="CONFIG: where sub-1..K go (default: the seed's models in the run directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -183,31 +185,27 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> None:
         import yaml
 
-        from dtm.merging import MergeError, merge
-        from dtm.merging.recipe import read_recipe
+        from dtm.merging import MergeError
+        from dtm.merging.recipe import merge_with_recipe
 
-        kw: dict = read_recipe(a.config) if a.config else {"models": [], "parameters": {}}
-        if a.models:
-            kw["models"] = a.models
-        if not kw["models"]:
-            raise MergeError("no models: give MODEL directories or --config merge.yaml")
+        weights = None
         if a.weights is not None:
             try:
-                kw["weights"] = [float(w) for w in a.weights.replace(",", " ").split()]
+                weights = [float(w) for w in a.weights.replace(",", " ").split()]
             except ValueError:
                 raise MergeError(f"--weights {a.weights!r}: expected comma-separated numbers, e.g. 0.5,0.25,0.25") from None
+        parameters = {}
         for item in a.param:
             key, eq, value = item.partition("=")
             if not eq or not key:
                 raise MergeError(f"--param {item!r}: expected KEY=VALUE, e.g. density=0.5")
-            kw["parameters"][key.strip()] = yaml.safe_load(value)
+            parameters[key.strip()] = yaml.safe_load(value)
         if a.max_shard_size:
-            kw["parameters"]["max_shard_size"] = a.max_shard_size
-        for flag, key in (("method", "method"), ("base", "base"), ("dtype", "dtype"), ("out_dtype", "out_dtype"), ("lora_merge", "lora_merge")):
-            if getattr(a, flag) is not None:
-                kw[key] = getattr(a, flag)
-        out = merge(out=a.out, overwrite=a.overwrite, allow_pickle=a.allow_pickle, **kw)
-        print(f"merged {len(kw['models'])} models ({kw.get('method', 'average')}) into {out}")
+            parameters["max_shard_size"] = a.max_shard_size
+        out = merge_with_recipe(a.config, a.out, a.models, parameters, weights=weights, method=a.method, base=a.base,
+                                dtype=a.dtype, out_dtype=a.out_dtype, lora_merge=a.lora_merge, overwrite=a.overwrite,
+                                allow_pickle=a.allow_pickle)
+        print(f"merged into {out}")
 
     p.set_defaults(func=run)
 

@@ -100,3 +100,20 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         if key in tree:
             out[key] = tree[key]
     return out
+
+
+def merge_with_recipe(recipe: str | Path | None, out: str | Path, models: list[str] | None = None,
+                      parameters: dict[str, Any] | None = None, **flags: Any) -> Path:
+    """`dtm merge`: the recipe's arguments (if any), then the given models, parameters and
+    flags (method, weights, base, dtype, out_dtype, lora_merge, overwrite, allow_pickle, ...)
+    on top of them; flags that are None keep the recipe's value."""
+    from dtm.merging.engine import merge
+
+    kw: dict[str, Any] = read_recipe(recipe) if recipe else {"models": [], "parameters": {}}
+    if models:
+        kw["models"] = list(models)
+    if not kw["models"]:
+        raise MergeError("no models: give MODEL directories or --config merge.yaml")
+    kw["parameters"] = {**kw.get("parameters", {}), **(parameters or {})}
+    kw |= {key: value for key, value in flags.items() if value is not None}
+    return merge(out=out, **kw)
