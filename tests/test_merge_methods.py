@@ -125,12 +125,7 @@ def test_fisher_weighted_average_by_hand():
 
 
 def test_registry_and_parameters():
-    from typing import get_args
-
-    from dtm.config import MergeConfig
-
-    # the config accepts exactly the registered methods
-    assert set(get_args(MergeConfig.model_fields["method"].annotation)) == set(M.method_names())
+    # (the config accepts exactly these names: tests/test_config.py)
     assert M.get_method("linear") is M.METHODS["average"]
     assert {"average", "task_arithmetic", "wise_ft", "ties", "dare_linear", "dare_ties", "fisher", "greedy_soup"} <= set(M.method_names())
     ties = M.get_method("ties")
