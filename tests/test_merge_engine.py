@@ -97,17 +97,19 @@ def test_weighted_average_and_out_dtype(three, tmp_path):
     ("task_arithmetic", {"lambda": 0.7}),
     ("ties", {"density": 0.5}),
     ("dare_ties", {"density": 0.5, "seed": 3}),
+    ("dare_linear", {"density": [0.3, 0.6], "seed": 1, "lambda": 0.5}),
+    ("ties", {"density": [0.2, 0.9], "normalize": False}),
 ])
 def test_base_methods_through_engine_equal_per_tensor_functions(three, tmp_path, method, params):
     dirs, states = three
     base_dir, base = dirs[0], states[0]
-    out = dtm.merge(dirs[1:], tmp_path / method, method=method, base=base_dir, parameters=params, progress=False)
+    out = dtm.merge(dirs[1:], tmp_path / "out", method=method, base=base_dir, parameters=params, progress=False)
     merged = read_all(out)
     spec = M.get_method(method)
     kw = M.resolve_params(spec, {k: v for k, v in params.items() if k != "seed"})
     for name in ["model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]:
         if spec.random:
-            kw["generator"] = torch.Generator().manual_seed(M.tensor_seed(params["seed"], name))
+            kw["generators"] = M.model_generators(params["seed"], name, 2)
         expected = spec.fn([states[1][name], states[2][name]], [1.0, 1.0], base=base[name], **kw)
         assert torch.equal(merged[name], expected), name
     if spec.random:  # the same seed gives the same merge
@@ -192,14 +194,24 @@ def test_interrupted_merge_leaves_no_output(three, tmp_path, monkeypatch):
     assert dtm.merge(dirs, tmp_path / "out", progress=False).is_dir()  # a rerun completes
 
 
-def test_chunked_and_whole_tensor_paths_agree_bitwise(three, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,params", [
+    ("average", {}), ("ties", {"density": 0.3}), ("dare_ties", {"density": 0.4, "seed": 2}),
+])
+def test_chunked_and_whole_tensor_paths_agree_bitwise(three, tmp_path, monkeypatch, method, params):
     dirs, states = three
+    kw = dict(method=method, parameters=params, progress=False)
+    if method == "average":
+        kw.update(models=dirs, weights=[0.2, 0.3, 0.5])
+    else:
+        kw.update(models=dirs[1:], weights=[0.3, 0.5], base=dirs[0])
     monkeypatch.setattr(E, "CHUNK_ELEMENTS", 100)  # many ragged chunks per tensor
-    chunked = read_all(dtm.merge(dirs, tmp_path / "chunked", weights=[0.2, 0.3, 0.5], progress=False))
-    monkeypatch.setattr(E, "chunkable", lambda *a, **k: False)
-    whole = read_all(dtm.merge(dirs, tmp_path / "whole", weights=[0.2, 0.3, 0.5], progress=False))
-    assert chunked.keys() == whole.keys()
-    assert all(torch.equal(chunked[k], whole[k]) for k in whole)
+    chunked = read_all(dtm.merge(out=tmp_path / "chunked", **kw))
+    monkeypatch.setattr(E, "chunkable", lambda *a, **k: False)  # whole tensors, sliced
+    whole = read_all(dtm.merge(out=tmp_path / "whole", **kw))
+    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 1 << 30)  # one chunk: the per-tensor function on whole tensors
+    single = read_all(dtm.merge(out=tmp_path / "single", **kw))
+    assert chunked.keys() == whole.keys() == single.keys()
+    assert all(torch.equal(chunked[k], whole[k]) and torch.equal(chunked[k], single[k]) for k in whole)
 
 
 def test_overwrite(three, tmp_path):

@@ -103,13 +103,15 @@ def test_dare_linear_and_ties_with_full_density_reduce_to_task_arithmetic_and_ti
     base = t([1.0, -1.0, 0.5])
     xs = [t([2.0, -1.5, 0.5]), t([0.0, -0.5, 1.5])]
     assert torch.allclose(M.dare_linear(xs, [1.0, 1.0], base, density=1.0), M.task_arithmetic(xs, [1.0, 1.0], base))
-    assert torch.allclose(M.dare_ties(xs, [1.0, 1.0], base, density=1.0), M.ties(xs, [1.0, 1.0], base, density=1.0))
+    assert torch.allclose(M.dare_ties(xs, [1.0, 1.0], base, density=1.0, normalize=True), M.ties(xs, [1.0, 1.0], base, density=1.0))
+    # mergekit's default for dare_ties is the sum of the agreeing deltas, not their mean
+    assert torch.allclose(M.dare_ties(xs, [1.0, 1.0], base, density=1.0), M.ties(xs, [1.0, 1.0], base, density=1.0, normalize=False))
 
 
 def test_dare_linear_is_unbiased_on_average():
     base = torch.zeros(20000)
     x = torch.full((20000,), 0.1)
-    out = M.dare_linear([x], [1.0], base, density=0.1, generator=torch.Generator().manual_seed(1))
+    out = M.dare_linear([x], [1.0], base, density=0.1, generators=[torch.Generator().manual_seed(1)])
     assert torch.all((out == 0) | torch.isclose(out, torch.tensor(1.0)))
     assert abs(float(out.mean()) - 0.1) < 0.01
 
@@ -129,10 +131,58 @@ def test_registry_and_parameters():
     assert M.get_method("linear") is M.METHODS["average"]
     assert {"average", "task_arithmetic", "wise_ft", "ties", "dare_linear", "dare_ties", "fisher", "greedy_soup"} <= set(M.method_names())
     ties = M.get_method("ties")
-    assert M.resolve_params(ties, {"density": 0.3, "lambda": 2}) == {"density": 0.3, "scaling": 2.0}
-    assert M.resolve_params(ties, {}) == {"density": 1.0, "scaling": 1.0}
+    assert M.resolve_params(ties, {"density": 0.3, "lambda": 2}) == {"density": 0.3, "scaling": 2.0, "normalize": True}
+    assert M.resolve_params(ties, {}) == {"density": 1.0, "scaling": 1.0, "normalize": True}
+    assert M.resolve_params(ties, {"density": [0.3, 1]})["density"] == [0.3, 1.0]  # per model, as mergekit allows
+    with pytest.raises(ValueError):
+        M.resolve_params(ties, {"lambda": [1.0, 2.0]})
     with pytest.raises(KeyError):
         M.resolve_params(ties, {"alpha": 0.5})
     with pytest.raises(ValueError):
         M.resolve_params(M.get_method("dare_linear"), {"rescale": "no"})
     assert M.tensor_seed(0, "a.weight") == M.tensor_seed(0, "a.weight") != M.tensor_seed(0, "b.weight")
+
+
+def test_trim_ties_at_threshold_keep_exactly_k_first_in_order():
+    d = t([1.0, -2.0, 2.0, 0.5, -2.0, 2.0])  # top 3 by |d|: four entries tie at 2
+    assert torch.equal(M.trim(d, 0.5), t([0.0, -2.0, 2.0, 0.0, -2.0, 0.0]))
+    # the same threshold applied chunk by chunk, in order, keeps the same entries
+    thr = M.magnitude_trim(d.abs(), 0.5)
+    assert (thr.threshold, thr.ties) == (2.0, 3)
+    masks = [thr.mask(c) for c in d.split([2, 1, 3])]
+    assert torch.equal(torch.cat(masks), t([0, 1, 1, 0, 1, 0]).bool())
+
+
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.1, 0.5, 0.97, 1.0])
+def test_magnitude_trim_equals_a_stable_descending_sort(density):
+    g = torch.Generator().manual_seed(0)
+    d = torch.randint(-20, 21, (3001,), generator=g).float() / 4  # many ties
+    k = M.keep_count(d.numel(), density)
+    order = torch.sort(d.abs(), descending=True, stable=True).indices[:k]
+    expected = torch.zeros_like(d)
+    expected[order] = d[order]
+    assert torch.equal(M.trim(d, density), expected)
+    assert int((M.trim(d, density) != 0).sum()) <= k
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_methods_on_chunks_equal_whole_tensor(method):
+    """The engine's chunked evaluation (per-model state first) is the whole-tensor function, bitwise."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(999, generator=g)
+    xs = [base + torch.randn(999, generator=g) * s for s in (0.1, 0.3, 0.2)]
+    spec = M.get_method(method)
+    params = M.resolve_params(spec, {k: v for k, v in {"density": [0.3, 0.5, 0.4], "lambda": 0.7}.items() if k in spec.params})
+    whole_kw = dict(params)
+    if spec.random:
+        whole_kw["generators"] = M.model_generators(5, "w", 3)
+    whole = spec.fn(xs, [1.0, 2.0, 0.5], base=base, **whole_kw)
+    state = {}
+    if spec.random:
+        state["generators"] = M.model_generators(5, "w", 3)
+    if spec.trims:
+        state["trims"] = M.ties_trims(xs, base, params["density"])
+    cuts = [100, 1, 400, 498]
+    parts = [spec.fn([x for x in xc], [1.0, 2.0, 0.5], base=bc, **params, **state)
+             for *xc, bc in zip(*(x.split(cuts) for x in xs), base.split(cuts))]
+    assert torch.equal(torch.cat(parts), whole)

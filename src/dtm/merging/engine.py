@@ -95,6 +95,10 @@ def check_merge_args(method: str, k: int, weights: Sequence[float] | None, param
     except ValueError as e:
         raise MergeError(f"method {spec.name!r}: {e}") from None
     weights = check_weights(weights, k, spec)
+    for key in spec.per_model:
+        value = fn_params.get(spec.params[key][0])
+        if isinstance(value, list) and len(value) != k:
+            raise MergeError(f"method {spec.name!r}: {key} has {len(value)} values for {k} models; give one, or one per model")
     if spec.max_models is not None and k > spec.max_models:
         raise MergeError(f"method {spec.name!r} takes {spec.max_models} model besides the base, got {k}")
     return spec, fn_params, weights
@@ -313,15 +317,15 @@ def merge_streaming(
     reader = ChunkReader()
     # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
     # and on a busy machine one descheduled OpenMP worker stalls every op (docs/architecture.md,
-    # "Merging"). Whole-tensor methods (TIES, DARE) keep them.
+    # "Merging"). Every registered method is elementwise (given its per-model state).
     with torch_threads(1) if spec.elementwise else contextlib.nullcontext():
         for shard, file in zip(shards, files):
             writer = ShardWriter(out_dir / file, shard)
             try:
                 for t in shard:
-                    if chunkable(t.name, sources, spec, base, fishers):
+                    if spec.elementwise and sources[0].info(t.name).dtype.is_floating_point:  # type: ignore[union-attr]
                         writer.write_chunks(t.name, merge_tensor_chunks(
-                            t.name, sources, spec, weights, fn_params, base, compute, fishers, t.dtype, reader))
+                            t.name, sources, spec, weights, fn_params, base, compute, fishers, t.dtype, reader, seed=seed))
                     else:
                         merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
                         writer.write(t.name, merged.to(t.dtype))
@@ -356,7 +360,11 @@ CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per model: K + 2 such buffers stay in 
 
 def chunkable(name: str, sources: Sequence[Source], spec: M.MergeMethod, base: Checkpoint | None,
               fishers: Sequence[Checkpoint] | None) -> bool:
-    """An elementwise method on plain safetensors inputs: merge in chunks, never the whole tensor."""
+    """Every input of this tensor is plain safetensors: read it in chunks, never the whole tensor.
+
+    (An adapter on its base is computed whole, W + B A, then sliced; so is everything when this
+    says no, which changes memory, never the result.)
+    """
     if not spec.elementwise:
         return False
     readers = [*sources, *([base] if spec.needs_base and base is not None else []), *(fishers or [])]
@@ -364,40 +372,76 @@ def chunkable(name: str, sources: Sequence[Source], spec: M.MergeMethod, base: C
     return all(i is not None and i.offset >= 0 and i.dtype.is_floating_point for i in infos)
 
 
+class _Input:
+    """One input of one tensor, handed out as consecutive flat chunks in the compute dtype:
+    read from the file into a reused buffer, or sliced from a tensor computed whole."""
+
+    def __init__(self, source: Any, name: str, compute: torch.dtype, reader: ChunkReader, chunk: int, stream: bool):
+        self.info = source.info(name)
+        self.compute, self.reader = compute, reader
+        if stream:
+            self.whole = None
+            self.buf = torch.empty(min(chunk, self.info.numel), dtype=self.info.dtype)
+        else:
+            self.whole = source.get(name, compute).reshape(-1)
+
+    def part(self, start: int, m: int) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole[start:start + m]
+        return self.reader.read(self.info, start, self.buf[:m]).to(self.compute)
+
+
 def merge_tensor_chunks(
     name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
     base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, out_dtype: torch.dtype,
-    reader: ChunkReader, chunk: int | None = None,
+    reader: ChunkReader, chunk: int | None = None, seed: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """The merged tensor as consecutive flat chunks, for elementwise methods.
+    """The merged tensor as consecutive flat chunks (every method is elementwise given its state).
 
     Each chunk is the method's own per-tensor function applied to the same element range of
-    every input, so the result is exactly the whole-tensor result (elementwise ops do not
-    depend on how the tensor is cut), with memory of a few chunks instead of a few tensors.
+    every input, so the result is exactly the whole-tensor result, with memory of K + 2 chunks
+    instead of a few tensors times K. State that needs the whole tensor comes first:
+      * TIES: each model's magnitude threshold, from |x_k - base| written chunk by chunk into
+        one scratch tensor (reused for the K models), selected in place (`magnitude_trim`);
+      * DARE: one random stream per model, drawn in flat order (the same mask whatever the chunks).
+    Peak memory for a tensor of n elements: one n-element scratch (TIES only) + (K + 2) chunks.
     """
     chunk = chunk or CHUNK_ELEMENTS
-    infos = [s.info(name) for s in sources]
-    base_info = base.info(name) if spec.needs_base and base is not None else None
-    fisher_infos = []
     for f in fishers or []:
         if f.info(name) is None:
             raise MergeError(f"{f.path}: has no Fisher tensor for {name!r}; recompute it for this model")
-        fisher_infos.append(f.info(name))
-    everything = [*infos, *([base_info] if base_info else []), *fisher_infos]
-    n = everything[0].numel  # type: ignore[union-attr]
-    size = min(chunk, n)
-    bufs = [torch.empty(size, dtype=i.dtype) for i in everything]  # type: ignore[union-attr]
-    k = len(infos)
+    stream = chunkable(name, sources, spec, base, fishers)
+    k = len(sources)
+    inputs = [_Input(s, name, compute, reader, chunk, stream) for s in sources]
+    base_in = _Input(base, name, compute, reader, chunk, stream) if spec.needs_base and base is not None else None
+    fisher_ins = [_Input(f, name, compute, reader, chunk, stream) for f in fishers or []]
+    n = inputs[0].info.numel
+    state: dict[str, Any] = {}
+    if spec.random:
+        state["generators"] = M.model_generators(seed, name, k)
+    if spec.trims:
+        assert base_in is not None
+        densities = M.per_model(fn_params.get("density", 1.0), k)
+        if all(M.keep_count(n, d) >= n for d in densities):
+            state["trims"] = [M.Trim(0.0, keep_all=True)] * k
+        else:
+            scratch = torch.empty(n, dtype=compute)
+            trims = []
+            for x, d in zip(inputs, densities):
+                for start in range(0, n, chunk):
+                    m = min(chunk, n - start)
+                    torch.sub(x.part(start, m), base_in.part(start, m), out=scratch[start:start + m]).abs_()
+                trims.append(M.magnitude_trim(scratch, d))
+            state["trims"] = trims
+            del scratch
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        parts = [reader.read(i, start, b[:m]).to(compute) for i, b in zip(everything, bufs)]  # type: ignore[arg-type]
-        kwargs = dict(fn_params)
-        rest = parts[k:]
-        if base_info is not None:
-            kwargs["base"] = rest.pop(0)
-        if fisher_infos:
-            kwargs["fishers"] = rest
-        merged = spec.fn(parts[:k], weights, **kwargs)
+        kwargs = {**fn_params, **state}
+        if base_in is not None:
+            kwargs["base"] = base_in.part(start, m)
+        if fisher_ins:
+            kwargs["fishers"] = [f.part(start, m) for f in fisher_ins]
+        merged = spec.fn([x.part(start, m) for x in inputs], weights, **kwargs)
         if not torch.isfinite(merged).all():
             raise MergeError(f"tensor {name!r}: the merge produced inf/nan; check the inputs and weights")
         yield merged.to(out_dtype)
@@ -423,7 +467,7 @@ def merge_tensor(
         assert base is not None
         kwargs["base"] = base.get(name, compute)
     if spec.random:
-        kwargs["generator"] = torch.Generator().manual_seed(M.tensor_seed(seed, name))
+        kwargs["generators"] = M.model_generators(seed, name, len(tensors))
     if spec.uses_fisher:
         assert fishers is not None
         fs = []

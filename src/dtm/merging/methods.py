@@ -18,10 +18,12 @@ reads the same. References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,61 +43,126 @@ def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Ten
     return out.div_(total)
 
 
+def per_model(value: float | Sequence[float], k: int, what: str = "density") -> list[float]:
+    """A parameter given once for all models or once per model (mergekit allows both for density)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != k:
+            raise ValueError(f"{what}: got {len(value)} values for {k} models; give one, or one per model")
+        return [float(v) for v in value]
+    return [float(value)] * k
+
+
+def keep_count(numel: int, density: float) -> int:
+    """How many entries TIES keeps: int(density * n), at least one when density > 0 (as mergekit)."""
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
+@dataclass
+class Trim:
+    """TIES step 1 for one task vector, as a magnitude threshold that can be applied chunk by chunk.
+
+    Keeps every entry with |d| > `threshold` and, of the entries with |d| == `threshold`, the first
+    `ties` in flat order: exactly `keep_count` entries, the ones a stable sort by descending
+    magnitude puts first (mergekit's `argsort(|d|, descending)[:k]`). Chunks must be masked in
+    order, each once: `mask` consumes the ties it keeps.
+    """
+
+    threshold: float
+    ties: int = 0
+    keep_all: bool = False
+
+    def mask(self, delta: Tensor) -> Tensor:
+        """Boolean mask of the kept entries of the next chunk of the (flat or whole) task vector."""
+        if self.keep_all:
+            return torch.ones_like(delta, dtype=torch.bool)
+        a = delta.abs()
+        keep = a > self.threshold
+        if self.ties > 0:
+            eq = (a == self.threshold).reshape(-1)
+            n_eq = int(eq.sum())
+            if n_eq <= self.ties:
+                keep.reshape(-1)[eq] = True
+                self.ties -= n_eq
+            else:
+                flat = keep.reshape(-1)
+                flat[eq.nonzero().reshape(-1)[: self.ties]] = True
+                keep = flat.reshape(keep.shape)
+                self.ties = 0
+        return keep
+
+
+def magnitude_trim(scratch: Tensor, density: float) -> Trim:
+    """The exact top-k threshold of one task vector from `scratch` = |delta| flattened.
+
+    `scratch` is used as work space (reordered in place by a selection, numpy's introselect),
+    so the only memory is that one tensor: no sort, no index tensor, no copy.
+    """
+    n = scratch.numel()
+    k = keep_count(n, density)
+    if k >= n:
+        return Trim(0.0, keep_all=True)
+    if k == 0:
+        return Trim(math.inf)
+    arr = scratch.reshape(-1).numpy()
+    arr.partition(n - k)  # arr[n - k] is the k-th largest; everything after it is >= it
+    t = arr[n - k]
+    greater = int(np.count_nonzero(arr[n - k + 1:] > t))
+    return Trim(float(t), ties=k - greater)
+
+
 def trim(delta: Tensor, density: float) -> Tensor:
     """TIES step 1: keep the `density` fraction of entries with the largest magnitude, zero the rest.
 
-    At least one entry survives in a non-empty tensor when density > 0 (as in mergekit).
+    At least one entry survives in a non-empty tensor when density > 0 (as in mergekit); ties at
+    the threshold are broken by position (first in flat order).
     """
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    flat = delta.reshape(-1)
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.reshape(delta.shape)
+    t = magnitude_trim(delta.abs().reshape(-1), density)
+    return delta * t.mask(delta)
 
 
-def elect_sign(deltas: Tensor) -> Tensor:
+def elect_sign(deltas: Sequence[Tensor] | Tensor) -> Tensor:
     """TIES step 2: per entry, the sign (+1/-1) of the summed deltas: the sign with more total mass.
 
-    `deltas` is stacked [K, ...] (already weighted). A zero sum elects +1 (as mergekit does).
+    `deltas` are the K weighted deltas (a list, or stacked [K, ...]). A zero sum elects +1 (as
+    mergekit does).
     """
-    return torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total.add_(d)
+    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
 
 
-def disjoint_mean(deltas: Tensor, weights: Tensor, sign: Tensor) -> Tensor:
-    """TIES step 3: mean over only the models whose delta agrees with the elected sign.
-
-    `deltas` are the weighted deltas [K, ...], `weights` has shape [K, 1, ...]. Entries where
-    no model agrees (all zero after trimming) stay 0. Accumulates model by model, so the extra
-    memory is two tensors, not K.
+def disjoint_mean(deltas: Sequence[Tensor] | Tensor, weights: Sequence[float] | Tensor, sign: Tensor,
+                  normalize: bool = True) -> Tensor:
+    """TIES step 3: sum of the weighted deltas that agree with the elected sign, divided (if
+    `normalize`) by the summed weights of those models (mergekit's `ties`; PEFT divides by their
+    count instead, the same for unit weights). Entries where no model agrees stay 0. Accumulates
+    model by model, so the extra memory is two tensors, not K.
     """
     total = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
     for d, w in zip(deltas, weights):
         agree = (torch.sign(d) == sign).to(d.dtype)
         total.addcmul_(d, agree)
-        divisor.add_(agree.mul_(w))
+        if divisor is not None:
+            divisor.add_(agree.mul_(w))
+    if divisor is None:
+        return total
     divisor[divisor == 0] = 1
     return total.div_(divisor)
-
-
-def stacked_deltas(tensors: Sequence[Tensor], base: Tensor, weights: Sequence[float], sparsify: Callable[[Tensor], Tensor]) -> Tensor:
-    """[K, ...] weighted, sparsified task vectors, filled one model at a time (one K-sized buffer)."""
-    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
-    for i, (x, w) in enumerate(zip(tensors, weights)):
-        out[i] = sparsify(x - base).mul_(w)
-    return out
 
 
 def dare_drop(delta: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
     """DARE: drop each entry with probability p = 1 - density, rescale survivors by 1 / (1 - p).
 
-    The rescale keeps the expected delta unchanged (the DARE paper's choice; mergekit instead
-    rescales to the L1 norm).
+    The rescale keeps the expected delta unchanged entry by entry (the DARE paper's choice;
+    mergekit instead rescales to the tensor's L1 norm, which needs the whole tensor). The mask
+    draws one float32 uniform per entry, in flat order, so consecutive chunks of a tensor drawn
+    from one generator give the same mask as the whole tensor.
     """
     if density >= 1:
         return delta
@@ -106,12 +173,41 @@ def dare_drop(delta: Tensor, density: float, generator: torch.Generator, rescale
     return out.div_(density) if rescale else out
 
 
-def _weights_like(weights: Sequence[float], like: Tensor) -> Tensor:
-    """Weights as a [K, 1, 1, ...] tensor that broadcasts against stacked [K, ...] tensors."""
-    return torch.tensor(list(weights), dtype=like.dtype).reshape(-1, *([1] * like.dim()))
+def model_generators(seed: int, name: str, k: int) -> list[torch.Generator]:
+    """One generator per model for tensor `name`: a merge is reproducible in any tensor order and
+    any chunking (each model's mask is its own stream)."""
+    base = tensor_seed(seed, name)
+    return [torch.Generator().manual_seed(base + i) for i in range(k)]
+
+
+def _combine(deltas: Sequence[Tensor], weights: Sequence[float], base: Tensor, scaling: float, normalize: bool) -> Tensor:
+    """base + lambda * sum_k w_k d_k (divided by sum_k w_k if `normalize`), in mergekit's order:
+    weight each delta, sum them in model order, divide, scale, add the base."""
+    mixed = deltas[0] * weights[0]
+    for d, w in zip(deltas[1:], weights[1:]):
+        mixed.add_(d * w)
+    if normalize:
+        total = float(sum(weights))
+        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    if scaling != 1:
+        mixed.mul_(scaling)
+    return mixed.add_(base)
+
+
+def _signed_merge(deltas: list[Tensor], weights: Sequence[float], base: Tensor, scaling: float, normalize: bool) -> Tensor:
+    """TIES steps 2-3 on weighted sparse deltas, then lambda and the base (mergekit's order)."""
+    merged = disjoint_mean(deltas, weights, elect_sign(deltas), normalize)
+    if scaling != 1:
+        merged.mul_(scaling)
+    return merged.add_(base)
 
 
 # ---------------------------------------------------------------- methods (per tensor)
+#
+# Every method below is elementwise once its per-model state is known (TIES: a magnitude
+# threshold per model, `trims`; DARE: a random stream per model, `generators`), so the engine
+# runs each of them on chunks of the flattened tensors; called on whole tensors without that
+# state, a method computes it itself and gives the same result bit for bit.
 
 
 def average(tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor | None = None) -> Tensor:
@@ -120,13 +216,10 @@ def average(tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor | 
 
 
 def task_arithmetic(
-    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, scaling: float = 1.0
+    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, scaling: float = 1.0, normalize: bool = False
 ) -> Tensor:
     """base + lambda * sum_k w_k (x_k - base): add the scaled task vectors back to the base."""
-    out = base.clone()
-    for x, w in zip(tensors, weights):
-        out.add_(x - base, alpha=scaling * w)
-    return out
+    return _combine([x - base for x in tensors], weights, base, scaling, normalize)
 
 
 def wise_ft(tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, alpha: float = 0.5) -> Tensor:
@@ -135,36 +228,52 @@ def wise_ft(tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, a
     return torch.lerp(base, tuned, alpha)
 
 
+def ties_trims(tensors: Sequence[Tensor], base: Tensor, density: float | Sequence[float]) -> list[Trim]:
+    """Each model's magnitude threshold, from its whole task vector (one at a time)."""
+    return [magnitude_trim((x - base).abs_().reshape(-1), d)
+            for x, d in zip(tensors, per_model(density, len(tensors)))]
+
+
 def ties(
-    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float = 1.0, scaling: float = 1.0
+    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
+    scaling: float = 1.0, normalize: bool = True, trims: Sequence[Trim] | None = None,
 ) -> Tensor:
-    """TIES: trim each task vector to `density`, elect a sign per entry, average the agreeing ones."""
-    deltas = stacked_deltas(tensors, base, weights, lambda d: trim(d, density))
-    merged = disjoint_mean(deltas, _weights_like(weights, base), elect_sign(deltas))
-    return merged.mul_(scaling).add_(base)
+    """TIES: trim each task vector to `density`, elect a sign per entry, average the agreeing ones.
+
+    `trims` (the engine's, one per model) make this an elementwise function of one chunk.
+    """
+    if trims is None:
+        trims = ties_trims(tensors, base, density)
+    deltas = []
+    for x, w, t in zip(tensors, weights, trims):
+        d = x - base
+        deltas.append(d.mul_(t.mask(d)).mul_(w))
+    return _signed_merge(deltas, weights, base, scaling, normalize)
+
+
+def _dare_deltas(tensors: Sequence[Tensor], base: Tensor, density: float | Sequence[float], rescale: bool,
+                 generators: Sequence[torch.Generator] | None) -> list[Tensor]:
+    gens = list(generators) if generators is not None else model_generators(0, "", len(tensors))
+    return [dare_drop(x - base, d, g, rescale) for x, d, g in zip(tensors, per_model(density, len(tensors)), gens)]
 
 
 def dare_linear(
-    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float = 1.0,
-    scaling: float = 1.0, rescale: bool = True, generator: torch.Generator | None = None,
+    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
+    scaling: float = 1.0, rescale: bool = True, normalize: bool = False,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """DARE then task arithmetic: base + lambda * sum_k w_k dare(x_k - base)."""
-    generator = generator or torch.Generator().manual_seed(0)
-    out = base.clone()
-    for x, w in zip(tensors, weights):
-        out.add_(dare_drop(x - base, density, generator, rescale), alpha=scaling * w)
-    return out
+    return _combine(_dare_deltas(tensors, base, density, rescale, generators), weights, base, scaling, normalize)
 
 
 def dare_ties(
-    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float = 1.0,
-    scaling: float = 1.0, rescale: bool = True, generator: torch.Generator | None = None,
+    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
+    scaling: float = 1.0, rescale: bool = True, normalize: bool = False,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
-    """DARE sparsification, then TIES sign election and disjoint mean."""
-    generator = generator or torch.Generator().manual_seed(0)
-    deltas = stacked_deltas(tensors, base, weights, lambda d: dare_drop(d, density, generator, rescale))
-    merged = disjoint_mean(deltas, _weights_like(weights, base), elect_sign(deltas))
-    return merged.mul_(scaling).add_(base)
+    """DARE sparsification, then TIES sign election and the sum (or, `normalize`, mean) of the agreeing deltas."""
+    deltas = [d.mul_(w) for d, w in zip(_dare_deltas(tensors, base, density, rescale, generators), weights)]
+    return _signed_merge(deltas, weights, base, scaling, normalize)
 
 
 def fisher(
@@ -200,31 +309,39 @@ class MergeMethod:
     needs_base: bool = False
     # user-facing parameter name -> (function keyword, default); mergekit spells scaling `lambda`
     params: dict[str, tuple[str, Any]] = field(default_factory=dict)
-    random: bool = False  # gets a per-tensor seeded `generator`
+    random: bool = False  # gets `generators`, one seeded per model and tensor (`model_generators`)
     uses_fisher: bool = False  # gets `fishers`, one tensor per model
     max_models: int | None = None
     normalizes_weights: bool = False  # weights are relative (only their ratios matter)
-    # output element i depends only on input elements i: the engine may merge in cache-sized chunks
+    # output element i depends only on input elements i, given the per-model state below:
+    # the engine merges in cache-sized chunks of the flattened tensors
     elementwise: bool = False
+    # gets `trims`, one magnitude threshold per model, computed from the whole task vector first
+    trims: bool = False
+    # parameters that may be given once per model (a list), as mergekit allows for density
+    per_model: frozenset[str] = frozenset()
 
 
+_SPARSE = {"density": ("density", 1.0), "lambda": ("scaling", 1.0)}
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
         MergeMethod("average", average, "uniform or weighted average (the paper's merge; the uniform soup)",
                     normalizes_weights=True, elementwise=True),
         MergeMethod("task_arithmetic", task_arithmetic, "base + lambda * sum_k w_k (model_k - base)",
-                    needs_base=True, params={"lambda": ("scaling", 1.0)}, elementwise=True),
+                    needs_base=True, params={"lambda": ("scaling", 1.0), "normalize": ("normalize", False)},
+                    elementwise=True),
         MergeMethod("wise_ft", wise_ft, "(1 - alpha) * base + alpha * model (WiSE-FT; one model)",
                     needs_base=True, params={"alpha": ("alpha", 0.5)}, max_models=1, elementwise=True),
         MergeMethod("ties", ties, "TIES: trim to density, elect sign, disjoint mean",
-                    needs_base=True, params={"density": ("density", 1.0), "lambda": ("scaling", 1.0)}),
+                    needs_base=True, params={**_SPARSE, "normalize": ("normalize", True)},
+                    elementwise=True, trims=True, per_model=frozenset({"density"})),
         MergeMethod("dare_linear", dare_linear, "DARE (drop 1-density, rescale) + task arithmetic",
-                    needs_base=True, random=True,
-                    params={"density": ("density", 1.0), "lambda": ("scaling", 1.0), "rescale": ("rescale", True)}),
+                    needs_base=True, random=True, elementwise=True, per_model=frozenset({"density"}),
+                    params={**_SPARSE, "rescale": ("rescale", True), "normalize": ("normalize", False)}),
         MergeMethod("dare_ties", dare_ties, "DARE (drop 1-density, rescale) + TIES sign election",
-                    needs_base=True, random=True,
-                    params={"density": ("density", 1.0), "lambda": ("scaling", 1.0), "rescale": ("rescale", True)}),
+                    needs_base=True, random=True, elementwise=True, per_model=frozenset({"density"}),
+                    params={**_SPARSE, "rescale": ("rescale", True), "normalize": ("normalize", False)}),
         MergeMethod("fisher", fisher, "Fisher-weighted average (diagonal Fisher per model, see `dtm fisher`)",
                     uses_fisher=True, params={"fisher_floor": ("fisher_floor", 1e-6)}, normalizes_weights=True,
                     elementwise=True),
@@ -262,17 +379,21 @@ def resolve_params(method: MergeMethod, parameters: dict[str, Any] | None) -> di
         if key not in method.params:
             raise KeyError(key)
         kw, default = method.params[key]
-        if isinstance(default, bool):
+        if isinstance(value, (list, tuple)) and key in method.per_model:
+            value = [float(v) for v in value]
+        elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ValueError(f"{key}: expected true or false, got {value!r}")
         elif isinstance(default, float):
+            if isinstance(value, (bool, list, tuple, dict)):
+                raise ValueError(f"{key}: expected a number, got {value!r}")
             value = float(value)
         out[kw] = value
     return out
 
 
 __all__ = [
-    "ALIASES", "METHODS", "MergeMethod", "average", "dare_drop", "dare_linear", "dare_ties", "disjoint_mean",
-    "elect_sign", "fisher", "get_method", "method_names", "resolve_params", "task_arithmetic", "stacked_deltas",
-    "ties", "trim", "weighted_average", "wise_ft",
+    "ALIASES", "METHODS", "MergeMethod", "Trim", "average", "dare_drop", "dare_linear", "dare_ties", "disjoint_mean",
+    "elect_sign", "fisher", "get_method", "keep_count", "magnitude_trim", "method_names", "model_generators",
+    "per_model", "resolve_params", "task_arithmetic", "ties", "ties_trims", "trim", "weighted_average", "wise_ft",
 ]
