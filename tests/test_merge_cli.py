@@ -87,8 +87,16 @@ def test_yaml_relative_paths_and_linear(models, tmp_path):
 
 
 @pytest.mark.parametrize("text,match", [
-    ("merge_method: linear\nslices: []\nmodels: [m0]\n", r"rel.yaml:2: unknown key 'slices'"),
-    ("merge_method: ties\nmodels:\n  - model: m0\n    parameters: {density: 0.5}\n", "takes only a per-model 'weight'"),
+    ("merge_method: linear\nslices: []\nmodels: [m0]\n", r"rel.yaml:2: 'slices' is a mergekit key dtm does not support: .*whole models"),
+    ("merge_method: linear\nmodels: [m0]\ntokenizer_source: union\n", r"rel.yaml:3: 'tokenizer_source' is a mergekit key dtm does not support"),
+    ("merge_method: linear\nmodels: [m0]\nfrobnicate: 1\n", r"rel.yaml:3: unknown key 'frobnicate'"),
+    ("merge_method: ties\nmodels:\n  - model: m0\n  - model: m1\n    parameters: {weight: 1, gamma: 0.5}\n",
+     r"rel.yaml:5: models\[1\].parameters.gamma: dtm takes a per-model 'weight' and 'density'"),
+    ("merge_method: ties\nmodels:\n  - model: m0\n    parameters:\n      density: [0.1, 0.5]\n",
+     r"rel.yaml:5: models.0.parameters.density: \[0.1, 0.5\]: dtm takes one value per parameter .*gradients"),
+    ("merge_method: ties\nmodels: [m0]\nparameters:\n  density: {filter: mlp, value: 0.5}\n", r"rel.yaml:4: parameters.density: .*filtered"),
+    ("merge_method: linear\nmodels:\n  - model: m0+some/lora\n", r"rel.yaml:3: .*'model\+lora' syntax is not supported"),
+    ("merge_method: linear\nmodels: [m0]\ndtype: float8\n", r"rel.yaml:3: dtype: unknown dtype 'float8'"),
     ("merge_method: linear\nmodels:\n  - model: m0\n    parameters: {weight: 1}\n  - model: m1\n", "give a weight to every model or to none"),
     ("models: 3\n", "models: expected a list"),
     ("merge_method: [oops\n", "not valid YAML"),
