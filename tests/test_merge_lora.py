@@ -173,3 +173,45 @@ def test_bad_adapters_are_refused(lora, tmp_path):
     (lost / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
     with pytest.raises(MergeError, match="not a local directory; pass the base model"):
         dtm.merge([lost], tmp_path / "x", progress=False)
+
+
+def peft_weighted(base: Path, adapters: list[Path], weights: list[float], combination: str, **kw) -> dict[str, torch.Tensor]:
+    """PEFT's add_weighted_adapter on the same adapters, merged into the base (dense weights)."""
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapters[0], adapter_name="a0")
+    for i, a in enumerate(adapters[1:], 1):
+        model.load_adapter(a, adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(adapters))]
+    model.add_weighted_adapter(names, weights, "merged", combination_type=combination, **kw)
+    model.set_adapter("merged")
+    for n in names:
+        model.delete_adapter(n)
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def test_concat_equals_peft_cat(lora, tmp_path):
+    """PEFT `cat` is sum_k w_k s_k B_k A_k (weights not normalised); dtm's `concat` is the weighted
+    average, sum_k (w_k / sum w) s_k B_k A_k: equal dense deltas for weights that sum to 1."""
+    base, adapters = lora
+    weights = [0.25, 0.5, 0.25]
+    ours = dense(base, dtm.merge(adapters, tmp_path / "cat", weights=weights, lora_merge="concat", progress=False))
+    theirs = peft_weighted(base, adapters, weights, "cat")
+    for name, v in theirs.items():
+        assert torch.allclose(ours[name], v, atol=2e-6, rtol=0), name
+
+
+def test_ties_equals_peft_ties_svd_at_full_rank_with_unit_weights(lora, tmp_path):
+    """PEFT `ties_svd` runs TIES on the dense deltas s_k B_k A_k (top-k by magnitude, sign by summed
+    mass) then truncates by SVD; its disjoint mean divides by the *count* of agreeing models,
+    dtm's (and mergekit's) by their summed *weights*: the same for unit weights. At a rank that
+    keeps every singular value, the SVD is exact, so PEFT's dense model equals dtm's `ties` on the
+    adapted models to float tolerance. (PEFT's plain `ties`/`dare_*` merge A and B separately,
+    which is not a merge of the deltas B A; and its DARE draws from torch's global RNG.)"""
+    base, adapters = lora
+    ours = read_all(dtm.merge(adapters, tmp_path / "ties", method="ties", base=base,
+                              parameters={"density": 0.4}, progress=False))
+    theirs = peft_weighted(base, adapters, [1.0, 1.0, 1.0], "ties_svd", density=0.4, svd_rank=32)
+    changed = 0
+    for name, v in theirs.items():
+        assert torch.allclose(ours[name], v, atol=1e-5, rtol=0), name
+        changed += not torch.equal(v, read_all(base)[name])
+    assert changed == 6  # the adapted modules
