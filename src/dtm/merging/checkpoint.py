@@ -1,9 +1,9 @@
 """Reading model directories lazily and writing safetensors shards as a stream.
 
-Reading uses `safetensors.safe_open`, which memory-maps the file: `get_tensor` costs no copy
-and no read until the data is touched. A file is opened per tensor and closed right after,
-so the pages of tensors already merged leave this process (they stay in the OS page cache,
-not in our resident memory): peak memory is a few tensors times K, whatever the model size.
+The merge reads element ranges with `ChunkReader` (`os.preadv` into reused buffers). Whole
+tensors (LoRA deltas, integer buffers, adapter files) use `safetensors.safe_open`, which
+memory-maps the file; a file is opened per tensor and closed right after, so the pages of
+tensors already merged leave this process.
 
 Writing is our own small safetensors writer (`ShardWriter`), because `safetensors.save_file`
 needs every tensor of a shard in memory at once; the format is an 8-byte header length, a

@@ -5,9 +5,10 @@ Flow of a merge:
      their base), check they fit together (architecture, tensor names, shapes);
   2. plan the output shards from the first model's tensor list (shapes and dtypes are known
      before any data is read);
-  3. for each tensor name: read it from the K models (memory-mapped), merge it with the
-     method's per-tensor function in the compute dtype, cast to the output dtype, append it to
-     the open shard, drop it;
+  3. for each tensor name: compute the method's per-model state (TIES thresholds, DARE
+     streams), then read it from the K models chunk by chunk, merge each chunk with the
+     method's per-tensor function in the compute dtype, cast to the output dtype and append
+     it to the open shard;
   4. copy config, generation config and tokenizer files, write `dtm_merge.json`, and rename
      the temporary directory to the output name (`dtm.io.atomic_directory`).
 """

@@ -2,8 +2,8 @@
 
 Every method takes the K models' tensors for one name (already in the compute dtype), one
 weight per model and, where the method needs it, the base model's tensor, and returns the
-merged tensor. The streaming engine (`engine.py`) calls them one tensor name at a time, so
-a method never sees a whole model and memory stays bounded by a few tensors times K.
+merged tensor. Every method is elementwise once its per-model state is known (TIES: `trims`,
+DARE: `generators`), so the streaming engine (`engine.py`) calls it on chunks of one tensor.
 
 Names and parameters follow mergekit where it has the method (`linear`, `task_arithmetic`,
 `ties`, `dare_linear`, `dare_ties`; `weight`, `density`, `lambda`), so a mergekit user's YAML
