@@ -210,16 +210,8 @@ class ExperimentConfig(Section):
         return self.disperse.seed if self.disperse.seed is not None else self.seed
 
     def where(self, key: str) -> str:
-        """Where `key` was set, for error messages: `file:line` (of the key or its nearest
-        section), the command-line override that set it, or the file alone."""
-        origin = self._origin
-        parts = key.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-        given = next((origin["overrides"][p] for p in prefixes if p in origin["overrides"]), None)
-        if given is not None:
-            return f"override {given!r}"
-        line = next((origin["lines"][p] for p in prefixes if p in origin["lines"]), None)
-        return f"{origin['source']}:{line}" if line else origin["source"]
+        """Where `key` was set, for error messages (see `where_set`)."""
+        return where_set(self._origin, key)
 
     def base_model(self) -> str:
         """`model.model_name_or_path`, with 'lab' resolved to the lab's base model directory."""
@@ -228,6 +220,18 @@ class ExperimentConfig(Section):
 
             return str(base_model_dir())
         return self.model.model_name_or_path
+
+
+def where_set(origin: dict[str, Any], key: str) -> str:
+    """`file:line` of `key` (or of its nearest section), the command-line override that set it,
+    or the file alone; `origin` is {"source", "lines", "overrides"} as `load_config` records it."""
+    parts = key.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    given = next((origin["overrides"][p] for p in prefixes if p in origin["overrides"]), None)
+    if given is not None:
+        return f"override {given!r}"
+    line = next((origin["lines"][p] for p in prefixes if p in origin["lines"]), None)
+    return f"{origin['source']}:{line}" if line else origin["source"]
 
 
 def _one_of(value: str, known: object) -> str:
@@ -287,16 +291,16 @@ def key_lines(text: str) -> dict[str, int]:
     return lines
 
 
-def _format_validation_error(err: ValidationError, source: str, lines: dict[str, int]) -> str:
+def _format_validation_error(err: ValidationError, origin: dict[str, Any]) -> str:
     msgs = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        where = f"{source}:{lines[key]}" if key in lines else source
+        where = where_set(origin, key)
         if e["type"] == "extra_forbidden":
             parent = ".".join(str(p) for p in e["loc"][:-1])
             msg = f"unknown key (not a setting of {'the top level' if not parent else parent!r}); check the spelling, `dtm config init` lists them"
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and e["type"] not in ("missing",):
                 msg += f" (got {e['input']!r})"
         msgs.append(f"{where}: {key}: {msg}")
@@ -343,7 +347,7 @@ def load_config(
     try:
         cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source, lines)) from None
+        raise ConfigError(_format_validation_error(e, {"source": source, "lines": lines, "overrides": overridden})) from None
 
     def resolve(value: str) -> str:
         if value == "lab" or "://" in value:
