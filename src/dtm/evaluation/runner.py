@@ -371,6 +371,8 @@ def evaluate(
                        "or use evaluate_many to score each one")
     if batch_size < 1:
         raise DtmError(f"batch_size must be >= 1, got {batch_size}")
+    check_limit(limit)
+    store = ResultStore(out)
     if isinstance(tasks, (str, os.PathLike)):
         tasks = [tasks]
     task_list = resolve_tasks(list(tasks), suites=dict(suites) if suites else None, data_dir=data_dir)
@@ -378,9 +380,14 @@ def evaluate(
     def factory() -> Scorer:
         return load_scorer(paths, adapter=adapter, device=device, dtype=dtype, share_context=share_context, trust_remote_code=trust_remote_code)
 
-    return _run_tasks(factory, paths, task_list, ResultStore(out), adapter=adapter, batch_size=batch_size, limit=limit,
+    return _run_tasks(factory, paths, task_list, store, adapter=adapter, batch_size=batch_size, limit=limit,
                       max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution, progress=progress,
                       log_samples=log_samples)
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise DtmError(f"limit must be >= 1, got {limit} (it is the number of items scored per task; leave it out for all)")
 
 
 def _model_entries(models: Mapping[str, Any] | Sequence[ModelRef]) -> dict[str, dict[str, Any]]:
@@ -421,6 +428,9 @@ def evaluate_many(
     """
     if out_dir is not None and Path(out_dir).suffix == ".json":
         raise DtmError(f"{out_dir}: several models write one results file each; pass a directory, not a .json file")
+    if out_dir is not None:
+        ResultStore(out_dir)  # refuses an existing file where the results directory would go
+    check_limit(limit)
     suites = kwargs.pop("suites", None)
     data_dir = kwargs.pop("data_dir", None)
     if isinstance(tasks, (str, os.PathLike)):
