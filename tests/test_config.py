@@ -127,3 +127,26 @@ def test_cli_config_show_and_bad_yaml(tmp_path, capsys):
     assert "not valid YAML" in err and "Traceback" not in err
     assert main(["config", "init", "--out", str(tmp_path / "init.yaml")]) == 0
     assert load_config(tmp_path / "init.yaml", check_paths=False).disperse.k == 4
+
+
+def test_duplicate_seeds_are_refused_with_file_and_line(tmp_path):
+    p = write(tmp_path, "seed: 3\nseeds: [1, 2, 1]\n")
+    with pytest.raises(ConfigError, match=rf"{p}:2: seeds: .*1 appears twice"):
+        load_config(p, check_paths=False)
+
+
+def test_an_empty_config_file_is_refused(tmp_path, capsys):
+    p = write(tmp_path, "# nothing here\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: empty config; `dtm config init` writes one"):
+        load_config(p, check_paths=False)
+    assert main(["run", str(p)]) == 2
+    assert "empty config" in capsys.readouterr().err
+
+
+def test_a_duplicated_key_names_both_lines(tmp_path):
+    p = write(tmp_path, "seed: 1\ntrain:\n  learning_rate: 0.1\n  max_steps: 3\n  learning_rate: 0.2\n")
+    with pytest.raises(ConfigError, match=rf"{p}:5: key 'learning_rate' appears twice \(first at line 3\)"):
+        load_config(p, check_paths=False)
+    p = write(tmp_path, "seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=rf"{p}:2: key 'seed' appears twice \(first at line 1\)"):
+        load_config(p, check_paths=False)

@@ -238,3 +238,50 @@ def test_bulk_encoding_equals_the_tokenizer_call(scorer_a):
     texts = ["the cat sat", " What is the capital of France?\n", "1 2 3 ###", "é ü 字"]
     for special in (True, False):
         assert _encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
+
+
+# ---------------------------------------------------------------- refused models
+
+
+def _broken_model(root: Path, kind: str) -> Path:
+    """A pico Llama with one NaN weight, all weights NaN, or one inf weight."""
+    model = make_llama(seed=0)
+    with torch.no_grad():
+        if kind == "one_nan":
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+        elif kind == "all_nan":
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        else:
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    d = root / kind
+    model.save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["one_nan", "all_nan", "one_inf"])
+def test_non_finite_model_is_never_an_accuracy(tmp_path, kind):
+    from dtm.errors import DtmError
+    from dtm.evaluation import evaluate
+
+    d = _broken_model(tmp_path, kind)
+    rows = [{"id": f"q{i}", "question": f"the cat sat {i}", "choices": ["on the mat", "Paris", "1 2"], "answer": 0} for i in range(4)]
+    (tmp_path / "quiz.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DtmError, match=rf"{kind}.*task 'quiz'.*non-finite.*item 'q\d'"):
+        evaluate(d, [tmp_path / "quiz.jsonl"], progress=False, device="cpu")
+    gen = [{"id": f"g{i}", "prompt": "the cat", "answer": "sat"} for i in range(2)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    (tmp_path / "gen.yaml").write_text("name: gen\ntype: generate\ndata: g.jsonl\nprompt_format: alpaca\nmax_new_tokens: 3\n")
+    with pytest.raises(DtmError, match=rf"{kind}.*task 'gen'.*non-finite.*item 'g\d'.*step 1"):
+        evaluate(d, [tmp_path / "gen.yaml"], progress=False, device="cpu")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_at_load(tmp_path):
+    from dtm.errors import DtmError
+
+    d = tmp_path / "small-vocab"
+    make_llama(vocab_size=256).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)  # 373 tokens
+    with pytest.raises(DtmError, match=r"small-vocab.*tokenizer has \d+ tokens.*256 embedding rows"):
+        load_scorer(d, device="cpu")

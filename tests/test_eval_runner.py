@@ -194,7 +194,7 @@ def test_cli_eval(lab, tmp_path, capsys):
     assert "mc: acc=" in printed and "acc_norm=" in printed and "(24 items" in printed
     assert "mc" in json.loads(out.read_text())
     bad = tmp_path / "dup.jsonl"
-    bad.write_text(json.dumps({"id": "1", "question": "q", "choices": ["a"], "answer": 0}) + "\n" + json.dumps({"id": "1", "question": "r", "choices": ["a"], "answer": 0}) + "\n")
+    bad.write_text(json.dumps({"id": "1", "question": "q", "choices": ["a", "b"], "answer": 0}) + "\n" + json.dumps({"id": "1", "question": "r", "choices": ["a", "b"], "answer": 0}) + "\n")
     assert main(["eval", str(lab / "m1"), "--task", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "dup.jsonl:2: field 'id': duplicate id '1'" in err and "Traceback" not in err
@@ -271,3 +271,21 @@ def test_a_task_the_model_cannot_run_does_not_stop_the_others(lab, tmp_path):
     with pytest.raises(DtmError, match=r"chat: .*chat template"):
         evaluate(tok_dir, [tmp_path / "chat.yaml", lab / "mc.jsonl"], out=tmp_path / "r.json", progress=False)
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"mc"}
+
+
+def test_limit_below_one_and_a_file_for_a_directory_are_refused(lab, tmp_path, capsys):
+    from dtm.cli import main
+
+    with pytest.raises(DtmError, match="limit must be >= 1, got 0"):
+        evaluate(lab / "m1", [lab / "mc.jsonl"], limit=0, progress=False)
+    with pytest.raises(DtmError, match="limit must be >= 1"):
+        evaluate_many([lab / "m1", lab / "m2"], [lab / "mc.jsonl"], limit=0, progress=False)
+    assert main(["eval", str(lab / "m1"), "--task", str(lab / "mc.jsonl"), "--limit", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+    taken = tmp_path / "results"
+    taken.write_text("my notes\n")
+    with pytest.raises(DtmError, match=r"results: is an existing file.*directory"):
+        evaluate(lab / "m1", [lab / "mc.jsonl"], out=taken, progress=False)
+    with pytest.raises(DtmError, match=r"results: is an existing file.*directory"):
+        evaluate_many([lab / "m1", lab / "m2"], [lab / "mc.jsonl"], out_dir=taken, progress=False)
+    assert taken.read_text() == "my notes\n"

@@ -51,12 +51,12 @@ def test_spec_hash_changes_with_data_and_spec(tmp_path):
     [
         ({"id": "z", "choices": ["a"], "answer": 0}, ["bad.jsonl:3:", "missing field 'question'"]),
         ({"id": "z", "question": "q", "choices": ["a", "b"], "answer": 2}, ["bad.jsonl:3:", "'answer' = 2 is out of range for 2 choices"]),
-        ({"id": "a", "question": "q", "choices": ["a"], "answer": 0}, ["bad.jsonl:3:", "duplicate id 'a'", "line 1"]),
+        ({"id": "a", "question": "q", "choices": ["a", "b"], "answer": 0}, ["bad.jsonl:3:", "duplicate id 'a'", "line 1"]),
         ({"id": "z", "question": "q", "choices": [], "answer": 0}, ["bad.jsonl:3:", "'choices' is an empty list"]),
         ({"id": "z", "question": "q", "choices": ["a", 5], "answer": 0}, ["bad.jsonl:3:", "'choices'[1] must be a string"]),
         ({"id": "z", "question": "q", "choices": ["a", ""], "answer": 0}, ["bad.jsonl:3:", "'choices'[1] is an empty string"]),
-        ({"id": "z", "question": "q", "choices": ["a"], "answer": "0"}, ["bad.jsonl:3:", "'answer' must be an integer"]),
-        ({"id": "z", "question": "q", "choices": ["a"], "answer": True}, ["bad.jsonl:3:", "'answer' must be an integer"]),
+        ({"id": "z", "question": "q", "choices": ["a", "b"], "answer": "0"}, ["bad.jsonl:3:", "'answer' must be an integer"]),
+        ({"id": "z", "question": "q", "choices": ["a", "b"], "answer": True}, ["bad.jsonl:3:", "'answer' must be an integer"]),
         ('{"id": "z", "question": ', ["bad.jsonl:3:", "not valid JSON"]),
         ("[1, 2]", ["bad.jsonl:3:", "expected a JSON object"]),
     ],
@@ -239,3 +239,19 @@ def test_paper_benchmark_specs_render_like_lm_eval(tmp_path):
         "D1\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\nD2\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C\n\n"
         "Q?\nA. w\nB. x\nC. y\nD. z\nAnswer:"
     )
+
+
+def test_two_task_files_with_one_name_are_an_error_naming_both(tmp_path):
+    (tmp_path / "dirA").mkdir()
+    (tmp_path / "dirB").mkdir()
+    a = write_jsonl(tmp_path / "dirA" / "quiz.jsonl", MC)
+    b = write_jsonl(tmp_path / "dirB" / "quiz.jsonl", [{**r, "question": r["question"] + "?"} for r in MC])
+    with pytest.raises(DataError, match=r"two tasks named 'quiz'.*dirA/quiz\.jsonl.*dirB/quiz\.jsonl"):
+        resolve_tasks([str(a), str(b)])
+    assert [t.name for t in resolve_tasks([str(a), str(a)])] == ["quiz"]  # the same file twice runs once
+
+
+def test_a_one_choice_question_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [*MC, {"id": "z", "question": "q?", "choices": ["only"], "answer": 0}])
+    with pytest.raises(DataError, match=r"one\.jsonl:\d+: field 'choices' has one choice.*at least two"):
+        load_task(path)

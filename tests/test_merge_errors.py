@@ -132,3 +132,45 @@ def test_cli_prints_error_without_traceback(good, tmp_path, capsys):
     assert rc == 2 and "output directory exists; pass --overwrite" in err and "Traceback" not in err
     rc = main(["merge", "--out", str(tmp_path / "o2"), "--weights", "1,x", str(good[0]), str(good[1])])
     assert rc == 2 and "--weights '1,x': expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_a_non_finite_input_tensor_is_refused_by_name(good, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(good[1], bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    for method, extra in (("average", {}), ("ties", {"base": good[0], "parameters": {"density": 0.5}})):
+        with pytest.raises(MergeError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight'.*inf/nan"):
+            dtm.merge([good[0], bad], tmp_path / "out", method=method, progress=False, **extra)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_merge_that_overflows_the_output_dtype_is_refused(good, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(good[1], big)
+    tensors = load_file(big / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6  # finite in fp32, inf in fp16
+    save_file(tensors, big / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeError, match=r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight'.*float16"):
+        dtm.merge([good[0], big], tmp_path / "out", out_dtype="float16", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_first_input_without_config_is_refused_before_writing(good, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(good[0], bare)
+    (bare / "config.json").unlink()
+    with pytest.raises(MergeError, match=r"bare: no config\.json.*first input"):
+        dtm.merge([bare, good[1]], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_model_twice_is_a_warning(good, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="dtm.merging"):
+        dtm.merge([good[0], good[0], good[1]], tmp_path / "out", progress=False)
+    assert "given more than once" in caplog.text and str(good[0]) in caplog.text

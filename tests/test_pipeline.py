@@ -176,3 +176,34 @@ def test_lm_eval_tasks_run_on_every_model_beside_ours(finished, experiment, tmp_
         assert results["local_mc"]["type"] == "lm-eval" and 0 <= results["local_mc"]["metrics"]["acc"] <= 1
         assert "mc" in results  # ours, beside it
     assert "| model | mc | local_mc |" in (root / "report.md").read_text()  # a column of the report
+
+
+def test_report_on_an_unfinished_run_is_refused_unless_partial(finished, tmp_path, capsys):
+    from dtm.errors import DtmError
+    from dtm.pipeline import write_report
+
+    root, _ = own_copy(finished, tmp_path)
+    (root / "seed-2" / "manifests" / "eval.json").unlink()  # seed 2's evaluation did not finish
+    (root / "seed-2" / "eval" / "DTM.json").unlink()
+    rows = {(r["run"], r["stage"]): r["state"] for r in status(root)}
+    assert rows[("seed-2", "eval")] == "pending" and rows[(".", "report")] != "done"
+    with pytest.raises(DtmError, match=r"seed-2: eval stage not done.*--partial"):
+        write_report(root)
+    assert main(["report", str(root)]) == 2
+    assert "seed-2: eval stage not done" in capsys.readouterr().err
+    md, page = write_report(root, partial=True)
+    assert md.read_text().startswith("**PARTIAL REPORT: missing seed-2: eval stage not done")
+    assert "PARTIAL REPORT: missing" in page.read_text().split("<body>")[1][:300]
+    assert {(r["run"], r["stage"]): r["state"] for r in status(root)}[(".", "report")] == "partial"
+
+
+def test_report_names_a_missing_result_file_of_a_finished_eval(finished, tmp_path):
+    from dtm.errors import DtmError
+    from dtm.pipeline import write_report
+
+    root, _ = own_copy(finished, tmp_path)
+    (root / "seed-1" / "eval" / "sub-2.json").unlink()
+    with pytest.raises(DtmError, match=r"seed-1: no evaluation result for sub-2"):
+        write_report(root)
+    assert main(["report", "--partial", str(root)]) == 0
+    assert (root / "report.md").read_text().startswith("**PARTIAL REPORT: missing seed-1: no evaluation result for sub-2")

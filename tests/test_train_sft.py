@@ -306,3 +306,24 @@ def test_cli_trains_one_model_and_reports_bad_input(base_dir, tmp_path, capsys):
     assert is_complete(tmp_path / "m") and (tmp_path / "m" / "model.safetensors").exists()
     assert main(["train", "--base", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "n")]) == 2
     assert "base model" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_never_marked_complete(tmp_path, tokenizer):
+    from dtm.training.sft import save_final
+
+    model = make_llama(seed=0)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[1, 2] = float("nan")
+    out = tmp_path / "m"
+    out.mkdir()
+    with pytest.raises(TrainingError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*non-finite.*not marked complete"):
+        save_final(model, tokenizer, out, {"name": "m"})
+    assert not is_complete(out) and not (out / "model.safetensors").exists()
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, tokenizer):
+    d = tmp_path / "small-vocab"
+    make_llama(vocab_size=256).save_pretrained(d)
+    tokenizer.save_pretrained(d)  # 373 tokens
+    with pytest.raises(TrainingError, match=r"small-vocab.*tokenizer has \d+ tokens.*256 embedding rows"):
+        train_model(d, qa_data(), tmp_path / "m", tiny_config(), progress=False)

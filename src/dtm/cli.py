@@ -358,13 +358,15 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="(re)write report.md and report.html of a run directory")
     p.add_argument("run_dir")
+    p.add_argument("--partial", action="store_true",
+                   help="write the report of an unfinished run anyway, marked PARTIAL at its top with what is missing")
 
     def run(a: argparse.Namespace) -> None:
         from rich.console import Console
 
         from dtm.pipeline import write_report
 
-        md, page = write_report(a.run_dir, Console())
+        md, page = write_report(a.run_dir, Console(), partial=a.partial)
         print(f"wrote {md} and {page}")
 
     p.set_defaults(func=run)

@@ -205,6 +205,15 @@ class ExperimentConfig(Section):
     lab: LabConfig = Field(default_factory=LabConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        repeated = sorted({s for s in v if v.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seed {repeated[0]} appears twice; repeated seeds are the same run, so their spread "
+                             "would be a fake ± 0.000: list each seed once")
+        return v
+
     @property
     def dispersal_seed(self) -> int:
         return self.disperse.seed if self.disperse.seed is not None else self.seed
@@ -243,6 +252,22 @@ def _one_of(value: str, known: object) -> str:
 
 
 # ---------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, but a key given twice in one mapping is an error (yaml keeps the last
+    silently, so a setting written twice would be lost without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise ConfigError(f"{self.name}:{line}: key {key!r} appears twice (first at line {first[key]}); "
+                                  "keep one of them")
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -330,11 +355,18 @@ def load_config(
             raise ConfigError(f"{p}: config file not found")
         try:
             text = p.read_text(encoding="utf-8")
-            tree = yaml.safe_load(text) or {}
+            loader = _UniqueKeyLoader(text)
+            loader.name = str(p)
+            try:
+                tree = loader.get_single_data()
+            finally:
+                loader.dispose()
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if tree is None:
+            raise ConfigError(f"{p}: empty config; `dtm config init` writes one")
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(tree).__name__}")
         base_dir = p.resolve().parent

@@ -469,20 +469,45 @@ def demo(out: str | Path = "runs/demo", overrides: list[str] | None = None) -> P
     return run(LAB_CONFIG, [f"output_dir={Path(out).resolve()}", *(overrides or [])])
 
 
-def stage_report(cfg: ExperimentConfig, console: Any = None) -> tuple[Path, Path]:
-    """Write report.md/report.html over every seed run, and the report's manifest."""
+def report_missing(cfg: ExperimentConfig) -> list[str]:
+    """What the report would lack: each seed run whose eval stage is not done (under this config),
+    and each model its finished eval stage lists whose result file is gone."""
+    missing = []
+    for run in seed_runs(cfg):
+        manifest = run.dir.manifest("eval")
+        if manifest is None or manifest["hash"] != stage_hashes(run.cfg, run.dir.control)["eval"]:
+            missing.append(f"{run.dir.label}: eval stage not done")
+            continue
+        absent = [m for m in manifest.get("outputs", {}).get("models", []) if not run.dir.eval_result(m).is_file()]
+        if absent:
+            missing.append(f"{run.dir.label}: no evaluation result for {', '.join(absent)}")
+    return missing
+
+
+def stage_report(cfg: ExperimentConfig, console: Any = None, partial: bool = False) -> tuple[Path, Path]:
+    """Write report.md/report.html over every seed run, and the report's manifest.
+
+    A run whose evaluation is unfinished is refused (its report would lack rows, or average
+    fewer than K sub-models, without a word), unless `partial`: then the report says at its top
+    what is missing, and its manifest records it."""
     from dtm.report import write_run_report
 
+    missing = report_missing(cfg)
+    if missing and not partial:
+        raise DtmError(f"{cfg.output_dir}: the run is not finished (" + "; ".join(missing) + "), so its report would lack rows "
+                       "or average fewer models; finish it with `dtm run CONFIG` (it resumes), or pass --partial "
+                       "(partial=True) for a report marked partial")
     t0 = time.perf_counter()
-    md, page = write_run_report(cfg, console=console)
+    warning = f"PARTIAL REPORT: missing {'; '.join(missing)}" if missing else ""
+    md, page = write_run_report(cfg, console=console, warning=warning)
     rd.RunDir(Path(cfg.output_dir)).write_manifest("report", report_hash(cfg), time.perf_counter() - t0,
-                                                    {"markdown": str(md), "html": str(page)})
+                                                    {"markdown": str(md), "html": str(page), "partial": missing})
     return md, page
 
 
-def write_report(run_dir: str | Path, console: Any = None) -> tuple[Path, Path]:
-    """(Re)write the report of a run directory and its manifest: `dtm report RUN_DIR`."""
-    return stage_report(load_run_config(run_dir), console)
+def write_report(run_dir: str | Path, console: Any = None, partial: bool = False) -> tuple[Path, Path]:
+    """(Re)write the report of a run directory and its manifest: `dtm report RUN_DIR [--partial]`."""
+    return stage_report(load_run_config(run_dir), console, partial)
 
 
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
@@ -496,7 +521,8 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 def status(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Where a run stands: one row per seed run and stage (done / stale / pending)."""
+    """Where a run stands: one row per seed run and stage (done / stale / pending; the report also
+    partial, when it was written with --partial and its inputs are still unfinished)."""
     cfg = load_run_config(run_dir)
 
     def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str) -> dict[str, Any]:
@@ -508,5 +534,13 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
     for seed_run in seed_runs(cfg):
         hashes = stage_hashes(seed_run.cfg, seed_run.dir.control)
         rows += [row(seed_run.dir.label, stage, seed_run.dir.manifest(stage), hashes[stage]) for stage in STAGES]
-    rows.append(row(".", "report", rd.RunDir(Path(cfg.output_dir)).manifest("report"), report_hash(cfg)))
+    report = rd.RunDir(Path(cfg.output_dir)).manifest("report")
+    rows.append(row(".", "report", report, report_hash(cfg)))
+    if rows[-1]["state"] == "done":
+        # the hash follows the config only: a report is not done while its inputs are not
+        partial = (report or {}).get("outputs", {}).get("partial")
+        if report_missing(cfg):
+            rows[-1]["state"] = "partial" if partial else "stale"
+        elif partial:
+            rows[-1]["state"] = "stale"  # written partial, the inputs have finished since
     return rows

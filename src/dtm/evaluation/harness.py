@@ -38,6 +38,14 @@ from dtm.errors import DtmError
 log = logging.getLogger(__name__)
 
 
+class NonFiniteScores(DtmError):
+    """A model produced nan/inf log-probabilities: its scores would be a silent, wrong accuracy."""
+
+    def __init__(self, message: str, index: int | None = None, step: int | None = None):
+        self.index, self.step = index, step  # the prompt and generation step, for the caller's message
+        super().__init__(message)
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -123,6 +131,16 @@ def _load_tokenizer(path: str | os.PathLike, trust_remote_code: bool):
         raise DtmError(f"{path}: cannot load a tokenizer ({e}); save one next to the model with tokenizer.save_pretrained") from None
 
 
+def check_vocabulary(where: str | os.PathLike, model: Any, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose token ids run past the model's embedding rows (it would score
+    garbage or fail with an IndexError deep in the model)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    n_tokens = len(tokenizer)
+    if n_tokens > rows:
+        raise DtmError(f"{where}: the tokenizer has {n_tokens} tokens but the model has {rows} embedding rows; "
+                       "use the tokenizer the model was trained with (or resize the model's embeddings and train it)")
+
+
 def resolve_model_dir(path: str | os.PathLike, adapter: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
     """-> (full model dir, adapter dir or None). An adapter-only dir names its base model."""
     path = Path(path)
@@ -190,6 +208,8 @@ def load_scorer(
     sizes = {m.get_output_embeddings().weight.shape[0] for m in models}
     if len(sizes) > 1:
         raise DtmError(f"ensemble members have different vocabulary sizes {sorted(sizes)}")
+    for p, m in zip(paths, models, strict=True):
+        check_vocabulary(p, m, tokenizer)
     stop_ids = set()
     if tokenizer.eos_token_id is not None:
         stop_ids.add(int(tokenizer.eos_token_id))
@@ -425,13 +445,18 @@ def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens
         generated: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=scorer.device)
         step_ids = ids
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             per_model = []
             for k, (model, name) in enumerate(zip(scorer.models, cache_names, strict=True)):
                 res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, use_cache=True, **{name: caches[k]}, **last_only[k])
                 caches[k] = getattr(res, name)
                 per_model.append(res.logits[:, -1].float().log_softmax(-1))
             logp = per_model[0] if len(per_model) == 1 else torch.logsumexp(torch.stack(per_model), 0)
+            finite = torch.isfinite(logp).all(-1) | done
+            if not bool(finite.all()):
+                index = batch[int((~finite).nonzero()[0])]
+                raise NonFiniteScores(f"{', '.join(scorer.names)}: non-finite logits (nan/inf) for prompt {index} at generation step {step + 1}",
+                                      index, step + 1)
             nxt = logp.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, scorer.pad_id), nxt)
             hit_eos = torch.isin(nxt, eos) if len(eos) else torch.zeros_like(done)

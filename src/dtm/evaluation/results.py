@@ -21,6 +21,9 @@ class ResultStore:
     def __init__(self, out: str | os.PathLike | None):
         self.path = Path(out) if out is not None else None
         self.is_file = self.path is not None and self.path.suffix == ".json"
+        if self.path is not None and not self.is_file and self.path.exists() and not self.path.is_dir():
+            raise DtmError(f"{self.path}: is an existing file, but results without a .json name go into a directory "
+                           "(one file per task); pass a .json file name or a directory")
 
     def _task_path(self, name: str) -> Path:
         assert self.path is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from typing import Any
 from dtm.errors import DtmError
 from dtm.evaluation import metrics as M
 from dtm.evaluation.harness import (
+    NonFiniteScores,
     Scorer,
     generate_greedy,
     load_scorer,
@@ -159,6 +161,13 @@ def _code_program(row: dict[str, Any], completion: str) -> str:
     return f"{completion}\n\n{row['test']}\n"
 
 
+def _non_finite(scorer: Scorer, task: Task, row: dict[str, Any], what: str, where: str = "") -> NonFiniteScores:
+    model = scorer.names[0] if len(scorer.names) == 1 else ", ".join(scorer.names)
+    return NonFiniteScores(
+        f"{model}: task {task.name!r}: non-finite {what} (nan/inf) at item {row['id']!r}{where}; the model's weights or "
+        "activations overflow (check how it was trained or merged, or evaluate in float32): no score is reported")
+
+
 def run_task(
     scorer: Scorer,
     task: Task,
@@ -186,6 +195,9 @@ def run_task(
             items.append((ctx, choices))
         lls = score_choices(scorer, items, batch_size, progress, desc=spec.name)
         for row, ll in zip(rows, lls, strict=True):
+            if not all(map(math.isfinite, ll)):
+                bad = next(j for j, x in enumerate(ll) if not math.isfinite(x))
+                raise _non_finite(scorer, task, row, "log-likelihood", f", choice {bad}")
             per_item.append(M.mc_item_scores(ll, choice_targets(spec, row), row["answer"]))
             samples.append({"id": row["id"], "loglikelihoods": ll, "answer": row["answer"], **per_item[-1]})
     elif spec.type in ("generate", "code"):
@@ -198,7 +210,10 @@ def run_task(
             ids, cut = truncate_left(ids, room)
             truncated += cut
             prompts.append(ids)
-        outputs = generate_greedy(scorer, prompts, new_tokens, spec.stop, batch_size, progress, desc=spec.name)
+        try:
+            outputs = generate_greedy(scorer, prompts, new_tokens, spec.stop, batch_size, progress, desc=spec.name)
+        except NonFiniteScores as e:
+            raise _non_finite(scorer, task, rows[e.index or 0], "logits", f", generation step {e.step}") from None
         if spec.type == "code":
             from dtm.evaluation.codeexec import run_programs
 
@@ -217,6 +232,9 @@ def run_task(
         texts = [r["text"] for r in rows]
         token_ids = _encode(tok, texts, False)
         lls = score_texts(scorer, token_ids, batch_size, progress)
+        for row, ll in zip(rows, lls, strict=True):
+            if not math.isfinite(ll):
+                raise _non_finite(scorer, task, row, "log-likelihood")
         result_metrics = M.perplexity_metrics(lls, texts, [len(t) for t in token_ids])
         samples = [{"id": r["id"], "loglikelihood": ll, "tokens": len(t)} for r, ll, t in zip(rows, lls, token_ids, strict=True)]
     seconds = time.perf_counter() - start
@@ -300,6 +318,8 @@ def _run_tasks(
             scorer = scorer_factory()
         try:
             result, samples = run_task(scorer, task, batch_size, limit, max_new_tokens, allow_code_execution, progress)
+        except NonFiniteScores:
+            raise  # the model itself is broken: every task would fail alike
         except DtmError as e:  # e.g. a chat-format task on a tokenizer without a chat template
             log.error("%s: %s", task.name, e)
             failures.append(f"{task.name}: {e}")
@@ -351,6 +371,8 @@ def evaluate(
                        "or use evaluate_many to score each one")
     if batch_size < 1:
         raise DtmError(f"batch_size must be >= 1, got {batch_size}")
+    check_limit(limit)
+    store = ResultStore(out)
     if isinstance(tasks, (str, os.PathLike)):
         tasks = [tasks]
     task_list = resolve_tasks(list(tasks), suites=dict(suites) if suites else None, data_dir=data_dir)
@@ -358,9 +380,14 @@ def evaluate(
     def factory() -> Scorer:
         return load_scorer(paths, adapter=adapter, device=device, dtype=dtype, share_context=share_context, trust_remote_code=trust_remote_code)
 
-    return _run_tasks(factory, paths, task_list, ResultStore(out), adapter=adapter, batch_size=batch_size, limit=limit,
+    return _run_tasks(factory, paths, task_list, store, adapter=adapter, batch_size=batch_size, limit=limit,
                       max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution, progress=progress,
                       log_samples=log_samples)
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise DtmError(f"limit must be >= 1, got {limit} (it is the number of items scored per task; leave it out for all)")
 
 
 def _model_entries(models: Mapping[str, Any] | Sequence[ModelRef]) -> dict[str, dict[str, Any]]:
@@ -401,6 +428,9 @@ def evaluate_many(
     """
     if out_dir is not None and Path(out_dir).suffix == ".json":
         raise DtmError(f"{out_dir}: several models write one results file each; pass a directory, not a .json file")
+    if out_dir is not None:
+        ResultStore(out_dir)  # refuses an existing file where the results directory would go
+    check_limit(limit)
     suites = kwargs.pop("suites", None)
     data_dir = kwargs.pop("data_dir", None)
     if isinstance(tasks, (str, os.PathLike)):

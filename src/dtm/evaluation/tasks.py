@@ -259,7 +259,7 @@ def validate_row(spec: TaskSpec, rec: dict[str, Any], where: str) -> None:
         if not isinstance(choices, list):
             raise DataError(f"{where}: field 'choices' must be a list of strings, got {type(choices).__name__}")
         if not choices:
-            raise DataError(f"{where}: field 'choices' is an empty list; a question needs at least one choice")
+            raise DataError(f"{where}: field 'choices' is an empty list; a question needs at least two choices")
         for j, c in enumerate(choices):
             if not isinstance(c, str):
                 raise DataError(f"{where}: field 'choices'[{j}] must be a string, got {type(c).__name__}")
@@ -274,6 +274,8 @@ def validate_row(spec: TaskSpec, rec: dict[str, Any], where: str) -> None:
             raise DataError(f"{where}: field 'answer' must be an integer index into 'choices', got {ans!r}")
         if not 0 <= ans < len(choices):
             raise DataError(f"{where}: field 'answer' = {ans} is out of range for {len(choices)} choices (0..{len(choices) - 1})")
+        if len(choices) < 2:
+            raise DataError(f"{where}: field 'choices' has one choice; a question needs at least two (with one it always scores 1.0)")
     elif spec.type == "generate":
         _require_str(rec, "prompt", where)
         if "answer" not in rec:
@@ -505,12 +507,16 @@ def resolve_tasks(
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     out: list[Task] = []
     missing: list[str] = []
-    seen: set[str] = set()
+    seen: dict[str, Task] = {}
 
     def add(task: Task) -> None:
-        if task.name in seen:
-            return  # the same task named twice (e.g. in two suites) runs once
-        seen.add(task.name)
+        first = seen.get(task.name)
+        if first is not None:
+            if first.source.resolve() == task.source.resolve() or first.spec_hash == task.spec_hash:
+                return  # the same task named twice (e.g. in two suites) runs once
+            raise DataError(f"two tasks named {task.name!r}: {first.source} and {task.source}; results are stored by task "
+                            "name, so one would silently replace the other: rename one (its file, or `name:` in a spec)")
+        seen[task.name] = task
         out.append(task)
 
     for item in tasks:

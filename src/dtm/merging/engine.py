@@ -159,7 +159,11 @@ def merge(
     if out.exists() and not overwrite:
         raise MergeError(f"{out}: output directory exists; pass --overwrite (overwrite=True) to replace it")
 
+    check_distinct(models)
     sources, base_source, adapters = open_inputs(models, base, allow_pickle, need_base=spec.needs_base)
+    if not adapters and not (models[0] / "config.json").is_file():
+        raise MergeError(f"{models[0]}: no config.json; the output takes its config from the first input, and without one "
+                         "it would not load: put the model's config.json there, or list a model that has one first")
     if spec.needs_base and base_source is None:
         raise MergeError(f"method {spec.name!r} works on differences to the base model: pass --base DIR (base=...)")
     if lora_merge != "full" and adapters:
@@ -187,6 +191,18 @@ def merge(
         atomic_write_json(tmp / RECORD, {**record, **{k: v for k, v in stats.items() if k != "untied"}})
     log.info("merged %d models with %s into %s", len(models), spec.name, out)
     return out
+
+
+def check_distinct(models: Sequence[Path]) -> None:
+    """The same directory twice gets twice the weight: allowed (a weighting), but said."""
+    seen: dict[Path, Path] = {}
+    for m in models:
+        key = m.resolve()
+        if key in seen:
+            log.warning("%s is given more than once (as %s and %s): it counts once per listing, i.e. with a larger weight",
+                        m, seen[key], m)
+        else:
+            seen[key] = m
 
 
 def check_weights(weights: Sequence[float] | None, k: int, spec: M.MergeMethod) -> list[float]:
@@ -329,7 +345,7 @@ def merge_streaming(
                             t.name, sources, spec, weights, fn_params, base, compute, fishers, t.dtype, reader, seed=seed))
                     else:
                         merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
-                        writer.write(t.name, merged.to(t.dtype))
+                        writer.write(t.name, finite_or_refuse(t.name, merged, t.dtype))
                         del merged
                     weight_map[t.name] = file
                     bar.update(t.nbytes)
@@ -443,9 +459,7 @@ def merge_tensor_chunks(
         if fisher_ins:
             kwargs["fishers"] = [f.part(start, m) for f in fisher_ins]
         merged = spec.fn([x.part(start, m) for x in inputs], weights, **kwargs)
-        if not torch.isfinite(merged).all():
-            raise MergeError(f"tensor {name!r}: the merge produced inf/nan; check the inputs and weights")
-        yield merged.to(out_dtype)
+        yield finite_or_refuse(name, merged, out_dtype)
 
 
 def merge_tensor(
@@ -477,10 +491,19 @@ def merge_tensor(
                 raise MergeError(f"{f.path}: has no Fisher tensor for {name!r}; recompute it for this model")
             fs.append(f.get(name, compute))
         kwargs["fishers"] = fs
-    merged = spec.fn(tensors, weights, **kwargs)
-    if not torch.isfinite(merged).all():
-        raise MergeError(f"tensor {name!r}: the merge produced inf/nan; check the inputs and weights")
-    return merged
+    return spec.fn(tensors, weights, **kwargs)
+
+
+def finite_or_refuse(name: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`merged` cast to the output dtype; a tensor (or chunk) with inf/nan is never written: the
+    merge stops naming it, so no model that looks finished holds a non-finite weight."""
+    out = merged.to(dtype)
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        if torch.isfinite(merged).all():
+            raise MergeError(f"tensor {name!r}: merged values overflow {str(dtype).removeprefix('torch.')} (inf); "
+                             "choose a wider out_dtype (float32 or bfloat16)")
+        raise MergeError(f"tensor {name!r}: the merge produced inf/nan; check the inputs and weights (an input may hold inf/nan)")
+    return out
 
 
 def carry_files(first: Source, adapters: Sequence[Adapter], base: Checkpoint | None, out_dir: Path,
@@ -546,6 +569,8 @@ def merge_adapters(
         # full tensors saved with the adapters (e.g. modules_to_save) are averaged like full weights
         merged = M.weighted_average([read_tensor(a.replaced[name], torch.float32) for a in adapters], list(weights))
         state[info.name] = merged.to(info.dtype)  # info.name is the key as stored in the adapter file
+    for key, tensor in state.items():
+        finite_or_refuse(key, tensor, tensor.dtype)
     r_main = max(ranks.values(), key=list(ranks.values()).count) if ranks else target_rank
     config = dict(adapters[0].config)
     targets: set[str] = set()

@@ -33,12 +33,16 @@ __all__ = [
 ]
 
 
-def write_run_report(cfg: Any, console: Any = None) -> tuple[Path, Path]:
+def write_run_report(cfg: Any, console: Any = None, warning: str = "") -> tuple[Path, Path]:
     """The report of a whole `dtm run` (all seeds; the no-bias control as a section) into its
-    run directory; prints the headline table and the trade-off sentence to `console`."""
+    run directory; prints the headline table and the trade-off sentence to `console`.
+    `warning` (e.g. "PARTIAL REPORT: missing ...") is shown at the top of both files."""
     data = collect_run(cfg)
+    data.warning = warning
     out = render_report(data, cfg.output_dir)
     if console is not None:
+        if warning:
+            console.print(warning, style="bold red", markup=False)
         console.print(headline_markdown(data))
         summary = tradeoff_summary(data)
         if summary:

@@ -72,6 +72,7 @@ class Page:
     notes: list[str]
     level: int  # heading level of the title; its sections are one deeper
     blocks: list[Block] = field(default_factory=list)
+    warning: str = ""  # shown above the title
 
 
 # ---------------------------------------------------------------- tables
@@ -190,7 +191,7 @@ SECTIONS: tuple[Section, ...] = (
 
 def page(data: ReportData, plots: dict[str, Plot], level: int = 1) -> Page:
     """`data` as the templates walk it: every section of `SECTIONS` that has something to show."""
-    out = Page(data.title, data.notes, level)
+    out = Page(data.title, data.notes, level, warning=data.warning)
     for section in SECTIONS:
         for item in section.items(data, plots, level):
             after_id = _own_id(section.after_id, data, level) if section.after_id else None

@@ -108,6 +108,12 @@ def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | N
             f"base model {base!r}: cannot load it as a causal LM with a tokenizer ({first}); "
             "give a local `save_pretrained` directory (the hub is not reachable offline)"
         ) from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise TrainingError(
+            f"base model {base!r}: the tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows; "
+            "use the tokenizer the model was trained with (or resize the model's embeddings with resize_token_embeddings)"
+        )
     if tokenizer.pad_token_id is None:  # padding positions carry label -100, any id will do
         tokenizer.pad_token = tokenizer.eos_token
     # No KV cache in training. It also matters for padding-free batches: transformers builds
@@ -518,10 +524,16 @@ def _disk_error(e: OSError, out: Path, what: str) -> TrainingError:
 def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict) -> None:
     """Write the model files into `out`, then the completion marker, last and atomically.
 
+    A model with a non-finite weight is refused before anything is written.
+
     Files are written into a staging directory first and moved in only when all of them are
     complete, so a full disk never leaves a half-written model in `out` (at most a stale
     staging directory, removed here on failure).
     """
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            raise TrainingError(f"{out}: trained weight {name} holds non-finite values (nan/inf); not marked complete. "
+                                "Lower train.learning_rate or train.max_grad_norm, then retrain (delete the directory to start afresh)")
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".final.tmp-"))
     try:
         model.save_pretrained(staging, safe_serialization=True)
