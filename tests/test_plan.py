@@ -49,3 +49,34 @@ def test_the_soup_reuses_short_when_its_recipe_is_vanillas():
     run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
     assert list(plan.training_jobs(cfg, run, INPUTS))[-2:] == ["short", "soup-2"]
     assert plan.merge_plan(cfg, run, INPUTS)["soup"]["models"] == [run.model("short"), run.model("soup-2")]
+
+
+def steps_of(jobs):
+    return {name: job["train"].get("max_steps") for name, job in jobs.items()}
+
+
+def test_max_steps_is_dtms_total_compute_and_vanilla_gets_the_same():
+    cfg = config("train.max_steps=10", "disperse.k=4", "baselines.methods=[short, soup, l2, ewc]", "baselines.soup_size=2",
+                 "baselines.soup_learning_rates=[0.1]")
+    jobs = plan.training_jobs(cfg, RunDir(Path("/runs/x")).seed_run(cfg.seed), INPUTS)
+    steps = steps_of(jobs)
+    assert [steps[f"sub-{i}"] for i in (1, 2, 3, 4)] == [2, 2, 2, 2]  # 10 // 4, rounded down
+    assert steps["vanilla"] == steps["l2"] == steps["ewc"] == 8 == sum(steps[f"sub-{i}"] for i in (1, 2, 3, 4))
+    assert steps["short"] == steps["soup-2"] == 2  # one sub-model's compute
+    assert steps["soup-1"] == 2 and jobs["soup-1"]["train"]["learning_rate"] == 0.1
+    assert jobs["vanilla"]["train"]["save_fractions"] == [0.5] and jobs["sub-1"]["train"]["save_fractions"] == []
+    assert sum(steps[n] for n in ("soup-1", "soup-2")) == plan.sub_model_steps(cfg) * cfg.baselines.soup_size
+
+
+def test_max_steps_below_k_gives_every_sub_model_one_step():
+    cfg = config("train.max_steps=2", "baselines.methods=[short]")  # K = 3
+    steps = steps_of(plan.training_jobs(cfg, RunDir(Path("/runs/x")).seed_run(cfg.seed), INPUTS))
+    assert steps == {"sub-1": 1, "sub-2": 1, "sub-3": 1, "vanilla": 3, "short": 1}
+
+
+def test_epochs_leave_every_length_to_the_config():
+    cfg = config(f"baselines.methods={list(plan.BASELINES)}", "baselines.soup_size=3")  # 6 epochs, K = 3
+    jobs = plan.training_jobs(cfg, RunDir(Path("/runs/x")).seed_run(cfg.seed), INPUTS)
+    assert all("max_steps" not in job["train"] for job in jobs.values())
+    assert {name: job["train"].get("num_train_epochs") for name, job in jobs.items() if "num_train_epochs" in job["train"]} == \
+        {"short": 2.0, "soup-2": 2.0, "soup-3": 2.0}  # 1/K of the epochs; the soup's first ingredient is short

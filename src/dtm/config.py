@@ -80,7 +80,12 @@ class TrainConfig(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     learning_rate: float = Field(3e-4, gt=0)
     num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, description="If > 0, overrides num_train_epochs.")
+    max_steps: int = Field(
+        -1,
+        description="If > 0, overrides num_train_epochs and is DTM's total optimizer steps, its K sub-models together: each "
+        "sub-model trains max_steps // K (at least 1), vanilla and the trained baselines K times that (equal compute), "
+        "short and each soup ingredient the steps of one sub-model.",
+    )
     per_device_train_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"

@@ -60,12 +60,44 @@ def register(baseline: Baseline) -> Baseline:
 # ---------------------------------------------------------------- the baselines
 
 
+# ---------------------------------------------------------------- compute matching
+#
+# DTM is compared at equal training compute, however the length is given:
+# - epochs (`train.num_train_epochs`): each sub-model trains that many epochs on its 1/K of the
+#   data, vanilla on all of it, so both see every example that many times; `short` gets
+#   epochs / K on all the data (the compute of one sub-model).
+# - steps (`train.max_steps` > 0): the config's number is the *total* optimizer steps of DTM,
+#   its K sub-models together. Each sub-model trains max_steps // K steps (at least 1), and
+#   every model trained on all the data (vanilla, the trained baselines) K times that, so
+#   vanilla's steps equal DTM's summed steps exactly even when K does not divide max_steps
+#   (max_steps=10, K=4: sub-models 2 steps each, vanilla 8). `short` and each soup
+#   ingredient train the steps of one sub-model.
+
+
+def sub_model_steps(cfg: ExperimentConfig) -> int | None:
+    """Optimizer steps of each sub-model when training is given in steps (None: in epochs)."""
+    return max(1, cfg.train.max_steps // cfg.disperse.k) if cfg.train.max_steps > 0 else None
+
+
+def sub_model_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A sub-model's `train` overrides: its 1/K of the steps (see above), no snapshots."""
+    steps = sub_model_steps(cfg)
+    return NO_SNAPSHOTS | ({} if steps is None else {"max_steps": steps})
+
+
+def full_data_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`train` overrides of a model trained on all the data for DTM's compute (vanilla, l2, ...):
+    K x a sub-model's steps when training is given in steps, the config's epochs otherwise."""
+    steps = sub_model_steps(cfg)
+    return {} if steps is None else {"max_steps": cfg.disperse.k * steps}
+
+
 def short_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
     """All the data for 1/K of the training: the compute of one sub-model."""
-    k = cfg.disperse.k
-    short: dict[str, Any] = {"num_train_epochs": cfg.train.num_train_epochs / k, **NO_SNAPSHOTS}
-    if cfg.train.max_steps > 0:
-        short["max_steps"] = max(1, cfg.train.max_steps // k)
+    short: dict[str, Any] = {"num_train_epochs": cfg.train.num_train_epochs / cfg.disperse.k, **NO_SNAPSHOTS}
+    steps = sub_model_steps(cfg)
+    if steps is not None:
+        short["max_steps"] = steps
     return short
 
 
@@ -109,7 +141,7 @@ def _ensemble(cfg: ExperimentConfig, run: rd.SeedRun) -> dict[str, Any]:
 
 def _trained_baseline(name: str) -> Callable[[ExperimentConfig, Inputs], TrainJobs]:
     def jobs(cfg: ExperimentConfig, inputs: Inputs) -> TrainJobs:
-        return {name: {"data": inputs.train_data, "train": NO_SNAPSHOTS, "seed": cfg.seed, "baseline": name}}
+        return {name: {"data": inputs.train_data, "train": NO_SNAPSHOTS | full_data_recipe(cfg), "seed": cfg.seed, "baseline": name}}
 
     return jobs
 
@@ -138,10 +170,11 @@ def _chosen(cfg: ExperimentConfig) -> list[Baseline]:
 
 
 def training_jobs(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> TrainJobs:
-    """Every model the train stage produces: the K sub-models, vanilla, the trained baselines."""
-    jobs: TrainJobs = {rd.sub_model_name(i): {"data": str(run.portion(i)), "train": NO_SNAPSHOTS, "seed": cfg.seed}
+    """Every model the train stage produces: the K sub-models, vanilla, the trained baselines,
+    each with the `train` overrides that match their compute to DTM's (see "compute matching")."""
+    jobs: TrainJobs = {rd.sub_model_name(i): {"data": str(run.portion(i)), "train": sub_model_recipe(cfg), "seed": cfg.seed}
                        for i in range(cfg.disperse.k)}
-    jobs[rd.VANILLA] = {"data": inputs.train_data, "train": {"save_fractions": sorted(set(cfg.train.save_fractions))},
+    jobs[rd.VANILLA] = {"data": inputs.train_data, "train": {"save_fractions": sorted(set(cfg.train.save_fractions)), **full_data_recipe(cfg)},
                         "seed": cfg.seed, "val_data": inputs.val_data}
     for baseline in _chosen(cfg):
         if baseline.train is not None:
