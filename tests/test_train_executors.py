@@ -246,3 +246,14 @@ def test_longest_jobs_start_first(tmp_path):
     jobs = sorted([sub, short, vanilla], key=lambda j: -expected_cost(j, cfg))
     assert jobs[0].name == "vanilla"
     assert expected_cost(vanilla, cfg) == 4 * expected_cost(sub, cfg) == 4 * expected_cost(short, cfg)
+
+
+def test_dtm_train_gives_each_sub_model_its_share_of_max_steps(tmp_path):
+    from dtm.config import load_config
+    from dtm.training.executors import plan_sub_models
+
+    for i in (1, 2, 3):
+        (tmp_path / f"portion-{i}.jsonl").write_text("{}\n")
+    cfg = load_config(None, ["train.max_steps=10", "disperse.k=4"], check_paths=False)  # three portions on disk, not k
+    jobs = plan_sub_models(cfg, tmp_path, tmp_path / "models")
+    assert [(j.name, j.train_overrides["max_steps"]) for j in jobs] == [("sub-1", 3), ("sub-2", 3), ("sub-3", 3)]

@@ -214,7 +214,7 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
         f"seeds: {seeds} " + ("(every number is the mean ± sample std over these)" if len(seeds) > 1 else "(one seed: no spread to show)"),
         f"K = {cfg.disperse.k} portions, dispersal: {cfg.disperse.strategy}; merge: {cfg.merge.method}",
         f"training: {train.finetuning_type} fine-tuning, lr {train.learning_rate}, "
-        + (f"{train.max_steps} steps, " if train.max_steps > 0 else f"{train.num_train_epochs:g} epochs, ")
+        + (f"{train.max_steps} steps in all (DTM's K sub-models together; vanilla as many), " if train.max_steps > 0 else f"{train.num_train_epochs:g} epochs, ")
         + f"batch {train.per_device_train_batch_size}x{train.gradient_accumulation_steps}",
     ]
     lab = first.outputs("data").get("lab")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dtm import plan
 from dtm.config import ExperimentConfig
 from dtm.dispersal import portion_path
 from dtm.errors import DtmError, TrainingError
@@ -49,15 +50,20 @@ def sub_model_dir(models_dir: str | Path, index: int) -> Path:
 
 
 def plan_sub_models(config: ExperimentConfig, portions_dir: str | Path, models_dir: str | Path) -> list[Job]:
-    """One job per portion file, all with the experiment seed (only the data differs)."""
+    """One job per portion file, all with the experiment seed (only the data differs) and a
+    sub-model's share of the compute as `dtm run` gives it (`plan.sub_model_recipe`: with
+    `train.max_steps`, that is DTM's total, split over the portions found)."""
     portions_dir = Path(portions_dir)
-    jobs: list[Job] = []
-    while portion_path(portions_dir, len(jobs)).is_file():
-        i = len(jobs)
-        jobs.append(Job(sub_model_name(i), portion_path(portions_dir, i), sub_model_dir(models_dir, i), config.seed))
-    if not jobs:
+    k = 0
+    while portion_path(portions_dir, k).is_file():
+        k += 1
+    if not k:
         raise TrainingError(f"{portions_dir}: no portion-1.jsonl; run `dtm disperse` first")
-    return jobs
+    split = config.model_copy(deep=True)
+    split.disperse.k = k
+    recipe = plan.sub_model_recipe(split)
+    return [Job(sub_model_name(i), portion_path(portions_dir, i), sub_model_dir(models_dir, i), config.seed, dict(recipe))
+            for i in range(k)]
 
 
 def job_config(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
