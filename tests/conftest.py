@@ -60,3 +60,30 @@ def base_dir(tmp_path_factory, tokenizer):
     make_llama(seed=0).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+def read_all(model_dir):
+    """Every tensor of a model directory's safetensors files, by name."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def compute_table(report: str) -> dict[str, dict[str, str]]:
+    """A report's compute table (markdown): model -> column header -> cell."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model | sums |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows

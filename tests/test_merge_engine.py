@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_all
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -38,14 +39,6 @@ def make_model(path: Path, seed: int, shard: str = "1GB", **cfg) -> dict[str, to
     model.generation_config.max_new_tokens = 7 + seed  # something to recognise in the copy
     model.save_pretrained(path, max_shard_size=shard)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def read_all(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

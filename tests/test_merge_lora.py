@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_all
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -17,14 +18,6 @@ from dtm.merging.lora import concat_adapters, lora_delta, lora_scale, svd_trunca
 
 torch.set_num_threads(1)
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
-
-
-def read_all(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def make_adapter(base: Path, out: Path, seed: int, r: int = 4, alpha: float = 8, targets=TARGETS, **kw) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
+from conftest import read_all
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dtm.merging import methods as M
@@ -21,14 +21,6 @@ from dtm.merging.recipe import merge_with_recipe, read_recipe
 
 pytest.importorskip("mergekit")
 torch.set_num_threads(1)
-
-
-def read_all(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def build(root: Path, dtype: torch.dtype) -> tuple[Path, list[Path]]:

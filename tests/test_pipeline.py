@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import make_llama, make_tokenizer
+from conftest import compute_table, make_llama, make_tokenizer
 
 from dtm.cli import main
 from dtm.config import load_config
@@ -81,20 +81,6 @@ def test_run_writes_every_model_result_and_the_report(finished, experiment, monk
     report_manifest = json.loads((finished / "manifests" / "report.json").read_text())
     assert report_manifest["hash"] == report_hash(load_config(experiment / "exp.yaml"))
     assert report_manifest["outputs"]["html"].endswith("report.html") and report_manifest["seconds"] > 0
-
-
-def compute_table(report: str) -> dict[str, dict[str, str]]:
-    """The report's compute table (markdown): model -> column header -> cell."""
-    lines = report.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| model | sums |"))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header, cells))
-    return rows
 
 
 def test_the_cost_table_is_compute_matched_with_max_steps(finished):

@@ -303,7 +303,7 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
 
 
 def key_lines(text: str) -> dict[str, int]:
-    """Map dotted key paths to their 1-based line in the YAML text (for error messages)."""
+    """Map dotted key paths (list items by index) to their 1-based line in the YAML text (for error messages)."""
     lines: dict[str, int] = {}
     try:
         root = yaml.compose(text)
@@ -316,6 +316,10 @@ def key_lines(text: str) -> dict[str, int]:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):  # list items by index: models.1.parameters.density
+            for i, v in enumerate(node.value):
+                lines[f"{prefix}.{i}"] = v.start_mark.line + 1
+                walk(v, f"{prefix}.{i}")
 
     walk(root, "")
     return lines

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compute_table
 from safetensors.torch import load_file
 
 from dtm.cli import main
@@ -139,20 +140,6 @@ def test_the_lora_average_is_w_plus_the_mean_delta(finished, smollm2):
             largest = max(largest, delta.abs().max().item())
         torch.testing.assert_close(merged[name].double(), expected, atol=1e-5, rtol=0, msg=name)
     assert largest > 1e-3  # the sub-models moved: the check above is 100x finer than the deltas
-
-
-def compute_table(report: str) -> dict[str, dict[str, str]]:
-    """The report's compute table (markdown): model -> column header -> cell."""
-    lines = report.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| model | sums |"))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header, cells))
-    return rows
 
 
 def test_the_cost_table_is_compute_matched(finished):

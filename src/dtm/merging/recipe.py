@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from dtm.config import key_lines
 from dtm.merging.checkpoint import TORCH_DTYPES, MergeError
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "lora_merge"}
@@ -44,31 +45,6 @@ MODEL_PARAMS = {"weight", "density"}
 IGNORED_PARAMS = {"int8_mask"}  # mergekit's memory saving for masks; dtm's masks are boolean already
 
 
-def yaml_lines(text: str) -> dict[str, int]:
-    """Dotted paths (list items by index, e.g. models.1.parameters.density) to their 1-based line."""
-    lines: dict[str, int] = {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                key = f"{prefix}.{i}"
-                lines[key] = v.start_mark.line + 1
-                walk(v, key)
-
-    if root is not None:
-        walk(root, "")
-    return lines
-
-
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """Parse a merge YAML into keyword arguments of `dtm.merge` (models, method, weights, base, ...)."""
     path = Path(path)
@@ -81,7 +57,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise MergeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise MergeError(f"{path}: expected a mapping with merge_method and models")
-    lines = yaml_lines(text)
+    lines = key_lines(text)
 
     def where(key: str) -> str:
         while key and key not in lines:
