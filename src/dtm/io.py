@@ -44,6 +44,23 @@ def output_error(e: BaseException, path: str | os.PathLike, what: str = "writing
     return OutputError(f"{path}: cannot write there while {what} ({reason}); {hint}")
 
 
+def bad_safetensors(model_dir: str | os.PathLike) -> str | None:
+    """A message naming the first `*.safetensors` file of `model_dir` that is corrupt or truncated, or None.
+
+    Cheap: reads each header and checks the data covers it (safetensors' own validation)."""
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(model_dir)
+    for f in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return (f"{f}: not a readable safetensors file ({e}); the file is corrupt or truncated: "
+                    "save the model again with save_pretrained, or copy it again")
+    return None
+
+
 def make_dirs(path: str | os.PathLike, what: str = "creating the output directory") -> Path:
     """`mkdir -p path`, with an `OutputError` naming the path when it cannot be made (a regular file on the way,
     no permission, a read-only or pseudo file system)."""
@@ -66,7 +83,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` via a temporary file in the same directory, fsync, and a rename:
     a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
-    make_dirs(path.parent)
+    _make_parent(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     except OSError as e:
@@ -96,6 +113,15 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     )
 
 
+def _make_parent(path: Path) -> None:
+    """The parent directory of the output `path`; an error names `path` itself (what the user gave)."""
+    try:
+        make_dirs(path.parent)
+    except OutputError:
+        raise output_error(NotADirectoryError(errno.ENOTDIR, f"cannot create its directory {path.parent}"), path,
+                           "creating its directory") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to `path` only if the block succeeds.
@@ -109,7 +135,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise FileExistsError(f"{path} already exists")
     if path.exists() and not path.is_dir():
         raise output_error(NotADirectoryError(errno.ENOTDIR, "it is a regular file, not a directory"), path)
-    make_dirs(path.parent)
+    _make_parent(path)
     try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     except OSError as e:

@@ -174,7 +174,7 @@ def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(data):
             yield f"{path}:record {i + 1}", rec
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit raw inside a JSON string
         if not line.strip():
             continue
         try:

@@ -52,7 +52,7 @@ from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_conversations
 from dtm.data.template import tokenize_conversations
 from dtm.errors import OutputError, TrainingError
-from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl, is_disk_full, make_dirs
+from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl, bad_safetensors, is_disk_full, make_dirs
 from dtm.rundir import (
     CHECKPOINT_DIR,
     COMPLETE_FILE,
@@ -102,7 +102,12 @@ def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | N
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a damaged directory
+        bad = bad_safetensors(base)
+        if bad:
+            raise TrainingError(f"base model: {bad}") from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(
             f"base model {base!r}: cannot load it as a causal LM with a tokenizer ({first}); "
