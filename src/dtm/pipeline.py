@@ -533,7 +533,7 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
     cfg = load_run_config(run_dir)
 
     def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str) -> dict[str, Any]:
-        state = "pending" if manifest is None else ("done" if manifest["hash"] == current else "stale")
+        state = "pending" if manifest is None else ("done" if manifest.get("hash") == current else "stale")
         return {"run": label, "stage": stage, "state": state, "seconds": manifest.get("seconds") if manifest else None,
                 "finished": manifest.get("finished") if manifest else None}
 

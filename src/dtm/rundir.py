@@ -173,8 +173,8 @@ def read_manifest(root: str | Path, stage: str) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DtmError(f"{path}: the {stage} stage's manifest is not valid JSON ({e}; truncated or edited?); {fix}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("hash"), str):
-        raise DtmError(f"{path}: the {stage} stage's manifest has no `hash` (not written by dtm?); {fix}")
+    if not isinstance(manifest, dict):
+        raise DtmError(f"{path}: the {stage} stage's manifest is not a JSON object (not written by dtm?); {fix}")
     return manifest
 
 

@@ -17,7 +17,6 @@ Nothing is dropped silently.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,25 +98,17 @@ def looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in parts[1][-8:]
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def hub_refusal(name: str) -> str | None:
     """Why the missing local path `name` is not tried on the Hub (a message naming it), or None to try it.
 
     Trying the Hub for a name that is not there takes tens of seconds of retries; a name whose
-    first part is a local directory (`mydata/train` beside `mydata/`) is a path the user meant,
-    and offline there is nothing to try.
+    first part is a local directory (`mydata/train` beside `mydata/`) is a path the user meant.
     """
     owner = name.split(":")[0].split("/")[0]
     if Path(owner).is_dir():
         return (f"{name}: data file not found ({owner}/ is a local directory, so this is a local path, not a Hugging Face "
                 "Hub data set); check the file name and its extension")
-    if _offline():
-        return (f"{name}: not a local file, and loading it from the Hugging Face Hub failed: not tried, HF_HUB_OFFLINE or "
-                "HF_DATASETS_OFFLINE is set; give a local path that exists, or go online to load the Hub data set")
-    return None
+    return None  # offline, `datasets` answers at once from its cache (or fails at once): no retries to save
 
 
 def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
