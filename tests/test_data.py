@@ -65,7 +65,8 @@ def test_trl_conversational_prompt_completion(tmp_path):
 
 BAD = [
     ('{"instruction": "a", "output": "b"', "invalid JSON"),
-    ({"instruction": "a"}, "cannot tell the data format"),
+    ({"instruction": "a"}, "missing field 'output'"),
+    ({"question": "a"}, "cannot tell the data format"),
     ({"instruction": "a", "output": ""}, "empty response"),
     ({"instruction": "  ", "output": "b"}, "empty instruction"),
     ({"instruction": "a", "output": 3}, "field 'output' must be a string"),
@@ -77,7 +78,7 @@ BAD = [
 
 @pytest.mark.parametrize("bad, message", BAD)
 def test_bad_record_names_file_and_line(tmp_path, bad, message):
-    if message == "cannot tell the data format":  # the first record decides the format
+    if message in ("cannot tell the data format", "missing field 'output'"):  # the first good record decides the format
         path = jsonl(tmp_path / "d.jsonl", [bad])
         with pytest.raises(DataError, match=rf"{path}:1: {message}"):
             load_conversations(path)
@@ -183,3 +184,23 @@ def test_hub_names_are_recognised_and_fail_clearly_offline(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="owner-x/no-such-set: not a local file, and loading it from the Hugging Face Hub failed"):
         load_conversations("owner-x/no-such-set")
+
+
+def test_a_local_looking_path_fails_at_once_without_trying_the_hub(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=r"mydata/train: data file not found \(mydata/ is a local directory"):
+        load_conversations("mydata/train")
+    assert time.perf_counter() - t0 < 2
+
+
+def test_skip_a_bad_first_record_and_detect_the_format_from_the_first_good_one(tmp_path):
+    path = jsonl(tmp_path / "d.jsonl", [{"instruction": "no output"}, {"x": 1}, MESSAGES, MESSAGES | {"id": "m2"}])
+    data = load_conversations(path, on_bad_example="skip")
+    assert data.format == "messages" and len(data) == 2 and [b.where for b in data.skipped] == [f"{path}:1", f"{path}:2"]
+    assert "missing field 'output'" in data.skipped[0].reason

@@ -22,3 +22,7 @@ class DataError(DtmError):
 
 class TrainingError(DtmError):
     """Training cannot start or cannot go on; the message says which model, step or key."""
+
+
+class OutputError(DtmError):
+    """An output cannot be written (disk full, a path that cannot be made); the message names the path."""

@@ -7,6 +7,7 @@ a half-filled directory that a rerun would mistake for finished work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,63 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from dtm.errors import OutputError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+# how a write error reads when it comes through a library that keeps only the message (safetensors' Rust writer)
+_DISK_FULL_TEXT = ("no space left", "file too large", "filetoolarge", "storagefull", "disk quota", "code: 28,", "code: 27,")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk (or quota, or the file size limit) ran out."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(e).lower()
+    return any(t in text for t in _DISK_FULL_TEXT)
+
+
+def output_error(e: BaseException, path: str | os.PathLike, what: str = "writing it") -> OutputError:
+    """The user-facing error for a failed write to `path`: disk full, or the path cannot be made."""
+    if is_disk_full(e):
+        return OutputError(f"{path}: the disk is full (or the file size limit was hit) while {what}; nothing was marked "
+                           "complete; free space (or raise the limit) and rerun the same command")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if isinstance(e, OSError) and e.filename and str(e.filename) != str(path):
+        reason = f"{reason}: {e.filename}"
+    hint = ("a parent of it is a regular file, or it is one; choose another path"
+            if isinstance(e, (NotADirectoryError, FileExistsError)) else "check the path and its permissions, or choose another path")
+    return OutputError(f"{path}: cannot write there while {what} ({reason}); {hint}")
+
+
+def bad_safetensors(model_dir: str | os.PathLike) -> str | None:
+    """A message naming the first `*.safetensors` file of `model_dir` that is corrupt or truncated, or None.
+
+    Cheap: reads each header and checks the data covers it (safetensors' own validation)."""
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(model_dir)
+    for f in sorted(root.glob("*.safetensors")) if root.is_dir() else []:
+        try:
+            with safe_open(f, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return (f"{f}: not a readable safetensors file ({e}); the file is corrupt or truncated: "
+                    "save the model again with save_pretrained, or copy it again")
+    return None
+
+
+def make_dirs(path: str | os.PathLike, what: str = "creating the output directory") -> Path:
+    """`mkdir -p path`, with an `OutputError` naming the path when it cannot be made (a regular file on the way,
+    no permission, a read-only or pseudo file system)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, path, what) from None
+    if not path.is_dir():
+        raise output_error(NotADirectoryError(errno.ENOTDIR, "not a directory"), path, what)
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -25,17 +83,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` via a temporary file in the same directory, fsync, and a rename:
     a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    _make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    except OSError as e:
+        raise output_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise output_error(e, path) from None
         raise
     return path
 
@@ -50,19 +113,42 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     )
 
 
+def _make_parent(path: Path) -> None:
+    """The parent directory of the output `path`; an error names `path` itself (what the user gave)."""
+    try:
+        make_dirs(path.parent)
+    except OutputError:
+        raise output_error(NotADirectoryError(errno.ENOTDIR, f"cannot create its directory {path.parent}"), path,
+                           "creating its directory") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to `path` only if the block succeeds.
 
     With `overwrite`, an existing `path` is replaced only after the new one is complete.
+    A full disk inside the block (an `OSError`, or a library's error that says so) becomes an
+    `OutputError` naming `path`; nothing is left under `path`.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    if path.exists() and not path.is_dir():
+        raise output_error(NotADirectoryError(errno.ENOTDIR, "it is a regular file, not a directory"), path)
+    _make_parent(path)
     try:
-        yield tmp
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    except OSError as e:
+        raise output_error(e, path) from None
+    try:
+        try:
+            yield tmp
+        except OutputError as e:
+            raise OutputError(str(e).replace(str(tmp), str(path))) from None  # name the output, not our staging dir
+        except Exception as e:
+            if is_disk_full(e):
+                raise output_error(e, path) from None
+            raise
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

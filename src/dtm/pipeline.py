@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from dtm import plan
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
 from dtm.errors import ConfigError, DtmError
-from dtm.io import atomic_write_json
+from dtm.io import atomic_write_json, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +454,7 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     check_runnable(cfg)
     console = Console()
     run_dir = rd.RunDir(Path(cfg.output_dir))
-    run_dir.root.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir.root, "creating the run directory (output_dir)")
     atomic_write_json(run_dir.config_file, cfg.model_dump(mode="json"))
     t0 = time.perf_counter()
     for seed_run in seed_runs(cfg):
@@ -515,7 +517,12 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     root = rd.RunDir(Path(run_dir))
     if not root.config_file.is_file():
         raise DtmError(f"{root.root}: not a run directory (no config.json); start one with `dtm run CONFIG`")
-    cfg = ExperimentConfig.model_validate(json.loads(root.config_file.read_text()))
+    try:
+        cfg = ExperimentConfig.model_validate(json.loads(root.config_file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
+        first = str(e).strip().splitlines()
+        raise DtmError(f"{root.config_file}: not a valid run config ({' '.join(first[:3])}); it is written by `dtm run`: "
+                       "restore it, or rerun `dtm run CONFIG` with the experiment's config to write it again") from None
     cfg.output_dir = str(root.root)  # however it was given (relative) or wherever it was moved
     return cfg
 
@@ -526,7 +533,7 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
     cfg = load_run_config(run_dir)
 
     def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str) -> dict[str, Any]:
-        state = "pending" if manifest is None else ("done" if manifest["hash"] == current else "stale")
+        state = "pending" if manifest is None else ("done" if manifest.get("hash") == current else "stale")
         return {"run": label, "stage": stage, "state": state, "seconds": manifest.get("seconds") if manifest else None,
                 "finished": manifest.get("finished") if manifest else None}
 

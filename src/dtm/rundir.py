@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtm.errors import DtmError
 from dtm.io import atomic_write_json
 
 # ---------------------------------------------------------------- model names
@@ -163,8 +164,18 @@ def manifest_path(root: str | Path, stage: str) -> Path:
 
 
 def read_manifest(root: str | Path, stage: str) -> dict[str, Any] | None:
+    """A stage's manifest, or None when the stage has not finished; a damaged one is a `DtmError` naming it."""
     path = manifest_path(root, stage)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fix = f"delete it and the {stage} stage is redone (treated as not done) by the next `dtm run`"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DtmError(f"{path}: the {stage} stage's manifest is not valid JSON ({e}; truncated or edited?); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise DtmError(f"{path}: the {stage} stage's manifest is not a JSON object (not written by dtm?); {fix}")
+    return manifest
 
 
 def manifest_outputs(root: str | Path, stage: str) -> dict[str, Any]:

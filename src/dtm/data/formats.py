@@ -98,8 +98,24 @@ def looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in parts[1][-8:]
 
 
+def hub_refusal(name: str) -> str | None:
+    """Why the missing local path `name` is not tried on the Hub (a message naming it), or None to try it.
+
+    Trying the Hub for a name that is not there takes tens of seconds of retries; a name whose
+    first part is a local directory (`mydata/train` beside `mydata/`) is a path the user meant.
+    """
+    owner = name.split(":")[0].split("/")[0]
+    if Path(owner).is_dir():
+        return (f"{name}: data file not found ({owner}/ is a local directory, so this is a local path, not a Hugging Face "
+                "Hub data set); check the file name and its extension")
+    return None  # offline, `datasets` answers at once from its cache (or fails at once): no retries to save
+
+
 def _iter_hub(name: str) -> Iterator[tuple[str, Any]]:
     """A data set from the Hugging Face Hub (`owner/name[:split]`, default split `train`)."""
+    refusal = hub_refusal(name)
+    if refusal:
+        raise DataError(refusal)
     import datasets
 
     repo, _, split = name.partition(":")
@@ -149,7 +165,7 @@ def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(data):
             yield f"{path}:record {i + 1}", rec
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit raw inside a JSON string
         if not line.strip():
             continue
         try:
@@ -190,8 +206,20 @@ def _iter_hf_disk(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def detect_format(record: Any, where: str) -> str:
+    try:
+        return _detect(record)
+    except _Bad as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+# one field of a pair present: the record is that format with the other field missing
+_HALF_PAIRS = (("instruction", "output", "alpaca"), ("output", "instruction", "alpaca"),
+               ("prompt", "completion", "prompt/completion"), ("completion", "prompt", "prompt/completion"))
+
+
+def _detect(record: Any) -> str:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object per example, got {type(record).__name__}")
+        raise _Bad(f"expected a JSON object per example, got {type(record).__name__}")
     keys = set(record)
     if "messages" in keys:
         return "messages"
@@ -201,10 +229,13 @@ def detect_format(record: Any, where: str) -> str:
         return "alpaca"
     if "prompt" in keys and "completion" in keys:
         return "prompt_completion"
-    raise DataError(
-        f"{where}: cannot tell the data format from the fields {sorted(keys)}; expected alpaca "
+    for present, missing, name in _HALF_PAIRS:
+        if present in keys:
+            raise _Bad(f"missing field {missing!r} (the record has {present!r}, so it looks like {name}; its fields: {sorted(keys)})")
+    raise _Bad(
+        f"cannot tell the data format from the fields {sorted(keys)}; expected alpaca "
         "(instruction/input/output), sharegpt (conversations), messages, or prompt/completion. "
-        "Rename the fields or pass the format explicitly."
+        "Rename the fields or pass the format explicitly"
     )
 
 
@@ -310,6 +341,10 @@ def record_to_conversation(rec: Any, fmt: str, index: int, source_field: str | N
     )
 
 
+def _has_id(rec: Any) -> bool:
+    return isinstance(rec, dict) and rec.get("id") is not None
+
+
 def load_conversations(
     path: str | Path,
     format: Format = "auto",
@@ -325,16 +360,21 @@ def load_conversations(
     path = Path(path)
     if not path.exists() and not looks_like_hub_id(str(path)):
         raise DataError(f"{path}: data file not found")
+    if not path.exists() and (refusal := hub_refusal(str(path))):
+        raise DataError(refusal)
     fmt = format
     conversations: list[Conversation] = []
     skipped: list[BadExample] = []
+    implicit_where: dict[str, tuple[tuple[str, bool], ...]] = {}  # id -> (where, numbered by position?) per record
     for index, (where, rec) in enumerate(_iter_records(path)):
         try:
             if isinstance(rec, _Bad):
                 raise rec
-            if fmt == "auto":
-                fmt = detect_format(rec, where)
-            conversations.append(record_to_conversation(rec, fmt, index, source_field))
+            # the format comes from the first good record (a bad first record skipped does not decide it)
+            row_fmt = _detect(rec) if fmt == "auto" else fmt
+            conversations.append(record_to_conversation(rec, row_fmt, index, source_field))
+            fmt = row_fmt
+            implicit_where[conversations[-1].id] = implicit_where.get(conversations[-1].id, ()) + ((where, not _has_id(rec)),)
         except _Bad as e:
             if on_bad_example == "error":
                 raise DataError(f"{where}: {e} (fix the record, or set on_bad_example: skip to skip and count such records)") from None
@@ -348,7 +388,13 @@ def load_conversations(
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise DataError(f"{path}: duplicate example id {dup!r}; ids must be unique (remove the `id` field to number examples by position)")
+        (w1, implicit1), (w2, implicit2) = implicit_where[dup][:2]
+        if implicit1 != implicit2:
+            explicit_at, implicit_at = (w2, w1) if implicit1 else (w1, w2)
+            raise DataError(f"{path}: duplicate example id {dup!r}: {explicit_at} has the explicit id {dup!r} and {implicit_at} has no "
+                            f"`id`, so it is numbered by position ({dup}); give every record an id, or none")
+        raise DataError(f"{path}: duplicate example id {dup!r} ({w1} and {w2}); ids must be unique "
+                        "(remove the `id` field to number examples by position)")
     return LoadedData(conversations=conversations, format=fmt, path=path, skipped=skipped)
 
 

@@ -110,7 +110,14 @@ def _load_one(path: str | os.PathLike, adapter: str | os.PathLike | None, device
         torch_dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a damaged directory
+        from dtm.io import bad_safetensors
+
+        bad = bad_safetensors(path)
+        if bad:
+            raise DtmError(bad) from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         raise DtmError(f"{path}: cannot load the model: {e}") from None
     if adapter is not None:
         from peft import PeftModel

@@ -221,18 +221,21 @@ def read_jsonl(path: Path, task: str) -> tuple[list[dict[str, Any]], list[int]]:
     if not path.is_file():
         raise DataError(f"{_where(task, path)}: data file not found")
     rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{_where(task, path, n)}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{_where(task, path, n)}: expected a JSON object, got {type(rec).__name__}")
-            rows.append(rec)
-            lines.append(n)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{_where(task, path)}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+    for n, raw in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit raw inside a JSON string
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{_where(task, path, n)}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{_where(task, path, n)}: expected a JSON object, got {type(rec).__name__}")
+        rows.append(rec)
+        lines.append(n)
     if not rows:
         raise DataError(f"{_where(task, path)}: no rows; the data file is empty")
     return rows, lines
@@ -337,6 +340,8 @@ def _read_spec(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
         tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: task spec is not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: task spec is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
     if not isinstance(tree, dict):

@@ -131,6 +131,14 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         default = parameters.get("density", 1.0)
         parameters["density"] = [float(default if d is None else d) for d in densities]
     method = str(tree.get("merge_method", "average"))
+    from dtm.merging.methods import method_names
+
+    if method not in method_names():
+        raise MergeError(f"{where('merge_method')}: merge_method: unknown merge method {method!r}; "
+                         f"choose one of {', '.join(method_names())}")
+    for i, w in enumerate(weights):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))):
+            raise MergeError(f"{where(f'models.{i}.parameters.weight')}: models[{i}].parameters.weight: {w!r} is not a number")
     if method in ("linear", "average") and "normalize" in parameters:
         if parameters["normalize"] is not True:
             raise MergeError(f"{where('parameters.normalize')}: parameters.normalize: dtm always normalizes average weights; remove it")

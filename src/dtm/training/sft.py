@@ -24,7 +24,6 @@ Trainer and this module), and no more than TRL's SFTTrainer on identical batches
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -51,8 +51,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_conversations
 from dtm.data.template import tokenize_conversations
-from dtm.errors import TrainingError
-from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+from dtm.errors import OutputError, TrainingError
+from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl, bad_safetensors, is_disk_full, make_dirs
 from dtm.rundir import (
     CHECKPOINT_DIR,
     COMPLETE_FILE,
@@ -102,7 +102,12 @@ def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | N
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a damaged directory
+        bad = bad_safetensors(base)
+        if bad:
+            raise TrainingError(f"base model: {bad}") from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(
             f"base model {base!r}: cannot load it as a causal LM with a tokenizer ({first}); "
@@ -451,7 +456,7 @@ def train_model(
         log.info("%s: froze %d parameter tensors: %s", name, len(frozen), frozen)
     weight_penalty = penalty(model, tokenizer, conversations) if penalty is not None else None
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, "creating the model's output directory")
     resume = last_checkpoint(out)
     resume_step = int(resume.name.split("-")[1]) if resume else 0
     args = training_arguments(config, out, seed, precision, progress)
@@ -478,7 +483,7 @@ def train_model(
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         raise _disk_error(e, out, "training (writing a checkpoint)") from None
     tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
     summary = {
@@ -514,10 +519,12 @@ def _tensorboard_callback(log_dir: Path) -> TrainerCallback:
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
-def _disk_error(e: OSError, out: Path, what: str) -> TrainingError:
-    hint = "the disk is full or the file size limit was hit; free space and " if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+def _disk_error(e: BaseException, out: Path, what: str) -> TrainingError:
+    """A failed write while training (an `OSError`, or safetensors' `SafetensorError`, which carries the OS error in its text)."""
+    hint = "the disk is full or the file size limit was hit; free space and " if is_disk_full(e) else ""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     return TrainingError(
-        f"{out}: could not write while {what} ({e.strerror or e}); nothing was marked complete; {hint}rerun to resume from the last checkpoint"
+        f"{out}: could not write while {what} ({reason}); nothing was marked complete; {hint}rerun to resume from the last checkpoint"
     )
 
 
@@ -534,14 +541,17 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict)
         if not torch.isfinite(param.detach()).all():
             raise TrainingError(f"{out}: trained weight {name} holds non-finite values (nan/inf); not marked complete. "
                                 "Lower train.learning_rate or train.max_grad_norm, then retrain (delete the directory to start afresh)")
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".final.tmp-"))
+    try:
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".final.tmp-"))
+    except OSError as e:
+        raise _disk_error(e, out, "saving the trained model") from None
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
         atomic_write_json(out / COMPLETE_FILE, summary)
-    except OSError as e:
+    except (OSError, SafetensorError, OutputError) as e:
         raise _disk_error(e, out, "saving the trained model") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
