@@ -12,7 +12,7 @@ What it does, exactly:
      (`dataset_path: json`, `dataset_kwargs: {data_files: {test: <file>}}`, prompt
      "Question: {{question}}\\nAnswer:", `doc_to_choice: "{{choices}}"`, `doc_to_target: "{{answer}}"`,
      metrics acc and acc_norm): the prompt our bare-JSONL task uses;
-  4. runs lm-eval (`HFLM`, float32, CPU) in its own venv (/work/venvs/lmeval: torch==2.13.0
+  4. runs lm-eval (`HFLM`, float32, CPU) in its own venv ($DTM_LMEVAL_VENV, default ~/.cache/dtm/venvs/lmeval: torch==2.13.0
      first, then lm-eval; created if missing) and dtm in .venv, each in a child process with
      one thread, alternately, `--repeats` times each; timing = the log-likelihood phase
      (lm-eval: its `HFLM.loglikelihood` call; dtm: `run_task`), and the whole call
@@ -37,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_eval.json"
-LMEVAL_VENV = Path("/work/venvs/lmeval")
+# A venv of its own for the peer (its pins differ from ours): $DTM_LMEVAL_VENV, else the user's cache dir.
+LMEVAL_VENV = Path(os.environ.get("DTM_LMEVAL_VENV", Path.home() / ".cache" / "dtm" / "venvs" / "lmeval"))
 LMEVAL_VERSION = "0.4.13"
 
 SUBJECTS = ["planets", "metals", "rivers", "birds", "engines", "cells", "storms", "crystals", "forests", "magnets"]

@@ -10,7 +10,7 @@ safetensors with a different shard size each, so shard boundaries differ), then:
   * runs `dtm merge --method average` and `mergekit-yaml` (linear, float32) alternately, twice
     each, every run as a child process under /usr/bin/time -v (wall time, peak RSS);
   * compares every output tensor (max abs difference, how many are bitwise equal).
-mergekit lives in its own venv (/work/venvs/mergekit, torch==2.13.0 first), created if missing.
+mergekit lives in its own venv ($DTM_MERGEKIT_VENV, default ~/.cache/dtm/venvs/mergekit, torch==2.13.0 first), created if missing.
 Numbers go to stdout and benchmarks/results/bench_merge.json, with the machine's cores and load.
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_merge.json"
-MERGEKIT_VENV = Path("/work/venvs/mergekit")
+# A venv of its own for the peer (its pins differ from ours): $DTM_MERGEKIT_VENV, else the user's cache dir.
+MERGEKIT_VENV = Path(os.environ.get("DTM_MERGEKIT_VENV", Path.home() / ".cache" / "dtm" / "venvs" / "mergekit"))
 
 SIZES = {  # Llama-style configs; parameter counts are printed by the script
     "tiny": dict(vocab_size=4000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
@@ -216,7 +217,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="500m,125m", help=f"comma-separated, from {', '.join(SIZES)}")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--work", default="/work/bench_merge", help="scratch directory for the models (outside the repo)")
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "dtm" / "bench_merge"), help="scratch directory for the models (outside the repo; default in the user's cache dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
     ap.add_argument("--ties", action="store_true", help="also measure a TIES merge (whole-tensor path) per size")
     ap.add_argument("--out", default=str(RESULTS))
