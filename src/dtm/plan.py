@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dtm import rundir as rd
 
-if TYPE_CHECKING:
-    from dtm.config import ExperimentConfig
+# A `dtm.config.ExperimentConfig`, read by attribute. Not imported, not even for type checking:
+# the config imports this module (its registry of baselines are the allowed values).
+Config = Any
 
 # name -> {"data": path, "seed": int, "train": {train-section overrides}, "baseline": str?, "val_data": path?}
 TrainJobs = dict[str, dict[str, Any]]
@@ -44,9 +45,9 @@ class Baseline:
 
     name: str
     help: str
-    train: Callable[[ExperimentConfig, Inputs], TrainJobs] | None = None
-    merge: Callable[[ExperimentConfig, rd.SeedRun, Inputs], MergeSpecs] | None = None
-    evaluate: Callable[[ExperimentConfig, rd.SeedRun], dict[str, Any]] | None = None
+    train: Callable[[Config, Inputs], TrainJobs] | None = None
+    merge: Callable[[Config, rd.SeedRun, Inputs], MergeSpecs] | None = None
+    evaluate: Callable[[Config, rd.SeedRun], dict[str, Any]] | None = None
 
 
 BASELINES: dict[str, Baseline] = {}
@@ -74,25 +75,25 @@ def register(baseline: Baseline) -> Baseline:
 #   ingredient train the steps of one sub-model.
 
 
-def sub_model_steps(cfg: ExperimentConfig) -> int | None:
+def sub_model_steps(cfg: Config) -> int | None:
     """Optimizer steps of each sub-model when training is given in steps (None: in epochs)."""
     return max(1, cfg.train.max_steps // cfg.disperse.k) if cfg.train.max_steps > 0 else None
 
 
-def sub_model_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+def sub_model_recipe(cfg: Config) -> dict[str, Any]:
     """A sub-model's `train` overrides: its 1/K of the steps (see above), no snapshots."""
     steps = sub_model_steps(cfg)
     return NO_SNAPSHOTS | ({} if steps is None else {"max_steps": steps})
 
 
-def full_data_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+def full_data_recipe(cfg: Config) -> dict[str, Any]:
     """`train` overrides of a model trained on all the data for DTM's compute (vanilla, l2, ...):
     K x a sub-model's steps when training is given in steps, the config's epochs otherwise."""
     steps = sub_model_steps(cfg)
     return {} if steps is None else {"max_steps": cfg.disperse.k * steps}
 
 
-def short_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+def short_recipe(cfg: Config) -> dict[str, Any]:
     """All the data for 1/K of the training: the compute of one sub-model."""
     short: dict[str, Any] = {"num_train_epochs": cfg.train.num_train_epochs / cfg.disperse.k, **NO_SNAPSHOTS}
     steps = sub_model_steps(cfg)
@@ -101,7 +102,7 @@ def short_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
     return short
 
 
-def soup_recipes(cfg: ExperimentConfig) -> list[tuple[str, int, float]]:
+def soup_recipes(cfg: Config) -> list[tuple[str, int, float]]:
     """(name, seed, learning rate) of each soup ingredient: seeds seed + 1000 j, learning rates
     cycled through `baselines.soup_learning_rates` (default: train.learning_rate). The first
     ingredient is the `short` model itself when its learning rate is the recipe's."""
@@ -112,11 +113,11 @@ def soup_recipes(cfg: ExperimentConfig) -> list[tuple[str, int, float]]:
     return recipes
 
 
-def _short_jobs(cfg: ExperimentConfig, inputs: Inputs) -> TrainJobs:
+def _short_jobs(cfg: Config, inputs: Inputs) -> TrainJobs:
     return {rd.SHORT: {"data": inputs.train_data, "train": short_recipe(cfg), "seed": cfg.seed}}
 
 
-def _soup_jobs(cfg: ExperimentConfig, inputs: Inputs) -> TrainJobs:
+def _soup_jobs(cfg: Config, inputs: Inputs) -> TrainJobs:
     jobs = {}
     for name, seed, lr in soup_recipes(cfg):
         train = short_recipe(cfg) | ({} if lr == cfg.train.learning_rate else {"learning_rate": lr})
@@ -124,23 +125,23 @@ def _soup_jobs(cfg: ExperimentConfig, inputs: Inputs) -> TrainJobs:
     return jobs
 
 
-def _soup_merge(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> MergeSpecs:
+def _soup_merge(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> MergeSpecs:
     return {rd.SOUP: {"models": [run.model(name) for name, _, _ in soup_recipes(cfg)], "method": "average",
                       "weights": None, "parameters": {}, "base": inputs.base}}
 
 
-def _wise_ft_merge(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> MergeSpecs:
+def _wise_ft_merge(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> MergeSpecs:
     return {rd.wise_ft_name(alpha): {"models": [run.model(rd.VANILLA)], "method": "wise_ft", "weights": None,
                                      "parameters": {"alpha": alpha}, "base": inputs.base}
             for alpha in cfg.baselines.wise_ft_alphas}
 
 
-def _ensemble(cfg: ExperimentConfig, run: rd.SeedRun) -> dict[str, Any]:
+def _ensemble(cfg: Config, run: rd.SeedRun) -> dict[str, Any]:
     return {rd.ENSEMBLE: [str(run.sub_model(i)) for i in range(cfg.disperse.k)]}
 
 
-def _trained_baseline(name: str) -> Callable[[ExperimentConfig, Inputs], TrainJobs]:
-    def jobs(cfg: ExperimentConfig, inputs: Inputs) -> TrainJobs:
+def _trained_baseline(name: str) -> Callable[[Config, Inputs], TrainJobs]:
+    def jobs(cfg: Config, inputs: Inputs) -> TrainJobs:
         return {name: {"data": inputs.train_data, "train": NO_SNAPSHOTS | full_data_recipe(cfg), "seed": cfg.seed, "baseline": name}}
 
     return jobs
@@ -162,14 +163,14 @@ for _name in rd.TRAINING_BASELINES:  # trained by `dtm.training.train_baseline` 
     register(Baseline(_name, TRAINED_HELP[_name], train=_trained_baseline(_name)))
 
 
-def _chosen(cfg: ExperimentConfig) -> list[Baseline]:
+def _chosen(cfg: Config) -> list[Baseline]:
     return [b for name, b in BASELINES.items() if name in cfg.baselines.methods]
 
 
 # ---------------------------------------------------------------- the plan of one seed's run
 
 
-def training_jobs(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> TrainJobs:
+def training_jobs(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> TrainJobs:
     """Every model the train stage produces: the K sub-models, vanilla, the trained baselines,
     each with the `train` overrides that match their compute to DTM's (see "compute matching")."""
     jobs: TrainJobs = {rd.sub_model_name(i): {"data": str(run.portion(i)), "train": sub_model_recipe(cfg), "seed": cfg.seed}
@@ -182,7 +183,7 @@ def training_jobs(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> Tra
     return jobs
 
 
-def merge_plan(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> MergeSpecs:
+def merge_plan(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> MergeSpecs:
     """Every merged model: DTM (the sub-models, `merge` section) and the merging baselines."""
     plan: MergeSpecs = {rd.DTM: {"models": [run.sub_model(i) for i in range(cfg.disperse.k)], "method": cfg.merge.method,
                                  "weights": cfg.merge.weights, "parameters": cfg.merge.parameters, "base": inputs.base}}
@@ -192,7 +193,7 @@ def merge_plan(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> MergeS
     return plan
 
 
-def evaluated_models(cfg: ExperimentConfig, run: rd.SeedRun, inputs: Inputs) -> dict[str, Any]:
+def evaluated_models(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> dict[str, Any]:
     """name -> model reference (a dir, {"model": base, "adapter": dir}, or a list: an ensemble)
     for every model the report shows."""
 
