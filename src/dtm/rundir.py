@@ -193,8 +193,27 @@ def write_manifest(root: str | Path, stage: str, hash: str, seconds: float, outp
 # ---------------------------------------------------------------- one seed's run
 
 
+class StageRecords:
+    """A directory whose stages record what they did in `manifests/<stage>.json` (a seed's run:
+    its five stages; the whole run: the report)."""
+
+    root: Path
+
+    def manifest_path(self, stage: str) -> Path:
+        return manifest_path(self.root, stage)
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        return read_manifest(self.root, stage)
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        return manifest_outputs(self.root, stage)
+
+    def write_manifest(self, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
+        return write_manifest(self.root, stage, hash, seconds, outputs)
+
+
 @dataclass(frozen=True)
-class SeedRun:
+class SeedRun(StageRecords):
     """One seed's run directory: `<output_dir>/seed-<s>/` (or `control-nobias/seed-<s>/`)."""
 
     root: Path
@@ -264,19 +283,6 @@ class SeedRun:
         """model -> task -> result, from every `eval/<model>.json`."""
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.eval_dir.glob("*.json"))}
 
-    # manifests
-    def manifest_path(self, stage: str) -> Path:
-        return manifest_path(self.root, stage)
-
-    def manifest(self, stage: str) -> dict[str, Any] | None:
-        return read_manifest(self.root, stage)
-
-    def outputs(self, stage: str) -> dict[str, Any]:
-        return manifest_outputs(self.root, stage)
-
-    def write_manifest(self, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
-        return write_manifest(self.root, stage, hash, seconds, outputs)
-
     def stage_outputs_on_disk(self, stage: str) -> list[Path]:
         """What a stage writes (removed before the stage is redone); the merge stage's models are
         the pipeline's to name (`merge` is not listed here)."""
@@ -290,7 +296,7 @@ CONTROL_DIR = "control-nobias"
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(StageRecords):
     """`<output_dir>/`: every seed's run, the config it was made with, and the report."""
 
     root: Path
@@ -322,10 +328,3 @@ class RunDir:
         if cfg.data.path == "lab" and cfg.lab.control:
             runs += [self.seed_run(s, control=True) for s in seeds[: cfg.lab.control_seeds]]
         return runs
-
-    # manifests (the report's)
-    def manifest(self, stage: str) -> dict[str, Any] | None:
-        return read_manifest(self.root, stage)
-
-    def write_manifest(self, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
-        return write_manifest(self.root, stage, hash, seconds, outputs)
