@@ -309,22 +309,18 @@ def fisher_files(run: Run, models: list[Path]) -> list[Path]:
 def validation_score(run: Run) -> Callable[[Path], float]:
     """Greedy soup's score: minus the mean loss on the held-out validation split of the training
     data (never a test benchmark: the soup would be picked on what it is judged on)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dtm.data.formats import load_conversations
     from dtm.data.template import tokenize_conversations
     from dtm.training.batches import mean_loss
+    from dtm.training.sft import load_base
 
     cfg = run.cfg
     conversations = load_conversations(run.inputs.val_data, format="auto").conversations
 
     def score(model_dir: Path) -> float:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+        model, tokenizer = load_base(model_dir, cfg)  # the trainer's loader: its checks, its pad token
         examples, _ = tokenize_conversations(conversations, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return -mean_loss(model, examples, pad)
+        return -mean_loss(model, examples, tokenizer.pad_token_id)
 
     return score
 
