@@ -369,8 +369,6 @@ def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwar
 def lm_eval_models(run: Run, models: dict[str, Any]) -> None:
     """`eval.lm_eval_tasks` through lm-evaluation-harness, into the same `eval/<model>.json` files
     (an ensemble has no lm-eval model and is skipped; an adapter runs as lm-eval's `peft=`)."""
-    import torch
-
     from dtm.evaluation.lmeval import run_lm_eval
 
     cfg = run.cfg
@@ -379,7 +377,7 @@ def lm_eval_models(run: Run, models: dict[str, Any]) -> None:
             continue
         model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
         run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,
-                    limit=cfg.eval.limit, device="cuda" if torch.cuda.is_available() else "cpu",
+                    limit=cfg.eval.limit, device="auto",
                     include_path=cfg.eval.lm_eval_include, model_args=extra)
 
 

@@ -82,7 +82,8 @@ class Scorer:
         return 0
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" (or None): the GPU when there is one, else the CPU; any other name as given."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -204,7 +205,7 @@ def load_scorer(
     if not paths:
         raise DtmError("no model given")
     refs = [resolve_model_dir(p, adapter) for p in paths]
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     tokenizer_dir = _tokenizer_dir(*refs[0])
     tokenizer = _load_tokenizer(tokenizer_dir, trust_remote_code)
     for p, ref in zip(paths[1:], refs[1:], strict=True):

@@ -53,6 +53,9 @@ def run_lm_eval(
     path = Path(model)
     if not (path / "config.json").is_file():
         raise DtmError(f"{path}: not a model directory (no config.json)")
+    from dtm.evaluation.harness import resolve_device
+
+    device = str(resolve_device(device))  # "auto" as our own evaluation means it
     args = f"pretrained={path},dtype={dtype}" + (f",{model_args}" if model_args else "")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     start = time.perf_counter()

@@ -481,15 +481,10 @@ def evaluate_models(
     elif tasks:
         by_model[str(models[0]) if len(models) == 1 else "ensemble"] = evaluate(list(models), tasks, out, ensemble=ensemble, adapter=adapter, **opts)
     if lm_eval_tasks:
-        import torch
-
         from dtm.evaluation.lmeval import run_lm_eval
 
-        device = opts.get("device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         results = run_lm_eval(models[0], list(lm_eval_tasks), out, opts.get("batch_size", 16), opts.get("limit"),
-                              device=device, include_path=lm_eval_include)
+                              device=opts.get("device", "auto"), include_path=lm_eval_include)
         by_model.setdefault(str(models[0]), {}).update(results)
     return by_model
 
