@@ -1,0 +1,608 @@
+"""Train several models of one shape in one process: K stacked parameter sets stepped together.
+
+The lab's sub-models are tiny (0.24M parameters), so a training step costs mostly per-operation
+overhead (17.5 ms a step against about 4 ms of arithmetic, `benchmarks/bench_train_overhead.py`).
+K models stepped together pay that overhead once: every trainable weight is held as one tensor
+of shape [K, ...], a forward pass is one batched matmul per layer over the K models' batches,
+and one backward gives every model its own gradient (the K losses are summed; model k's loss
+depends only on row k of each stacked weight). Frozen weights (the lab's embeddings) are held
+once.
+
+Each model keeps exactly the semantics of its separate training by `sft.train_model` (the HF
+`Trainer`): its own portion, in the order the Trainer's sampler gives it (`batch_order`: the
+seeded `SeedableRandomSampler` accelerate installs, reseeded with seed + epoch), its own batches
+from the same collator, the Trainer's loss normalisation (summed token loss over the labelled
+tokens of the whole optimizer step), its own gradient-norm clipping, its own AdamW state and
+learning-rate schedule (`transformers.get_scheduler`, warmup as `TrainingArguments` computes
+it). A model whose data ends earlier stops and is saved while the others go on. Outputs are
+the ordinary model directories (`save_pretrained`, tokenizer, `train_log.jsonl`, `fractions/`,
+`training_complete.json` last), so later stages read them unchanged. Each model checkpoints
+into its own `checkpoints/joint-<step>/` (atomically), so a killed job resumes every model
+from its own last checkpoint, and the models need not be at the same step.
+
+Why our own batched forward and not `torch.func.vmap` over the HF model: the HF Llama builds
+its attention mask with data-dependent Python control flow (packed-sequence detection), which
+vmap cannot trace. The forward here is the Llama architecture written with batched matmuls
+(`supported_model`: the checks that keep it equal to transformers'); a test compares its
+trained weights with the Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from dtm.config import ExperimentConfig
+from dtm.data.template import IGNORE_INDEX
+from dtm.errors import TrainingError
+from dtm.io import atomic_directory, atomic_write_json, make_dirs
+from dtm.rundir import CHECKPOINT_DIR, LOG_FILE, is_complete, joint_checkpoint_dir, joint_checkpoints
+from dtm.training.batches import REAL_TOKENS, Example, make_collator
+from dtm.training.sft import (
+    FractionCallback,
+    JsonlLogCallback,
+    as_conversations,
+    choose_precision,
+    fraction_sample,
+    freeze_modules,
+    load_base,
+    save_final,
+    sft_examples,
+    training_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JointJob:
+    """One model of a joint job: what `executors.Job` says, with its config resolved."""
+
+    name: str
+    data: str | Path
+    out: Path
+    seed: int
+    config: ExperimentConfig  # the job's config (its `train` overrides applied)
+    val_data: str | Path | None = None
+
+
+# ---------------------------------------------------------------- which models may join
+
+
+def joinable(config: ExperimentConfig, baseline: str | None) -> bool:
+    """A job can join a joint job: plain SFT (a sub-model, vanilla, short, a soup ingredient),
+    full fine-tuning, random batches. Penalties (L2/EWC), replay and curation keep the Trainer.
+    On a GPU the Trainer trains in mixed precision and the joint step in fp32 only, so there a
+    job joins only when the user asked for fp32 (`train.bf16: false`)."""
+    t = config.train
+    plain = (baseline in (None, "vanilla") and t.finetuning_type == "full" and not t.group_by_length
+             and not t.gradient_checkpointing)
+    return plain and (not torch.cuda.is_available() or t.bf16 is False)
+
+
+def shape_key(config: ExperimentConfig) -> tuple:
+    """Jobs with equal keys have parameters of one shape and can be stacked."""
+    t = config.train
+    return (config.model.model_name_or_path, t.finetuning_type, tuple(t.freeze_modules))
+
+
+def supported_model(model_config: Any) -> str | None:
+    """Why the batched forward cannot stand in for this model (None: it can)."""
+    c = model_config
+    rope = getattr(c, "rope_parameters", None) or {}
+    checks = {
+        "model_type is llama": c.model_type == "llama",
+        "hidden_act is silu": getattr(c, "hidden_act", None) == "silu",
+        "no attention bias": not getattr(c, "attention_bias", False),
+        "no MLP bias": not getattr(c, "mlp_bias", False),
+        "default RoPE": rope.get("rope_type", "default") == "default",
+        "no attention dropout": not getattr(c, "attention_dropout", 0.0),
+        "pretraining_tp is 1": getattr(c, "pretraining_tp", 1) == 1,
+    }
+    failed = [k for k, ok in checks.items() if not ok]
+    return None if not failed else "the joint executor's batched forward needs " + ", ".join(failed)
+
+
+# ---------------------------------------------------------------- the Trainer's batch order and schedule
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each batch of `epoch`, as the HF Trainer draws them.
+
+    The Trainer's dataloader goes through accelerate, which replaces the `RandomSampler` by a
+    `SeedableRandomSampler(data_seed=seed)` whose generator is reseeded with seed + epoch at
+    each epoch (`Trainer._inner_training_loop` calls `set_epoch(epoch)`); batches are
+    consecutive slices, the last one short. `test_batch_order_is_the_trainers` checks it
+    against a real Trainer's dataloader.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@dataclass
+class Schedule:
+    """A model's steps as the Trainer counts them, and the learning rate at each."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    lr: list[float]  # lr[s]: the learning rate of optimizer step s (0-based)
+
+    def micro_batches(self, step: int, ga: int) -> tuple[int, list[int]]:
+        """(epoch, batch indices within the epoch) of optimizer step `step`."""
+        epoch, u = divmod(step, self.steps_per_epoch)
+        return epoch, list(range(u * ga, min((u + 1) * ga, self.batches_per_epoch)))
+
+    def epoch_after(self, step: int, ga: int) -> float:
+        """`TrainerState.epoch` once `step` optimizer steps are done."""
+        if step == 0:
+            return 0.0
+        epoch, batches = self.micro_batches(step - 1, ga)
+        return epoch + (batches[-1] + 1) / self.batches_per_epoch
+
+
+def schedule(n_examples: int, config: ExperimentConfig, out: Path, seed: int) -> Schedule:
+    """Steps and learning rates exactly as `Trainer.train` sets them up for this job."""
+    from transformers import get_scheduler
+
+    t = config.train
+    batches = math.ceil(n_examples / t.per_device_train_batch_size)
+    per_epoch = max(batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0), 1)
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    args = training_arguments(config, out, seed, choose_precision(config), progress=False)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
+    sched = get_scheduler(t.lr_scheduler_type, dummy, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total)
+    lrs = [t.learning_rate * sched.lr_lambdas[0](s) for s in range(total)]
+    return Schedule(batches, per_epoch, total, lrs)
+
+
+# ---------------------------------------------------------------- the batched Llama forward
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [K, N, in] times a stacked weight [K, out, in] or a shared one [out, in]."""
+    return torch.bmm(x, w.transpose(1, 2)) if w.dim() == 3 else x @ w.T
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm, with a stacked [K, D] or shared [D] weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (w[:, None, :] if w.dim() == 2 else w) * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention_mask(position_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask: causal within a segment, and each token sees itself.
+
+    Segments are transformers' packed sequences (a new one wherever a position does not follow
+    the previous one) or, for padded batches, real tokens vs padding. The diagonal keeps a
+    row of padding from being fully masked (a NaN in the softmax); padding is never a key of
+    a real token, so it changes nothing that the loss sees.
+    """
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    eye = torch.eye(t, dtype=torch.bool, device=position_ids.device)
+    return ((causal & same) | eye)[:, None]
+
+
+def llama_logits(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 segments: torch.Tensor) -> torch.Tensor:
+    """Logits [K, B*T, V] of K Llama models on their own batches (input_ids [K, B, T]).
+
+    Every weight in `params` is stacked [K, ...] (trained) or shared (frozen, held once).
+    The same operations as transformers' `LlamaForCausalLM` with sdpa attention.
+    """
+    k, b, t = input_ids.shape
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    emb = params["model.embed_tokens.weight"]
+    h = emb[torch.arange(k, device=emb.device)[:, None, None], input_ids] if emb.dim() == 3 else F.embedding(input_ids, emb)
+    h = h.reshape(k, b * t, -1)
+    theta = cfg.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=h.device) / hd))
+    freqs = position_ids.reshape(k * b, t)[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [K*B, 1, T, hd]
+    cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
+    mask = attention_mask(position_ids.reshape(k * b, t), segments.reshape(k * b, t))
+    eps = cfg.rms_norm_eps
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        x = _rms_norm(h, params[p + "input_layernorm.weight"], eps)
+        q = _linear(x, params[p + "self_attn.q_proj.weight"]).view(k * b, t, heads, hd).transpose(1, 2)
+        kk = _linear(x, params[p + "self_attn.k_proj.weight"]).view(k * b, t, kv_heads, hd).transpose(1, 2)
+        v = _linear(x, params[p + "self_attn.v_proj.weight"]).view(k * b, t, kv_heads, hd).transpose(1, 2)
+        q, kk = q * cos + _rotate_half(q) * sin, kk * cos + _rotate_half(kk) * sin
+        if kv_heads != heads:
+            kk, v = kk.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+        a = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=hd**-0.5)
+        h = h + _linear(a.transpose(1, 2).reshape(k, b * t, heads * hd), params[p + "self_attn.o_proj.weight"])
+        x = _rms_norm(h, params[p + "post_attention_layernorm.weight"], eps)
+        gate = _linear(x, params[p + "mlp.gate_proj.weight"])
+        h = h + _linear(F.silu(gate) * _linear(x, params[p + "mlp.up_proj.weight"]), params[p + "mlp.down_proj.weight"])
+    h = _rms_norm(h, params["model.norm.weight"], eps)
+    return _linear(h, params.get("lm_head.weight", emb))
+
+
+def stack_batches(batches: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """K collated batches (packed: position_ids; padded: attention_mask) padded to one
+    [K, B, T] shape. Added positions are padding: label -100, a segment of their own."""
+    rows = max(x["input_ids"].shape[0] for x in batches)
+    width = max(x["input_ids"].shape[1] for x in batches)
+    k = len(batches)
+    ids = torch.full((k, rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((k, rows, width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.arange(width).repeat(k, rows, 1)
+    seg = torch.full((k, rows, width), -1, dtype=torch.long)
+    for i, x in enumerate(batches):
+        r, w = x["input_ids"].shape
+        ids[i, :r, :w], labels[i, :r, :w] = x["input_ids"], x["labels"]
+        if "position_ids" in x:  # packed: a new segment wherever the position does not follow on
+            p = x["position_ids"]
+            pos[i, :r, :w] = p
+            starts = torch.ones_like(p, dtype=torch.bool)
+            starts[:, 1:] = p[:, 1:] != p[:, :-1] + 1
+            seg[i, :r, :w] = starts.long().cumsum(-1)
+        else:  # padded: positions 0..T-1 (no position_ids given), real tokens one segment
+            seg[i, :r, :w] = x["attention_mask"]
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": seg}
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy per model ([K]), labels [K, B, T] shifted as transformers does."""
+    k = labels.shape[0]
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(k, -1)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+                         reduction="none")
+    return ce.view(k, -1).sum(1)
+
+
+# ---------------------------------------------------------------- stacked AdamW
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+def _per_row(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+
+
+def adamw_rows(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None,
+               lr: Sequence[float], step: Sequence[int], beta1: Sequence[float], beta2: Sequence[float],
+               eps: Sequence[float], wd: Sequence[float]) -> None:
+    """`torch.optim.AdamW`'s update, in place, on the rows (models) `rows` of stacked tensors,
+    each row with its own hyperparameters and step count (the same formula and op order as
+    torch's single-tensor AdamW; written here because torch's optimizer keeps one learning
+    rate and step count per tensor, and a row is a model)."""
+    pr, mr, vr, gr = _rows(p, rows), _rows(m, rows), _rows(v, rows), _rows(g, rows)
+    lr_t = _per_row(lr, pr)
+    b1, b2 = _per_row(beta1, pr), _per_row(beta2, pr)
+    pr.mul_(1 - lr_t * _per_row(wd, pr))
+    mr.lerp_(gr, 1 - b1)
+    vr.mul_(b2).addcmul_(gr, gr * (1 - b2))
+    bc1 = 1 - b1 ** _per_row(step, pr)
+    bc2_sqrt = (1 - b2 ** _per_row(step, pr)).sqrt()
+    denom = (vr.sqrt() / bc2_sqrt).add_(_per_row(eps, pr))
+    pr.sub_(lr_t / bc1 * mr / denom)
+    if rows is not None:
+        p[rows], m[rows], v[rows] = pr, mr, vr
+
+
+# ---------------------------------------------------------------- memory model
+
+
+def memory_plan(n_params: int, trainable: int, k: int, tokens: int, model_config: Any, bytes_per: int = 4) -> dict[str, int]:
+    """Bytes a joint job needs: the base once, K x (trained weights + gradient + AdamW's two
+    moments), and activations for K micro-batches of `tokens` tokens (the saved tensors of
+    each layer, about 16 hidden + 4 MLP widths per token, plus logits and their gradient)."""
+    c = model_config
+    per_token = c.num_hidden_layers * (16 * c.hidden_size + 4 * c.intermediate_size) + 3 * c.vocab_size
+    return {"base": n_params * bytes_per, "trained": k * trainable * 4 * bytes_per,
+            "activations": k * tokens * per_token * bytes_per}
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on the device (CUDA), or the system's available memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def check_memory(plan: dict[str, int], free: int, batch_size: int, names: Sequence[str]) -> str:
+    """The plan as one line; a `TrainingError` with a micro-batch that fits when it does not."""
+    total = sum(plan.values())
+    line = (f"joint job {', '.join(names)}: memory {total / 2**20:.0f} MiB = base {plan['base'] / 2**20:.0f} + "
+            f"{len(names)} x trained state {plan['trained'] / len(names) / 2**20:.0f} + activations "
+            f"{plan['activations'] / 2**20:.0f} MiB (free {free / 2**20:.0f} MiB)")
+    if total > 0.9 * free:
+        fixed = plan["base"] + plan["trained"]
+        per_example = plan["activations"] / max(batch_size, 1)
+        fits = int((0.9 * free - fixed) // per_example) if per_example else 0
+        hint = (f"set train.per_device_train_batch_size to {fits} (and raise gradient_accumulation_steps to keep the batch)"
+                if fits >= 1 else "train fewer models per joint job or use train.executor: local")
+        raise TrainingError(f"{line}: it will not fit; {hint}")
+    return line
+
+
+# ---------------------------------------------------------------- one model's bookkeeping
+
+
+@dataclass
+class Member:
+    job: JointJob
+    examples: list[Example]
+    n_sft: int
+    sched: Schedule
+    collate: Any
+    fractions: FractionCallback | None
+    logger: JsonlLogCallback
+    step: int = 0
+    resumed_from: int = 0
+    loss_sum: float = 0.0  # summed step losses since step 0 (train_loss = loss_sum / steps)
+    seconds: float = 0.0  # its share of the joint job's time (an iteration's time split over its models)
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0})
+    _order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches), drawn once per epoch
+
+    @property
+    def t(self):
+        return self.job.config.train
+
+    def step_batches(self) -> list[list[int]]:
+        """The example indices of each micro-batch of this model's next optimizer step."""
+        epoch, which = self.sched.micro_batches(self.step, self.t.gradient_accumulation_steps)
+        if self._order[0] != epoch:
+            self._order = (epoch, batch_order(len(self.examples), self.t.per_device_train_batch_size, self.job.seed, epoch))
+        return [self._order[1][i] for i in which]
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = True) -> list[Path]:
+    """Train `jobs` (models of one shape on one base) together; returns their output dirs.
+
+    Finished models are skipped; unfinished ones resume from their own last joint checkpoint.
+    """
+    jobs = [j for j in jobs if not is_complete(j.out)]
+    if not jobs:
+        return []
+    cfg0 = jobs[0].config
+    precision = choose_precision(cfg0)
+    carrier, tokenizer = load_base(base, cfg0, precision.load_dtype)
+    why = supported_model(carrier.config)
+    if why:
+        raise TrainingError(f"{base}: {why}; use train.executor: local")
+    if cfg0.train.freeze_modules:
+        freeze_modules(carrier, cfg0.train.freeze_modules)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    carrier.to(device)
+    members = [_member(j, base, tokenizer) for j in jobs]
+    k = len(members)
+    named = dict(carrier.named_parameters())
+    trained = [n for n, p in named.items() if p.requires_grad]
+    params = {n: (p.detach().unsqueeze(0).repeat(k, *[1] * p.dim()).requires_grad_() if n in trained else p.detach())
+              for n, p in named.items()}
+    moments = {n: (torch.zeros_like(params[n]), torch.zeros_like(params[n])) for n in trained}
+    from transformers import Trainer
+
+    decays = set(Trainer.get_decay_parameter_names(None, carrier))  # no bias/norm decay, as the Trainer's optimizer
+    longest = max(len(e["input_ids"]) for m in members for e in m.examples)
+    plan = memory_plan(sum(p.numel() for p in named.values()), sum(named[n].numel() for n in trained), k,
+                       max(m.t.per_device_train_batch_size for m in members) * longest, carrier.config)
+    line = check_memory(plan, available_memory(device), max(m.t.per_device_train_batch_size for m in members), [j.name for j in jobs])
+    log.info("%s", line)
+    if progress:
+        print(line, flush=True)
+    for i, m in enumerate(members):
+        _resume(m, i, params, moments, trained)
+        if m.fractions is not None:
+            _load_row(carrier, params, trained, i)
+            m.fractions.on_train_begin(None, SimpleNamespace(max_steps=m.sched.total_steps, global_step=m.step), None, model=carrier)
+    bar = _bar(members, progress)
+    try:
+        while True:
+            active = [i for i, m in enumerate(members) if m.step < m.sched.total_steps]
+            if not active:
+                break
+            started = time.perf_counter()
+            norms = _one_step(members, active, params, moments, trained, decays, tokenizer.pad_token_id, carrier.config)
+            share = (time.perf_counter() - started) / len(active)
+            for i, norm in zip(active, norms):
+                m = members[i]
+                m.step += 1
+                m.seconds += share
+                m.window["seconds"] += share
+                _after_step(m, i, norm, carrier, params, moments, trained)
+                if m.step == m.sched.total_steps:
+                    _finish(m, i, base, carrier, tokenizer, params, trained, [j.name for j in jobs])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(" ".join(f"{m.job.name} {m.step}/{m.sched.total_steps}" for m in members), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [j.out for j in jobs]
+
+
+def _bar(members: list[Member], progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    left = max(m.sched.total_steps - m.step for m in members)
+    return tqdm(total=left, desc=f"joint x{len(members)}", unit="step")
+
+
+def _member(job: JointJob, base: str | Path, tokenizer: Any) -> Member:
+    """A job's data, schedule and output bookkeeping (the same as `train_model` builds)."""
+    cfg = job.config
+    examples = sft_examples(as_conversations(job.data, cfg), tokenizer, cfg, name=f"{job.name} ({job.data})")
+    val = sft_examples(as_conversations(job.val_data, cfg), tokenizer, cfg, name="validation data") if job.val_data else None
+    make_dirs(job.out, "creating the model's output directory")
+    t = cfg.train
+    fractions = None
+    if t.save_fractions:
+        fractions = FractionCallback(job.out, t.save_fractions, tokenizer, fraction_sample(examples, job.seed, t.fraction_eval_samples),
+                                     val, tokenizer.pad_token_id)
+    resume = _last_checkpoint(job.out)
+    logger = JsonlLogCallback(job.out / LOG_FILE, resume[0] if resume else 0)
+    return Member(job, examples, len(examples), schedule(len(examples), cfg, job.out, job.seed),
+                  make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
+
+
+def _one_step(members: list[Member], active: list[int], params: dict[str, torch.Tensor], moments: dict, trained: list[str],
+              decays: set[str], pad_id: int, model_config: Any) -> list[float]:
+    """One optimizer step of every active model; returns their gradient norms before clipping."""
+    device = next(iter(params.values())).device
+    micro = {i: members[i].step_batches() for i in active}
+    collated = {i: [members[i].collate([members[i].examples[j] for j in b]) for b in micro[i]] for i in active}
+    # the Trainer's normalisation: the step's summed token loss over its labelled (shifted) tokens
+    items = {i: sum(int(x["labels"][..., 1:].ne(IGNORE_INDEX).sum()) for x in collated[i]) for i in active}
+    step_loss = dict.fromkeys(active, 0.0)
+    for j in range(max(len(v) for v in micro.values())):
+        rows = [i for i in active if j < len(micro[i])]
+        batch = {n: v.to(device) for n, v in stack_batches([collated[i][j] for i in rows], pad_id).items()}
+        idx = None if rows == list(range(len(members))) else torch.tensor(rows, device=device)
+        view = {n: (_rows(p, idx) if n in moments else p) for n, p in params.items()}
+        logits = llama_logits(view, model_config, batch["input_ids"], batch["position_ids"], batch["segments"])
+        losses = token_losses(logits, batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
+        if not torch.isfinite(losses.detach()).all():
+            bad = [members[i].job.name for i, x in zip(rows, losses.tolist()) if not math.isfinite(x)]
+            raise TrainingError(f"{', '.join(bad)}: non-finite loss at step {members[rows[0]].step + 1}; lower train.learning_rate")
+        losses.sum().backward()
+        for i, x in zip(rows, losses.detach().tolist()):
+            step_loss[i] += x
+        for i in rows:
+            members[i].window["tokens"] += collated[i][j][REAL_TOKENS]
+    idx = None if active == list(range(len(members))) else torch.tensor(active, device=device)
+    grads = {n: _rows(params[n].grad, idx) for n in trained}
+    # per model, never across models: the norm of model k's gradients alone (clip_grad_norm_'s formula)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    clip = torch.tensor([members[i].t.max_grad_norm for i in active], device=device)
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+    hp = {key: [getattr(members[i].t, key) for i in active] for key in ("adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")}
+    lrs = [members[i].sched.lr[members[i].step] for i in active]
+    steps = [members[i].step + 1 for i in active]
+    with torch.no_grad():
+        for n in trained:
+            g = grads[n] * coef.view(-1, *[1] * (grads[n].dim() - 1))
+            m, v = moments[n]
+            wd = hp["weight_decay"] if n in decays else [0.0] * len(active)
+            adamw_rows(params[n].data, g, m, v, idx, lrs, steps, hp["adam_beta1"], hp["adam_beta2"], hp["adam_epsilon"], wd)
+            params[n].grad = None
+    for i in active:
+        members[i].loss_sum += step_loss[i]
+        members[i].window["loss"] += step_loss[i]
+        members[i].window["steps"] += 1
+    return norms.tolist()
+
+
+def _load_row(carrier: torch.nn.Module, params: dict[str, torch.Tensor], trained: list[str], i: int) -> None:
+    """Put model i's trained weights into the carrier (an HF model that saves and evaluates them)."""
+    named = dict(carrier.named_parameters())
+    with torch.no_grad():
+        for n in trained:
+            named[n].copy_(params[n][i])
+
+
+def _after_step(m: Member, i: int, norm: float, carrier, params, moments, trained) -> None:
+    """Log, snapshot at save_fractions, checkpoint: what the Trainer's callbacks do after a step."""
+    t = m.t
+    epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
+    if m.step == 1 or m.step % t.logging_steps == 0:
+        w = m.window
+        logs = {"loss": w["loss"] / max(w["steps"], 1), "grad_norm": norm, "learning_rate": m.sched.lr[m.step - 1],
+                "tokens_per_second": round(w["tokens"] / max(w["seconds"], 1e-9), 1)}
+        m.logger.on_log(None, SimpleNamespace(global_step=m.step, epoch=epoch), None, logs=logs)
+        m.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+    if m.fractions is not None and m.step in m.fractions.targets:
+        _load_row(carrier, params, trained, i)
+        m.fractions.on_step_end(None, SimpleNamespace(global_step=m.step), None, model=carrier)
+    if m.step % t.save_steps == 0 and m.step < m.sched.total_steps:
+        _checkpoint(m, i, params, moments, trained)
+
+
+def _checkpoint(m: Member, i: int, params, moments, trained) -> None:
+    """Model i's weights, AdamW moments and counters into `checkpoints/joint-<step>/`, atomically;
+    older ones beyond `save_total_limit` are removed."""
+    tensors = {}
+    for n in trained:
+        tensors[f"param/{n}"] = params[n][i].detach().contiguous().cpu()
+        tensors[f"exp_avg/{n}"] = moments[n][0][i].contiguous().cpu()
+        tensors[f"exp_avg_sq/{n}"] = moments[n][1][i].contiguous().cpu()
+    target = joint_checkpoint_dir(m.job.out, m.step)
+    with atomic_directory(target, overwrite=True) as tmp:
+        save_file(tensors, tmp / "state.safetensors")
+        atomic_write_json(tmp / "state.json", {"step": m.step, "loss_sum": m.loss_sum, "seconds": m.seconds})
+    for _, old in joint_checkpoints(m.job.out)[: -m.t.save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
+    """The newest joint checkpoint with a readable state.json (written inside the atomic dir)."""
+    for step, d in reversed(joint_checkpoints(out)):
+        try:
+            json.loads((d / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        return step, d
+    return None
+
+
+def _resume(m: Member, i: int, params, moments, trained) -> None:
+    found = _last_checkpoint(m.job.out)
+    if found is None:
+        return
+    step, d = found
+    state = json.loads((d / "state.json").read_text())
+    tensors = load_file(d / "state.safetensors")
+    with torch.no_grad():
+        for n in trained:
+            params[n][i].copy_(tensors[f"param/{n}"])
+            moments[n][0][i].copy_(tensors[f"exp_avg/{n}"])
+            moments[n][1][i].copy_(tensors[f"exp_avg_sq/{n}"])
+    m.step = m.resumed_from = step
+    m.loss_sum, m.seconds = state["loss_sum"], state["seconds"]
+    log.info("%s: resuming from %s", m.job.name, d)
+
+
+def _finish(m: Member, i: int, base, carrier, tokenizer, params, trained, group: list[str]) -> None:
+    """Save model i as `train_model` would: weights, tokenizer, then the completion marker."""
+    _load_row(carrier, params, trained, i)
+    t = m.t
+    tokens_per_epoch = sum(len(e["input_ids"]) for e in m.examples)
+    epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
+    summary = {
+        "name": m.job.name, "base": str(base), "finetuning_type": t.finetuning_type, "seed": m.job.seed,
+        "examples": m.n_sft, "replay_examples": 0, "regularizer": None, "steps": m.step,
+        "tokens_per_epoch": tokens_per_epoch, "trained_tokens": round(tokens_per_epoch * epoch),
+        "train_loss": m.loss_sum / max(m.step, 1), "seconds": round(m.seconds, 2), "resumed_from_step": m.resumed_from,
+        "config": t.model_dump(mode="json"), "executor": "joint", "joint_with": [n for n in group if n != m.job.name],
+    }
+    save_final(carrier, tokenizer, m.job.out, summary)
+    if not t.keep_checkpoints:
+        shutil.rmtree(m.job.out / CHECKPOINT_DIR, ignore_errors=True)
