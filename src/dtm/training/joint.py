@@ -34,7 +34,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -382,14 +382,17 @@ class Member:
 # ---------------------------------------------------------------- the entry point
 
 
-def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = True) -> list[Path]:
+def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = True,
+                on_step: Callable[[str, int], None] | None = None) -> list[Path]:
     """Train `jobs` (models of one shape on one base) together; returns their output dirs.
 
     Finished models are skipped; unfinished ones resume from their own last joint checkpoint.
+    `on_step(name, step)` is called after each model's step (once its checkpoint is written).
     """
+    every = [j.out for j in jobs]
     jobs = [j for j in jobs if not is_complete(j.out)]
     if not jobs:
-        return []
+        return every
     cfg0 = jobs[0].config
     precision = choose_precision(cfg0)
     carrier, tokenizer = load_base(base, cfg0, precision.load_dtype)
@@ -437,6 +440,8 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
                 m.seconds += share
                 m.window["seconds"] += share
                 _after_step(m, i, norm, carrier, params, moments, trained)
+                if on_step is not None:
+                    on_step(m.job.name, m.step)
                 if m.step == m.sched.total_steps:
                     _finish(m, i, base, carrier, tokenizer, params, trained, [j.name for j in jobs])
             if bar is not None:
@@ -445,7 +450,7 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     finally:
         if bar is not None:
             bar.close()
-    return [j.out for j in jobs]
+    return every
 
 
 def _bar(members: list[Member], progress: bool):
