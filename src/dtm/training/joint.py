@@ -274,36 +274,70 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.view(k, -1).sum(1)
 
 
-# ---------------------------------------------------------------- stacked AdamW
+# ---------------------------------------------------------------- the K models' weights and AdamW
 
 
-def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return t if rows is None else t[rows]
+@dataclass
+class Stack:
+    """The trained weights of K models as one [K, P] tensor (one row per model, each weight a
+    view into it), AdamW's moments alike, and the frozen weights once.
+
+    One buffer, so that clipping and the AdamW update are a dozen operations per step over
+    all weights (as torch's fused AdamW does for one model), not a dozen per weight tensor.
+    """
+
+    flat: torch.Tensor  # [K, P], a leaf: its .grad holds every model's gradients
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    layout: dict[str, tuple[int, int, torch.Size]]  # trained weight -> (start, end, shape) in a row
+    shared: dict[str, torch.Tensor]  # frozen weights, held once
+    decay: torch.Tensor  # [P]: 1 where weight decay applies (not biases and norms, as the Trainer)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, k: int, decayed: set[str]) -> Stack:
+        named = dict(model.named_parameters())
+        layout, start = {}, 0
+        for n, p in named.items():
+            if p.requires_grad:
+                layout[n] = (start, start + p.numel(), p.shape)
+                start += p.numel()
+        row = torch.cat([named[n].detach().reshape(-1) for n in layout])
+        flat = row.repeat(k, 1).requires_grad_()
+        decay = torch.cat([torch.full((p.numel(),), float(n in decayed), device=row.device) for n, p in named.items() if n in layout])
+        return cls(flat, torch.zeros_like(row).repeat(k, 1), torch.zeros_like(row).repeat(k, 1), layout,
+                   {n: p.detach() for n, p in named.items() if n not in layout}, decay)
+
+    def weights(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every weight by name for `llama_logits`: trained ones [k, ...] for the rows (models) given."""
+        src = self.flat if rows is None else self.flat[rows]
+        return self.shared | {n: src[:, a:b].view(-1, *shape) for n, (a, b, shape) in self.layout.items()}
+
+    def row(self, i: int) -> dict[str, torch.Tensor]:
+        """Model i's trained weights by name (views)."""
+        return {n: self.flat[i, a:b].view(shape) for n, (a, b, shape) in self.layout.items()}
 
 
-def _per_row(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+def adamw_rows(s: Stack, rows: torch.Tensor | None, grad: torch.Tensor, lr: Sequence[float], step: Sequence[int],
+               beta1: Sequence[float], beta2: Sequence[float], eps: Sequence[float], wd: Sequence[float]) -> None:
+    """`torch.optim.AdamW`'s update, in place, on the rows (models) `rows` of the stack, each
+    row with its own hyperparameters and step count (the same formula and op order as torch's
+    single-tensor AdamW; written here because torch's optimizer keeps one learning rate and
+    step count per tensor, and a row is a model). `grad` holds the rows' clipped gradients."""
+    p, m, v = (t if rows is None else t[rows] for t in (s.flat.data, s.exp_avg, s.exp_avg_sq))
 
+    def col(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=p.dtype, device=p.device)[:, None]
 
-def adamw_rows(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None,
-               lr: Sequence[float], step: Sequence[int], beta1: Sequence[float], beta2: Sequence[float],
-               eps: Sequence[float], wd: Sequence[float]) -> None:
-    """`torch.optim.AdamW`'s update, in place, on the rows (models) `rows` of stacked tensors,
-    each row with its own hyperparameters and step count (the same formula and op order as
-    torch's single-tensor AdamW; written here because torch's optimizer keeps one learning
-    rate and step count per tensor, and a row is a model)."""
-    pr, mr, vr, gr = _rows(p, rows), _rows(m, rows), _rows(v, rows), _rows(g, rows)
-    lr_t = _per_row(lr, pr)
-    b1, b2 = _per_row(beta1, pr), _per_row(beta2, pr)
-    pr.mul_(1 - lr_t * _per_row(wd, pr))
-    mr.lerp_(gr, 1 - b1)
-    vr.mul_(b2).addcmul_(gr, gr * (1 - b2))
-    bc1 = 1 - b1 ** _per_row(step, pr)
-    bc2_sqrt = (1 - b2 ** _per_row(step, pr)).sqrt()
-    denom = (vr.sqrt() / bc2_sqrt).add_(_per_row(eps, pr))
-    pr.sub_(lr_t / bc1 * mr / denom)
+    lr_t, b1, b2 = col(lr), col(beta1), col(beta2)
+    p.mul_(1 - lr_t * col(wd) * s.decay)
+    m.lerp_(grad, 1 - b1)
+    v.mul_(b2).addcmul_(grad, grad * (1 - b2))
+    bc1 = 1 - b1 ** col(step)
+    bc2_sqrt = (1 - b2 ** col(step)).sqrt()
+    denom = (v.sqrt() / bc2_sqrt).add_(col(eps))
+    p.sub_(lr_t / bc1 * m / denom)
     if rows is not None:
-        p[rows], m[rows], v[rows] = pr, mr, vr
+        s.flat.data[rows], s.exp_avg[rows], s.exp_avg_sq[rows] = p, m, v
 
 
 # ---------------------------------------------------------------- memory model
@@ -394,56 +428,45 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     if not jobs:
         return every
     cfg0 = jobs[0].config
-    precision = choose_precision(cfg0)
-    carrier, tokenizer = load_base(base, cfg0, precision.load_dtype)
+    carrier, tokenizer = load_base(base, cfg0, choose_precision(cfg0).load_dtype)
     why = supported_model(carrier.config)
     if why:
         raise TrainingError(f"{base}: {why}; use train.executor: local")
     if cfg0.train.freeze_modules:
         freeze_modules(carrier, cfg0.train.freeze_modules)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    carrier.to(device)
-    members = [_member(j, base, tokenizer) for j in jobs]
-    k = len(members)
-    named = dict(carrier.named_parameters())
-    trained = [n for n, p in named.items() if p.requires_grad]
-    params = {n: (p.detach().unsqueeze(0).repeat(k, *[1] * p.dim()).requires_grad_() if n in trained else p.detach())
-              for n, p in named.items()}
-    moments = {n: (torch.zeros_like(params[n]), torch.zeros_like(params[n])) for n in trained}
+    carrier.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    members = [_member(j, tokenizer) for j in jobs]
     from transformers import Trainer
 
-    decays = set(Trainer.get_decay_parameter_names(None, carrier))  # no bias/norm decay, as the Trainer's optimizer
+    stack = Stack.of(carrier, len(members), set(Trainer.get_decay_parameter_names(None, carrier)))
+    batch = max(m.t.per_device_train_batch_size for m in members)
     longest = max(len(e["input_ids"]) for m in members for e in m.examples)
-    plan = memory_plan(sum(p.numel() for p in named.values()), sum(named[n].numel() for n in trained), k,
-                       max(m.t.per_device_train_batch_size for m in members) * longest, carrier.config)
-    line = check_memory(plan, available_memory(device), max(m.t.per_device_train_batch_size for m in members), [j.name for j in jobs])
+    plan = memory_plan(sum(p.numel() for p in carrier.parameters()), stack.flat.shape[1], len(members), batch * longest, carrier.config)
+    line = check_memory(plan, available_memory(stack.flat.device), batch, [j.name for j in jobs])
     log.info("%s", line)
     if progress:
         print(line, flush=True)
     for i, m in enumerate(members):
-        _resume(m, i, params, moments, trained)
+        _resume(m, i, stack)
         if m.fractions is not None:
-            _load_row(carrier, params, trained, i)
+            _load_row(carrier, stack, i)
             m.fractions.on_train_begin(None, SimpleNamespace(max_steps=m.sched.total_steps, global_step=m.step), None, model=carrier)
     bar = _bar(members, progress)
     try:
-        while True:
-            active = [i for i, m in enumerate(members) if m.step < m.sched.total_steps]
-            if not active:
-                break
+        while active := [i for i, m in enumerate(members) if m.step < m.sched.total_steps]:
             started = time.perf_counter()
-            norms = _one_step(members, active, params, moments, trained, decays, tokenizer.pad_token_id, carrier.config)
+            norms = _one_step(members, active, stack, tokenizer.pad_token_id, carrier.config)
             share = (time.perf_counter() - started) / len(active)
             for i, norm in zip(active, norms):
                 m = members[i]
                 m.step += 1
                 m.seconds += share
                 m.window["seconds"] += share
-                _after_step(m, i, norm, carrier, params, moments, trained)
+                _after_step(m, i, norm, carrier, stack)
                 if on_step is not None:
                     on_step(m.job.name, m.step)
                 if m.step == m.sched.total_steps:
-                    _finish(m, i, base, carrier, tokenizer, params, trained, [j.name for j in jobs])
+                    _finish(m, i, base, carrier, tokenizer, stack, [j.name for j in jobs])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(" ".join(f"{m.job.name} {m.step}/{m.sched.total_steps}" for m in members), refresh=False)
@@ -462,7 +485,7 @@ def _bar(members: list[Member], progress: bool):
     return tqdm(total=left, desc=f"joint x{len(members)}", unit="step")
 
 
-def _member(job: JointJob, base: str | Path, tokenizer: Any) -> Member:
+def _member(job: JointJob, tokenizer: Any) -> Member:
     """A job's data, schedule and output bookkeeping (the same as `train_model` builds)."""
     cfg = job.config
     examples = sft_examples(as_conversations(job.data, cfg), tokenizer, cfg, name=f"{job.name} ({job.data})")
@@ -479,46 +502,41 @@ def _member(job: JointJob, base: str | Path, tokenizer: Any) -> Member:
                   make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
 
 
-def _one_step(members: list[Member], active: list[int], params: dict[str, torch.Tensor], moments: dict, trained: list[str],
-              decays: set[str], pad_id: int, model_config: Any) -> list[float]:
+def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: int, model_config: Any) -> list[float]:
     """One optimizer step of every active model; returns their gradient norms before clipping."""
-    device = next(iter(params.values())).device
+    device = stack.flat.device
     micro = {i: members[i].step_batches() for i in active}
     collated = {i: [members[i].collate([members[i].examples[j] for j in b]) for b in micro[i]] for i in active}
     # the Trainer's normalisation: the step's summed token loss over its labelled (shifted) tokens
     items = {i: sum(int(x["labels"][..., 1:].ne(IGNORE_INDEX).sum()) for x in collated[i]) for i in active}
     step_loss = dict.fromkeys(active, 0.0)
+    everyone = list(range(len(members)))
     for j in range(max(len(v) for v in micro.values())):
         rows = [i for i in active if j < len(micro[i])]
         batch = {n: v.to(device) for n, v in stack_batches([collated[i][j] for i in rows], pad_id).items()}
-        idx = None if rows == list(range(len(members))) else torch.tensor(rows, device=device)
-        view = {n: (_rows(p, idx) if n in moments else p) for n, p in params.items()}
-        logits = llama_logits(view, model_config, batch["input_ids"], batch["position_ids"], batch["segments"])
+        weights = stack.weights(None if rows == everyone else torch.tensor(rows, device=device))
+        logits = llama_logits(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"])
         losses = token_losses(logits, batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
-        if not torch.isfinite(losses.detach()).all():
-            bad = [members[i].job.name for i, x in zip(rows, losses.tolist()) if not math.isfinite(x)]
-            raise TrainingError(f"{', '.join(bad)}: non-finite loss at step {members[rows[0]].step + 1}; lower train.learning_rate")
+        values = losses.detach().tolist()
+        bad = [members[i].job.name for i, x in zip(rows, values) if not math.isfinite(x)]
+        if bad:
+            raise TrainingError(f"{', '.join(bad)}: loss is not finite at step {members[rows[0]].step + 1}; lower "
+                                "train.learning_rate, or check the base model's weights for NaN/inf")
         losses.sum().backward()
-        for i, x in zip(rows, losses.detach().tolist()):
+        for i, x in zip(rows, values):
             step_loss[i] += x
-        for i in rows:
             members[i].window["tokens"] += collated[i][j][REAL_TOKENS]
-    idx = None if active == list(range(len(members))) else torch.tensor(active, device=device)
-    grads = {n: _rows(params[n].grad, idx) for n in trained}
-    # per model, never across models: the norm of model k's gradients alone (clip_grad_norm_'s formula)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    idx = None if active == everyone else torch.tensor(active, device=device)
+    grad = stack.flat.grad if idx is None else stack.flat.grad[idx]
+    stack.flat.grad = None
+    # per model, never across models: the norm of model k's gradients alone (clip_grad_norm_'s rule)
+    norms = grad.pow(2).sum(1).sqrt()
     clip = torch.tensor([members[i].t.max_grad_norm for i in active], device=device)
-    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
-    hp = {key: [getattr(members[i].t, key) for i in active] for key in ("adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")}
-    lrs = [members[i].sched.lr[members[i].step] for i in active]
-    steps = [members[i].step + 1 for i in active]
+    grad = grad * (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    t = [members[i].t for i in active]
     with torch.no_grad():
-        for n in trained:
-            g = grads[n] * coef.view(-1, *[1] * (grads[n].dim() - 1))
-            m, v = moments[n]
-            wd = hp["weight_decay"] if n in decays else [0.0] * len(active)
-            adamw_rows(params[n].data, g, m, v, idx, lrs, steps, hp["adam_beta1"], hp["adam_beta2"], hp["adam_epsilon"], wd)
-            params[n].grad = None
+        adamw_rows(stack, idx, grad, [members[i].sched.lr[members[i].step] for i in active], [members[i].step + 1 for i in active],
+                   [x.adam_beta1 for x in t], [x.adam_beta2 for x in t], [x.adam_epsilon for x in t], [x.weight_decay for x in t])
     for i in active:
         members[i].loss_sum += step_loss[i]
         members[i].window["loss"] += step_loss[i]
@@ -526,15 +544,15 @@ def _one_step(members: list[Member], active: list[int], params: dict[str, torch.
     return norms.tolist()
 
 
-def _load_row(carrier: torch.nn.Module, params: dict[str, torch.Tensor], trained: list[str], i: int) -> None:
+def _load_row(carrier: torch.nn.Module, stack: Stack, i: int) -> None:
     """Put model i's trained weights into the carrier (an HF model that saves and evaluates them)."""
     named = dict(carrier.named_parameters())
     with torch.no_grad():
-        for n in trained:
-            named[n].copy_(params[n][i])
+        for n, w in stack.row(i).items():
+            named[n].copy_(w)
 
 
-def _after_step(m: Member, i: int, norm: float, carrier, params, moments, trained) -> None:
+def _after_step(m: Member, i: int, norm: float, carrier: torch.nn.Module, stack: Stack) -> None:
     """Log, snapshot at save_fractions, checkpoint: what the Trainer's callbacks do after a step."""
     t = m.t
     epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
@@ -545,24 +563,20 @@ def _after_step(m: Member, i: int, norm: float, carrier, params, moments, traine
         m.logger.on_log(None, SimpleNamespace(global_step=m.step, epoch=epoch), None, logs=logs)
         m.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     if m.fractions is not None and m.step in m.fractions.targets:
-        _load_row(carrier, params, trained, i)
+        _load_row(carrier, stack, i)
         m.fractions.on_step_end(None, SimpleNamespace(global_step=m.step), None, model=carrier)
     if m.step % t.save_steps == 0 and m.step < m.sched.total_steps:
-        _checkpoint(m, i, params, moments, trained)
+        _checkpoint(m, i, stack)
 
 
-def _checkpoint(m: Member, i: int, params, moments, trained) -> None:
+def _checkpoint(m: Member, i: int, stack: Stack) -> None:
     """Model i's weights, AdamW moments and counters into `checkpoints/joint-<step>/`, atomically;
     older ones beyond `save_total_limit` are removed."""
-    tensors = {}
-    for n in trained:
-        tensors[f"param/{n}"] = params[n][i].detach().contiguous().cpu()
-        tensors[f"exp_avg/{n}"] = moments[n][0][i].contiguous().cpu()
-        tensors[f"exp_avg_sq/{n}"] = moments[n][1][i].contiguous().cpu()
-    target = joint_checkpoint_dir(m.job.out, m.step)
-    with atomic_directory(target, overwrite=True) as tmp:
-        save_file(tensors, tmp / "state.safetensors")
-        atomic_write_json(tmp / "state.json", {"step": m.step, "loss_sum": m.loss_sum, "seconds": m.seconds})
+    tensors = {"param": stack.flat[i].detach().cpu(), "exp_avg": stack.exp_avg[i].cpu(), "exp_avg_sq": stack.exp_avg_sq[i].cpu()}
+    state = {"step": m.step, "loss_sum": m.loss_sum, "seconds": m.seconds, "weights": list(stack.layout)}
+    with atomic_directory(joint_checkpoint_dir(m.job.out, m.step), overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
+        atomic_write_json(tmp / "state.json", state)
     for _, old in joint_checkpoints(m.job.out)[: -m.t.save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -578,26 +592,28 @@ def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
     return None
 
 
-def _resume(m: Member, i: int, params, moments, trained) -> None:
+def _resume(m: Member, i: int, stack: Stack) -> None:
     found = _last_checkpoint(m.job.out)
     if found is None:
         return
     step, d = found
     state = json.loads((d / "state.json").read_text())
+    if state.get("weights") != list(stack.layout):
+        raise TrainingError(f"{d}: this checkpoint holds other weights than the model now trains "
+                            "(train.freeze_modules changed?); delete the checkpoints directory to start afresh")
     tensors = load_file(d / "state.safetensors")
     with torch.no_grad():
-        for n in trained:
-            params[n][i].copy_(tensors[f"param/{n}"])
-            moments[n][0][i].copy_(tensors[f"exp_avg/{n}"])
-            moments[n][1][i].copy_(tensors[f"exp_avg_sq/{n}"])
+        stack.flat[i].copy_(tensors["param"])
+        stack.exp_avg[i].copy_(tensors["exp_avg"])
+        stack.exp_avg_sq[i].copy_(tensors["exp_avg_sq"])
     m.step = m.resumed_from = step
     m.loss_sum, m.seconds = state["loss_sum"], state["seconds"]
     log.info("%s: resuming from %s", m.job.name, d)
 
 
-def _finish(m: Member, i: int, base, carrier, tokenizer, params, trained, group: list[str]) -> None:
+def _finish(m: Member, i: int, base: str | Path, carrier: torch.nn.Module, tokenizer: Any, stack: Stack, group: list[str]) -> None:
     """Save model i as `train_model` would: weights, tokenizer, then the completion marker."""
-    _load_row(carrier, params, trained, i)
+    _load_row(carrier, stack, i)
     t = m.t
     tokens_per_epoch = sum(len(e["input_ids"]) for e in m.examples)
     epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
