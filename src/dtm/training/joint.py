@@ -53,6 +53,7 @@ from dtm.training.batches import REAL_TOKENS, Example, make_collator
 from dtm.training.sft import (
     FractionCallback,
     JsonlLogCallback,
+    apply_lora,
     as_conversations,
     choose_precision,
     fraction_sample,
@@ -81,21 +82,25 @@ class JointJob:
 # ---------------------------------------------------------------- which models may join
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the batched forward's adapters
+
+
 def joinable(config: ExperimentConfig, baseline: str | None) -> bool:
     """A job can join a joint job: plain SFT (a sub-model, vanilla, short, a soup ingredient),
-    full fine-tuning, random batches. Penalties (L2/EWC), replay and curation keep the Trainer.
-    On a GPU the Trainer trains in mixed precision and the joint step in fp32 only, so there a
-    job joins only when the user asked for fp32 (`train.bf16: false`)."""
+    full fine-tuning or LoRA on the layers' projections, random batches. Penalties (L2/EWC),
+    replay and curation keep the Trainer. On a GPU the Trainer trains in mixed precision and
+    the joint step in fp32 only, so there a job joins only with `train.bf16: false`."""
     t = config.train
-    plain = (baseline in (None, "vanilla") and t.finetuning_type == "full" and not t.group_by_length
-             and not t.gradient_checkpointing)
+    shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
+    plain = baseline in (None, "vanilla") and shape_ok and not t.group_by_length and not t.gradient_checkpointing
     return plain and (not torch.cuda.is_available() or t.bf16 is False)
 
 
 def shape_key(config: ExperimentConfig) -> tuple:
     """Jobs with equal keys have parameters of one shape and can be stacked."""
     t = config.train
-    return (config.model.model_name_or_path, t.finetuning_type, tuple(t.freeze_modules))
+    lora = t.lora.model_dump() if t.finetuning_type == "lora" else None
+    return (config.model.model_name_or_path, t.finetuning_type, tuple(t.freeze_modules), json.dumps(lora, sort_keys=True))
 
 
 def supported_model(model_config: Any) -> str | None:
@@ -203,12 +208,32 @@ def attention_mask(position_ids: torch.Tensor, segments: torch.Tensor) -> torch.
     return ((causal & same) | eye)[:, None]
 
 
+@dataclass
+class Lora:
+    """LoRA's scale (alpha / r) and dropout, as PEFT applies them: W x + B A dropout(x) * scale."""
+
+    scale: float
+    dropout: float
+
+
+def _proj(x: torch.Tensor, params: dict[str, torch.Tensor], name: str, lora: Lora | None) -> torch.Tensor:
+    """A projection layer: its (shared or stacked) weight, plus model k's adapter when it has one."""
+    y = _linear(x, params[name + ".weight"])
+    a = params.get(name + ".lora_A")
+    if a is None or lora is None:
+        return y
+    x = F.dropout(x, lora.dropout) if lora.dropout else x
+    return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), params[name + ".lora_B"].transpose(1, 2)) * lora.scale
+
+
 def llama_logits(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 segments: torch.Tensor) -> torch.Tensor:
+                 segments: torch.Tensor, lora: Lora | None = None) -> torch.Tensor:
     """Logits [K, B*T, V] of K Llama models on their own batches (input_ids [K, B, T]).
 
-    Every weight in `params` is stacked [K, ...] (trained) or shared (frozen, held once).
-    The same operations as transformers' `LlamaForCausalLM` with sdpa attention.
+    Every weight in `params` is stacked [K, ...] (trained) or shared (frozen, held once);
+    `<layer>.lora_A` [K, r, in] and `<layer>.lora_B` [K, out, r] are the K models' adapters
+    (LoRA: the base's matmul runs once over all K batches, each adapter on its own model's rows).
+    The same operations as transformers' `LlamaForCausalLM` with sdpa attention (and PEFT's LoRA).
     """
     k, b, t = input_ids.shape
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -226,17 +251,17 @@ def llama_logits(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Ten
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         x = _rms_norm(h, params[p + "input_layernorm.weight"], eps)
-        q = _linear(x, params[p + "self_attn.q_proj.weight"]).view(k * b, t, heads, hd).transpose(1, 2)
-        kk = _linear(x, params[p + "self_attn.k_proj.weight"]).view(k * b, t, kv_heads, hd).transpose(1, 2)
-        v = _linear(x, params[p + "self_attn.v_proj.weight"]).view(k * b, t, kv_heads, hd).transpose(1, 2)
+        q = _proj(x, params, p + "self_attn.q_proj", lora).view(k * b, t, heads, hd).transpose(1, 2)
+        kk = _proj(x, params, p + "self_attn.k_proj", lora).view(k * b, t, kv_heads, hd).transpose(1, 2)
+        v = _proj(x, params, p + "self_attn.v_proj", lora).view(k * b, t, kv_heads, hd).transpose(1, 2)
         q, kk = q * cos + _rotate_half(q) * sin, kk * cos + _rotate_half(kk) * sin
         if kv_heads != heads:
             kk, v = kk.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
         a = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=hd**-0.5)
-        h = h + _linear(a.transpose(1, 2).reshape(k, b * t, heads * hd), params[p + "self_attn.o_proj.weight"])
+        h = h + _proj(a.transpose(1, 2).reshape(k, b * t, heads * hd), params, p + "self_attn.o_proj", lora)
         x = _rms_norm(h, params[p + "post_attention_layernorm.weight"], eps)
-        gate = _linear(x, params[p + "mlp.gate_proj.weight"])
-        h = h + _linear(F.silu(gate) * _linear(x, params[p + "mlp.up_proj.weight"]), params[p + "mlp.down_proj.weight"])
+        gate = _proj(x, params, p + "mlp.gate_proj", lora)
+        h = h + _proj(F.silu(gate) * _proj(x, params, p + "mlp.up_proj", lora), params, p + "mlp.down_proj", lora)
     h = _rms_norm(h, params["model.norm.weight"], eps)
     return _linear(h, params.get("lm_head.weight", emb))
 
@@ -293,28 +318,41 @@ class Stack:
     shared: dict[str, torch.Tensor]  # frozen weights, held once
     decay: torch.Tensor  # [P]: 1 where weight decay applies (not biases and norms, as the Trainer)
 
+    names: dict[str, str]  # a trained weight's name in the carrier -> its name in `llama_logits`
+
     @classmethod
-    def of(cls, model: torch.nn.Module, k: int, decayed: set[str]) -> Stack:
+    def of(cls, model: torch.nn.Module, rows: Sequence[dict[str, torch.Tensor]], decayed: set[str]) -> Stack:
+        """The stack of len(rows) models: model k starts from rows[k] (its trained weights by
+        name; for LoRA its own adapter initialisation), the frozen weights from `model`."""
         named = dict(model.named_parameters())
         layout, start = {}, 0
         for n, p in named.items():
             if p.requires_grad:
                 layout[n] = (start, start + p.numel(), p.shape)
                 start += p.numel()
-        row = torch.cat([named[n].detach().reshape(-1) for n in layout])
-        flat = row.repeat(k, 1).requires_grad_()
-        decay = torch.cat([torch.full((p.numel(),), float(n in decayed), device=row.device) for n, p in named.items() if n in layout])
-        return cls(flat, torch.zeros_like(row).repeat(k, 1), torch.zeros_like(row).repeat(k, 1), layout,
-                   {n: p.detach() for n, p in named.items() if n not in layout}, decay)
+        flat = torch.stack([torch.cat([r[n].reshape(-1) for n in layout]) for r in rows]).to(next(model.parameters()).device)
+        decay = torch.cat([torch.full((named[n].numel(),), float(n in decayed), device=flat.device) for n in layout])
+        return cls(flat.requires_grad_(), torch.zeros_like(flat), torch.zeros_like(flat), layout,
+                   {forward_name(n): p.detach() for n, p in named.items() if n not in layout}, decay,
+                   {n: forward_name(n) for n in layout})
 
     def weights(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Every weight by name for `llama_logits`: trained ones [k, ...] for the rows (models) given."""
         src = self.flat if rows is None else self.flat[rows]
-        return self.shared | {n: src[:, a:b].view(-1, *shape) for n, (a, b, shape) in self.layout.items()}
+        return self.shared | {self.names[n]: src[:, a:b].view(-1, *shape) for n, (a, b, shape) in self.layout.items()}
 
     def row(self, i: int) -> dict[str, torch.Tensor]:
-        """Model i's trained weights by name (views)."""
+        """Model i's trained weights by their names in the carrier (views)."""
         return {n: self.flat[i, a:b].view(shape) for n, (a, b, shape) in self.layout.items()}
+
+
+def forward_name(name: str) -> str:
+    """A carrier parameter's name in `llama_logits`: PEFT's `base_model.model.X.base_layer.weight`
+    is X.weight, `X.lora_A.default.weight` is X.lora_A."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    for part in ("lora_A", "lora_B"):
+        name = name.replace(f".{part}.default.weight", f".{part}")
+    return name
 
 
 def adamw_rows(s: Stack, rows: torch.Tensor | None, grad: torch.Tensor, lr: Sequence[float], step: Sequence[int],
@@ -432,13 +470,18 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     why = supported_model(carrier.config)
     if why:
         raise TrainingError(f"{base}: {why}; use train.executor: local")
-    if cfg0.train.freeze_modules:
-        freeze_modules(carrier, cfg0.train.freeze_modules)
+    t0 = cfg0.train
+    lora = Lora(t0.lora.lora_alpha / t0.lora.r, t0.lora.lora_dropout) if t0.finetuning_type == "lora" else None
+    if lora is not None:
+        carrier = apply_lora(carrier, cfg0)
+    elif t0.freeze_modules:
+        freeze_modules(carrier, t0.freeze_modules)
     carrier.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     members = [_member(j, tokenizer) for j in jobs]
     from transformers import Trainer
 
-    stack = Stack.of(carrier, len(members), set(Trainer.get_decay_parameter_names(None, carrier)))
+    starts = {j.seed: _initial_weights(base, j.config, j.seed) if lora else _trained(carrier) for j in jobs}
+    stack = Stack.of(carrier, [starts[j.seed] for j in jobs], set(Trainer.get_decay_parameter_names(None, carrier)))
     batch = max(m.t.per_device_train_batch_size for m in members)
     longest = max(len(e["input_ids"]) for m in members for e in m.examples)
     plan = memory_plan(sum(p.numel() for p in carrier.parameters()), stack.flat.shape[1], len(members), batch * longest, carrier.config)
@@ -455,7 +498,7 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     try:
         while active := [i for i, m in enumerate(members) if m.step < m.sched.total_steps]:
             started = time.perf_counter()
-            norms = _one_step(members, active, stack, tokenizer.pad_token_id, carrier.config)
+            norms = _one_step(members, active, stack, tokenizer.pad_token_id, carrier.config, lora)
             share = (time.perf_counter() - started) / len(active)
             for i, norm in zip(active, norms):
                 m = members[i]
@@ -474,6 +517,21 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
         if bar is not None:
             bar.close()
     return every
+
+
+def _trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _initial_weights(base: str | Path, config: ExperimentConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA model's adapters as `train_model` initialises them: the same calls in the same
+    order after `set_seed(seed)` (PEFT draws A from the global generator), so that model k
+    starts where its separate training would."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    model, _ = load_base(base, config, choose_precision(config).load_dtype)
+    return _trained(apply_lora(model, config))
 
 
 def _bar(members: list[Member], progress: bool):
@@ -502,7 +560,7 @@ def _member(job: JointJob, tokenizer: Any) -> Member:
                   make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
 
 
-def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: int, model_config: Any) -> list[float]:
+def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: int, model_config: Any, lora: Lora | None) -> list[float]:
     """One optimizer step of every active model; returns their gradient norms before clipping."""
     device = stack.flat.device
     micro = {i: members[i].step_batches() for i in active}
@@ -515,7 +573,7 @@ def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: in
         rows = [i for i in active if j < len(micro[i])]
         batch = {n: v.to(device) for n, v in stack_batches([collated[i][j] for i in rows], pad_id).items()}
         weights = stack.weights(None if rows == everyone else torch.tensor(rows, device=device))
-        logits = llama_logits(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"])
+        logits = llama_logits(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"], lora)
         losses = token_losses(logits, batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
         values = losses.detach().tolist()
         bad = [members[i].job.name for i, x in zip(rows, values) if not math.isfinite(x)]
