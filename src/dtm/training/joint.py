@@ -466,6 +466,9 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     if not jobs:
         return every
     cfg0 = jobs[0].config
+    from transformers import Trainer, set_seed
+
+    set_seed(jobs[0].seed)  # as train_model: the carrier's LoRA initialisation is the first job's
     carrier, tokenizer = load_base(base, cfg0, choose_precision(cfg0).load_dtype)
     why = supported_model(carrier.config)
     if why:
@@ -478,9 +481,10 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
         freeze_modules(carrier, t0.freeze_modules)
     carrier.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     members = [_member(j, tokenizer) for j in jobs]
-    from transformers import Trainer
-
-    starts = {j.seed: _initial_weights(base, j.config, j.seed) if lora else _trained(carrier) for j in jobs}
+    starts = {jobs[0].seed: _trained(carrier)}
+    for j in jobs:  # LoRA jobs with another seed (soup ingredients) start from their own adapters
+        if j.seed not in starts:
+            starts[j.seed] = _initial_weights(base, j.config, j.seed) if lora else starts[jobs[0].seed]
     stack = Stack.of(carrier, [starts[j.seed] for j in jobs], set(Trainer.get_decay_parameter_names(None, carrier)))
     batch = max(m.t.per_device_train_batch_size for m in members)
     longest = max(len(e["input_ids"]) for m in members for e in m.examples)
@@ -526,7 +530,8 @@ def _trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _initial_weights(base: str | Path, config: ExperimentConfig, seed: int) -> dict[str, torch.Tensor]:
     """A LoRA model's adapters as `train_model` initialises them: the same calls in the same
     order after `set_seed(seed)` (PEFT draws A from the global generator), so that model k
-    starts where its separate training would."""
+    starts where its separate training would. It loads the base a second time, for a moment:
+    only for a job whose seed differs from the first job's (soup ingredients)."""
     from transformers import set_seed
 
     set_seed(seed)
