@@ -34,6 +34,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,21 +305,31 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Stack:
-    """The trained weights of K models as one [K, P] tensor (one row per model, each weight a
-    view into it), AdamW's moments alike, and the frozen weights once.
+    """The trained weights of K models as one [K, P] buffer (one row per model), their
+    gradients and AdamW's moments alike, and the frozen weights once.
 
     One buffer, so that clipping and the AdamW update are a dozen operations per step over
     all weights (as torch's fused AdamW does for one model), not a dozen per weight tensor.
+    Autograd sees one leaf per weight, a view into the buffer whose `.grad` is a view into
+    the gradient buffer: a flat leaf sliced in the forward would cost a buffer-sized zero
+    fill and add per weight in the backward (measured: 60% of a lab step).
     """
 
-    flat: torch.Tensor  # [K, P], a leaf: its .grad holds every model's gradients
+    flat: torch.Tensor  # [K, P]
+    grad: torch.Tensor  # [K, P]
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     layout: dict[str, tuple[int, int, torch.Size]]  # trained weight -> (start, end, shape) in a row
     shared: dict[str, torch.Tensor]  # frozen weights, held once
     decay: torch.Tensor  # [P]: 1 where weight decay applies (not biases and norms, as the Trainer)
-
     names: dict[str, str]  # a trained weight's name in the carrier -> its name in `llama_logits`
+    leaves: dict[str, torch.Tensor] = field(default_factory=dict)  # forward name -> [K, ...] view of `flat`
+
+    def __post_init__(self) -> None:
+        for n, (a, b, shape) in self.layout.items():
+            leaf = self.flat[:, a:b].view(-1, *shape).requires_grad_()
+            leaf.grad = self.grad[:, a:b].view(-1, *shape)
+            self.leaves[self.names[n]] = leaf
 
     @classmethod
     def of(cls, model: torch.nn.Module, rows: Sequence[dict[str, torch.Tensor]], decayed: set[str]) -> Stack:
@@ -332,14 +343,24 @@ class Stack:
                 start += p.numel()
         flat = torch.stack([torch.cat([r[n].reshape(-1) for n in layout]) for r in rows]).to(next(model.parameters()).device)
         decay = torch.cat([torch.full((named[n].numel(),), float(n in decayed), device=flat.device) for n in layout])
-        return cls(flat.requires_grad_(), torch.zeros_like(flat), torch.zeros_like(flat), layout,
+        return cls(flat, torch.zeros_like(flat), torch.zeros_like(flat), torch.zeros_like(flat), layout,
                    {forward_name(n): p.detach() for n, p in named.items() if n not in layout}, decay,
                    {n: forward_name(n) for n in layout})
 
     def weights(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Every weight by name for `llama_logits`: trained ones [k, ...] for the rows (models) given."""
-        src = self.flat if rows is None else self.flat[rows]
-        return self.shared | {self.names[n]: src[:, a:b].view(-1, *shape) for n, (a, b, shape) in self.layout.items()}
+        # contiguous copies (a few MiB for the lab): batched matmuls on rows P apart ran 2x slower
+        return self.shared | {n: (leaf.contiguous() if rows is None else leaf[rows]) for n, leaf in self.leaves.items()}
+
+    def gradients(self) -> torch.Tensor:
+        """The gradient buffer after a backward (autograd adds into each leaf's `.grad` view in
+        place; should it ever replace one, its values are copied back)."""
+        for n, (a, b, _) in self.layout.items():
+            g = self.leaves[self.names[n]].grad
+            if g.data_ptr() != self.grad[:, a:b].data_ptr():
+                self.grad[:, a:b] = g.reshape(g.shape[0], -1)
+                self.leaves[self.names[n]].grad = self.grad[:, a:b].view(g.shape)
+        return self.grad
 
     def row(self, i: int) -> dict[str, torch.Tensor]:
         """Model i's trained weights by their names in the carrier (views)."""
@@ -361,7 +382,7 @@ def adamw_rows(s: Stack, rows: torch.Tensor | None, grad: torch.Tensor, lr: Sequ
     row with its own hyperparameters and step count (the same formula and op order as torch's
     single-tensor AdamW; written here because torch's optimizer keeps one learning rate and
     step count per tensor, and a row is a model). `grad` holds the rows' clipped gradients."""
-    p, m, v = (t if rows is None else t[rows] for t in (s.flat.data, s.exp_avg, s.exp_avg_sq))
+    p, m, v = (t if rows is None else t[rows] for t in (s.flat, s.exp_avg, s.exp_avg_sq))
 
     def col(values: Sequence[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=p.dtype, device=p.device)[:, None]
@@ -375,7 +396,7 @@ def adamw_rows(s: Stack, rows: torch.Tensor | None, grad: torch.Tensor, lr: Sequ
     denom = (v.sqrt() / bc2_sqrt).add_(col(eps))
     p.sub_(lr_t / bc1 * m / denom)
     if rows is not None:
-        s.flat.data[rows], s.exp_avg[rows], s.exp_avg_sq[rows] = p, m, v
+        s.flat[rows], s.exp_avg[rows], s.exp_avg_sq[rows] = p, m, v
 
 
 # ---------------------------------------------------------------- memory model
@@ -499,6 +520,9 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
             _load_row(carrier, stack, i)
             m.fractions.on_train_begin(None, SimpleNamespace(max_steps=m.sched.total_steps, global_step=m.step), None, model=carrier)
     bar = _bar(members, progress)
+    # Our leaves' gradients are strided views into one buffer (on purpose; see `Stack`), which
+    # autograd warns about once per weight; the values are right (`Stack.gradients`).
+    warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
     try:
         while active := [i for i, m in enumerate(members) if m.step < m.sched.total_steps]:
             started = time.perf_counter()
@@ -590,8 +614,7 @@ def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: in
             step_loss[i] += x
             members[i].window["tokens"] += collated[i][j][REAL_TOKENS]
     idx = None if active == everyone else torch.tensor(active, device=device)
-    grad = stack.flat.grad if idx is None else stack.flat.grad[idx]
-    stack.flat.grad = None
+    grad = stack.gradients() if idx is None else stack.gradients()[idx]
     # per model, never across models: the norm of model k's gradients alone (clip_grad_norm_'s rule)
     norms = grad.pow(2).sum(1).sqrt()
     clip = torch.tensor([members[i].t.max_grad_norm for i in active], device=device)
@@ -600,6 +623,7 @@ def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: in
     with torch.no_grad():
         adamw_rows(stack, idx, grad, [members[i].sched.lr[members[i].step] for i in active], [members[i].step + 1 for i in active],
                    [x.adam_beta1 for x in t], [x.adam_beta2 for x in t], [x.adam_epsilon for x in t], [x.weight_decay for x in t])
+        stack.grad.zero_()
     for i in active:
         members[i].loss_sum += step_loss[i]
         members[i].window["loss"] += step_loss[i]
