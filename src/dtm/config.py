@@ -161,7 +161,7 @@ class EvalConfig(Section):
 
 
 class BaselinesConfig(Section):
-    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation.")
+    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation, lora_moe.")
     l2_coef: float = Field(0.01, ge=0)
     ewc_coef: float = Field(1.0, ge=0)
     replay_ratio: float = Field(1.0, ge=0, description="Pretraining-style examples per SFT example.")

@@ -30,7 +30,7 @@ Model names (the directory under `models/` and the file under `eval/`):
   short           all data, 1/K of the compute    soup-2..     the soup's other ingredients
   soup            uniform soup of short-like runs wise_ft-0.5  base/vanilla interpolation
   ensemble        the sub-models' averaged outputs (evaluated, not written)
-  l2, ewc, replay, curation                       training baselines
+  l2, ewc, replay, curation, lora_moe             training baselines
 
 Nothing here imports torch: `dtm status` and the report read a run without it.
 """
@@ -58,7 +58,7 @@ ENSEMBLE = "ensemble"
 SUB_PREFIX = "sub-"
 SOUP_PREFIX = "soup-"
 WISE_FT_PREFIX = "wise_ft-"
-TRAINING_BASELINES = ("l2", "ewc", "replay", "curation")  # `baselines.methods` trained on all the data
+TRAINING_BASELINES = ("l2", "ewc", "replay", "curation", "lora_moe")  # `baselines.methods` trained on all the data
 
 
 def sub_model_name(index: int) -> str:

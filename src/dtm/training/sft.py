@@ -225,6 +225,15 @@ class Penalty(Protocol):
 PenaltyFactory = Callable[[torch.nn.Module, Any, list[Conversation]], Penalty]
 # (the SFT examples, tokenizer) -> the examples to train on, in training order
 MixIn = Callable[[list[Example], Any], list[Example]]
+# A model other than plain or PEFT fine-tuning (LoRA-MoE): `wrap` changes the loaded base in place
+# before training (the trainable parameters are its choice), `save` writes the trained model's
+# files into a directory (instead of `save_pretrained`).
+
+
+@dataclass(frozen=True)
+class ModelForm:
+    wrap: Callable[[torch.nn.Module], Any]
+    save: Callable[[torch.nn.Module, Path], Any]
 
 
 class DtmTrainer(Trainer):
@@ -419,6 +428,7 @@ def train_model(
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
     name: str | None = None,
+    form: ModelForm | None = None,
 ) -> Path:
     """Fine-tune `base` on `data` and save the result in `out`; returns `out`.
 
@@ -449,7 +459,9 @@ def train_model(
         examples = mix_in(examples, tokenizer)
     val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
 
-    if t.finetuning_type == "lora":
+    if form is not None:  # its own trainable parameters (the rest frozen)
+        form.wrap(model)
+    elif t.finetuning_type == "lora":
         model = apply_lora(model, config)
     elif t.freeze_modules:
         frozen = freeze_modules(model, t.freeze_modules)
@@ -505,7 +517,7 @@ def train_model(
     }
     if weight_penalty is not None:
         summary["penalty_coef"] = weight_penalty.coef
-    save_final(trainer.model, tokenizer, out, summary)
+    save_final(trainer.model, tokenizer, out, summary, form.save if form is not None else None)
     if not t.keep_checkpoints:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     del trainer, model
@@ -528,8 +540,9 @@ def _disk_error(e: BaseException, out: Path, what: str) -> TrainingError:
     )
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict) -> None:
-    """Write the model files into `out`, then the completion marker, last and atomically.
+def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict,
+               save: Callable[[torch.nn.Module, Path], Any] | None = None) -> None:
+    """Write the model files into `out` (`save_pretrained`, or `save`), then the completion marker, last and atomically.
 
     A model with a non-finite weight is refused before anything is written.
 
@@ -546,7 +559,10 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict)
     except OSError as e:
         raise _disk_error(e, out, "saving the trained model") from None
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        if save is not None:
+            save(model, staging)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
