@@ -395,12 +395,13 @@ def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwar
 
 def lm_eval_models(run: Run, models: dict[str, Any]) -> None:
     """`eval.lm_eval_tasks` through lm-evaluation-harness, into the same `eval/<model>.json` files
-    (an ensemble has no lm-eval model and is skipped; an adapter runs as lm-eval's `peft=`)."""
+    (an ensemble and a LoRA-MoE have no lm-eval model and are skipped; an adapter runs as lm-eval's `peft=`)."""
     from dtm.evaluation.lmeval import run_lm_eval
+    from dtm.lora_moe import is_lora_moe
 
     cfg = run.cfg
     for name, ref in models.items():
-        if isinstance(ref, list):
+        if isinstance(ref, list) or (isinstance(ref, str) and is_lora_moe(ref)):
             continue
         model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
         run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,
