@@ -225,13 +225,14 @@ class Penalty(Protocol):
 PenaltyFactory = Callable[[torch.nn.Module, Any, list[Conversation]], Penalty]
 # (the SFT examples, tokenizer) -> the examples to train on, in training order
 MixIn = Callable[[list[Example], Any], list[Example]]
-# A model other than plain or PEFT fine-tuning (LoRA-MoE): `wrap` changes the loaded base in place
-# before training (the trainable parameters are its choice), `save` writes the trained model's
-# files into a directory (instead of `save_pretrained`).
 
 
 @dataclass(frozen=True)
 class ModelForm:
+    """A model other than plain or PEFT fine-tuning (LoRA-MoE): `wrap` changes the loaded base in
+    place before training (which parameters train is its choice), `save` writes the trained
+    model's files into a directory instead of `save_pretrained`."""
+
     wrap: Callable[[torch.nn.Module], Any]
     save: Callable[[torch.nn.Module, Path], Any]
 
@@ -436,7 +437,8 @@ def train_model(
     `training_complete.json`) is returned as is. The baselines plug in here without this
     module knowing them (`baselines.train_baseline` builds both): `mix_in` turns the SFT
     examples into the training set (replay), `penalty` builds a weight penalty on the model
-    once it is wrapped for training (L2, EWC).
+    once it is wrapped for training (L2, EWC), `form` wraps and saves a model of another form
+    (LoRA-MoE).
     """
     out = Path(out)
     name = name or out.name
