@@ -82,3 +82,27 @@ def test_lora_moe_trains_saves_reloads_to_identical_logits_and_evaluates(tmp_pat
     (out / CONFIG_FILE).write_text("{}")
     with pytest.raises(DtmError, match=CONFIG_FILE):
         load_scorer(out, device="cpu")
+
+
+class KillAtStep4(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            raise RuntimeError("killed")
+
+
+@pytest.mark.slow
+def test_an_interrupted_lora_moe_resumes_to_the_same_weights(tmp_path, base_dir):
+    """The wrapped model keeps its class, so the Trainer's checkpoints and resume are the usual ones."""
+    from dtm.evaluation.harness import load_scorer
+    from dtm.training import train_baseline
+
+    cfg = tiny_config(save_steps=2)
+    cfg.disperse.k, cfg.train.lora.r, cfg.train.lora.lora_alpha = 2, 4, 8
+    with pytest.raises(RuntimeError, match="killed"):
+        train_baseline("lora_moe", cfg, qa_data(), tmp_path / "a", base=base_dir, progress=False, callbacks=[KillAtStep4()])
+    assert (tmp_path / "a" / "checkpoints" / "checkpoint-4").is_dir()
+    for name in ("a", "b"):  # a resumes from step 4, b trains in one go
+        train_baseline("lora_moe", cfg, qa_data(), tmp_path / name, base=base_dir, progress=False)
+    with torch.no_grad():
+        a, b = (load_scorer(tmp_path / n, device="cpu").models[0](PROBE).logits for n in "ab")
+    assert torch.equal(a, b)
