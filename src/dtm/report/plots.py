@@ -141,10 +141,9 @@ def plot_token_losses(data: ReportData) -> bytes | None:
         points = [(iv["to"], iv["median_rank_all"]) for iv in run["intervals"] if iv["median_rank_all"] is not None]
         ax_rank.plot([x for x, _ in points], [y for _, y in points], ":", color=f"C{s}", alpha=0.6,
                      label=f"seed {run['seed']}: all tokens seen" if s == 0 else None)
-    ax_rank.set_yscale("log")
     ax_rank.invert_yaxis()
     ax_rank.set_xlabel("end of the interval (fraction of vanilla's training)")
-    ax_rank.set_ylabel("median frequency rank (log; up = more frequent)")
+    ax_rank.set_ylabel("median frequency rank (up = more frequent)")
     ax_rank.set_title("How frequent are the tokens whose loss fell most?", fontsize=9)
     ax_rank.legend(fontsize=7)
     first = runs[0]
