@@ -154,10 +154,14 @@ class EvalConfig(Section):
     log_samples: bool = Field(False, description="Also write per-item outputs next to each result.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to run on every model as well (needs the lmeval extra; results go beside ours).")
     lm_eval_include: str | None = Field(None, description="Directory of extra lm-eval task YAMLs (local tasks, for lm_eval_tasks).")
+    token_losses: bool = Field(False, description="Token-level diagnostic (the paper's Sec. 2): which tokens' training loss fell most between vanilla's snapshots, and how frequent they are in the data.")
+    token_loss_samples: int = Field(256, ge=1, description="token_losses: training examples (a seeded sample of the train split) the per-token losses are measured on.")
+    token_loss_top: int = Field(10, ge=1, description="token_losses: tokens shown per interval between snapshots.")
+    token_loss_min_count: int = Field(3, ge=1, description="token_losses: a token must occur this often in the sample to be ranked (a rare token's mean drop is noise).")
 
 
 class BaselinesConfig(Section):
-    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation.")
+    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation, lora_moe.")
     l2_coef: float = Field(0.01, ge=0)
     ewc_coef: float = Field(1.0, ge=0)
     replay_ratio: float = Field(1.0, ge=0, description="Pretraining-style examples per SFT example.")

@@ -227,6 +227,16 @@ PenaltyFactory = Callable[[torch.nn.Module, Any, list[Conversation]], Penalty]
 MixIn = Callable[[list[Example], Any], list[Example]]
 
 
+@dataclass(frozen=True)
+class ModelForm:
+    """A model other than plain or PEFT fine-tuning (LoRA-MoE): `wrap` changes the loaded base in
+    place before training (which parameters train is its choice), `save` writes the trained
+    model's files into a directory instead of `save_pretrained`."""
+
+    wrap: Callable[[torch.nn.Module], Any]
+    save: Callable[[torch.nn.Module, Path], Any]
+
+
 class DtmTrainer(Trainer):
     """`Trainer` plus an optional weight penalty (L2/EWC), a finite-loss check and token counts."""
 
@@ -419,6 +429,7 @@ def train_model(
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
     name: str | None = None,
+    form: ModelForm | None = None,
 ) -> Path:
     """Fine-tune `base` on `data` and save the result in `out`; returns `out`.
 
@@ -426,7 +437,8 @@ def train_model(
     `training_complete.json`) is returned as is. The baselines plug in here without this
     module knowing them (`baselines.train_baseline` builds both): `mix_in` turns the SFT
     examples into the training set (replay), `penalty` builds a weight penalty on the model
-    once it is wrapped for training (L2, EWC).
+    once it is wrapped for training (L2, EWC), `form` wraps and saves a model of another form
+    (LoRA-MoE).
     """
     out = Path(out)
     name = name or out.name
@@ -449,7 +461,9 @@ def train_model(
         examples = mix_in(examples, tokenizer)
     val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
 
-    if t.finetuning_type == "lora":
+    if form is not None:  # its own trainable parameters (the rest frozen)
+        form.wrap(model)
+    elif t.finetuning_type == "lora":
         model = apply_lora(model, config)
     elif t.freeze_modules:
         frozen = freeze_modules(model, t.freeze_modules)
@@ -505,7 +519,7 @@ def train_model(
     }
     if weight_penalty is not None:
         summary["penalty_coef"] = weight_penalty.coef
-    save_final(trainer.model, tokenizer, out, summary)
+    save_final(trainer.model, tokenizer, out, summary, form.save if form is not None else None)
     if not t.keep_checkpoints:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     del trainer, model
@@ -528,8 +542,9 @@ def _disk_error(e: BaseException, out: Path, what: str) -> TrainingError:
     )
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict) -> None:
-    """Write the model files into `out`, then the completion marker, last and atomically.
+def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict,
+               save: Callable[[torch.nn.Module, Path], Any] | None = None) -> None:
+    """Write the model files into `out` (`save_pretrained`, or `save`), then the completion marker, last and atomically.
 
     A model with a non-finite weight is refused before anything is written.
 
@@ -546,7 +561,10 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict)
     except OSError as e:
         raise _disk_error(e, out, "saving the trained model") from None
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        if save is not None:
+            save(model, staging)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
