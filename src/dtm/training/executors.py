@@ -299,7 +299,8 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
     """One after another; or, on CPU with `train.num_workers` > 1, that many one-thread processes."""
     retries = Retries(config.train.retries)
     workers = min(config.train.num_workers, len(jobs))
-    if workers <= 1 or _cuda():
+    # one at a time on a GPU, and when each job is a data-parallel group of Ray Train workers
+    if workers <= 1 or _cuda() or config.train.workers_per_model > 1:
         for job in jobs:
             retries.run(job.name, lambda job=job: run_job(job, config, base))
         return retries.failures
