@@ -207,6 +207,17 @@ def lab_run_summary(run_dir: Path) -> dict:
     return out
 
 
+def head_to_head(dtm: dict, vanilla: dict) -> dict:
+    """Per task, each model's first metric (accuracy or exact match) and DTM minus vanilla."""
+    rows = {}
+    for task in sorted(dtm.keys() & vanilla.keys()):
+        metric = next((k for k in (dtm[task] or {}) if not k.endswith("_stderr")), None)
+        if metric is not None and isinstance(dtm[task][metric], (int, float)) and metric in (vanilla[task] or {}):
+            d, v = dtm[task][metric], vanilla[task][metric]
+            rows[task] = {"metric": metric, "dtm": round(d, 4), "vanilla": round(v, 4), "dtm_minus_vanilla": round(d - v, 4)}
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for gpu_check.json, logs/ and work/")
@@ -284,14 +295,15 @@ def main() -> int:
                 result |= lab_run_summary(run_dir)
             except Exception as e:  # noqa: BLE001 - an unfinished run has no summary; say why
                 result["summary_error"] = f"{type(e).__name__}: {e}"
-            rec.check("lab_dtm", result)
-            models = result.get("models", {})
-            say(rec, f"lab_dtm: exit {result['rc']} in {result['seconds']}s; models scored: {sorted(models)}")
             from dtm.rundir import DTM, VANILLA
 
-            for name in (DTM, VANILLA):
-                if name in models:
-                    say(rec, f"  {name}: {json.dumps(models[name]['scores'])[:400]}")
+            models = result.get("models", {})
+            if DTM in models and VANILLA in models:
+                result["dtm_vs_vanilla"] = head_to_head(models[DTM]["scores"], models[VANILLA]["scores"])
+            rec.check("lab_dtm", result)
+            say(rec, f"lab_dtm: exit {result['rc']} in {result['seconds']}s; models scored: {sorted(models)}")
+            for task, row in result.get("dtm_vs_vanilla", {}).items():
+                say(rec, f"  {task}: {row}")
         elif wanted("lab_dtm") and "lab_dtm" not in rec.data["checks"]:
             rec.check("lab_dtm", {"skipped": "no lab base (lab_pretrain did not finish)"})
 
