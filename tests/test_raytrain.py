@@ -18,7 +18,6 @@ from dtm.training import train_model
 from dtm.training.executors import Job, run_job
 
 pytest.importorskip("ray.train.torch")
-pytestmark = pytest.mark.slow  # starts Ray and two training processes: about a minute on 2 cores
 
 
 def config(per_device: int, workers: int) -> ExperimentConfig:
@@ -31,6 +30,23 @@ def config(per_device: int, workers: int) -> ExperimentConfig:
     return cfg
 
 
+def test_a_workers_user_error_is_raised_as_itself():
+    """Ray Train reports the workers' exceptions by rank (`WorkerGroupError.worker_failures`,
+    unwrapped from their traceback holder); the lowest rank's is raised, so a `DtmError` stays
+    one (final for `Retries`) and anything else is the crash that gets retried."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from dtm.errors import TrainingError
+    from dtm.training.raytrain import first_cause
+
+    bad_data = TrainingError("portion-1.jsonl: no example left to train on")
+    assert first_cause(WorkerGroupError("2 workers failed", {1: RuntimeError("gloo: connection reset"), 0: bad_data})) is bad_data
+    crash = RuntimeError("placement group timed out")
+    assert first_cause(ControllerError(crash)) is crash
+    assert isinstance(first_cause(WorkerGroupError("1 worker failed", {1: crash})), RuntimeError)
+
+
+@pytest.mark.slow  # starts Ray and two training processes: 1.5-2 minutes on 2 busy cores
 def test_two_workers_equal_one_worker_with_the_same_global_batch(base_dir, tmp_path):
     """16 examples, global batch 16 (1 x 16 against 2 x 8): every step sees the whole data set
     in both runs, whatever order each sampler draws (DDP's DistributedSampler and the single
