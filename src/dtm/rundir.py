@@ -123,6 +123,7 @@ COMPLETE_FILE = "training_complete.json"
 LOG_FILE = "train_log.jsonl"
 TENSORBOARD_DIR = "logs"
 CHECKPOINT_DIR = "checkpoints"
+RAY_TRAIN_DIR = ".ray_train"  # Ray Train's run records while a data-parallel model trains (removed after)
 FRACTION_DIR = "fractions"
 FRACTIONS_FILE = "fractions.json"
 FRACTION_PREFIX = "frac-"

@@ -101,11 +101,15 @@ def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | N
     kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **kwargs)
+        attn = {"attn_implementation": config.model.attn_implementation} if config.model.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **attn, **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a damaged directory
         bad = bad_safetensors(base)
         if bad:
             raise TrainingError(f"base model: {bad}") from None
+        if attn and isinstance(e, (ImportError, ValueError)) and ("attn" in str(e).lower() or "attention" in str(e).lower()):
+            raise TrainingError(f"{config.where('model.attn_implementation')}: model.attn_implementation={attn['attn_implementation']!r} "
+                                f"cannot be used here ({str(e).strip().splitlines()[0]}); choose eager or sdpa, or unset it") from None
         if not isinstance(e, (OSError, ValueError)):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -363,14 +367,15 @@ class Precision:
 
 
 def choose_precision(config: ExperimentConfig) -> Precision:
-    """bf16 on a GPU that has it (fp16 on older GPUs), fp32 on CPU; `train.bf16` forces it."""
+    """bf16 on a GPU that has it (fp16 on older GPUs), fp32 on CPU; `train.bf16` / `train.fp16` force it."""
     if not torch.cuda.is_available():
-        if config.train.bf16:
-            raise TrainingError("train.bf16: true needs a GPU; leave it unset (null) to train in fp32 on CPU")
+        if config.train.bf16 or config.train.fp16:
+            key = "train.bf16" if config.train.bf16 else "train.fp16"
+            raise TrainingError(f"{config.where(key)}: {key}: true needs a GPU; leave it unset to train in fp32 on CPU")
         return Precision(False, False, torch.float32)
     bf16_ok = torch.cuda.is_bf16_supported()
-    bf16 = bf16_ok if config.train.bf16 is None else config.train.bf16
-    fp16 = not bf16 and config.train.bf16 is None
+    bf16 = not config.train.fp16 and (bf16_ok if config.train.bf16 is None else config.train.bf16)
+    fp16 = config.train.fp16 or (not bf16 and config.train.bf16 is None)
     # LoRA keeps the frozen base in half precision; full fine-tuning keeps fp32 master weights.
     half = torch.bfloat16 if bf16 else torch.float16
     load = half if config.train.finetuning_type == "lora" and (bf16 or fp16) else torch.float32
@@ -482,13 +487,18 @@ def train_model(
         train_dataset=ExampleDataset(examples),
         data_collator=make_collator(t.packing, tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None)),
         penalty=weight_penalty,
-        callbacks=[JsonlLogCallback(out / LOG_FILE, resume_step), _tensorboard_callback(out / TENSORBOARD_DIR)],
     )
+    # Data-parallel (Ray Train, `train.workers_per_model`): every worker runs this function;
+    # only the first writes the output directory's files, the Trainer's checkpoints are its own.
+    main = trainer.is_world_process_zero()
     trainer.remove_callback(PrinterCallback)
+    if main:
+        trainer.add_callback(JsonlLogCallback(out / LOG_FILE, resume_step))
+        trainer.add_callback(_tensorboard_callback(out / TENSORBOARD_DIR))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarCallback())
-    if t.save_fractions:
+    if t.save_fractions and main:
         trainer.add_callback(FractionCallback(out, t.save_fractions, tokenizer, train_sample, val_examples, tokenizer.pad_token_id))
     for cb in callbacks:
         trainer.add_callback(cb)
@@ -519,9 +529,14 @@ def train_model(
     }
     if weight_penalty is not None:
         summary["penalty_coef"] = weight_penalty.coef
-    save_final(trainer.model, tokenizer, out, summary, form.save if form is not None else None)
-    if not t.keep_checkpoints:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    # where and how it trained (a GPU run under autocast says so; `workers` > 1: data-parallel)
+    summary |= {"device": str(args.device), "precision": "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32",
+                "workers": args.world_size}
+    if main:
+        save_final(trainer.model, tokenizer, out, summary, form.save if form is not None else None)
+        if not t.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no worker returns before the model is saved
     del trainer, model
     return out
 
