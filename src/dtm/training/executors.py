@@ -139,21 +139,24 @@ def record_resumed_attempt(out: Path) -> None:
     if resume or redo:
         import socket
 
+        from dtm.io import atomic_write_jsonl
+
         row = {"resumed_from_step": resume, "redone_steps": redo, "host": socket.gethostname(), "time": time.time()}
-        with open(attempts_file(out), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        atomic_write_jsonl(attempts_file(out), [*attempt_rows(out), row])
         log.warning("%s: resuming from step %d; %d steps of an interrupted attempt are trained again", out.name, resume, redo)
 
 
 def redone_steps(outs: list[Path]) -> dict[str, int]:
     """Model name -> steps trained again after interrupted attempts (only models that had any)."""
-    redone = {}
-    for out in outs:
-        path = attempts_file(out)
-        if path.is_file():
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            redone[out.name] = sum(int(r.get("redone_steps", 0)) for r in rows)
-    return redone
+    return {out.name: sum(int(r.get("redone_steps", 0)) for r in attempt_rows(out)) for out in outs if attempts_file(out).is_file()}
+
+
+def attempt_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of a model's attempts file (none if it was never interrupted)."""
+    path = attempts_file(out)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def training_seconds(out: Path) -> float:
