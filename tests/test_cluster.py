@@ -128,7 +128,7 @@ def test_every_stage_runs_on_several_nodes_with_the_local_results(ray_cluster, l
     assert manifest["outputs"]["redone_steps"] == {}  # nothing lost, nothing redone
 
 
-def test_a_node_removed_during_training_is_survived_with_identical_results(ray_cluster, local_run, tmp_path):
+def test_a_node_removed_during_training_is_survived_with_identical_results(ray_cluster, nodes_cwd, local_run, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(LAB_CONFIG, [*REDUCED, *ON_RAY, f"output_dir={out}"])
     vanilla = RunDir(out).seed_run(1).model("vanilla")
@@ -153,7 +153,8 @@ def test_a_node_removed_during_training_is_survived_with_identical_results(ray_c
     assert attempts[0]["resumed_from_step"] >= checkpoint > 0  # resumed from its checkpoint, not from zero
     redone = RunDir(out).seed_run(1).manifest("train")["outputs"]["redone_steps"]
     assert redone["vanilla"] == sum(a["redone_steps"] for a in attempts) >= reached - attempts[0]["resumed_from_step"]
-    ray_cluster.add_node(num_cpus=1)  # back to three workers for the other tests
+    with working_directory(nodes_cwd):
+        ray_cluster.add_node(num_cpus=1)  # back to three workers for the other tests
     ray_cluster.wait_for_nodes()
 
 
