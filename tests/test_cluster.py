@@ -193,3 +193,23 @@ def test_a_run_directory_a_node_cannot_see_is_refused(ray_cluster, nodes_cwd, tm
     finally:
         ray_cluster.remove_node(blind)
     dtm_cluster.check_shared_storage(tmp_path / "visible")  # every remaining node sees an absolute path
+
+
+def test_a_task_that_raises_is_retried_by_our_policy_only(ray_cluster, tmp_path):
+    """Ray never reruns a raised exception (only lost tasks): a bug runs 1 + train.retries times,
+    a user error once, and both are reported by name."""
+    from dtm.training.executors import Retries
+
+    def fail_and_count(tally: str, error: str) -> None:  # nested: shipped by value (workers cannot import the tests)
+        from dtm.errors import DataError
+
+        with open(tally, "a") as f:
+            f.write("x")
+        raise DataError("bad data") if error == "user" else RuntimeError("a bug")
+
+    retries = Retries(2)
+    calls = {name: (str(tmp_path / name), name) for name in ("user", "bug")}
+    results = dtm_cluster.run_tasks(fail_and_count, calls, dtm_cluster.Resources(cpus=1), retries, "check")
+    assert results == {}
+    assert (tmp_path / "user").read_text() == "x" and (tmp_path / "bug").read_text() == "xxx"
+    assert "bad data" in retries.failures["user"] and "a bug" in retries.failures["bug"]
