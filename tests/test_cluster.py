@@ -152,6 +152,7 @@ def test_a_node_removed_during_training_is_survived_with_identical_results(ray_c
     attempts = [json.loads(line) for line in attempts_file(vanilla).read_text().splitlines()]
     assert attempts[0]["resumed_from_step"] >= checkpoint > 0  # resumed from its checkpoint, not from zero
     redone = RunDir(out).seed_run(1).manifest("train")["outputs"]["redone_steps"]
+    print(f"node removed with vanilla at logged step {reached} (checkpoint {checkpoint}); attempts {attempts}; train manifest redone_steps {redone}")
     assert redone["vanilla"] == sum(a["redone_steps"] for a in attempts) >= reached - attempts[0]["resumed_from_step"]
     with working_directory(nodes_cwd):
         ray_cluster.add_node(num_cpus=1)  # back to three workers for the other tests
