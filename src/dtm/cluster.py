@@ -213,25 +213,29 @@ def run_tasks(fn: Callable[..., Any], calls: Mapping[str, tuple], resources: Res
     ray = _ray()
     task = ray.remote(max_retries=LOST_TASK_RETRIES, retry_exceptions=False)(_call_with_threads)
     threads = threads_for(resources)
-    pending = dict(calls)
+    names: dict[Any, str] = {}  # task ref -> call name
+
+    def submit(name: str) -> Any:
+        ref = task.options(name=f"{what}:{name}", **resources.options()).remote(fn, threads, *calls[name])
+        names[ref] = name
+        return ref
+
     results: dict[str, Any] = {}
-    while pending:  # rounds: every unfinished call that may still be retried
-        refs = {task.options(name=f"{what}:{name}", **resources.options()).remote(fn, threads, *args): name for name, args in pending.items()}
-        waiting = list(refs)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            name = refs[done[0]]
-            try:
-                results[name] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:  # the job raised: judge its own exception
-                if not retries.failed(name, getattr(e, "cause", None) or e):
-                    del pending[name]
-            except ray.exceptions.RayError as e:  # lost more than LOST_TASK_RETRIES times, or Ray gave up
-                if not retries.failed(name, e):
-                    del pending[name]
-            else:
-                retries.succeeded(name)
-                del pending[name]
+    waiting = [submit(name) for name in calls]
+    while waiting:  # a failed call that may be retried is resubmitted at once, not after the others
+        done, waiting = ray.wait(waiting, num_returns=1)
+        name = names.pop(done[0])
+        try:
+            results[name] = ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:  # the job raised: judge its own exception
+            again = retries.failed(name, getattr(e, "cause", None) or e)
+        except ray.exceptions.RayError as e:  # lost more than LOST_TASK_RETRIES times, or Ray gave up
+            again = retries.failed(name, e)
+        else:
+            retries.succeeded(name)
+            continue
+        if again:
+            waiting.append(submit(name))
     return results
 
 
