@@ -116,6 +116,7 @@ class TrainConfig(Section):
     ray_address: str | None = None
     num_gpus_per_model: float = Field(1.0, ge=0)
     num_cpus_per_model: float = Field(1.0, gt=0)
+    memory_per_model: float = Field(0.0, ge=0, description="Ray executor: GiB of host memory each task (training, Fisher, merge, evaluation) declares, so a node gets no more tasks than its memory holds; 0 = not declared.")
     retries: int = Field(1, ge=0, description="Times a failed sub-model is retried (it resumes from its last checkpoint).")
     workers_per_model: int = Field(
         1, ge=1, description="Train each model data-parallel on this many Ray Train workers (DDP; the global batch is workers x "

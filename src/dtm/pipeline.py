@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dtm import plan
+from dtm import cluster, plan
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
 from dtm.errors import ConfigError, DtmError
@@ -252,40 +252,75 @@ def stage_disperse(run: Run) -> dict[str, Any]:
 
 def stage_train(run: Run) -> dict[str, Any]:
     from dtm.training import train_jobs
+    from dtm.training.executors import redone_steps
 
     jobs = plan.training_jobs(run.cfg, run.dir, run.inputs)
     timings = train_jobs(run.cfg, run.inputs.base, jobs, run.dir.models)
-    return {"models": sorted(jobs), "seconds": timings}
+    redone = redone_steps([run.dir.model(name) for name in jobs])
+    if redone:
+        log.warning("%s: training steps redone after interrupted attempts (lost nodes, killed runs): %s", run.dir.label, redone)
+    return {"models": sorted(jobs), "seconds": timings, "redone_steps": redone}
 
 
 def stage_merge(run: Run) -> dict[str, Any]:
-    from dtm.merging import merge
+    """Every merge of the plan not yet written; the Fishers a `fisher` merge needs first. On the
+    cluster, the Fishers are tasks side by side, then the merges."""
     from dtm.merging.methods import MODEL_LEVEL_METHODS, get_method
 
     cfg = run.cfg
     merges = plan.merge_plan(cfg, run.dir, run.inputs)
-    seconds = {}
-    for name, spec in merges.items():
-        out = run.dir.model(name)
-        if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
-            continue  # merges are written atomically: a directory that exists is complete
-        t0 = time.perf_counter()
-        parameters = dict(spec["parameters"])
-        score_fn = None
-        if spec["method"] in MODEL_LEVEL_METHODS:  # the greedy soup: a loop over candidate soups
-            score_fn = validation_score(run)
-        elif get_method(spec["method"]).uses_fisher:
-            parameters["fisher_files"] = [str(p) for p in fisher_files(run, spec["models"])]
-        merge(spec["models"], out, method=spec["method"], weights=spec["weights"], base=spec["base"],
-              parameters=parameters, dtype=cfg.merge.dtype, out_dtype=cfg.merge.out_dtype,
-              lora_merge=cfg.merge.lora_merge, overwrite=False, score_fn=score_fn)
-        seconds[name] = round(time.perf_counter() - t0, 2)
+    todo = {name: spec for name, spec in merges.items() if not is_merged(run.dir.model(name))}
+    for spec in todo.values():
+        if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
+            fisher_files(run, spec["models"])
+    seconds = each(cfg, "merge", merge_one, {name: (run, name, spec) for name, spec in todo.items()})
     return {"models": sorted(merges), "seconds": seconds}
+
+
+def is_merged(out: Path) -> bool:
+    """Merges are written atomically: a merged model's directory that exists is complete."""
+    return (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+
+
+def merge_one(run: Run, name: str, spec: dict[str, Any]) -> float:
+    """One merge of the plan into its model directory (a task of its own on the cluster); -> seconds."""
+    from dtm.merging import merge
+    from dtm.merging.methods import MODEL_LEVEL_METHODS, get_method
+
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    parameters = dict(spec["parameters"])
+    score_fn = None
+    if spec["method"] in MODEL_LEVEL_METHODS:  # the greedy soup: a loop over candidate soups
+        score_fn = validation_score(run)
+    elif get_method(spec["method"]).uses_fisher:
+        parameters["fisher_files"] = [str(run.dir.fisher_file(m.name)) for m in spec["models"]]  # written by fisher_files
+    merge(spec["models"], run.dir.model(name), method=spec["method"], weights=spec["weights"], base=spec["base"],
+          parameters=parameters, dtype=cfg.merge.dtype, out_dtype=cfg.merge.out_dtype,
+          lora_merge=cfg.merge.lora_merge, overwrite=False, score_fn=score_fn)
+    return round(time.perf_counter() - t0, 2)
+
+
+def each(cfg: ExperimentConfig, stage: str, fn: Callable[..., Any], calls: dict[str, tuple]) -> dict[str, Any]:
+    """`fn(*args)` for every named call: Ray tasks placed across the cluster with `train.executor:
+    ray` (`dtm.cluster`), else here in turn. -> name -> result; raises naming every failed call."""
+    if cluster.enabled(cfg) and calls:
+        from dtm.training.executors import Retries
+
+        return cluster.run_all(fn, calls, cluster.stage_resources(cfg, stage), Retries(cfg.train.retries), stage)
+    return {name: fn(*args) for name, args in calls.items()}
 
 
 def fisher_files(run: Run, models: list[Path]) -> list[Path]:
     """The diagonal Fisher of each sub-model on its own portion (`merge.fisher_samples` examples,
     the prompt template of training), for `merge.method: fisher`; computed once, kept in the run."""
+    missing = {model.name: (run, i, model) for i, model in enumerate(models) if not run.dir.fisher_file(model.name).is_file()}
+    each(run.cfg, "fisher", fisher_one, missing)
+    return [run.dir.fisher_file(model.name) for model in models]
+
+
+def fisher_one(run: Run, index: int, model: Path) -> Path:
+    """The Fisher of sub-model `index` on its portion (a task of its own on the cluster)."""
     from transformers import AutoTokenizer
 
     from dtm.data.formats import load_conversations
@@ -293,17 +328,13 @@ def fisher_files(run: Run, models: list[Path]) -> list[Path]:
     from dtm.fisher import compute_fisher
 
     cfg = run.cfg
-    paths = []
-    for i, model in enumerate(models):
-        out = run.dir.fisher_file(model.name)
-        if not out.is_file():
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
-            conversations = load_conversations(run.dir.portion(i), format="auto").conversations
-            examples, _ = tokenize_conversations(conversations, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            compute_fisher(model, examples[: cfg.merge.fisher_samples], out=out, trust_remote_code=cfg.model.trust_remote_code)
-        paths.append(out)
-    return paths
+    out = run.dir.fisher_file(model.name)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
+    conversations = load_conversations(run.dir.portion(index), format="auto").conversations
+    examples, _ = tokenize_conversations(conversations, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return compute_fisher(model, examples[: cfg.merge.fisher_samples], out=out, trust_remote_code=cfg.model.trust_remote_code,
+                          progress=not cluster.enabled(cfg))
 
 
 def validation_score(run: Run) -> Callable[[Path], float]:
@@ -345,7 +376,10 @@ def stage_eval(run: Run) -> dict[str, Any]:
     import torch
 
     workers = 1 if torch.cuda.is_available() else min(cfg.train.num_workers, len(models))
-    if tasks and workers <= 1:
+    if tasks and cluster.enabled(cfg):  # each model a task on the cluster
+        each(cfg, "eval", _evaluate_group, {name: ({name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False})
+                                           for name, spec in models.items()})
+    elif tasks and workers <= 1:
         _evaluate_group(models, tasks, str(run.dir.eval_dir), kwargs)
     elif tasks:
         from dtm.training.executors import finished_in_turn, worker_pool
@@ -396,17 +430,21 @@ def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwar
 def lm_eval_models(run: Run, models: dict[str, Any]) -> None:
     """`eval.lm_eval_tasks` through lm-evaluation-harness, into the same `eval/<model>.json` files
     (an ensemble and a LoRA-MoE have no lm-eval model and are skipped; an adapter runs as lm-eval's `peft=`)."""
-    from dtm.evaluation.lmeval import run_lm_eval
     from dtm.lora_moe import is_lora_moe
 
+    each(run.cfg, "lm_eval", lm_eval_one, {name: (run, name, ref) for name, ref in models.items()
+                                            if not isinstance(ref, list) and not (isinstance(ref, str) and is_lora_moe(ref))})
+
+
+def lm_eval_one(run: Run, name: str, ref: str | dict[str, str]) -> None:
+    """lm-eval's tasks on one model (a task of its own on the cluster)."""
+    from dtm.evaluation.lmeval import run_lm_eval
+
     cfg = run.cfg
-    for name, ref in models.items():
-        if isinstance(ref, list) or (isinstance(ref, str) and is_lora_moe(ref)):
-            continue
-        model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
-        run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,
-                    limit=cfg.eval.limit, device="auto",
-                    include_path=cfg.eval.lm_eval_include, model_args=extra)
+    model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
+    run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,
+                limit=cfg.eval.limit, device="auto",
+                include_path=cfg.eval.lm_eval_include, model_args=extra)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
@@ -474,14 +512,17 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
         raise DtmError(f"unknown stage {from_stage!r}; stages: {', '.join((*STAGES, 'report'))}")
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
     check_runnable(cfg)
+    if cluster.enabled(cfg):  # Ray tasks run in their node's working directory, not the driver's
+        cfg.output_dir = str(Path(cfg.output_dir).resolve())
     console = Console()
     run_dir = rd.RunDir(Path(cfg.output_dir))
     make_dirs(run_dir.root, "creating the run directory (output_dir)")
     atomic_write_json(run_dir.config_file, cfg.model_dump(mode="json"))
     t0 = time.perf_counter()
-    for seed_run in seed_runs(cfg):
-        console.print(f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}")
-        run_seed(seed_run, None if from_stage == "report" else from_stage, console)
+    with cluster.session(cfg, run_dir.root):  # train.executor ray: connected once, the run directory seen by every node
+        for seed_run in seed_runs(cfg):
+            console.print(f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}")
+            run_seed(seed_run, None if from_stage == "report" else from_stage, console)
     if report:
         md, page = stage_report(cfg, console)
         console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")

@@ -127,6 +127,7 @@ RAY_TRAIN_DIR = ".ray_train"  # Ray Train's run records while a data-parallel mo
 FRACTION_DIR = "fractions"
 FRACTIONS_FILE = "fractions.json"
 FRACTION_PREFIX = "frac-"
+ATTEMPTS_FILE = "attempts.jsonl"  # one row per attempt that resumed an interrupted one (node lost, run killed)
 
 
 def is_complete(model_dir: str | Path) -> bool:
@@ -138,6 +139,16 @@ def training_summary(model_dir: str | Path) -> dict[str, Any] | None:
     """What training recorded when it finished (steps, examples, tokens, seconds, config), or None."""
     path = Path(model_dir) / COMPLETE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_log(model_dir: str | Path) -> Path:
+    """Every training log row (step, loss, lr, ...): `model/train_log.jsonl`."""
+    return Path(model_dir) / LOG_FILE
+
+
+def attempts_file(model_dir: str | Path) -> Path:
+    """The attempts that resumed an interrupted training of this model and the steps each redid."""
+    return Path(model_dir) / ATTEMPTS_FILE
 
 
 def fraction_dir(model_dir: str | Path, fraction: float) -> Path:
@@ -305,6 +316,12 @@ class SeedRun(StageRecords):
 # ---------------------------------------------------------------- the whole run
 
 CONTROL_DIR = "control-nobias"
+SHARED_STORAGE_MARKER = ".dtm-shared-storage-check"
+
+
+def shared_storage_marker(root: str | Path) -> Path:
+    """The file the driver writes into the run directory and every Ray node must read back."""
+    return Path(root) / SHARED_STORAGE_MARKER
 
 
 @dataclass(frozen=True)
