@@ -222,5 +222,6 @@ def test_the_analyses_config_plans_every_axis_around_the_lab_config():
     sweep = plan_sweep(cfg)
     points = {a.key: [v for v, _ in a.points] for a in sweep.axes}
     assert points["disperse.k"] == [1, 2, 4, 8] and cfg.seeds == [1, 2, 3]
-    assert points["merge.method"] == ["average", "fisher", "task_arithmetic", "ties", "dare_ties"]
+    assert [p["method"] for p in points["merge"]] == ["average", "fisher", "task_arithmetic", "ties", "dare_ties"]
+    assert sweep.cells[-6].name == "merge.method=dare_ties,merge.parameters.density=0.5,merge.parameters.normalize=True"
     assert len(sweep.cells) == 1 + 3 + 4 + 4 + 1 + 4  # center + each axis's other values

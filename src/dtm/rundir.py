@@ -312,14 +312,20 @@ SWEEP_CENTER = "center"  # one_at_a_time: the main config's own cell
 
 def sweep_cell_name(settings: dict[str, Any]) -> str:
     """A sweep cell's directory name: `disperse.k=2`, `disperse.strategy=kmeans,disperse.embed_on=both`
-    (a mapping value is spelled as its dotted keys), `center` for no settings."""
+    (a mapping value is spelled as its dotted keys, nested ones too), `center` for no settings."""
     if not settings:
         return SWEEP_CENTER
-    parts = []
-    for key, value in settings.items():
-        flat = {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
-        parts += [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in flat.items()]
+    parts = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in _dotted(settings).items()]
     return ",".join(parts).replace("/", "_").replace(" ", "")
+
+
+def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"merge": {"parameters": {"lambda": 0.3}}} -> {"merge.parameters.lambda": 0.3}."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        out |= _dotted(value, name + ".") if isinstance(value, dict) and value else {name: value}
+    return out
 
 
 @dataclass(frozen=True)

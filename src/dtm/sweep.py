@@ -167,6 +167,8 @@ class Reuser:
     def __call__(self, run: Run, stage: str, hash: str) -> bool:
         if stage not in LINKED_STAGES:
             return False
+        if stage == "train":
+            self.forget_training(run)
         for sibling in self.sibling_runs(run):
             manifest = sibling.dir.manifest(stage)
             if manifest and manifest["hash"] == hash:
@@ -175,6 +177,12 @@ class Reuser:
         if stage == "train":
             self.link_models(run)
         return False
+
+    def forget_training(self, run: Run) -> None:
+        """Drop the train stage's records: it is about to be done (again) and records what it links."""
+        kept = {k: v for k, v in run.dir.reused().items() if k.startswith("stage:") and k != "stage:train"}
+        if run.dir.reused_file.is_file():
+            atomic_write_json(run.dir.reused_file, kept)
 
     def stage_paths(self, run: Run, stage: str) -> list[Path]:
         """What `stage` made in `run` (models by the plan's names: `models/` holds every stage's)."""
@@ -209,10 +217,13 @@ class Reuser:
                     finished.setdefault(job_key(sibling, job, self.digests), sibling.dir.model(name))
         linked = {}
         for name, job in plan.training_jobs(full.cfg, full.dir, full.inputs).items():
-            src = finished.get(job_key(full, job, self.digests))
-            if src is not None and not rd.is_complete(run.dir.model(name)):
-                _link_tree(src, run.dir.model(name))
-                linked[name] = str(src)
+            src, dst = finished.get(job_key(full, job, self.digests)), run.dir.model(name)
+            if src is None:
+                continue
+            if not rd.is_complete(dst):
+                _link_tree(src, dst)
+            if (src / rd.COMPLETE_FILE).read_bytes() == (dst / rd.COMPLETE_FILE).read_bytes():
+                linked[name] = str(src)  # linked now or by an attempt the sweep resumes (not trained here)
         _record(run, linked)
 
 
