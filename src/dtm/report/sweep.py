@@ -1,7 +1,7 @@
 """The sweep report: one table across a sweep's cells and one plot per swept key.
 
 Each cell is an ordinary run read by `collect_seeds` (so a cell's numbers are the ones its own
-report shows); this page puts DTM and vanilla of every cell side by side (mean ± sample std over
+report shows); this page puts DTM, the ensemble (where run) and vanilla of every cell side by side (mean ± sample std over
 seeds), draws each axis (every headline task against the key's values, seed spread as error
 bars), and says per axis what the numbers show, "no clear effect" where the seed spread covers
 the differences. The sweep (`dtm.sweep.Sweep`: cells, axes) is read by attribute: this package
@@ -20,14 +20,19 @@ from dtm.report.collect import collect_seeds
 from dtm.report.render import Block, Page, Plot, _slug, html, markdown, scores_table
 from dtm.report.stats import mean_std
 
-COMPARED = (rundir.DTM, rundir.VANILLA)  # the two models each cell contributes to the table
+# the models each cell contributes (the ensemble where `baselines.methods` has it: merge vs ensemble)
+COMPARED = (rundir.DTM, rundir.ENSEMBLE, rundir.VANILLA)
 PLOT_PREFIX = "sweep-"
 
 
 @dataclass
 class SweepScores:
-    """Per cell: model (DTM, vanilla) -> headline column -> one value per seed; cells whose
+    """Per cell: model (DTM, ensemble, vanilla) -> headline column -> one value per seed; cells whose
     evaluation has not finished are listed in `missing`."""
+
+    def models(self) -> list[str]:
+        """The compared models some cell has, in `COMPARED` order."""
+        return [m for m in COMPARED if any(m in cell for cell in self.cells.values())]
 
     columns: list[str]
     cells: dict[str, dict[str, dict[str, list[float]]]]
@@ -35,7 +40,7 @@ class SweepScores:
 
 
 def collect_sweep(sweep: Any) -> SweepScores:
-    """Every cell's DTM and vanilla scores over its seeds (the no-bias control left out)."""
+    """Every cell's DTM, ensemble and vanilla scores over its seeds (the no-bias control left out)."""
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
     columns: list[str] = []
     missing = []
@@ -77,8 +82,9 @@ def axis_summary(key: str, points: list[tuple[str, list[float]]], column: str) -
     return f"DTM's {column} is highest at {key} = {hi[0]} ({hi[1]:.3f}) and lowest at {lo[0]} ({lo[1]:.3f}): {verdict}."
 
 
-def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[float]]] | None], columns: list[str]) -> bytes:
-    """Each column against the axis's values: DTM and vanilla, mean with the seed std as error bars."""
+def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[float]]] | None], columns: list[str],
+              models: list[str]) -> bytes:
+    """Each column against the axis's values: each compared model, mean with the seed std as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +95,8 @@ def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.4), squeeze=False)
     xs = list(range(len(labels)))
     for ax, column in zip(axes[0], columns):
-        for model, style in zip(COMPARED, ("o-", "s--")):
+        for model in models:
+            style = {rundir.DTM: "o-", rundir.ENSEMBLE: "^:", rundir.VANILLA: "s--"}[model]
             values = [mean_std(((c or {}).get(model) or {}).get(column, [])) for c in cells]
             ax.errorbar(xs, [m for m, _ in values], yerr=[s for _, s in values], fmt=style, capsize=3, label=model)
         ax.set_title(column, fontsize=9)
@@ -112,19 +119,21 @@ def sweep_page(sweep: Any, scores: SweepScores, trainings: dict[str, int], plots
     ]
     warning = f"PARTIAL: cells not finished: {', '.join(scores.missing)}" if scores.missing else ""
     page = Page(f"Sweep: {', '.join(a.key for a in sweep.axes)}", notes, 1, warning=warning)
-    rows = {name: {f"{c} {m}": vals.get(m, {}).get(c, []) for m in COMPARED for c in scores.columns}
+    models = scores.models()
+    rows = {name: {f"{c} {m}": vals.get(m, {}).get(c, []) for m in models for c in scores.columns}
             for name, vals in scores.cells.items()}
-    table_columns = [f"{c} {m}" for c in scores.columns for m in COMPARED]
+    table_columns = [f"{c} {m}" for c in scores.columns for m in models]
     table = scores_table(rows, table_columns)
     table.header[0] = "cell"
-    page.blocks.append(Block("scores", "sweep", "sweep-table", "Every cell: DTM and vanilla per task", "", table))
+    page.blocks.append(Block("scores", "sweep", "sweep-table", f"Every cell: {', '.join(models)} per task", "", table))
     for axis in sweep.axes:
         if axis.key not in plots:
             continue
         points = [(point_label(axis.key, v), scores.cells.get(name, {}).get(rundir.DTM, {})) for v, name in axis.points]
         said = " ".join(axis_summary(axis.key, [(label, s.get(c, [])) for label, s in points], c) for c in scores.columns)
         page.blocks.append(Block("plot", "sweep-axis", PLOT_PREFIX + _slug(axis.key), f"Sweep over {axis.key}",
-                                 "DTM (solid) and vanilla (dashed) at each value; error bars: seed std.", plots[axis.key], said))
+                                 "DTM (solid), the ensemble (dotted, where run) and vanilla (dashed) at each value; "
+                                 "error bars: seed std.", plots[axis.key], said))
     return page
 
 
@@ -136,7 +145,7 @@ def write_sweep_report(sweep: Any, trainings: dict[str, int]) -> tuple[Path, Pat
     if scores.columns:
         for axis in sweep.axes:
             labels = [point_label(axis.key, v) for v, _ in axis.points]
-            png = plot_axis(axis.key, labels, [scores.cells.get(name) for _, name in axis.points], scores.columns)
+            png = plot_axis(axis.key, labels, [scores.cells.get(name) for _, name in axis.points], scores.columns, scores.models())
             path = atomic_write_bytes(out.report_plot(PLOT_PREFIX + _slug(axis.key)), png)
             plots[axis.key] = Plot(path.name, png)
     page = sweep_page(sweep, scores, trainings, plots)
