@@ -17,6 +17,7 @@
       models/<name>/                     one `save_pretrained` directory per model (names below)
       fisher/<name>.safetensors          a sub-model's diagonal Fisher (`merge.method: fisher`)
       eval/<name>.json                   one result file per evaluated model
+      diagnostics/token_losses.json      the token-level diagnostic on vanilla's snapshots (`eval.token_losses`)
       manifests/<stage>.json             what each stage did (`write_manifest`)
       reused.json                        in a sweep's cell: model or stage -> the sibling it was linked from
 
@@ -33,7 +34,7 @@ Model names (the directory under `models/` and the file under `eval/`):
   short           all data, 1/K of the compute    soup-2..     the soup's other ingredients
   soup            uniform soup of short-like runs wise_ft-0.5  base/vanilla interpolation
   ensemble        the sub-models' averaged outputs (evaluated, not written)
-  l2, ewc, replay, curation                       training baselines
+  l2, ewc, replay, curation, lora_moe             training baselines
 
 Nothing here imports torch: `dtm status` and the report read a run without it.
 """
@@ -61,7 +62,7 @@ ENSEMBLE = "ensemble"
 SUB_PREFIX = "sub-"
 SOUP_PREFIX = "soup-"
 WISE_FT_PREFIX = "wise_ft-"
-TRAINING_BASELINES = ("l2", "ewc", "replay", "curation")  # `baselines.methods` trained on all the data
+TRAINING_BASELINES = ("l2", "ewc", "replay", "curation", "lora_moe")  # `baselines.methods` trained on all the data
 
 
 def sub_model_name(index: int) -> str:
@@ -126,6 +127,7 @@ COMPLETE_FILE = "training_complete.json"
 LOG_FILE = "train_log.jsonl"
 TENSORBOARD_DIR = "logs"
 CHECKPOINT_DIR = "checkpoints"
+RAY_TRAIN_DIR = ".ray_train"  # Ray Train's run records while a data-parallel model trains (removed after)
 FRACTION_DIR = "fractions"
 FRACTIONS_FILE = "fractions.json"
 FRACTION_PREFIX = "frac-"
@@ -296,11 +298,21 @@ class SeedRun(StageRecords):
         """model (or `stage:<name>`) -> the directory it was linked from ({} if nothing was)."""
         return json.loads(self.reused_file.read_text()) if self.reused_file.is_file() else {}
 
+    @property
+    def diagnostics_dir(self) -> Path:
+        """Diagnostics the eval stage computes besides the benchmarks."""
+        return self.root / "diagnostics"
+
+    @property
+    def token_losses_file(self) -> Path:
+        """Which tokens' training loss fell most between vanilla's snapshots (`eval.token_losses`)."""
+        return self.diagnostics_dir / "token_losses.json"
+
     def stage_outputs_on_disk(self, stage: str) -> list[Path]:
         """What a stage writes (removed before the stage is redone); the merge stage's models are
         the pipeline's to name (`merge` is not listed here)."""
         return {"data": [self.lab, self.data_dir], "disperse": [self.portions], "train": [self.models],
-                "eval": [self.eval_dir]}.get(stage, [])
+                "eval": [self.eval_dir, self.diagnostics_dir]}.get(stage, [])
 
 
 # ---------------------------------------------------------------- the whole run
