@@ -327,7 +327,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="from_stage", default=None, help="redo this stage and all later ones (data, disperse, train, merge, eval, report)")
 
     def run(a: argparse.Namespace) -> None:
-        from dtm.pipeline import run as run_experiment
+        from dtm.sweep import run as run_experiment  # a plain run, or a sweep's cells
 
         run_experiment(a.config, a.overrides, from_stage=a.from_stage)
 
@@ -342,7 +342,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from dtm.pipeline import status
+        from dtm.sweep import status
 
         table = Table(title=a.run_dir)
         for col in ("run", "stage", "state", "seconds", "finished"):
@@ -364,7 +364,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> None:
         from rich.console import Console
 
-        from dtm.pipeline import write_report
+        from dtm.sweep import write_report
 
         md, page = write_report(a.run_dir, Console(), partial=a.partial)
         print(f"wrote {md} and {page}")

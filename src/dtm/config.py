@@ -201,6 +201,7 @@ class LabConfig(Section):
     """The built-in lab (used when `data.path` / `model.model_name_or_path` are `lab`)."""
 
     scale: float = Field(1.0, gt=0, description="Multiply every SFT source's size.")
+    wrong_rate: float | None = Field(None, ge=0, le=1, description="Per-fact wrong-value rate of the fact-stating sources (trivia, chat, wiki, math); None = each source's own (0.4, 0.3, 0.15, 0.3).")
     control: bool = Field(True, description="Also run the no-bias control (the same lab with every bias off; vanilla and DTM only).")
     base: str | None = Field(None, description="A lab base made by `dtm lab pretrain --out DIR` (e.g. a larger shape); None = the shipped one.")
     control_seeds: int = Field(1, ge=1, description="Run the control on the first this many of `seeds` (it checks that the tax and DTM's gain vanish, a large effect; one seed keeps the demo short).")
@@ -210,6 +211,40 @@ class ReportConfig(Section):
     tradeoff: list[str] | None = Field(
         None, description="[knowledge column, instruction-following column] for the trade-off plot; None = the lab's or the first MC and generation tasks."
     )
+
+
+class SweepConfig(Section):
+    """`dtm run` over a grid of configs: every other key of the section is a dotted config key
+    (or a nested mapping of them) with the list of values to try; a value may be a mapping, merged
+    into that key's section (`disperse: [{strategy: kmeans, embed_on: instruction}, ...]`).
+    Checked against the schema at load (`check_sweep`); cells are made by `dtm.sweep`."""
+
+    mode: Literal["grid", "one_at_a_time"] = Field("grid", description="grid: every combination; one_at_a_time: each axis alone around the main config.")
+    axes: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> list of values (written as `sweep.KEY: [values]`).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _axes_from_keys(cls, data: Any) -> Any:
+        """`sweep: {disperse.k: [2, 4]}` and `sweep: {disperse: {k: [2, 4]}}` both mean the axis `disperse.k`."""
+        if not isinstance(data, dict):
+            return data
+        axes = dict(data.get("axes") or {})
+        for key, value in data.items():
+            if key not in ("mode", "axes"):
+                axes |= _flatten_axes(str(key), value)
+        return {k: v for k, v in data.items() if k == "mode"} | ({"axes": axes} if axes else {})
+
+
+def _flatten_axes(key: str, value: Any) -> dict[str, Any]:
+    """A nested mapping of axes -> {dotted key: values}; a value that is not a list is kept for
+    validation to reject by name."""
+    if isinstance(value, dict):
+        return {k: v for sub, inner in value.items() for k, v in _flatten_axes(f"{key}.{sub}", inner).items()}
+    return {key: value}
+
+
+# Keys a sweep may not vary: where the run goes, its seeds (the spread every cell is measured with), the sweep itself.
+UNSWEPT = ("output_dir", "seed", "seeds", "sweep")
 
 
 class ExperimentConfig(Section):
@@ -230,6 +265,7 @@ class ExperimentConfig(Section):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     lab: LabConfig = Field(default_factory=LabConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @field_validator("seeds")
     @classmethod
@@ -257,6 +293,61 @@ class ExperimentConfig(Section):
 
             return str(base_model_dir())
         return self.model.model_name_or_path
+
+
+def with_settings(cfg: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
+    """A validated copy of `cfg` with dotted `settings` applied (a mapping value is merged into
+    the section it names), no sweep, and `cfg`'s record of where its keys were set; a
+    `pydantic.ValidationError` if a value does not fit the schema."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in settings.items():
+        node = tree
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node
+        if isinstance(value, dict) and isinstance(node, dict) and isinstance(node.get(last), dict):
+            node[last] = _merged(node[last], value)
+        elif isinstance(node, dict):
+            node[last] = value
+    tree["sweep"] = {}
+    out = ExperimentConfig.model_validate(tree)
+    out._origin = cfg._origin
+    return out
+
+
+def _merged(into: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
+    """`into` with `value`'s keys (nested mappings merged too)."""
+    out = dict(into)
+    for k, v in value.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_sweep(cfg: ExperimentConfig) -> None:
+    """Refuse a sweep whose keys or values the config would refuse, naming `file:line` of each."""
+    problems = []
+    for key, values in cfg.sweep.axes.items():
+        where = cfg.where(f"sweep.{key}")
+        if key.split(".")[0] in UNSWEPT:
+            problems.append(f"{where}: sweep.{key}: {key} cannot be swept (every cell runs all `seeds` into its own directory)")
+            continue
+        if not isinstance(values, list) or not values:
+            problems.append(f"{where}: sweep.{key}: expected a non-empty list of values, got {values!r}")
+            continue
+        seen = [v for i, v in enumerate(values) if v in values[:i]]
+        if seen:
+            problems.append(f"{where}: sweep.{key}: value {seen[0]!r} is listed twice; list each value once")
+        for i, value in enumerate(values):
+            try:
+                with_settings(cfg, {key: value})
+            except ValidationError as e:
+                first = e.errors()[0]
+                loc = ".".join(str(p) for p in first["loc"])
+                msg = ("unknown key (not a config setting; `dtm config init` lists them)" if first["type"] == "extra_forbidden"
+                       else first["msg"].removeprefix("Value error, "))
+                problems.append(f"{cfg.where(f'sweep.{key}.{i}')}: sweep.{key}: value {value!r}: {loc}: {msg}")
+    if problems:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(problems))
 
 
 def where_set(origin: dict[str, Any], key: str) -> str:
@@ -431,6 +522,7 @@ def load_config(
     from dtm.data.formats import looks_like_hub_id
 
     cfg._origin = {"source": source, "lines": lines, "overrides": overridden}
+    check_sweep(cfg)
     if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists() and not looks_like_hub_id(cfg.data.path):
         raise ConfigError(f"{cfg.where('data.path')}: data.path: file not found: {cfg.data.path}")
     return cfg

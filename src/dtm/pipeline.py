@@ -200,7 +200,8 @@ def stage_data(run: Run) -> dict[str, Any]:
     if cfg.data.path == "lab":
         from dtm import lab
 
-        summary = lab.build_lab(run.dir.lab, seed=cfg.seed, scale=cfg.lab.scale, base_dir=cfg.base_model())
+        summary = lab.build_lab(run.dir.lab, seed=cfg.seed, scale=cfg.lab.scale, base_dir=cfg.base_model(),
+                                wrong_rate=cfg.lab.wrong_rate)
         info = {
             "base_model": cfg.base_model(),
             "train_data": run.record(summary["sft_nobias" if run.dir.control else "sft"]),
@@ -459,7 +460,12 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
 # ---------------------------------------------------------------- driving
 
 
-def run_seed(run: Run, from_stage: str | None = None, console: Any = None) -> Run:
+# (run, stage, its hash) -> True when the stage's finished outputs and manifest were put in place
+# from elsewhere (a sweep's sibling cell); called after a stale stage is cleared, before it runs.
+Reuse = Callable[[Run, str, str], bool]
+
+
+def run_seed(run: Run, from_stage: str | None = None, console: Any = None, reuse: Reuse | None = None) -> Run:
     """Run (or resume) every stage of one seed's experiment."""
     hashes = stage_hashes(run.cfg, run.dir.control)
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
@@ -475,6 +481,11 @@ def run_seed(run: Run, from_stage: str | None = None, console: Any = None) -> Ru
             # without a manifest was interrupted and keeps its outputs, so that it resumes.
             clear_stage_outputs(run, stage)
         forced = STAGES[STAGES.index(stage):]  # a stage that reruns invalidates the ones after it
+        if reuse is not None and reuse(run, stage, hashes[stage]):
+            if stage == "data":
+                run.info = run.dir.outputs("data")
+            _say(console, f"  {run.dir.label}: {stage} linked from an identical sibling")
+            continue
         _say(console, f"  {run.dir.label}: [bold]{stage}[/] ...")
         t0 = time.perf_counter()
         outputs = STAGE_FUNCTIONS[stage](run)
@@ -504,13 +515,15 @@ def _say(console: Any, text: str) -> None:
 
 
 def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = None, from_stage: str | None = None,
-        report: bool = True) -> Path:
+        report: bool = True, reuse: Reuse | None = None) -> Path:
     """Run the experiment (all seeds, and the lab's no-bias control) and write the report; -> output dir."""
     from rich.console import Console
 
     if from_stage is not None and from_stage not in (*STAGES, "report"):
         raise DtmError(f"unknown stage {from_stage!r}; stages: {', '.join((*STAGES, 'report'))}")
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    if cfg.sweep.axes:
+        raise DtmError(f"{cfg.where('sweep')}: this config is a sweep; run it with `dtm run` (`dtm.sweep.run`), which runs its cells")
     check_runnable(cfg)
     if cluster.enabled(cfg):  # Ray tasks run in their node's working directory, not the driver's
         cfg.output_dir = str(Path(cfg.output_dir).resolve())
@@ -522,7 +535,7 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     with cluster.session(cfg, run_dir.root):  # train.executor ray: connected once, the run directory seen by every node
         for seed_run in seed_runs(cfg):
             console.print(f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}")
-            run_seed(seed_run, None if from_stage == "report" else from_stage, console)
+            run_seed(seed_run, None if from_stage == "report" else from_stage, console, reuse)
     if report:
         md, page = stage_report(cfg, console)
         console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")
@@ -593,7 +606,11 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
 def status(run_dir: str | Path) -> list[dict[str, Any]]:
     """Where a run stands: one row per seed run and stage (done / stale / pending; the report also
     partial, when it was written with --partial and its inputs are still unfinished)."""
-    cfg = load_run_config(run_dir)
+    return status_of(load_run_config(run_dir))
+
+
+def status_of(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """`status` of the run `cfg` makes in its output_dir (started or not)."""
 
     def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str) -> dict[str, Any]:
         state = "pending" if manifest is None else ("done" if manifest.get("hash") == current else "stale")

@@ -6,6 +6,9 @@
       report.md, report.html, *.png      the report (written by `dtm.report`)
       seed-<s>/                          one seed's run (SeedRun)
       control-nobias/seed-<s>/           the lab's no-bias control, first `lab.control_seeds` seeds
+      sweep/<cell>/                      a sweep's cells (`sweep:` in the config), each a RunDir of its own:
+                                         `center` (the main config) and `key=value[,key=value]` cells;
+                                         the sweep's report is the top report.md
 
     seed-<s>/                            SeedRun
       lab/                               the lab's SFT data and task files (lab runs only)
@@ -16,6 +19,7 @@
       eval/<name>.json                   one result file per evaluated model
       diagnostics/token_losses.json      the token-level diagnostic on vanilla's snapshots (`eval.token_losses`)
       manifests/<stage>.json             what each stage did (`write_manifest`)
+      reused.json                        in a sweep's cell: model or stage -> the sibling it was linked from
 
     models/<name>/                       a trained model (written by `dtm.training`)
       training_complete.json             written last: a directory without it is unfinished
@@ -297,6 +301,15 @@ class SeedRun(StageRecords):
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.eval_dir.glob("*.json"))}
 
     @property
+    def reused_file(self) -> Path:
+        """What a sweep linked into this run from a sibling cell instead of making it again."""
+        return self.root / "reused.json"
+
+    def reused(self) -> dict[str, str]:
+        """model (or `stage:<name>`) -> the directory it was linked from ({} if nothing was)."""
+        return json.loads(self.reused_file.read_text()) if self.reused_file.is_file() else {}
+
+    @property
     def diagnostics_dir(self) -> Path:
         """Diagnostics the eval stage computes besides the benchmarks."""
         return self.root / "diagnostics"
@@ -324,6 +337,28 @@ def shared_storage_marker(root: str | Path) -> Path:
     return Path(root) / SHARED_STORAGE_MARKER
 
 
+SWEEP_DIR = "sweep"
+SWEEP_CENTER = "center"  # one_at_a_time: the main config's own cell
+
+
+def sweep_cell_name(settings: dict[str, Any]) -> str:
+    """A sweep cell's directory name: `disperse.k=2`, `disperse.strategy=kmeans,disperse.embed_on=both`
+    (a mapping value is spelled as its dotted keys, nested ones too), `center` for no settings."""
+    if not settings:
+        return SWEEP_CENTER
+    parts = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in _dotted(settings).items()]
+    return ",".join(parts).replace("/", "_").replace(" ", "")
+
+
+def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"merge": {"parameters": {"lambda": 0.3}}} -> {"merge.parameters.lambda": 0.3}."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        out |= _dotted(value, name + ".") if isinstance(value, dict) and value else {name: value}
+    return out
+
+
 @dataclass(frozen=True)
 class RunDir(StageRecords):
     """`<output_dir>/`: every seed's run, the config it was made with, and the report."""
@@ -345,6 +380,14 @@ class RunDir(StageRecords):
     def report_plot(self, name: str) -> Path:
         """A plot of the report, beside it: `tax_curve.png`, ... (linked from report.md)."""
         return self.root / f"{name}.png"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.root / SWEEP_DIR
+
+    def sweep_cell(self, name: str) -> RunDir:
+        """One cell of a sweep: an ordinary run directory (`sweep_cell_name`)."""
+        return RunDir(self.sweep_dir / name)
 
     def seed_run(self, seed: int, control: bool = False) -> SeedRun:
         return SeedRun((self.root / CONTROL_DIR if control else self.root) / f"seed-{seed}", seed, control)
