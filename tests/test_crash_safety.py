@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from test_train_sft import qa_data, tiny_config, weights
 from transformers import TrainerCallback
 
 from dtm.io import remove_stale_temporaries, stale_temporaries, temp_prefix
-from dtm.rundir import COMPLETE_FILE
+from dtm.rundir import COMPLETE_FILE, SeedRun
 from dtm.training import train_model
 from dtm.training.sft import Totals, last_checkpoint
 
@@ -126,3 +127,39 @@ def test_a_later_run_removes_only_the_temporaries_of_writers_that_are_gone(tmp_p
         for w in writers:
             w.kill()
             w.wait()
+
+
+# ---------------------------------------------------------------- stage seconds over attempts
+
+KILLED_STAGE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from dtm.rundir import SeedRun
+    with SeedRun(Path(sys.argv[1]), 1).attempt("train", interval=0.05):
+        time.sleep(120)
+    """
+)
+
+
+def test_a_stage_killed_and_resumed_counts_the_seconds_of_both_attempts(tmp_path):
+    records = SeedRun(tmp_path, 1)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_STAGE, str(tmp_path)], env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.time() + 60
+        while records.earlier_attempts("train")[0] < 0.5:  # the killed attempt has run half a second
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed, attempts = records.earlier_attempts("train")
+    assert attempts == 1
+    with records.attempt("train", interval=0.05) as clock:
+        time.sleep(0.2)
+    seconds, attempts = clock()
+    assert attempts == 2 and seconds >= killed + 0.2
+    before, n = records.earlier_attempts("train")  # (the pipeline removes the record when a stage finishes)
+    with pytest.raises(Crash), records.attempt("train", interval=10):  # a failure is an attempt too
+        raise Crash
+    assert records.earlier_attempts("train") == (pytest.approx(before, abs=0.05), n + 1)
