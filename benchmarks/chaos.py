@@ -17,9 +17,12 @@ run from scratch in another directory, killed with SIGKILL (the whole process gr
   directory at the end (must be 0);
 - wall time of both runs, and the stage each kill landed in.
 
-Kill moments: `--kills` times drawn uniformly over the reference run's duration (`--seed`),
-sorted; each attempt is killed after the gap to the next one plus the reference's start-up
-time (imports), so the kills spread over the stages as the reference's time does.
+Kill moments (`--seed`): one in every stage (data, disperse, train, merge, eval, report), the
+rest drawn uniformly over the reference run's stage time, so busy stages get more; each is
+a stage and an offset into it (the reference's stage seconds, from its manifests). An attempt
+waits until the run is in that stage, then for the offset less the previous kill's offset in
+the same stage (the work before it is kept), and kills. A stage that ends first takes the
+kill into the next one; the stage each kill landed in is reported.
 
     .venv/bin/python benchmarks/chaos.py [--kills 20] [--seed 0] [--work DIR]
 """
@@ -155,42 +158,72 @@ def compare(reference: Path, chaos: Path) -> dict[str, Any]:
             "identical": not (eval_diff or eval_missing or differ or extra)}
 
 
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Each stage's seconds in a finished run (from its manifests), the report's last."""
+    run = seed_run(out)
+    seconds = {stage: float(run.manifest(stage)["seconds"]) for stage in STAGES}
+    return seconds | {"report": float(rd.RunDir(out).manifest("report")["seconds"])}
+
+
+def kill_plan(seconds: dict[str, float], kills: int, rng: random.Random) -> list[tuple[str, float]]:
+    """(stage, offset) of each kill: one per stage, the rest where the time is; in run order."""
+    stages = list(seconds)
+    total = sum(seconds.values())
+    plan = [(s, rng.uniform(0, seconds[s])) for s in stages[:kills]]
+    for _ in range(kills - len(plan)):
+        t = rng.uniform(0, total)
+        for s in stages:
+            if t < seconds[s] or s == stages[-1]:
+                plan.append((s, min(t, seconds[s])))
+                break
+            t -= seconds[s]
+    return sorted(plan, key=lambda p: (stages.index(p[0]), p[1]))
+
+
+def entered(printed: str, stage: str) -> bool:
+    """Whether an attempt whose output so far is `printed` has begun `stage` (or a later one), by
+    what `dtm run` prints as each stage starts or is skipped (the report follows the eval stage)."""
+    later = [*STAGES, "report"][[*STAGES, "report"].index(stage):]
+    marks = [f": {s} ..." for s in later if s != "report"] + [f": {s} up to date" for s in later if s != "report"]
+    return any(m in printed for m in marks + ["eval done in", "eval up to date"] * ("report" in later))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new one under the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the two run directories")
+    ap.add_argument("--reuse-reference", action="store_true", help="reuse a finished reference run in --work (its wall time is then not measured)")
     args = ap.parse_args()
     work = args.work or Path(__import__("tempfile").mkdtemp(prefix="dtm-chaos-"))
     reference, chaos, log = work / "reference", work / "chaos", work / "log.txt"
-    for d in (reference, chaos):
+    reuse = args.reuse_reference and rd.RunDir(reference).manifest("report") is not None
+    for d in (chaos,) if reuse else (reference, chaos):
         shutil.rmtree(d, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
 
-    t0 = time.perf_counter()
-    probe = dtm_run(reference, log)  # the start-up time: until the first stage's directory appears
-    while not seed_run(reference).root.exists() and probe.poll() is None:
-        time.sleep(0.1)
-    startup = time.perf_counter() - t0
-    if probe.wait() != 0:
-        raise SystemExit(f"reference run failed; see {log}")
-    reference_seconds = time.perf_counter() - t0
-    print(f"reference: {reference_seconds:.0f}s (start-up {startup:.1f}s)", flush=True)
+    reference_seconds = None if reuse else run_to_end(reference, log)
+    print(f"reference: {reference_seconds or 'reused'}s, stages {stage_seconds(reference)}", flush=True)
 
-    rng = random.Random(args.seed)
-    moments = sorted(rng.uniform(0, reference_seconds) for _ in range(args.kills))
+    plan = kill_plan(stage_seconds(reference), args.kills, random.Random(args.seed))
     kills, redone, bad = [], 0, []
     t1 = time.perf_counter()
-    previous = 0.0
-    for i, moment in enumerate(moments):
-        delay = moment - previous + startup
-        previous = moment
+    previous: tuple[str, float] = ("", 0.0)
+    for i, (target, offset) in enumerate(plan):
+        delay = offset - previous[1] if previous[0] == target else offset
+        previous = (target, offset)
+        mark = log.stat().st_size
         proc = dtm_run(chaos, log)
+        started = time.perf_counter()
+        while proc.poll() is None and not entered(log.read_bytes()[mark:].decode(errors="replace"), target):
+            time.sleep(0.02)
+        in_target = time.perf_counter()
         try:
             proc.wait(timeout=delay)
-            kills.append({"kill": i + 1, "after_seconds": round(delay, 1), "stage": "finished before the kill"})
-            break  # the run finished before this kill: the rest cannot land
+            kills.append({"kill": i + 1, "target": target, "stage": "finished before the kill"})
+            print(f"kill {i + 1}/{len(plan)}: the run finished first", flush=True)
+            continue
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -198,8 +231,10 @@ def main() -> None:
         redone += lost
         found = false_done(chaos)
         bad += [f"after kill {i + 1}: {b}" for b in found]
-        kills.append({"kill": i + 1, "after_seconds": round(delay, 1), "stage": stage, "steps_redone": lost, "false_done": found})
-        print(f"kill {i + 1}/{len(moments)} after {delay:.1f}s in {stage}: {lost} steps to redo", flush=True)
+        kills.append({"kill": i + 1, "target": target, "offset_seconds": round(delay, 2), "stage": stage,
+                      "attempt_seconds": round(time.perf_counter() - started, 1), "steps_redone": lost,
+                      "false_done": found, "entered_target_after": round(in_target - started, 1)})
+        print(f"kill {i + 1}/{len(plan)} {delay:.1f}s into {target}: landed in {stage}, {lost} steps to redo", flush=True)
     run_to_end(chaos, log)
     chaos_seconds = time.perf_counter() - t1
     bad += [f"at the end: {b}" for b in false_done(chaos)]
@@ -208,7 +243,9 @@ def main() -> None:
         "machine": machine(),
         "config": {"file": "src/dtm/configs/lab.yaml", "overrides": REDUCED, "kills": args.kills, "seed": args.seed,
                    "kill": "SIGKILL to the process group (dtm run and its workers)"},
-        "reference_seconds": round(reference_seconds, 1),
+        "reference_seconds": round(reference_seconds, 1) if reference_seconds else None,
+        "reference_stage_seconds": stage_seconds(reference),
+        "chaos_stage_seconds_all_attempts": stage_seconds(chaos),
         "chaos_seconds": round(chaos_seconds, 1),
         "kills_landed": sum(1 for k in kills if k["stage"] != "finished before the kill"),
         "kills_per_stage": {s: sum(1 for k in kills if k["stage"] == s) for s in (*STAGES, "report")},

@@ -529,8 +529,11 @@ def stage_progress(run: Run, stage: str) -> tuple[int, int] | None:
     said what the run's inputs are; None for the other stages."""
     if stage not in ("train", "merge", "eval") or not run.info:
         return None
-    planned = {"train": plan.training_jobs, "merge": plan.merge_plan, "eval": plan.evaluated_models}[stage](run.cfg, run.dir, run.inputs)
-    tasks = len(task_list(run)) + len(run.cfg.eval.lm_eval_tasks) if stage == "eval" else 0
+    try:
+        planned = {"train": plan.training_jobs, "merge": plan.merge_plan, "eval": plan.evaluated_models}[stage](run.cfg, run.dir, run.inputs)
+        tasks = len(task_list(run)) + len(run.cfg.eval.lm_eval_tasks) if stage == "eval" else 0
+    except (KeyError, TypeError, ValueError):  # a data manifest not written by this version: no progress, the state stands
+        return None
     return len(run.dir.finished(stage, planned, tasks)), len(planned)
 
 
