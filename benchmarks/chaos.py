@@ -20,9 +20,11 @@ run from scratch in another directory, killed with SIGKILL (the whole process gr
 Kill moments (`--seed`): one in every stage (data, disperse, train, merge, eval, report), the
 rest drawn uniformly over the reference run's stage time, so busy stages get more; each is
 a stage and an offset into it (the reference's stage seconds, from its manifests). An attempt
-waits until the run is in that stage, then for the offset less the previous kill's offset in
-the same stage (the work before it is kept), and kills. A stage that ends first takes the
-kill into the next one; the stage each kill landed in is reported.
+waits until the run is in that stage and has written something there (a training log row, an
+evaluation result: the stage's start-up, imports and worker processes, is paid again by every
+attempt and would otherwise take every short kill), then for the offset less the previous
+kill's offset in the same stage (the work before it is kept), and kills. A stage that ends
+first takes the kill into the next one; the stage each kill landed in is reported.
 
     .venv/bin/python benchmarks/chaos.py [--kills 20] [--seed 0] [--work DIR]
 """
@@ -188,6 +190,26 @@ def entered(printed: str, stage: str) -> bool:
     return any(m in printed for m in marks + ["eval done in", "eval up to date"] * ("report" in later))
 
 
+def wrote_since(out: Path, since: float, cap: float, proc: subprocess.Popen) -> None:
+    """Wait until a file in the seed run (its manifests aside) is newer than `since` (a wall-clock
+    time), the run ends, or `cap` seconds pass."""
+    root, deadline = seed_run(out).root, time.monotonic() + cap
+
+    def fresh() -> bool:
+        for parent, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d != rd.MANIFEST_DIR]
+            for f in files:
+                try:
+                    if os.stat(os.path.join(parent, f)).st_mtime > since:
+                        return True
+                except FileNotFoundError:
+                    continue
+        return False
+
+    while proc.poll() is None and time.monotonic() < deadline and not fresh():
+        time.sleep(0.2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kills", type=int, default=20)
@@ -204,9 +226,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     reference_seconds = None if reuse else run_to_end(reference, log)
-    print(f"reference: {reference_seconds or 'reused'}s, stages {stage_seconds(reference)}", flush=True)
+    print(f"reference: {f'{reference_seconds:.0f}s' if reference_seconds else 'reused'}, stages {stage_seconds(reference)}", flush=True)
 
-    plan = kill_plan(stage_seconds(reference), args.kills, random.Random(args.seed))
+    reference_stages = stage_seconds(reference)
+    plan = kill_plan(reference_stages, args.kills, random.Random(args.seed))
     kills, redone, bad = [], 0, []
     t1 = time.perf_counter()
     previous: tuple[str, float] = ("", 0.0)
@@ -218,6 +241,8 @@ def main() -> None:
         started = time.perf_counter()
         while proc.poll() is None and not entered(log.read_bytes()[mark:].decode(errors="replace"), target):
             time.sleep(0.02)
+        if target in ("train", "eval"):
+            wrote_since(chaos, time.time(), reference_stages[target], proc)
         in_target = time.perf_counter()
         try:
             proc.wait(timeout=delay)
@@ -233,7 +258,7 @@ def main() -> None:
         bad += [f"after kill {i + 1}: {b}" for b in found]
         kills.append({"kill": i + 1, "target": target, "offset_seconds": round(delay, 2), "stage": stage,
                       "attempt_seconds": round(time.perf_counter() - started, 1), "steps_redone": lost,
-                      "false_done": found, "entered_target_after": round(in_target - started, 1)})
+                      "false_done": found, "working_in_target_after": round(in_target - started, 1)})
         print(f"kill {i + 1}/{len(plan)} {delay:.1f}s into {target}: landed in {stage}, {lost} steps to redo", flush=True)
     run_to_end(chaos, log)
     chaos_seconds = time.perf_counter() - t1
