@@ -8,7 +8,8 @@ run from scratch in another directory, killed with SIGKILL (the whole process gr
 `--kills` random moments, resumed after each kill, and finally run to the end. Reported:
 
 - identical: every evaluation metric (every `eval/*.json`, compared exactly, timing fields
-  aside) and every `*.safetensors` file (bitwise) equal to the reference run's;
+  aside and the run directory's path written as <run>) and every `*.safetensors` file
+  (bitwise) equal to the reference run's;
 - steps_redone: training steps done twice (after each kill, per unfinished model, the last
   logged step minus the step of the checkpoint it resumes from; `train.logging_steps: 1`);
 - false_done: stages whose manifest said done while one of their outputs was missing or
@@ -57,7 +58,8 @@ REDUCED = [
     "seeds=[1]", "lab.control=false", "lab.scale=0.5", "train.num_train_epochs=3", "train.logging_steps=1",
     "baselines.methods=[short,soup,wise_ft]", "baselines.soup_size=2", "baselines.wise_ft_alphas=[0.5]", "eval.limit=60",
 ]
-TIMING_KEYS = {"seconds", "time", "duration", "elapsed", "date", "finished", "tokens_per_second"}
+# fields of a result that are not results: timings, and `run_key` (a hash of the task and model paths)
+NOT_RESULTS = {"seconds", "time", "duration", "elapsed", "date", "finished", "tokens_per_second", "items_per_second", "run_key"}
 
 
 def dtm_run(out: Path, log: Path) -> subprocess.Popen:
@@ -133,20 +135,21 @@ def temporaries(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if TMP_MARK in p.name or p.name == rd.CHECKPOINT_DIR)
 
 
-def without_timing(obj: Any) -> Any:
+def results_only(obj: Any, root: Path) -> Any:
+    """A result file's content without its timings, with the run directory's path as `<run>`."""
     if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+        return {k: results_only(v, root) for k, v in obj.items() if k not in NOT_RESULTS}
     if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
+        return [results_only(v, root) for v in obj]
+    return obj.replace(str(root), "<run>") if isinstance(obj, str) else obj
 
 
 def compare(reference: Path, chaos: Path) -> dict[str, Any]:
     """Every eval JSON metric and every safetensors file of the two runs."""
     ref_run, run = seed_run(reference), seed_run(chaos)
     evals = sorted(p.name for p in ref_run.eval_dir.glob("*.json"))
-    eval_diff = [n for n in evals if without_timing(json.loads((ref_run.eval_dir / n).read_text()))
-                 != without_timing(json.loads((run.eval_dir / n).read_text())) if (run.eval_dir / n).is_file()]
+    eval_diff = [n for n in evals if (run.eval_dir / n).is_file() and results_only(json.loads((ref_run.eval_dir / n).read_text()), reference)
+                 != results_only(json.loads((run.eval_dir / n).read_text()), chaos)]
     eval_missing = [n for n in evals if not (run.eval_dir / n).is_file()]
     tensors = sorted(str(p.relative_to(reference)) for p in reference.rglob("*.safetensors"))
     extra = sorted(set(str(p.relative_to(chaos)) for p in chaos.rglob("*.safetensors")) - set(tensors))
@@ -155,7 +158,9 @@ def compare(reference: Path, chaos: Path) -> dict[str, Any]:
         return hashlib.sha256(p.read_bytes()).hexdigest()
 
     differ = [t for t in tensors if not (chaos / t).is_file() or digest(reference / t) != digest(chaos / t)]
-    return {"eval_files": len(evals), "eval_files_differing": eval_diff, "eval_files_missing": eval_missing,
+    return {"eval_compared": "every field but timings and run_key, the run directory's path written as <run>",
+            "safetensors_compared": "sha256 of the whole file",
+            "eval_files": len(evals), "eval_files_differing": eval_diff, "eval_files_missing": eval_missing,
             "safetensors_files": len(tensors), "safetensors_differing_or_missing": differ, "safetensors_extra": extra,
             "identical": not (eval_diff or eval_missing or differ or extra)}
 
@@ -216,10 +221,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new one under the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the two run directories")
+    ap.add_argument("--compare-only", action="store_true", help="recompute the comparison of the runs kept in --work (--keep) into the result")
     ap.add_argument("--reuse-reference", action="store_true", help="reuse a finished reference run in --work (its wall time is then not measured)")
     args = ap.parse_args()
     work = args.work or Path(__import__("tempfile").mkdtemp(prefix="dtm-chaos-"))
     reference, chaos, log = work / "reference", work / "chaos", work / "log.txt"
+    if args.compare_only:
+        result = json.loads((RESULTS / "chaos.json").read_text())
+        result["comparison"] = compare(reference, chaos)
+        result["identical"] = result["comparison"]["identical"]
+        atomic_write_json(RESULTS / "chaos.json", result)
+        print(json.dumps(result["comparison"], indent=2))
+        return
     reuse = args.reuse_reference and rd.RunDir(reference).manifest("report") is not None
     for d in (chaos,) if reuse else (reference, chaos):
         shutil.rmtree(d, ignore_errors=True)
