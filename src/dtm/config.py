@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from dtm.errors import ConfigError
 
@@ -33,6 +33,9 @@ class ModelConfig(Section):
     revision: str | None = None
     trust_remote_code: bool = Field(False, description="Run model code from the hub/model dir. Off unless you ask.")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel for training (transformers' attn_implementation); None = transformers' default (sdpa where it can)."
+    )
 
 
 class DataConfig(Section):
@@ -97,6 +100,7 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(0.3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     bf16: bool | None = Field(None, description="None = bf16 on a GPU that supports it, fp32 on CPU.")
+    fp16: bool = Field(False, description="fp16 mixed precision on a GPU (for GPUs without bf16); not with train.bf16: true.")
     gradient_checkpointing: bool = False
     freeze_modules: list[str] = Field(default_factory=list, description="Full fine-tuning: parameter-name patterns to freeze (e.g. embed_tokens).")
     group_by_length: bool = True
@@ -119,6 +123,17 @@ class TrainConfig(Section):
     num_gpus_per_model: float = Field(1.0, ge=0)
     num_cpus_per_model: float = Field(1.0, gt=0)
     retries: int = Field(1, ge=0, description="Times a failed sub-model is retried (it resumes from its last checkpoint).")
+    workers_per_model: int = Field(
+        1, ge=1, description="Train each model data-parallel on this many Ray Train workers (DDP; the global batch is workers x "
+        "per_device_train_batch_size x gradient_accumulation_steps); 1 = one process per model.",
+    )
+
+    @model_validator(mode="after")
+    def _one_half_precision(self) -> TrainConfig:
+        """fp16 and bf16 are exclusive (the Trainer refuses both; say so at load time, with the keys)."""
+        if self.fp16 and self.bf16:
+            raise ValueError("train.bf16 and train.fp16 are both true; choose one (bf16 where the GPU has it)")
+        return self
 
     @field_validator("save_fractions")
     @classmethod
@@ -160,10 +175,14 @@ class EvalConfig(Section):
     log_samples: bool = Field(False, description="Also write per-item outputs next to each result.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to run on every model as well (needs the lmeval extra; results go beside ours).")
     lm_eval_include: str | None = Field(None, description="Directory of extra lm-eval task YAMLs (local tasks, for lm_eval_tasks).")
+    token_losses: bool = Field(False, description="Token-level diagnostic (the paper's Sec. 2): which tokens' training loss fell most between vanilla's snapshots, and how frequent they are in the data.")
+    token_loss_samples: int = Field(256, ge=1, description="token_losses: training examples (a seeded sample of the train split) the per-token losses are measured on.")
+    token_loss_top: int = Field(10, ge=1, description="token_losses: tokens shown per interval between snapshots.")
+    token_loss_min_count: int = Field(3, ge=1, description="token_losses: a token must occur this often in the sample to be ranked (a rare token's mean drop is noise).")
 
 
 class BaselinesConfig(Section):
-    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation.")
+    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation, lora_moe.")
     l2_coef: float = Field(0.01, ge=0)
     ewc_coef: float = Field(1.0, ge=0)
     replay_ratio: float = Field(1.0, ge=0, description="Pretraining-style examples per SFT example.")
@@ -188,6 +207,7 @@ class LabConfig(Section):
 
     scale: float = Field(1.0, gt=0, description="Multiply every SFT source's size.")
     control: bool = Field(True, description="Also run the no-bias control (the same lab with every bias off; vanilla and DTM only).")
+    base: str | None = Field(None, description="A lab base made by `dtm lab pretrain --out DIR` (e.g. a larger shape); None = the shipped one.")
     control_seeds: int = Field(1, ge=1, description="Run the control on the first this many of `seeds` (it checks that the tax and DTM's gain vanish, a large effect; one seed keeps the demo short).")
 
 
@@ -236,6 +256,8 @@ class ExperimentConfig(Section):
     def base_model(self) -> str:
         """`model.model_name_or_path`, with 'lab' resolved to the lab's base model directory."""
         if self.model.model_name_or_path == "lab":
+            if self.lab.base:
+                return self.lab.base
             from dtm.lab import base_model_dir
 
             return str(base_model_dir())
@@ -409,6 +431,8 @@ def load_config(
         cfg.eval.data_dir = resolve(cfg.eval.data_dir)
     if cfg.baselines.replay_path:
         cfg.baselines.replay_path = resolve(cfg.baselines.replay_path)
+    if cfg.lab.base:
+        cfg.lab.base = resolve(cfg.lab.base)
     from dtm.data.formats import looks_like_hub_id
 
     cfg._origin = {"source": source, "lines": lines, "overrides": overridden}

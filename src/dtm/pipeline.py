@@ -357,7 +357,34 @@ def stage_eval(run: Run) -> dict[str, Any]:
             future.result()
     if cfg.eval.lm_eval_tasks:
         lm_eval_models(run, models)
-    return {"models": sorted(models), "tasks": tasks, "lm_eval_tasks": list(cfg.eval.lm_eval_tasks)}
+    outputs = {"models": sorted(models), "tasks": tasks, "lm_eval_tasks": list(cfg.eval.lm_eval_tasks)}
+    if cfg.eval.token_losses:
+        outputs["token_losses"] = token_losses(run, models)
+    return outputs
+
+
+def token_losses(run: Run, models: dict[str, Any]) -> dict[str, Any]:
+    """The token-level diagnostic on the base, vanilla's snapshots and vanilla (`eval.token_losses`),
+    on a seeded sample of the train split; written once (a resumed stage keeps it). -> its file and seconds."""
+    import random
+
+    from dtm.data.formats import load_conversations
+    from dtm.evaluation.diagnostics import token_loss_diagnostic
+
+    out = run.dir.token_losses_file
+    if out.is_file():
+        return {"file": str(out.relative_to(run.dir.root))}
+    cfg, t0 = run.cfg, time.perf_counter()
+    train = load_conversations(run.inputs.train_data, format="auto").conversations
+    sample = random.Random(cfg.seed).sample(train, min(cfg.eval.token_loss_samples, len(train)))
+    snapshots = [(rd.snapshot_fraction(name), ref) for name, ref in models.items()
+                 if name in (rd.BASE, rd.VANILLA) or rd.is_snapshot(name)]
+    result = token_loss_diagnostic(snapshots, sample, train, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only,
+                                   top=cfg.eval.token_loss_top, min_count=cfg.eval.token_loss_min_count,
+                                   batch_size=cfg.eval.batch_size)
+    seconds = round(time.perf_counter() - t0, 2)
+    atomic_write_json(out, result | {"seconds": seconds})
+    return {"file": str(out.relative_to(run.dir.root)), "seconds": seconds}
 
 
 def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwargs: dict[str, Any]) -> None:
@@ -368,12 +395,13 @@ def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwar
 
 def lm_eval_models(run: Run, models: dict[str, Any]) -> None:
     """`eval.lm_eval_tasks` through lm-evaluation-harness, into the same `eval/<model>.json` files
-    (an ensemble has no lm-eval model and is skipped; an adapter runs as lm-eval's `peft=`)."""
+    (an ensemble and a LoRA-MoE have no lm-eval model and are skipped; an adapter runs as lm-eval's `peft=`)."""
     from dtm.evaluation.lmeval import run_lm_eval
+    from dtm.lora_moe import is_lora_moe
 
     cfg = run.cfg
     for name, ref in models.items():
-        if isinstance(ref, list):
+        if isinstance(ref, list) or (isinstance(ref, str) and is_lora_moe(ref)):
             continue
         model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
         run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,

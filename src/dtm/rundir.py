@@ -14,6 +14,7 @@
       models/<name>/                     one `save_pretrained` directory per model (names below)
       fisher/<name>.safetensors          a sub-model's diagonal Fisher (`merge.method: fisher`)
       eval/<name>.json                   one result file per evaluated model
+      diagnostics/token_losses.json      the token-level diagnostic on vanilla's snapshots (`eval.token_losses`)
       manifests/<stage>.json             what each stage did (`write_manifest`)
       manifests/<stage>.attempts.json    while a stage runs: the seconds of its attempts so far
 
@@ -30,7 +31,7 @@ Model names (the directory under `models/` and the file under `eval/`):
   short           all data, 1/K of the compute    soup-2..     the soup's other ingredients
   soup            uniform soup of short-like runs wise_ft-0.5  base/vanilla interpolation
   ensemble        the sub-models' averaged outputs (evaluated, not written)
-  l2, ewc, replay, curation                       training baselines
+  l2, ewc, replay, curation, lora_moe             training baselines
 
 Nothing here imports torch: `dtm status` and the report read a run without it.
 """
@@ -60,7 +61,7 @@ ENSEMBLE = "ensemble"
 SUB_PREFIX = "sub-"
 SOUP_PREFIX = "soup-"
 WISE_FT_PREFIX = "wise_ft-"
-TRAINING_BASELINES = ("l2", "ewc", "replay", "curation")  # `baselines.methods` trained on all the data
+TRAINING_BASELINES = ("l2", "ewc", "replay", "curation", "lora_moe")  # `baselines.methods` trained on all the data
 
 
 def sub_model_name(index: int) -> str:
@@ -125,6 +126,7 @@ COMPLETE_FILE = "training_complete.json"
 LOG_FILE = "train_log.jsonl"
 TENSORBOARD_DIR = "logs"
 CHECKPOINT_DIR = "checkpoints"
+RAY_TRAIN_DIR = ".ray_train"  # Ray Train's run records while a data-parallel model trains (removed after)
 FRACTION_DIR = "fractions"
 FRACTIONS_FILE = "fractions.json"
 FRACTION_PREFIX = "frac-"
@@ -346,6 +348,16 @@ class SeedRun(StageRecords):
         """model -> task -> result, from every `eval/<model>.json`."""
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.eval_dir.glob("*.json"))}
 
+    @property
+    def diagnostics_dir(self) -> Path:
+        """Diagnostics the eval stage computes besides the benchmarks."""
+        return self.root / "diagnostics"
+
+    @property
+    def token_losses_file(self) -> Path:
+        """Which tokens' training loss fell most between vanilla's snapshots (`eval.token_losses`)."""
+        return self.diagnostics_dir / "token_losses.json"
+
     def finished(self, stage: str, names: Iterable[str], tasks: int = 0) -> list[str]:
         """Which of the models `names` a stage has finished: trained (completion marker), merged (its
         config), evaluated (a result file with at least `tasks` results); for `dtm status`'s progress."""
@@ -362,7 +374,7 @@ class SeedRun(StageRecords):
         """What a stage writes (removed before the stage is redone); the merge stage's models are
         the pipeline's to name (`merge` is not listed here)."""
         return {"data": [self.lab, self.data_dir], "disperse": [self.portions], "train": [self.models],
-                "eval": [self.eval_dir]}.get(stage, [])
+                "eval": [self.eval_dir, self.diagnostics_dir]}.get(stage, [])
 
 
 # ---------------------------------------------------------------- the whole run

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from dtm import lora_moe
 from dtm.errors import DtmError
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ def _load_one(path: str | os.PathLike, adapter: str | os.PathLike | None, device
         if not isinstance(e, (OSError, ValueError)):
             raise
         raise DtmError(f"{path}: cannot load the model: {e}") from None
+    if adapter is not None and lora_moe.is_lora_moe(adapter):
+        return lora_moe.load_lora_moe(model, adapter).to(device).eval()
     if adapter is not None:
         from peft import PeftModel
 
@@ -154,6 +157,12 @@ def resolve_model_dir(path: str | os.PathLike, adapter: str | os.PathLike | None
     path = Path(path)
     if (path / "config.json").is_file():
         return path, Path(adapter) if adapter is not None else None
+    if lora_moe.is_lora_moe(path):  # experts and routers on a base model its config names
+        base = lora_moe.read_config(path)["base_model_name_or_path"]
+        if adapter is not None or not (Path(base) / "config.json").is_file():
+            raise DtmError(f"{path}: a LoRA-MoE directory whose base {base!r} is not a local model directory "
+                           f"(fix base_model_name_or_path in {lora_moe.CONFIG_FILE}), or an adapter was given with it")
+        return Path(base), path
     if (path / "adapter_config.json").is_file():
         if adapter is not None:
             raise DtmError(f"{path} is itself an adapter; pass its base model as the model, or drop `adapter`")

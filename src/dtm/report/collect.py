@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dtm import rundir
-from dtm.report.model import GroupTable, ReportData
-from dtm.report.stats import mean_std, method_costs, training_cost
+from dtm.report.model import ErrorSets, GroupTable, ReportData
+from dtm.report.stats import error_sets, mean_std, method_costs, training_cost
 
 TITLE = "Disperse-Then-Merge: results"
 CONTROL_TITLE = "No-bias control (the same lab with every bias off)"
@@ -141,6 +141,36 @@ def vanilla_losses(run: rundir.SeedRun) -> list[tuple[float, float, float]]:
             for row in json.loads(path.read_text()) if row.get("val_loss") is not None]
 
 
+def question_correct(result: dict[str, Any]) -> tuple[str, dict[Any, bool]] | None:
+    """(main metric, question id -> right?) of a result with per-question scores (None: an older
+    result file, an lm-eval result, or a task without a 0/1 main metric)."""
+    metrics = headline_metrics(result)
+    columns = result.get("per_item") or {}
+    if not metrics or metrics[0][0] not in columns:
+        return None
+    metric = metrics[0][0]
+    scores = dict(zip(columns["ids"], columns[metric], strict=True))
+    if any(v not in (0, 1, None) for v in scores.values()):
+        return None
+    return metric, {q: v == 1 for q, v in scores.items() if v is not None}
+
+
+def seed_error_sets(results: dict[str, dict[str, dict[str, Any]]], k: int) -> dict[str, tuple[str, dict[str, dict[str, int]]]]:
+    """task -> (metric, `error_sets` of the K sub-models and DTM), for each task every one of them
+    has per-question scores for, in one seed run's results."""
+    names = [rundir.sub_model_name(i) for i in range(k)]
+    if rundir.DTM not in results or any(n not in results for n in names):
+        return {}
+    out = {}
+    for task, result in results[rundir.DTM].items():
+        merged = question_correct(result)
+        subs = [question_correct(results[n][task]) if task in results[n] else None for n in names]
+        if merged is None or any(s is None or s[0] != merged[0] for s in subs):
+            continue
+        out[task] = (merged[0], error_sets([s[1] for s in subs if s], merged[1]))
+    return out
+
+
 def _best_checkpoint(scores: Scores, column: str) -> dict[str, float] | None:
     candidates = [s for m, s in scores.items() if (rundir.is_snapshot(m) or m == rundir.VANILLA) and column in s]
     return max(candidates, key=lambda s: s[column]) if candidates else None
@@ -230,6 +260,11 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     group_tables = [GroupTable(task, metric, suffix, groups, [f"{task}/{g}{suffix}" for g in groups], rows)
                     for (task, metric, suffix), groups in grouped.items()]
     order = [m for m in ordered if m in compute] + [m for m in compute if m not in ordered]
+    errors: dict[str, ErrorSets] = {}
+    for res in results:
+        for task, (metric, sets) in seed_error_sets(res, cfg.disperse.k).items():
+            errors.setdefault(task, ErrorSets(task, metric, cfg.disperse.k, [])).per_seed.append(sets)
+    token_losses = [{"seed": run.seed} | json.loads(run.token_losses_file.read_text()) for run in runs if run.token_losses_file.is_file()]
     return ReportData(
         title=title, scores=shown, columns=headline, detail_columns=detail if headline != detail else [],
         group_tables=group_tables, compute_parts=compute_parts,
@@ -237,4 +272,5 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
         tradeoff_axes=(k_col, i_col) if k_col and i_col else None, groups={m: group_of(m) for m in shown},
         portions=first.outputs("disperse").get("stats", []),
         compute={m: {k: mean_std(v)[0] for k, v in compute[m].items()} for m in order},
+        error_sets=list(errors.values()), token_losses=token_losses,
     )

@@ -98,7 +98,21 @@ def expected_cost(job: Job, config: ExperimentConfig) -> float:
 
 
 def run_job(job: Job, config: ExperimentConfig, base: str, threads: int | None = None, progress: bool = True) -> float:
-    """Train one model (in whatever process or Ray worker this runs in); returns its seconds."""
+    """Train one model (in whatever process or Ray worker this runs in); returns its seconds.
+
+    With `train.workers_per_model` > 1 the model trains data-parallel on that many Ray Train
+    workers, each running `train_job_here` (`dtm.training.raytrain`)."""
+    if config.train.workers_per_model > 1:
+        from dtm.training.raytrain import train_data_parallel
+
+        train_data_parallel(train_job_here, job, config, base, threads)
+        return training_seconds(job.out)
+    train_job_here(job, config, base, threads, progress)
+    return training_seconds(job.out)
+
+
+def train_job_here(job: Job, config: ExperimentConfig, base: str, threads: int | None = None, progress: bool = True) -> None:
+    """Train one model in this process (one worker of a data-parallel group calls it too)."""
     if threads is not None:
         import torch
 
@@ -108,7 +122,6 @@ def run_job(job: Job, config: ExperimentConfig, base: str, threads: int | None =
     cfg = job_config(config, job.train_overrides)
     train_baseline(job.baseline or "vanilla", cfg, job.data, job.out, base=base, seed=job.seed, progress=progress,
                    name=job.name, val_data=job.val_data)
-    return training_seconds(job.out)
 
 
 def training_seconds(out: Path) -> float:
@@ -286,7 +299,8 @@ def run_local(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
     """One after another; or, on CPU with `train.num_workers` > 1, that many one-thread processes."""
     retries = Retries(config.train.retries)
     workers = min(config.train.num_workers, len(jobs))
-    if workers <= 1 or _cuda():
+    # one at a time on a GPU, and when each job is a data-parallel group of Ray Train workers
+    if workers <= 1 or _cuda() or config.train.workers_per_model > 1:
         for job in jobs:
             retries.run(job.name, lambda job=job: run_job(job, config, base))
         return retries.failures

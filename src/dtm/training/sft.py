@@ -113,11 +113,15 @@ def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | N
     kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **kwargs)
+        attn = {"attn_implementation": config.model.attn_implementation} if config.model.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **attn, **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a damaged directory
         bad = bad_safetensors(base)
         if bad:
             raise TrainingError(f"base model: {bad}") from None
+        if attn and isinstance(e, (ImportError, ValueError)) and ("attn" in str(e).lower() or "attention" in str(e).lower()):
+            raise TrainingError(f"{config.where('model.attn_implementation')}: model.attn_implementation={attn['attn_implementation']!r} "
+                                f"cannot be used here ({str(e).strip().splitlines()[0]}); choose eager or sdpa, or unset it") from None
         if not isinstance(e, (OSError, ValueError)):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -239,6 +243,16 @@ PenaltyFactory = Callable[[torch.nn.Module, Any, list[Conversation]], Penalty]
 MixIn = Callable[[list[Example], Any], list[Example]]
 
 
+@dataclass(frozen=True)
+class ModelForm:
+    """A model other than plain or PEFT fine-tuning (LoRA-MoE): `wrap` changes the loaded base in
+    place before training (which parameters train is its choice), `save` writes the trained
+    model's files into a directory instead of `save_pretrained`."""
+
+    wrap: Callable[[torch.nn.Module], Any]
+    save: Callable[[torch.nn.Module, Path], Any]
+
+
 TOTALS_KEY = "DtmTotals"  # where a checkpoint's trainer_state.json carries the totals of the segments so far
 
 
@@ -354,7 +368,12 @@ class CheckpointClock(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in self.steps or time.monotonic() - self.last >= self.seconds:
+        due = time.monotonic() - self.last >= self.seconds
+        if args.world_size > 1:  # data-parallel workers must save together: any worker's clock decides for all
+            flag = torch.tensor([float(due)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            due = bool(flag.item())
+        if state.global_step in self.steps or due:
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
@@ -430,14 +449,15 @@ class Precision:
 
 
 def choose_precision(config: ExperimentConfig) -> Precision:
-    """bf16 on a GPU that has it (fp16 on older GPUs), fp32 on CPU; `train.bf16` forces it."""
+    """bf16 on a GPU that has it (fp16 on older GPUs), fp32 on CPU; `train.bf16` / `train.fp16` force it."""
     if not torch.cuda.is_available():
-        if config.train.bf16:
-            raise TrainingError("train.bf16: true needs a GPU; leave it unset (null) to train in fp32 on CPU")
+        if config.train.bf16 or config.train.fp16:
+            key = "train.bf16" if config.train.bf16 else "train.fp16"
+            raise TrainingError(f"{config.where(key)}: {key}: true needs a GPU; leave it unset to train in fp32 on CPU")
         return Precision(False, False, torch.float32)
     bf16_ok = torch.cuda.is_bf16_supported()
-    bf16 = bf16_ok if config.train.bf16 is None else config.train.bf16
-    fp16 = not bf16 and config.train.bf16 is None
+    bf16 = not config.train.fp16 and (bf16_ok if config.train.bf16 is None else config.train.bf16)
+    fp16 = config.train.fp16 or (not bf16 and config.train.bf16 is None)
     # LoRA keeps the frozen base in half precision; full fine-tuning keeps fp32 master weights.
     half = torch.bfloat16 if bf16 else torch.float16
     load = half if config.train.finetuning_type == "lora" and (bf16 or fp16) else torch.float32
@@ -496,6 +516,7 @@ def train_model(
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
     name: str | None = None,
+    form: ModelForm | None = None,
 ) -> Path:
     """Fine-tune `base` on `data` and save the result in `out`; returns `out`.
 
@@ -503,7 +524,8 @@ def train_model(
     `training_complete.json`) is returned as is. The baselines plug in here without this
     module knowing them (`baselines.train_baseline` builds both): `mix_in` turns the SFT
     examples into the training set (replay), `penalty` builds a weight penalty on the model
-    once it is wrapped for training (L2, EWC).
+    once it is wrapped for training (L2, EWC), `form` wraps and saves a model of another form
+    (LoRA-MoE).
     """
     out = Path(out)
     name = name or out.name
@@ -526,7 +548,9 @@ def train_model(
         examples = mix_in(examples, tokenizer)
     val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
 
-    if t.finetuning_type == "lora":
+    if form is not None:  # its own trainable parameters (the rest frozen)
+        form.wrap(model)
+    elif t.finetuning_type == "lora":
         model = apply_lora(model, config)
     elif t.freeze_modules:
         frozen = freeze_modules(model, t.freeze_modules)
@@ -548,14 +572,19 @@ def train_model(
         data_collator=make_collator(t.packing, tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None)),
         penalty=weight_penalty,
         prior=prior,
-        callbacks=[JsonlLogCallback(out / LOG_FILE, resume_step), _tensorboard_callback(out / TENSORBOARD_DIR),
-                   CheckpointClock(t.checkpoint_minutes, t.save_fractions)],
     )
+    # Data-parallel (Ray Train, `train.workers_per_model`): every worker runs this function;
+    # only the first writes the output directory's files, the Trainer's checkpoints are its own.
+    main = trainer.is_world_process_zero()
     trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(CheckpointClock(t.checkpoint_minutes, t.save_fractions))  # every worker: a save is collective
+    if main:
+        trainer.add_callback(JsonlLogCallback(out / LOG_FILE, resume_step))
+        trainer.add_callback(_tensorboard_callback(out / TENSORBOARD_DIR))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarCallback())
-    if t.save_fractions:
+    if t.save_fractions and main:
         trainer.add_callback(FractionCallback(out, t.save_fractions, tokenizer, train_sample, val_examples, tokenizer.pad_token_id))
     for cb in callbacks:
         trainer.add_callback(cb)
@@ -595,9 +624,14 @@ def train_model(
     }
     if weight_penalty is not None:
         summary["penalty_coef"] = weight_penalty.coef
-    save_final(trainer.model, tokenizer, out, summary)
-    if not t.keep_checkpoints:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    # where and how it trained (a GPU run under autocast says so; `workers` > 1: data-parallel)
+    summary |= {"device": str(args.device), "precision": "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32",
+                "workers": args.world_size}
+    if main:
+        save_final(trainer.model, tokenizer, out, summary, form.save if form is not None else None)
+        if not t.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no worker returns before the model is saved
     del trainer, model
     return out
 
@@ -618,8 +652,9 @@ def _disk_error(e: BaseException, out: Path, what: str) -> TrainingError:
     )
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict) -> None:
-    """Write the model files into `out`, then the completion marker, last and atomically.
+def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict,
+               save: Callable[[torch.nn.Module, Path], Any] | None = None) -> None:
+    """Write the model files into `out` (`save_pretrained`, or `save`), then the completion marker, last and atomically.
 
     A model with a non-finite weight is refused before anything is written.
 
@@ -636,7 +671,10 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict)
     except OSError as e:
         raise _disk_error(e, out, "saving the trained model") from None
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        if save is not None:
+            save(model, staging)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
