@@ -348,8 +348,9 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         for col in ("run", "stage", "state", "seconds", "finished"):
             table.add_column(col)
         for row in status(a.run_dir):
-            color = {"done": "green", "stale": "yellow", "pending": "dim"}[row["state"]]
-            table.add_row(row["run"], row["stage"], f"[{color}]{row['state']}[/]", str(row["seconds"] or ""), row["finished"] or "")
+            color = {"done": "green", "stale": "yellow", "pending": "dim"}.get(row["state"], "cyan")  # partial: cyan
+            state = f"{row['state']} {row['progress']}" if row.get("progress") else row["state"]
+            table.add_row(row["run"], row["stage"], f"[{color}]{state}[/]", str(row["seconds"] or ""), row["finished"] or "")
         Console().print(table)
 
     p.set_defaults(func=run)

@@ -107,6 +107,12 @@ class TrainConfig(Section):
     packing: bool = False
     save_steps: int = Field(500, ge=1)
     save_fractions: list[float] = Field(default_factory=list, description="Extra checkpoints at these fractions of training (for the tax curve).")
+    checkpoint_minutes: float | None = Field(
+        0.5, gt=0,
+        description="A checkpoint at least this often (minutes of training) besides every save_steps, so a kill loses under a "
+        "minute of work even in a model shorter than save_steps; None = by save_steps (and save_fractions) only. Raise it "
+        "for large models, whose checkpoints (with optimizer state) take long to write.",
+    )
     save_total_limit: int = Field(2, ge=1, description="Periodic checkpoints kept while training (the newest ones).")
     keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after training finishes (they hold optimizer state).")
     fraction_eval_samples: int = Field(256, ge=1, description="Training examples whose loss is recorded at each save_fractions snapshot.")

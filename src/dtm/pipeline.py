@@ -31,7 +31,7 @@ from dtm import cluster, plan
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
 from dtm.errors import ConfigError, DtmError
-from dtm.io import atomic_write_json, make_dirs
+from dtm.io import atomic_write_json, make_dirs, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -270,17 +270,12 @@ def stage_merge(run: Run) -> dict[str, Any]:
 
     cfg = run.cfg
     merges = plan.merge_plan(cfg, run.dir, run.inputs)
-    todo = {name: spec for name, spec in merges.items() if not is_merged(run.dir.model(name))}
+    todo = {name: spec for name, spec in merges.items() if not rd.is_merged(run.dir.model(name))}
     for spec in todo.values():
         if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
             fisher_files(run, spec["models"])
     seconds = each(cfg, "merge", merge_one, {name: (run, name, spec) for name, spec in todo.items()})
     return {"models": sorted(merges), "seconds": seconds}
-
-
-def is_merged(out: Path) -> bool:
-    """Merges are written atomically: a merged model's directory that exists is complete."""
-    return (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
 
 
 def merge_one(run: Run, name: str, spec: dict[str, Any]) -> float:
@@ -487,13 +482,14 @@ def run_seed(run: Run, from_stage: str | None = None, console: Any = None, reuse
             _say(console, f"  {run.dir.label}: {stage} linked from an identical sibling")
             continue
         _say(console, f"  {run.dir.label}: [bold]{stage}[/] ...")
-        t0 = time.perf_counter()
-        outputs = STAGE_FUNCTIONS[stage](run)
+        with run.dir.attempt(stage) as clock:
+            outputs = STAGE_FUNCTIONS[stage](run)
         if stage == "data":
             run.info = outputs
-        seconds = time.perf_counter() - t0
-        run.dir.write_manifest(stage, hashes[stage], seconds, outputs)
-        _say(console, f"  {run.dir.label}: {stage} done in {seconds:.1f}s")
+        seconds, attempts = clock()
+        run.dir.write_manifest(stage, hashes[stage], seconds, outputs, attempts)
+        run.dir.attempts_path(stage).unlink(missing_ok=True)
+        _say(console, f"  {run.dir.label}: {stage} done in {seconds:.1f}s" + (f" ({attempts} attempts)" if attempts > 1 else ""))
     return run
 
 
@@ -502,7 +498,7 @@ def clear_stage_outputs(run: Run, stage: str) -> None:
     paths = run.dir.stage_outputs_on_disk(stage)
     if stage == "merge" and run.info:
         paths = [run.dir.model(name) for name in plan.merge_plan(run.cfg, run.dir, run.inputs)] + [run.dir.fisher_dir]
-    for path in [*paths, run.dir.manifest_path(stage)]:
+    for path in [*paths, run.dir.manifest_path(stage), run.dir.attempts_path(stage)]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -530,6 +526,8 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     console = Console()
     run_dir = rd.RunDir(Path(cfg.output_dir))
     make_dirs(run_dir.root, "creating the run directory (output_dir)")
+    for stale in remove_stale_temporaries(run_dir.root):  # a killed run's half-written files (a live writer's are kept)
+        log.info("removed %s, left by a writer that was killed", stale)
     atomic_write_json(run_dir.config_file, cfg.model_dump(mode="json"))
     t0 = time.perf_counter()
     with cluster.session(cfg, run_dir.root):  # train.executor ray: connected once, the run directory seen by every node
@@ -603,24 +601,45 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     return cfg
 
 
+def stage_progress(run: Run, stage: str) -> tuple[int, int] | None:
+    """(finished, planned) models of a model stage (train, merge, eval), once the data stage has
+    said what the run's inputs are; None for the other stages."""
+    if stage not in ("train", "merge", "eval") or not run.info:
+        return None
+    try:
+        planned = {"train": plan.training_jobs, "merge": plan.merge_plan, "eval": plan.evaluated_models}[stage](run.cfg, run.dir, run.inputs)
+        tasks = len(task_list(run)) + len(run.cfg.eval.lm_eval_tasks) if stage == "eval" else 0
+    except (KeyError, TypeError, ValueError):  # a data manifest not written by this version: no progress, the state stands
+        return None
+    return len(run.dir.finished(stage, planned, tasks)), len(planned)
+
+
 def status(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Where a run stands: one row per seed run and stage (done / stale / pending; the report also
-    partial, when it was written with --partial and its inputs are still unfinished)."""
+    """Where a run stands: one row per seed run and stage (done / stale / pending, or partial with
+    its progress, e.g. `6/10 models`, for a stage that has begun; the report is partial when it
+    was written with --partial and its inputs are still unfinished)."""
     return status_of(load_run_config(run_dir))
 
 
 def status_of(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """`status` of the run `cfg` makes in its output_dir (started or not)."""
 
-    def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str) -> dict[str, Any]:
+    def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str, progress: tuple[int, int] | None = None) -> dict[str, Any]:
         state = "pending" if manifest is None else ("done" if manifest.get("hash") == current else "stale")
+        if state == "pending" and progress and progress[0]:
+            state = "partial"
         return {"run": label, "stage": stage, "state": state, "seconds": manifest.get("seconds") if manifest else None,
-                "finished": manifest.get("finished") if manifest else None}
+                "finished": manifest.get("finished") if manifest else None,
+                "progress": f"{progress[0]}/{progress[1]} models" if state == "partial" else None}
 
     rows = []
     for seed_run in seed_runs(cfg):
         hashes = stage_hashes(seed_run.cfg, seed_run.dir.control)
-        rows += [row(seed_run.dir.label, stage, seed_run.dir.manifest(stage), hashes[stage]) for stage in STAGES]
+        data = seed_run.dir.manifest("data")
+        if data and data.get("hash") == hashes["data"]:
+            seed_run.info = data.get("outputs", {})
+        rows += [row(seed_run.dir.label, stage, seed_run.dir.manifest(stage), hashes[stage], stage_progress(seed_run, stage))
+                 for stage in STAGES]
     report = rd.RunDir(Path(cfg.output_dir)).manifest("report")
     rows.append(row(".", "report", report, report_hash(cfg)))
     if rows[-1]["state"] == "done":

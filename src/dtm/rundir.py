@@ -20,6 +20,7 @@
       diagnostics/token_losses.json      the token-level diagnostic on vanilla's snapshots (`eval.token_losses`)
       manifests/<stage>.json             what each stage did (`write_manifest`)
       reused.json                        in a sweep's cell: model or stage -> the sibling it was linked from
+      manifests/<stage>.attempts.json    while a stage runs: the seconds of its attempts so far
 
     models/<name>/                       a trained model (written by `dtm.training`)
       training_complete.json             written last: a directory without it is unfinished
@@ -42,8 +43,10 @@ Nothing here imports torch: `dtm status` and the report read a run without it.
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,11 @@ def is_complete(model_dir: str | Path) -> bool:
     return (Path(model_dir) / COMPLETE_FILE).is_file()
 
 
+def is_merged(model_dir: str | Path) -> bool:
+    """A merged model is written atomically (`io.atomic_directory`): one that has its config is complete."""
+    return (Path(model_dir) / "config.json").is_file() or (Path(model_dir) / "adapter_config.json").is_file()
+
+
 def training_summary(model_dir: str | Path) -> dict[str, Any] | None:
     """What training recorded when it finished (steps, examples, tokens, seconds, config), or None."""
     path = Path(model_dir) / COMPLETE_FILE
@@ -200,11 +208,20 @@ def manifest_outputs(root: str | Path, stage: str) -> dict[str, Any]:
     return (read_manifest(root, stage) or {}).get("outputs", {})
 
 
-def write_manifest(root: str | Path, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
-    """Record a finished stage (written last, atomically: a stage without a manifest is unfinished)."""
+def write_manifest(root: str | Path, stage: str, hash: str, seconds: float, outputs: dict[str, Any], attempts: int = 1) -> Path:
+    """Record a finished stage (written last, atomically: a stage without a manifest is unfinished);
+    `seconds` cover all its `attempts` (a killed attempt's too)."""
     return atomic_write_json(manifest_path(root, stage), {
-        "stage": stage, "hash": hash, "seconds": round(seconds, 2),
+        "stage": stage, "hash": hash, "seconds": round(seconds, 2), "attempts": attempts,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs})
+
+
+def attempts_path(root: str | Path, stage: str) -> Path:
+    """While a stage runs: the seconds of its attempts so far (a killed attempt's included)."""
+    return Path(root) / MANIFEST_DIR / f"{stage}.attempts.json"
+
+
+HEARTBEAT_SECONDS = 5.0  # how much of a killed attempt's time may go uncounted
 
 
 # ---------------------------------------------------------------- one seed's run
@@ -225,8 +242,54 @@ class StageRecords:
     def outputs(self, stage: str) -> dict[str, Any]:
         return manifest_outputs(self.root, stage)
 
-    def write_manifest(self, stage: str, hash: str, seconds: float, outputs: dict[str, Any]) -> Path:
-        return write_manifest(self.root, stage, hash, seconds, outputs)
+    def write_manifest(self, stage: str, hash: str, seconds: float, outputs: dict[str, Any], attempts: int = 1) -> Path:
+        return write_manifest(self.root, stage, hash, seconds, outputs, attempts)
+
+    def attempts_path(self, stage: str) -> Path:
+        return attempts_path(self.root, stage)
+
+    def earlier_attempts(self, stage: str) -> tuple[float, int]:
+        """(seconds, count) of the attempts at `stage` that ended without finishing it (0, 0 if none or unreadable)."""
+        try:
+            rec = json.loads(self.attempts_path(stage).read_text(encoding="utf-8"))
+            return float(rec["seconds"]), int(rec["attempts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0, 0
+
+    def record_attempts(self, stage: str, seconds: float, attempts: int) -> None:
+        atomic_write_json(self.attempts_path(stage), {"stage": stage, "seconds": round(seconds, 2), "attempts": attempts})
+
+    @contextmanager
+    def attempt(self, stage: str, interval: float = HEARTBEAT_SECONDS) -> Iterator[Callable[[], tuple[float, int]]]:
+        """Time one attempt at `stage`, added to the attempts before it; yields () -> (seconds, attempts).
+
+        A `kill -9` runs no cleanup, so the seconds so far are written every `interval` seconds (by
+        a thread) to the stage's attempts record, which the next attempt reads: a stage's seconds
+        in its manifest are those of all its attempts, as the report's compute table needs."""
+        before, attempts = self.earlier_attempts(stage)
+        t0 = time.perf_counter()
+
+        def so_far() -> tuple[float, int]:
+            return before + time.perf_counter() - t0, attempts + 1
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                self.record_attempts(stage, *so_far())
+
+        thread = threading.Thread(target=beat, name=f"dtm-{stage}-clock", daemon=True)
+        thread.start()
+        try:
+            yield so_far
+        except BaseException:
+            stop.set()
+            thread.join()
+            self.record_attempts(stage, *so_far())  # failed: the next attempt counts this one's time
+            raise
+        finally:
+            stop.set()
+            thread.join()
 
 
 @dataclass(frozen=True)
@@ -318,6 +381,18 @@ class SeedRun(StageRecords):
     def token_losses_file(self) -> Path:
         """Which tokens' training loss fell most between vanilla's snapshots (`eval.token_losses`)."""
         return self.diagnostics_dir / "token_losses.json"
+
+    def finished(self, stage: str, names: Iterable[str], tasks: int = 0) -> list[str]:
+        """Which of the models `names` a stage has finished: trained (completion marker), merged (its
+        config), evaluated (a result file with at least `tasks` results); for `dtm status`'s progress."""
+        def evaluated(name: str) -> bool:
+            try:
+                return len(json.loads(self.eval_result(name).read_text(encoding="utf-8"))) >= tasks
+            except (OSError, ValueError, TypeError):
+                return False
+
+        done = {"train": lambda n: is_complete(self.model(n)), "merge": lambda n: is_merged(self.model(n)), "eval": evaluated}[stage]
+        return [n for n in names if done(n)]
 
     def stage_outputs_on_disk(self, stage: str) -> list[Path]:
         """What a stage writes (removed before the stage is redone); the merge stage's models are
