@@ -43,6 +43,8 @@ class ReportData:
     table: list[str] | None = None  # models in the headline table (None = all); the rest only in plots
     detail_columns: list[str] = field(default_factory=list)  # a second, full table (every metric and split)
     warning: str = ""  # shown at the very top (a partial report says what it lacks)
+    # model -> column -> the evaluation's standard error per seed (where the results have one)
+    stderr: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def table_scores(self) -> dict[str, dict[str, list[float]]]:
         return {m: self.scores[m] for m in (self.table if self.table is not None else self.scores) if m in self.scores}
