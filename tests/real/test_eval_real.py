@@ -38,7 +38,7 @@ num_fewshot: 8
 fewshot_sampler: first_n
 doc_to_text: "Question: {{{{prompt}}}}\\nAnswer:"
 stop: ["Question:", "</s>", "<|im_end|>"]
-max_new_tokens: 32
+max_new_tokens: 16
 extractor: numeric
 """
 
