@@ -226,7 +226,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mmlu5", type=int, default=350, help="5-shot MMLU questions (0 = skip)")
     ap.add_argument("--mmlu0", type=int, default=350, help="0-shot MMLU questions (0 = skip)")
-    ap.add_argument("--arc", type=int, default=100, help="25-shot ARC-format questions (0 = skip)")
+    ap.add_argument("--arc", type=int, default=40, help="25-shot ARC-format questions (0 = skip; lm-eval scores ~2,000 tokens per choice)")
     ap.add_argument("--gsm8k", type=int, default=40, help="8-shot GSM8K-format generations (0 = skip)")
     ap.add_argument("--gen-tokens", type=int, default=256, help="max new tokens (lm-eval's gsm8k: 256)")
     ap.add_argument("--batch-size", type=int, default=16)
