@@ -79,6 +79,14 @@ def test_cached_prefix_scores_equal_whole_contexts(scorers, kind):
             assert got == pytest.approx(score_separate(off, [(ctx, c) for c in choices]), abs=1e-4)
 
 
+def test_a_choice_without_tokens_scores_zero_and_leaves_the_others_alone(scorers):
+    scorer = scorers["single"]
+    ctx, choices = [5, 6, 7, 8], [[9, 10], [11]]
+    got = score_packed(scorer, [(ctx, [[], *choices]), (ctx + [12, 13, 14], choices)])
+    assert got[0][0] == 0.0
+    assert got[0][1:] == pytest.approx(score_packed(scorer, [(ctx, choices)])[0], abs=1e-5)
+
+
 def test_score_packed_with_a_prefix_continues_it(scorers):
     scorer = scorers["single"]
     items = few_shot_items(seed=2, groups=1, per_group=4)[:4]

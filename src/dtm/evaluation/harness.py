@@ -291,7 +291,7 @@ def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]
     if not dtype.is_floating_point:
         dtype = torch.float32
     start = prefix.length if prefix is not None else 0
-    total = max(len(ctx) + sum(len(c) - 1 for c in choices) for ctx, choices in items)
+    total = max(len(ctx) + sum(max(len(c) - 1, 0) for c in choices) for ctx, choices in items)
     ids, pos, seg = [], [], []
     rows, positions, targets, owner = [], [], [], []
     n_choices = 0
