@@ -22,7 +22,14 @@ from dtm.report import (
     tradeoff_summary,
     training_cost,
 )
-from dtm.report.collect import benchmark_sizes, group_table_models, grouped_generation_tasks, task_columns, task_stderrs
+from dtm.report.collect import (
+    benchmark_sizes,
+    group_table_models,
+    grouped_generation_tasks,
+    headline_columns,
+    task_columns,
+    task_stderrs,
+)
 
 
 def test_mean_std_hand_computed():
@@ -58,6 +65,14 @@ def test_standard_errors_and_benchmark_sizes_come_from_the_results():
     res["counts"] = {"items": 350}
     assert task_stderrs(res) == {"mmlu": 0.026, "mmlu/anatomy": 0.1}
     assert benchmark_sizes({"base": {"mmlu": res}, "DTM": {"mmlu": res | {"counts": {"items": 1}}}}) == {"mmlu": (350, 0.026)}
+
+
+def test_the_headline_has_one_column_per_task_and_few_knowledge_splits():
+    lab = ["knowledge", "knowledge/clean", "knowledge/held_out", "knowledge/noisy", "instruction", "instruction/qa"]
+    assert headline_columns(lab, "knowledge") == ["knowledge", "knowledge/clean", "knowledge/held_out", "knowledge/noisy", "instruction"]
+    mmlu = ["mmlu", *(f"mmlu/{s}" for s in ("anatomy", "astronomy", "marketing", "nutrition")), "gsm8k"]
+    assert headline_columns(mmlu, "mmlu") == ["mmlu", "gsm8k"]  # 4 subjects: the detail table's
+    assert headline_columns(mmlu, None) == ["mmlu", "gsm8k"]
 
 
 def test_pareto_frontier_drops_dominated_points():

@@ -89,6 +89,12 @@ def benchmark_sizes(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, 
 MAX_HEADLINE_GROUPS = 3
 
 
+def headline_columns(columns: list[str], k_col: str | None) -> list[str]:
+    """One aggregate per task, plus the knowledge column's splits when there are few."""
+    k_splits = [c for c in columns if k_col is not None and c.startswith(k_col + "/")]
+    return [c for c in columns if "/" not in c or (c in k_splits and len(k_splits) <= MAX_HEADLINE_GROUPS)]
+
+
 def grouped_generation_tasks(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[str]]:
     """(task, metric, suffix) -> groups, for generation tasks whose results are split into groups
     (the lab's instruction following by instruction type), in first-seen order over `results`."""
@@ -266,8 +272,7 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     notes.append(f"{BEST_CHECKPOINT} is picked on the test benchmark itself: an optimistic bound for vanilla")
     table = [m for m in shown if not (rundir.is_snapshot(m) or rundir.is_sub_model(m))]
     # At a glance: every task's main metric, and the splits of the knowledge column only.
-    k_splits = [c for c in columns if k_col is not None and c.startswith(k_col + "/")]
-    headline = [c for c in columns if "/" not in c or (c in k_splits and len(k_splits) <= MAX_HEADLINE_GROUPS)]
+    headline = headline_columns(columns, k_col)
     detail = [c for c in columns if c not in group_cols]  # grouped generation tasks get their own tables
     rows = group_table_models(ordered)
     group_tables = [GroupTable(task, metric, suffix, groups, [f"{task}/{g}{suffix}" for g in groups], rows)
