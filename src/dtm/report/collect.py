@@ -61,6 +61,40 @@ def task_columns(result: dict[str, Any]) -> dict[str, float]:
     return cols
 
 
+def task_stderrs(result: dict[str, Any]) -> dict[str, float]:
+    """The standard error of each number `task_columns` gives (where the result has one)."""
+    task = result["task"]
+    out: dict[str, float] = {}
+    for metric, suffix in headline_metrics(result):
+        for column, m in [(task + suffix, result["metrics"])] + [(f"{task}/{g}{suffix}", m) for g, m in result.get("groups", {}).items()]:
+            se = m.get(f"{metric}_stderr")
+            if isinstance(se, (int, float)) and not isinstance(se, bool):
+                out[column] = float(se)
+    return out
+
+
+def benchmark_sizes(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, tuple[int, float | None]]:
+    """task -> (items, the standard error of the first model's main metric): what a difference must exceed."""
+    sizes: dict[str, tuple[int, float | None]] = {}
+    for by_task in results.values():
+        for task, result in by_task.items():
+            items = result.get("counts", {}).get("items")
+            if task not in sizes and isinstance(items, int):
+                sizes[task] = (items, task_stderrs(result).get(task))
+    return sizes
+
+
+# A task's per-group columns stay in the headline only for the knowledge column, and only this
+# few (the lab's held-out/contradicted splits); more (MMLU's subjects) go to the detail table.
+MAX_HEADLINE_GROUPS = 3
+
+
+def headline_columns(columns: list[str], k_col: str | None) -> list[str]:
+    """One aggregate per task, plus the knowledge column's splits when there are few."""
+    k_splits = [c for c in columns if k_col is not None and c.startswith(k_col + "/")]
+    return [c for c in columns if "/" not in c or (c in k_splits and len(k_splits) <= MAX_HEADLINE_GROUPS)]
+
+
 def grouped_generation_tasks(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[str]]:
     """(task, metric, suffix) -> groups, for generation tasks whose results are split into groups
     (the lab's instruction following by instruction type), in first-seen order over `results`."""
@@ -207,6 +241,12 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     if i_col is None:
         i_col = next((c for c in columns if "instruction" in c and "/" not in c and "(format)" not in c), None)
     merged: dict[str, dict[str, list[float]]] = {}
+    stderr: dict[str, dict[str, list[float]]] = {}
+    for res in results:
+        for model, by_task in res.items():
+            for result in by_task.values():
+                for c, v in task_stderrs(result).items():
+                    stderr.setdefault(model, {}).setdefault(c, []).append(v)
     curve: dict[str, dict[float, list[float]]] = {}
     compute: dict[str, dict[str, list[float]]] = {}
     compute_parts: dict[str, str] = {}
@@ -251,10 +291,18 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     if lab:
         notes.append(f"lab data: {lab['examples']} SFT examples; per source {lab['examples_per_source']}; per task {lab['examples_per_task']}")
         notes.append(f"lab base model knowledge: {lab['base_fact_accuracy']}")
+    split = first.outputs("data").get("split")
+    if split:
+        notes.append(f"instruction data: {split['train']} training examples, {split['validation']} held out for validation")
+    sizes = benchmark_sizes(results[0])
+    if sizes:
+        notes.append("benchmarks (items; standard error of the first model's score): "
+                     + ", ".join(f"{t} {n}" + (f" (se {se:.3f})" if se is not None else "") for t, (n, se) in sizes.items())
+                     + "; a difference smaller than its standard error is not shown as a win")
     notes.append(f"{BEST_CHECKPOINT} is picked on the test benchmark itself: an optimistic bound for vanilla")
     table = [m for m in shown if not (rundir.is_snapshot(m) or rundir.is_sub_model(m))]
     # At a glance: every task's main metric, and the splits of the knowledge column only.
-    headline = [c for c in columns if "/" not in c or (k_col is not None and c.startswith(k_col + "/"))]
+    headline = headline_columns(columns, k_col)
     detail = [c for c in columns if c not in group_cols]  # grouped generation tasks get their own tables
     rows = group_table_models(ordered)
     group_tables = [GroupTable(task, metric, suffix, groups, [f"{task}/{g}{suffix}" for g in groups], rows)
@@ -273,4 +321,5 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
         portions=first.outputs("disperse").get("stats", []),
         compute={m: {k: mean_std(v)[0] for k, v in compute[m].items()} for m in order},
         error_sets=list(errors.values()), token_losses=token_losses,
+        stderr={m: stderr[m] for m in shown if m in stderr},
     )

@@ -61,6 +61,8 @@ class ReportData:
     error_sets: list[ErrorSets] = field(default_factory=list)  # per task, when results have per-question scores
     # the token-level diagnostic per seed (`diagnostics.token_loss_diagnostic` plus "seed")
     token_losses: list[dict[str, Any]] = field(default_factory=list)
+    # model -> column -> the evaluation's standard error per seed (where the results have one)
+    stderr: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def table_scores(self) -> dict[str, dict[str, list[float]]]:
         return {m: self.scores[m] for m in (self.table if self.table is not None else self.scores) if m in self.scores}

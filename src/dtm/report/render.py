@@ -20,6 +20,7 @@ from dtm.report.plots import render_plots
 from dtm.report.stats import (
     ERROR_CATEGORIES,
     best_per_column,
+    column_stderr,
     early_late,
     error_set_summary,
     fmt,
@@ -86,11 +87,15 @@ class Page:
 # ---------------------------------------------------------------- tables
 
 
-def scores_table(rows: dict[str, dict[str, list[float]]], columns: list[str], headers: list[str] | None = None) -> Table:
-    """A model x column table of mean ± std, the best mean per column marked."""
-    best = best_per_column(rows, columns)
+def scores_table(rows: dict[str, dict[str, list[float]]], columns: list[str], headers: list[str] | None = None,
+                 stderr: dict[str, dict[str, list[float]]] | None = None) -> Table:
+    """A model x column table of mean ± std (and the standard error where given), the best
+    mean per column marked only where it leads by more than its standard error."""
+    best = best_per_column(rows, columns, stderr)
+    se = (lambda m, c: column_stderr(stderr, m, c)) if stderr else (lambda m, c: None)
     return Table(["model", *(headers or columns)],
-                 [[Cell(model), *(Cell(fmt(s.get(c, [])), best.get(c) == model) for c in columns)] for model, s in rows.items()])
+                 [[Cell(model), *(Cell(fmt(s.get(c, []), se=se(model, c)), best.get(c) == model) for c in columns)]
+                  for model, s in rows.items()])
 
 
 def group_table_title(table: GroupTable) -> str:
@@ -98,6 +103,9 @@ def group_table_title(table: GroupTable) -> str:
     return f"{table.task}{table.suffix} per group: {table.metric}"
 
 
+HEADLINE_NOTE = ("One column per task (per-group columns, but for a few splits of the knowledge column, are in the detail table). (se x): the evaluation's standard "
+                 "error (sample std of the per-item scores / sqrt(items), mean over seeds). Bold only where the best leads "
+                 "the runner-up by more than the standard error of that difference; a tie is not a best.")
 GROUP_NOTE = ("Mean ± sample std over seeds, one column per group of the task's items; each sub-model has its own row, "
               "to show whether every sub-model learned every group.")
 
@@ -250,8 +258,9 @@ def _plot(name: str) -> Callable[[ReportData, dict[str, Plot], int], list[Item]]
 
 SECTIONS: tuple[Section, ...] = (
     Section("headline", "Headline (mean ± sample std over seeds; best per column in bold)", "scores",
-            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.columns), _own_id("headline", d, lv), after=tradeoff_summary(d))],
-            after_id="frontier"),
+            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.columns, stderr=d.stderr), _own_id("headline", d, lv),
+                                   after=tradeoff_summary(d))],
+            after_id="frontier", note=HEADLINE_NOTE),
     Section("tax_curve", "Alignment-tax curve", "plot", _plot("tax_curve")),
     Section("tradeoff", "Trade-off", "plot", _plot("tradeoff")),
     Section("loss_ratio", "Train/validation loss and the loss-reduction ratio", "plot", _plot("loss_ratio")),
@@ -261,7 +270,8 @@ SECTIONS: tuple[Section, ...] = (
             note=TOKEN_NOTE),
     Section("token_losses_plot", "Loss drop against token frequency", "plot", _plot("token_losses")),
     Section("detail", "All metrics (every task and split)", "scores",
-            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.detail_columns), "detail-" + _slug(d.title))] if d.detail_columns else []),
+            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.detail_columns, stderr=d.stderr), "detail-" + _slug(d.title))]
+            if d.detail_columns else []),
     Section("groups", "{title}", "scores",
             lambda d, p, lv: [Item(scores_table({m: d.scores[m] for m in t.rows if m in d.scores}, t.columns, t.groups),
                                    "groups-" + _slug(f"{d.title} {t.task} {t.metric}"), {"title": group_table_title(t)})
@@ -314,7 +324,7 @@ def html(report: Page) -> str:
 
 def headline_markdown(data: ReportData, columns: list[str] | None = None) -> str:
     """The headline table in markdown (as the report shows it; the pipeline prints it)."""
-    table = scores_table(data.table_scores(), columns or data.columns)
+    table = scores_table(data.table_scores(), columns or data.columns, stderr=data.stderr)
     return _env(False).get_template("report.md.j2").module.table(table).rstrip("\n")
 
 

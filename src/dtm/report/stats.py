@@ -22,16 +22,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def best_per_column(scores: dict[str, dict[str, list[float]]], columns: list[str]) -> dict[str, str]:
-    """Column -> model with the highest mean (first one on ties)."""
+def best_per_column(scores: dict[str, dict[str, list[float]]], columns: list[str],
+                    stderr: dict[str, dict[str, list[float]]] | None = None) -> dict[str, str]:
+    """Column -> the model whose mean leads by more than the standard error of its lead.
+
+    No best where the top is shared (a tie is not a best), nor where the runner-up is within
+    sqrt(se_top² + se_runner-up²), each model's se being its evaluations' standard error (mean
+    over seeds): a difference smaller than its standard error is not a win. Without standard
+    errors the top must only be strictly higher."""
     best: dict[str, str] = {}
+    stderr = stderr or {}
     for col in columns:
-        ranked = [(mean_std(s[col])[0], m) for m, s in scores.items() if s.get(col)]
+        ranked = sorted(((mean_std(s[col])[0], m) for m, s in scores.items() if s.get(col)), key=lambda x: -x[0])
         ranked = [(v, m) for v, m in ranked if not math.isnan(v)]
-        if ranked:
-            top = max(v for v, _ in ranked)
-            best[col] = next(m for v, m in ranked if v == top)
+        if not ranked:
+            continue
+        if len(ranked) == 1:
+            best[col] = ranked[0][1]
+            continue
+        (top, model), (second, other) = ranked[0], ranked[1]
+        margin = math.hypot(column_stderr(stderr, model, col), column_stderr(stderr, other, col))
+        if top - second > margin:
+            best[col] = model
     return best
+
+
+def column_stderr(stderr: dict[str, dict[str, list[float]]], model: str, column: str) -> float:
+    """A model's standard error in a column: the mean of its seeds' (0 where none is known)."""
+    values = [v for v in stderr.get(model, {}).get(column, []) if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else 0.0
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -63,12 +82,13 @@ def frontier_gap(point: tuple[float, float], reference: list[tuple[float, float]
     raise AssertionError("unreachable")
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
-    """mean ± std (just the mean for one value, – for none)."""
+def fmt(values: list[float], digits: int = 3, se: float | None = None) -> str:
+    """mean ± std (just the mean for one value, – for none), then the standard error if given."""
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "–"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+    return text + (f" (se {se:.{digits}f})" if se else "")
 
 
 def tradeoff_summary(data: ReportData, subject: str = rundir.DTM) -> str | None:
