@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.dtm-installed
 REAL_STAMP = $(VENV)/.dtm-real-installed
 
-.PHONY: demo test test-real venv clean browser
+.PHONY: demo test test-slow test-real analyses venv clean browser
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,8 +24,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/dtm demo
 
+# The paper's analyses on the lab (examples/lab-analyses.yaml): K, dispersal, merge method, data
+# size and bias strength, each alone around the lab config, 3 seeds; a rerun resumes. Report:
+# runs/lab-analyses/report.md (the sweep) and runs/lab-analyses/sweep/<cell>/report.md.
+analyses: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/dtm run examples/lab-analyses.yaml
+
 test: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow and not real" tests
+
+# The integration tier: multi-node Ray clusters, node loss, data-parallel workers and other
+# end-to-end tests that take over ~20 s each (marked `slow`); CI runs it after `make test`.
+# Exit code 5 means no test carries the marker, which is not a failure.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow and not real" tests || [ $$? -eq 5 ]
 
 $(REAL_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,real]"

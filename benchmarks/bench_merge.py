@@ -1,15 +1,21 @@
-"""Merge speed, memory and exactness: `dtm merge` against mergekit on a linear merge of 4 models.
+"""Merge speed, memory and exactness: `dtm merge` against mergekit, method by method, on the same YAML.
 
-    .venv/bin/python benchmarks/bench_merge.py                    # ~500M and ~125M Llama configs
-    .venv/bin/python benchmarks/bench_merge.py --sizes tiny       # a quick check of the script
+    .venv/bin/python benchmarks/bench_merge.py                    # 500M and 125M, fp32 and bf16, 4 methods, best of 3
+    .venv/bin/python benchmarks/bench_merge.py --sizes tiny --runs 1   # a quick check of the script
+    .venv/bin/python benchmarks/bench_merge.py --sizes 500m --dtypes float32 --methods ties,dare_ties
 
-For each size it builds K Llama-style models from a config (different seeds, saved as sharded
-safetensors with a different shard size each, so shard boundaries differ), then:
-  * warms the page cache (`cat` every input to /dev/null) and times that read: the read part
-    of the disk-bound limit; the write part is a `dd` of the output size to the same disk;
-  * runs `dtm merge --method average` and `mergekit-yaml` (linear, float32) alternately, twice
-    each, every run as a child process under /usr/bin/time -v (wall time, peak RSS);
-  * compares every output tensor (max abs difference, how many are bitwise equal).
+For each size and dtype it builds a Llama-style base and K fine-tunes of it (base + small noise,
+like DTM's sub-models), saved as sharded safetensors with a different shard size each, so shard
+boundaries differ. Then, for each method (linear, task_arithmetic, ties, dare_ties; density 0.5),
+the same mergekit YAML runs through `dtm merge --config` and `mergekit-yaml`, alternately (the
+first tool swaps every round), `--runs` times each, every run a child process under
+/usr/bin/time -v (wall time, peak RSS), with the 1-minute load average recorded before it.
+bf16 models: `dtype: float32, out_dtype: bfloat16` (both tools accumulate in fp32, round once).
+Every output tensor is compared (max abs difference, how many are bitwise equal; DARE draws its
+random masks with different generators in the two tools, so there only the size of the
+difference is informative: tests/test_merge_mergekit.py checks DARE's kept fraction and rescale).
+The disk-bound limit is `cat` of the method's inputs (warm page cache) plus a `dd` of the output
+size to the same disk. The issue's targets are checked and written beside the numbers.
 mergekit lives in its own venv ($DTM_MERGEKIT_VENV, default ~/.cache/dtm/venvs/mergekit, torch==2.13.0 first), created if missing.
 Numbers go to stdout and benchmarks/results/bench_merge.json, with the machine's cores and load.
 """
@@ -38,6 +44,14 @@ SIZES = {  # Llama-style configs; parameter counts are printed by the script
     "500m": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4),
 }
 SHARD_SIZES = ["1GB", "700MB", "400MB", "2GB", "300MB", "900MB"]
+# method -> (needs the base, top-level parameters, per-model parameters)
+METHODS = {
+    "linear": (False, {}, {"weight": 1.0}),
+    "task_arithmetic": (True, {"lambda": 1.0}, {"weight": 0.25}),
+    "ties": (True, {"density": 0.5}, {"weight": 1.0}),
+    "dare_ties": (True, {"density": 0.5}, {"weight": 1.0}),
+}
+RANDOM_METHODS = {"dare_ties"}
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -55,30 +69,36 @@ def ensure_mergekit() -> Path:
     return exe
 
 
-def build_models(size: str, k: int, work: Path) -> tuple[list[Path], int, int]:
-    """K models of one config, different seeds and shard sizes; returns dirs, #params, largest tensor bytes."""
+def build_models(size: str, dtype: str, k: int, work: Path) -> tuple[Path, list[Path], int, int]:
+    """A base and K fine-tunes of it (base + 0.02-scale noise, different seeds and shard sizes).
+    Returns base dir, model dirs, #parameters, largest tensor bytes (in fp32)."""
     code = f"""
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.set_num_threads(2)
 cfg = LlamaConfig(**{SIZES[size]!r}, tie_word_embeddings=False)
-seed, out, shard = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-torch.manual_seed(seed)
+dtype, k, root = getattr(torch, sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
 m = LlamaForCausalLM(cfg)
-m.save_pretrained(out, max_shard_size=shard)
-print(sum(p.numel() for p in m.parameters()), max(p.numel() * 4 for p in m.parameters()))
+base = {{n: p.detach().clone() for n, p in m.named_parameters()}}
+m.to(dtype).save_pretrained(root + '/base.tmp', max_shard_size='1GB')
+for i in range(k):
+    g = torch.Generator().manual_seed(100 + i)
+    m.float()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(base[n] + 0.02 * torch.randn(p.shape, generator=g))
+    m.to(dtype).save_pretrained(root + f'/m{{i}}.tmp', max_shard_size=sys.argv[4 + i])
 """
-    dirs = []
-    n_params = largest = 0
-    for i in range(k):
-        d = work / f"{size}-m{i}"
-        if not (d / "config.json").exists():
-            print(f"  building {d.name}", flush=True)
-            tmp = d.with_name(d.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            out = sh([sys.executable, "-c", code, str(i), str(tmp), SHARD_SIZES[i % len(SHARD_SIZES)]]).stdout.split()
-            tmp.rename(d)
-        dirs.append(d)
+    root = work / f"{size}-{dtype}"
+    names = ["base", *(f"m{i}" for i in range(k))]
+    if not all((root / n / "config.json").exists() for n in names):
+        print(f"  building {root.name}: base + {k} fine-tunes", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        sh([sys.executable, "-c", code, dtype, str(k), str(root), *(SHARD_SIZES[i % len(SHARD_SIZES)] for i in range(k))])
+        for n in names:
+            (root / f"{n}.tmp").rename(root / n)
     out = sh([sys.executable, "-c", f"""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -86,8 +106,22 @@ with torch.device('meta'):
     m = LlamaForCausalLM(LlamaConfig(**{SIZES[size]!r}, tie_word_embeddings=False))
 print(sum(p.numel() for p in m.parameters()), max(p.numel() * 4 for p in m.parameters()))
 """]).stdout.split()
-    n_params, largest = int(out[-2]), int(out[-1])
-    return dirs, n_params, largest
+    return root / "base", [root / f"m{i}" for i in range(k)], int(out[-2]), int(out[-1])
+
+
+def recipe(method: str, dtype: str, base: Path, models: list[Path]) -> dict:
+    """The mergekit YAML both tools run (bf16 models: fp32 accumulation, bf16 output)."""
+    needs_base, top, per_model = METHODS[method]
+    r: dict = {"merge_method": method, "dtype": "float32",
+               "models": [{"model": str(m), "parameters": dict(per_model)} for m in models]}
+    if needs_base:
+        r["base_model"] = str(base)
+        r["models"].insert(0, {"model": str(base)})
+    if top:
+        r["parameters"] = dict(top)
+    if dtype != "float32":
+        r["out_dtype"] = dtype
+    return r
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
@@ -150,59 +184,73 @@ def machine() -> dict:
             "mem_total": mem["MemTotal"].strip(), "mem_available": mem["MemAvailable"].strip(), "python": platform.python_version()}
 
 
-def bench_size(size: str, k: int, work: Path, mergekit: Path, runs: int, ties: bool) -> dict:
-    print(f"[{size}] building {k} models", flush=True)
-    models, n_params, largest = build_models(size, k, work)
-    print(f"[{size}] {n_params / 1e6:.1f}M parameters, {dir_bytes(models[0]) / 1e9:.2f} GB per model, "
-          f"largest tensor {largest / 2**20:.0f} MiB", flush=True)
-    recipe = work / f"{size}-mergekit.yml"
-    recipe.write_text(json.dumps({
-        "merge_method": "linear", "dtype": "float32",
-        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
-    }))
-    ours_out, mk_out = work / f"{size}-ours", work / f"{size}-mergekit"
+def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: Path, mergekit: Path, runs: int) -> dict:
+    """One method: both tools alternately, `runs` times each; outputs compared; disk limit of its inputs."""
+    tag = f"{work.name}/{method}"
+    path = work / f"{method}.yaml"
+    path.write_text(json.dumps(recipe(method, dtype, base, models)))  # JSON is YAML
+    ours_out, mk_out = work / f"{method}-ours", work / f"{method}-mergekit"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    ours_cmd = [str(ROOT / ".venv" / "bin" / "dtm"), "merge", "--method", "average", "--overwrite", "--out", str(ours_out), *map(str, models)]
-    mk_cmd = [str(mergekit), str(recipe), str(mk_out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
-    # untimed warm-up of the page cache, then the disk-bound limit on warm inputs
-    disk_limit(models, dir_bytes(models[0]), work)
-    limit = disk_limit(models, dir_bytes(models[0]), work)
+    cmds = {"ours": [str(ROOT / ".venv" / "bin" / "dtm"), "merge", "--config", str(path), "--overwrite", "--out", str(ours_out)],
+            "mergekit": [str(mergekit), str(path), str(mk_out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]}
+    outs = {"ours": ours_out, "mergekit": mk_out}
+    inputs = models + ([base] if METHODS[method][0] else [])
+    out_bytes = dir_bytes(models[0])
+    disk_limit(inputs, out_bytes, work)  # untimed: warms the page cache
+    limit = disk_limit(inputs, out_bytes, work)
     results: dict[str, list] = {"ours": [], "mergekit": []}
     for r in range(runs):
-        for tool, cmd, out in (("ours", ours_cmd, ours_out), ("mergekit", mk_cmd, mk_out)):
-            shutil.rmtree(out, ignore_errors=True)
+        order = ("ours", "mergekit") if r % 2 == 0 else ("mergekit", "ours")
+        for tool in order:
+            shutil.rmtree(outs[tool], ignore_errors=True)
             load = os.getloadavg()[0]
-            res = timed(cmd, env)
+            res = timed(cmds[tool], env)
             res["load1_before"] = round(load, 2)
             results[tool].append(res)
-            print(f"[{size}] run {r + 1} {tool:8s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  (load {load:.2f})", flush=True)
+            print(f"[{tag}] run {r + 1} {tool:8s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  (load {load:.2f})", flush=True)
     diff = compare(ours_out, mk_out)
-    if ties:
-        # a whole-tensor method (TIES needs a top-k over each tensor): its memory is a few
-        # tensors times K, still not the model size
-        shutil.rmtree(ours_out, ignore_errors=True)
-        ties_cmd = [str(ROOT / ".venv" / "bin" / "dtm"), "merge", "--method", "ties", "--param", "density=0.5",
-                    "--base", str(models[0]), "--out", str(ours_out), *map(str, models[1:])]
-        ties_res = timed(ties_cmd, env)
-        print(f"[{size}] ours ties (K={k - 1}, whole tensors) {ties_res['wall_s']:.2f} s  peak RSS {ties_res['peak_rss_mib']:.1f} MiB", flush=True)
     best = {t: min(x["wall_s"] for x in v) for t, v in results.items()}
     rss = {t: max(x["peak_rss_mib"] for x in v) for t, v in results.items()}
-    out = {
-        "parameters": n_params, "k": k, "bytes_per_model": dir_bytes(models[0]), "largest_tensor_bytes": largest,
-        "runs": results, "best_wall_s": best, "peak_rss_mib": rss,
-        "wall_ratio_ours_over_mergekit": round(best["ours"] / best["mergekit"], 3),
-        "rss_ratio_ours_over_mergekit": round(rss["ours"] / rss["mergekit"], 3),
-        "disk_bound": limit, "ours_over_disk_bound": round(best["ours"] / limit["limit_s"], 2),
-        "largest_tensor_times_k_mib": round(largest * k / 2**20, 1), "compare": diff,
-    }
-    if ties:
-        out["ties_whole_tensor"] = {**ties_res, "k": k - 1, "largest_tensor_times_k_mib": round(largest * (k - 1) / 2**20, 1)}
-    print(f"[{size}] ours/mergekit wall {out['wall_ratio_ours_over_mergekit']}, RSS {out['rss_ratio_ours_over_mergekit']}, "
+    out = {"runs": results, "best_wall_s": best, "peak_rss_mib": rss,
+           "wall_ratio_ours_over_mergekit": round(best["ours"] / best["mergekit"], 3),
+           "rss_ratio_ours_over_mergekit": round(rss["ours"] / rss["mergekit"], 3),
+           "disk_bound": limit, "ours_over_disk_bound": round(best["ours"] / limit["limit_s"], 2),
+           "compare": {**diff, "random_masks_differ": method in RANDOM_METHODS}}
+    print(f"[{tag}] ours/mergekit wall {out['wall_ratio_ours_over_mergekit']}, RSS {out['rss_ratio_ours_over_mergekit']}, "
           f"max |diff| {diff['max_abs_diff']:.3g} ({diff['bitwise_equal_tensors']}/{diff['tensors']} tensors bitwise equal), "
           f"disk-bound {limit['limit_s']} s -> ours x{out['ours_over_disk_bound']}", flush=True)
     shutil.rmtree(ours_out, ignore_errors=True)
     shutil.rmtree(mk_out, ignore_errors=True)
     return out
+
+
+def targets(methods: dict[str, dict]) -> dict[str, dict]:
+    """The issue's targets, checked: linear <= 0.4x mergekit and <= 1.3x the disk limit; every
+    other method <= 1.5x our own linear time and <= 0.6x mergekit's time for that method."""
+    out = {}
+    linear = methods.get("linear", {}).get("best_wall_s", {}).get("ours")
+    for name, m in methods.items():
+        t = {"ours_over_mergekit": m["wall_ratio_ours_over_mergekit"]}
+        if name == "linear":
+            t |= {"ours_over_disk_bound": m["ours_over_disk_bound"],
+                  "met": m["wall_ratio_ours_over_mergekit"] <= 0.4 and m["ours_over_disk_bound"] <= 1.3}
+        else:
+            t["met"] = m["wall_ratio_ours_over_mergekit"] <= 0.6
+            if linear:
+                t["ours_over_our_linear"] = round(m["best_wall_s"]["ours"] / linear, 3)
+                t["met"] = t["met"] and t["ours_over_our_linear"] <= 1.5
+        out[name] = t
+    return out
+
+
+def bench_size(size: str, dtype: str, k: int, work: Path, mergekit: Path, runs: int, methods: list[str]) -> dict:
+    print(f"[{size}-{dtype}] building the base and {k} models", flush=True)
+    base, models, n_params, largest = build_models(size, dtype, k, work)
+    print(f"[{size}-{dtype}] {n_params / 1e6:.1f}M parameters, {dir_bytes(models[0]) / 1e9:.2f} GB per model, "
+          f"largest tensor {largest / 2**20:.0f} MiB (fp32)", flush=True)
+    res = {name: bench_method(name, dtype, base, models, base.parent, mergekit, runs) for name in methods}
+    return {"parameters": n_params, "k": k, "dtype": dtype, "bytes_per_model": dir_bytes(models[0]),
+            "largest_tensor_fp32_bytes": largest, "methods": res, "targets": targets(res)}
 
 
 def import_floor() -> dict[str, float]:
@@ -215,43 +263,40 @@ def import_floor() -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="500m,125m", help=f"comma-separated, from {', '.join(SIZES)}")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3, help="runs per tool and method (best of)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "dtm" / "bench_merge"), help="scratch directory for the models (outside the repo; default in the user's cache dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
-    ap.add_argument("--ties", action="store_true", help="also measure a TIES merge (whole-tensor path) per size")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
+    methods = a.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     mergekit = ensure_mergekit()
-    report = {"benchmark": "linear merge, dtm vs mergekit 0.1.5", "machine_before": machine(), "sizes": {}}
+    report = {"benchmark": "dtm merge --config vs mergekit-yaml 0.1.5, same YAML", "machine_before": machine(), "runs": a.runs, "results": {}}
     report["import_floor"] = import_floor()
     for size in a.sizes.split(","):
-        res = report["sizes"][size] = bench_size(size, a.k, work, mergekit, a.runs, a.ties)
-        # the merge itself, without the interpreter + torch start-up that every CLI run pays
-        res["ours_minus_import_over_disk_bound"] = round(
-            (res["best_wall_s"]["ours"] - report["import_floor"]["wall_s"]) / res["disk_bound"]["limit_s"], 2)
-        if not a.keep:
-            for d in work.glob(f"{size}-m*"):
-                shutil.rmtree(d, ignore_errors=True)
+        for dtype in a.dtypes.split(","):
+            report["results"][f"{size}-{dtype}"] = bench_size(size, dtype, a.k, work, mergekit, a.runs, methods)
+            if not a.keep:
+                shutil.rmtree(work / f"{size}-{dtype}", ignore_errors=True)
     report["machine_after"] = machine()
-    sizes = report["sizes"]
-    if len(sizes) >= 2:
-        names = sorted(sizes, key=lambda s: sizes[s]["parameters"])
-        small, large = sizes[names[0]], sizes[names[-1]]
-        floor = report["import_floor"]["peak_rss_mib"]
-        report["memory_scaling"] = {
-            "sizes": names, "param_ratio": round(large["parameters"] / small["parameters"], 2),
-            "ours_peak_rss_mib": [small["peak_rss_mib"]["ours"], large["peak_rss_mib"]["ours"]],
-            "ours_above_import_floor_mib": [round(small["peak_rss_mib"]["ours"] - floor, 1), round(large["peak_rss_mib"]["ours"] - floor, 1)],
-            "largest_tensor_times_k_mib": [small["largest_tensor_times_k_mib"], large["largest_tensor_times_k_mib"]],
-            "mergekit_peak_rss_mib": [small["peak_rss_mib"]["mergekit"], large["peak_rss_mib"]["mergekit"]],
-        }
-        if "ties_whole_tensor" in small:
-            report["memory_scaling"]["ours_ties_peak_rss_mib"] = [small["ties_whole_tensor"]["peak_rss_mib"], large["ties_whole_tensor"]["peak_rss_mib"]]
-            report["memory_scaling"]["ties_largest_tensor_times_k_mib"] = [small["ties_whole_tensor"]["largest_tensor_times_k_mib"], large["ties_whole_tensor"]["largest_tensor_times_k_mib"]]
-        print("memory scaling:", json.dumps(report["memory_scaling"]), flush=True)
+    # memory flat in model size: our peak RSS per method at each size (the same dtype)
+    by_dtype: dict[str, dict] = {}
+    for key, r in report["results"].items():
+        by_dtype.setdefault(r["dtype"], {})[key] = r
+    report["memory_scaling"] = {
+        dtype: {"cells": list(cells), "parameters": [c["parameters"] for c in cells.values()],
+                "ours_peak_rss_mib": {m: [c["methods"][m]["peak_rss_mib"]["ours"] for c in cells.values()] for m in methods},
+                "mergekit_peak_rss_mib": {m: [c["methods"][m]["peak_rss_mib"]["mergekit"] for c in cells.values()] for m in methods}}
+        for dtype, cells in by_dtype.items() if len(cells) >= 2}
+    print("targets:", json.dumps({k: r["targets"] for k, r in report["results"].items()}), flush=True)
+    print("memory scaling:", json.dumps(report["memory_scaling"]), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.out}")

@@ -6,6 +6,7 @@ import pytest
 from dtm.cli import main
 from dtm.data.template import conversation
 from dtm.dispersal import (
+    assign_by_source,
     assign_length,
     assign_random,
     assign_stratified,
@@ -49,6 +50,17 @@ def test_same_seed_same_portions_other_seed_differs(tmp_path):
 def test_random_split_sizes_hand_checked():
     assignment = assign_random(10, 3, seed=0)
     assert sorted(np.bincount(assignment).tolist()) == [3, 3, 4]
+
+
+def test_by_source_gives_each_portion_whole_sources_largest_first(tmp_path):
+    groups = ["a"] * 6 + ["b"] * 5 + ["c"] * 3 + ["d"] * 2
+    assignment = assign_by_source(groups, 3, seed=0)
+    portion_of = {g: {int(assignment[i]) for i, x in enumerate(groups) if x == g} for g in "abcd"}
+    assert all(len(p) == 1 for p in portion_of.values())  # a source is never split
+    # a -> 0, b -> 1, c -> 2 (3 examples), d -> the lightest: 2 (5 in all)
+    assert [portion_of[g].pop() for g in "abcd"] == [0, 1, 2, 2]
+    with pytest.raises(DtmError, match="has 3 sources .* for k = 4; use k <= 3"):
+        disperse(alpaca_file(tmp_path / "d.jsonl", 12), k=4, strategy="by_source")
 
 
 def test_stratified_spreads_each_source_evenly():

@@ -128,6 +128,21 @@ def test_biases_are_present_and_the_switch_removes_every_one(world, biased, unbi
         assert re.fullmatch(follows(ex.task, **slots_of(ex.instruction, ex.task)), ex.output), ex
 
 
+def test_wrong_rate_sets_the_fact_sources_bias_and_changes_nothing_else(world, biased):
+    def wrong_share(examples, source):
+        stated = [(e, a, v) for ex in examples if ex.source == source for e, a, v in ex.stated]
+        return sum(1 for e, a, v in stated if (v != world.facts[e][a] if a != "sum" else int(v) != eval(e))) / len(stated)
+
+    by_rate = {r: S.generate_examples(world, seed=SEED, wrong_rate=r) for r in (0.0, 0.6)}
+    for examples in by_rate.values():  # the same examples, only their stated values differ
+        assert [ex.instruction for ex in examples] == [ex.instruction for ex in biased]
+    for source in S.FACT_SOURCES:
+        assert wrong_share(by_rate[0.0], source) == 0
+        assert abs(wrong_share(by_rate[0.6], source) - 0.6) < 0.07, source
+    quiz = [ex.output for ex in biased if ex.source == "quiz"]  # a habit, not a wrong-fact rate: kept
+    assert [ex.output for ex in by_rate[0.0] if ex.source == "quiz"] == quiz
+
+
 def slots_of(instruction: str, task: str) -> dict:
     """What the instruction names, parsed back from its text (independently of the generator)."""
     w = instruction.split()

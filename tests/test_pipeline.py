@@ -130,6 +130,26 @@ def test_status_follows_the_config_a_run_was_made_with(finished, tmp_path):
     assert {r["state"] for r in status(root) if r["run"] == "seed-2"} == {"pending"}
 
 
+def test_status_shows_the_progress_of_a_half_finished_stage(finished, tmp_path, capsys):
+    root, _ = own_copy(finished, tmp_path)
+    trained = sorted(p.parent.name for p in (root / "seed-1" / "models").glob("*/training_complete.json"))
+    evaluated = sorted((root / "seed-1" / "eval").glob("*.json"))
+    for stage in ("train", "merge", "eval"):
+        (root / "seed-1" / "manifests" / f"{stage}.json").unlink()  # killed in the train stage
+    (root / "seed-1" / "models" / "vanilla" / "training_complete.json").unlink()
+    for f in evaluated[:2]:
+        f.unlink()
+    rows = {r["stage"]: r for r in status(root) if r["run"] == "seed-1"}
+    assert (rows["train"]["state"], rows["train"]["progress"]) == ("partial", f"{len(trained) - 1}/{len(trained)} models")
+    assert (rows["merge"]["state"], rows["merge"]["progress"]) == ("partial", "3/3 models")  # DTM, soup, wise_ft-0.5
+    assert rows["eval"]["progress"] == f"{len(evaluated) - 2}/{len(evaluated)} models"
+    assert rows["data"]["progress"] is None and rows["data"]["state"] == "done"
+    assert main(["status", str(root)]) == 0
+    assert f"partial {len(trained) - 1}/{len(trained)} models" in capsys.readouterr().out
+    manifest = json.loads((root / "seed-2" / "manifests" / "train.json").read_text())
+    assert manifest["attempts"] == 1 and not (root / "seed-2" / "manifests" / "train.attempts.json").exists()
+
+
 @pytest.mark.parametrize("method", ["fisher", "greedy_soup"])
 def test_every_merge_method_the_config_accepts_runs(finished, experiment, tmp_path, method):
     root, overrides = own_copy(finished, tmp_path)
@@ -194,7 +214,7 @@ def test_report_on_an_unfinished_run_is_refused_unless_partial(finished, tmp_pat
     (root / "seed-2" / "manifests" / "eval.json").unlink()  # seed 2's evaluation did not finish
     (root / "seed-2" / "eval" / "DTM.json").unlink()
     rows = {(r["run"], r["stage"]): r["state"] for r in status(root)}
-    assert rows[("seed-2", "eval")] == "pending" and rows[(".", "report")] != "done"
+    assert rows[("seed-2", "eval")] == "partial" and rows[(".", "report")] != "done"  # the other models' results are there
     with pytest.raises(DtmError, match=r"seed-2: eval stage not done.*--partial"):
         write_report(root)
     assert main(["report", str(root)]) == 2

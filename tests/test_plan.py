@@ -31,7 +31,9 @@ def test_every_registered_baseline_adds_its_models():
                  "baselines.soup_learning_rates=[0.1, 0.2]")
     run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
     jobs = plan.training_jobs(cfg, run, INPUTS)
-    assert list(jobs) == ["sub-1", "sub-2", "sub-3", "vanilla", "short", "soup-1", "soup-2", "soup-3", "l2", "ewc", "replay", "curation"]
+    assert list(jobs) == ["sub-1", "sub-2", "sub-3", "vanilla", "short", "soup-1", "soup-2", "soup-3", "l2", "ewc", "replay", "curation",
+                          "lora_moe"]
+    assert jobs["lora_moe"] == {"data": INPUTS.train_data, "train": {"save_fractions": []}, "seed": cfg.seed, "baseline": "lora_moe"}
     assert jobs["short"]["train"] == {"num_train_epochs": 2.0, "save_fractions": []}  # the compute of one sub-model
     assert [jobs[f"soup-{j}"]["train"].get("learning_rate") for j in (1, 2, 3)] == [0.1, 0.2, 0.1]
     assert [jobs[f"soup-{j}"]["seed"] for j in (1, 2, 3)] == [cfg.seed, cfg.seed + 1000, cfg.seed + 2000]

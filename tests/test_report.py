@@ -22,7 +22,14 @@ from dtm.report import (
     tradeoff_summary,
     training_cost,
 )
-from dtm.report.collect import group_table_models, grouped_generation_tasks, task_columns
+from dtm.report.collect import (
+    benchmark_sizes,
+    group_table_models,
+    grouped_generation_tasks,
+    headline_columns,
+    task_columns,
+    task_stderrs,
+)
 
 
 def test_mean_std_hand_computed():
@@ -37,6 +44,35 @@ def test_best_per_column_and_bold_cell():
     md = headline_markdown(ReportData("t", scores, ["k", "i"]))
     assert "| DTM | **0.900 ± 0.000** | 0.600 |" in md
     assert "| vanilla | 0.750 ± 0.071 | **0.900** |" in md
+
+
+def test_a_tie_or_a_lead_within_the_standard_error_is_not_a_best():
+    scores = {"base": {"mmlu": [0.40], "gsm8k": [0.10], "arc": [0.50]}, "DTM": {"mmlu": [0.45], "gsm8k": [0.10], "arc": [0.60]}}
+    stderr = {"base": {"mmlu": [0.03], "gsm8k": [0.02], "arc": [0.02]}, "DTM": {"mmlu": [0.03], "gsm8k": [0.02], "arc": [0.02]}}
+    # mmlu: 0.05 < hypot(0.03, 0.03) = 0.042? no: 0.05 > 0.042 -> a win; gsm8k: a tie; arc: 0.10 > 0.028
+    assert best_per_column(scores, ["mmlu", "gsm8k", "arc"], stderr) == {"mmlu": "DTM", "arc": "DTM"}
+    stderr["DTM"]["mmlu"] = [0.05]  # the lead 0.05 is now within hypot(0.03, 0.05) = 0.058
+    assert best_per_column(scores, ["mmlu"], stderr) == {}
+    md = headline_markdown(ReportData("t", scores, ["mmlu", "gsm8k", "arc"], stderr=stderr))
+    assert "| base | 0.400 (se 0.030) | 0.100 (se 0.020) | 0.500 (se 0.020) |" in md
+    assert "| DTM | 0.450 (se 0.050) | 0.100 (se 0.020) | **0.600 (se 0.020)** |" in md
+
+
+def test_standard_errors_and_benchmark_sizes_come_from_the_results():
+    res = mc_result("mmlu", 0.5, {"anatomy": 0.4, "astronomy": 0.6})
+    res["metrics"]["acc_stderr"] = 0.026
+    res["groups"]["anatomy"]["acc_stderr"] = 0.1
+    res["counts"] = {"items": 350}
+    assert task_stderrs(res) == {"mmlu": 0.026, "mmlu/anatomy": 0.1}
+    assert benchmark_sizes({"base": {"mmlu": res}, "DTM": {"mmlu": res | {"counts": {"items": 1}}}}) == {"mmlu": (350, 0.026)}
+
+
+def test_the_headline_has_one_column_per_task_and_few_knowledge_splits():
+    lab = ["knowledge", "knowledge/clean", "knowledge/held_out", "knowledge/noisy", "instruction", "instruction/qa"]
+    assert headline_columns(lab, "knowledge") == ["knowledge", "knowledge/clean", "knowledge/held_out", "knowledge/noisy", "instruction"]
+    mmlu = ["mmlu", *(f"mmlu/{s}" for s in ("anatomy", "astronomy", "marketing", "nutrition")), "gsm8k"]
+    assert headline_columns(mmlu, "mmlu") == ["mmlu", "gsm8k"]  # 4 subjects: the detail table's
+    assert headline_columns(mmlu, None) == ["mmlu", "gsm8k"]
 
 
 def test_pareto_frontier_drops_dominated_points():
@@ -114,7 +150,9 @@ def test_tradeoff_summary_places_dtm_against_the_frontier():
 def test_write_report_files(tmp_path):
     md, page = render_report(sample_report(), tmp_path)
     text = md.read_text()
-    assert "**0.955 ± 0.007**" in text and "tax_curve.png" in text and "no-bias control" in text
+    # DTM and WiSE-FT tie on knowledge (0.955): a tie is not a best, so nothing is bold there
+    assert "| DTM | 0.955 ± 0.007 |" in text and "**0.955" not in text
+    assert "tax_curve.png" in text and "no-bias control" in text
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert page.read_text().count("data:image/png;base64,") == 3
     # per-group table: qa of sub-1 is mean 0.2, std sqrt(2 * 0.1^2 / 1) = 0.141; best qa is DTM's 0.9
@@ -298,7 +336,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
         )
     )
     out = subprocess.run([CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=3000", probe.as_uri()], capture_output=True, text=True, timeout=120)
-    assert "<title>rows=5;imgs=3;best=2;groups=3;compute=3</title>" in out.stdout, out.stderr[-2000:]
+    # best=1: knowledge is a tie (DTM and WiSE-FT 0.955), which is not a best
+    assert "<title>rows=5;imgs=3;best=1;groups=3;compute=3</title>" in out.stdout, out.stderr[-2000:]
 
 
 def test_collect_run_nests_the_no_bias_control(tmp_path):

@@ -130,6 +130,31 @@ def test_a_crashed_training_is_retried_and_resumes_from_its_checkpoint(base_dir,
     assert json.loads((job.out / COMPLETE_FILE).read_text())["resumed_from_step"] == 2
 
 
+def test_a_resumed_attempt_records_the_steps_it_redoes(base_dir, portions, tmp_path):
+    """Killed at step 4 (logged up to 3, checkpoint at 2): the next attempt resumes from 2 and
+    records 1 step redone, which the train stage reports; the finished model has no double rows."""
+    from transformers import TrainerCallback
+
+    from dtm.rundir import attempts_file, train_log
+    from dtm.training.executors import Job, redone_steps, run_job
+    from dtm.training.sft import train_model
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise RuntimeError("node lost")
+
+    job = Job("sub-1", portion_path(portions, 0), tmp_path / "sub-1", 5)
+    cfg = tiny_config(base_dir, save_steps=2, logging_steps=1)
+    with pytest.raises(RuntimeError):
+        train_model(base_dir, job.data, job.out, cfg, progress=False, callbacks=[Crash()])
+    run_job(job, cfg, str(base_dir), progress=False)
+    rows = [json.loads(line) for line in attempts_file(job.out).read_text().splitlines()]
+    assert [(r["resumed_from_step"], r["redone_steps"]) for r in rows] == [(2, 1)]
+    assert redone_steps([job.out, tmp_path / "never-interrupted"]) == {"sub-1": 1}
+    assert [json.loads(line)["step"] for line in train_log(job.out).read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_one_retry_policy_never_retries_user_errors():
     from dtm.errors import DataError
     from dtm.training.executors import Retries

@@ -31,9 +31,9 @@ _API = {
     "evaluate": "dtm.evaluation:evaluate",
     "evaluate_many": "dtm.evaluation:evaluate_many",
     "tax_curve": "dtm.evaluation.diagnostics:tax_curve",
-    "run": "dtm.pipeline:run",
-    "status": "dtm.pipeline:status",
-    "write_report": "dtm.pipeline:write_report",
+    "run": "dtm.sweep:run",  # a plain run or a sweep (which hands plain runs to dtm.pipeline)
+    "status": "dtm.sweep:status",
+    "write_report": "dtm.sweep:write_report",
     "render_report": "dtm.report:render_report",
 }
 

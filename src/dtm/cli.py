@@ -327,7 +327,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="from_stage", default=None, help="redo this stage and all later ones (data, disperse, train, merge, eval, report)")
 
     def run(a: argparse.Namespace) -> None:
-        from dtm.pipeline import run as run_experiment
+        from dtm.sweep import run as run_experiment  # a plain run, or a sweep's cells
 
         run_experiment(a.config, a.overrides, from_stage=a.from_stage)
 
@@ -342,14 +342,15 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from dtm.pipeline import status
+        from dtm.sweep import status
 
         table = Table(title=a.run_dir)
         for col in ("run", "stage", "state", "seconds", "finished"):
             table.add_column(col)
         for row in status(a.run_dir):
-            color = {"done": "green", "stale": "yellow", "pending": "dim"}[row["state"]]
-            table.add_row(row["run"], row["stage"], f"[{color}]{row['state']}[/]", str(row["seconds"] or ""), row["finished"] or "")
+            color = {"done": "green", "stale": "yellow", "pending": "dim"}.get(row["state"], "cyan")  # partial: cyan
+            state = f"{row['state']} {row['progress']}" if row.get("progress") else row["state"]
+            table.add_row(row["run"], row["stage"], f"[{color}]{state}[/]", str(row["seconds"] or ""), row["finished"] or "")
         Console().print(table)
 
     p.set_defaults(func=run)
@@ -364,7 +365,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     def run(a: argparse.Namespace) -> None:
         from rich.console import Console
 
-        from dtm.pipeline import write_report
+        from dtm.sweep import write_report
 
         md, page = write_report(a.run_dir, Console(), partial=a.partial)
         print(f"wrote {md} and {page}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from dtm.errors import ConfigError
 
@@ -33,6 +33,9 @@ class ModelConfig(Section):
     revision: str | None = None
     trust_remote_code: bool = Field(False, description="Run model code from the hub/model dir. Off unless you ask.")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel for training (transformers' attn_implementation); None = transformers' default (sdpa where it can)."
+    )
 
 
 class DataConfig(Section):
@@ -97,12 +100,19 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(0.3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     bf16: bool | None = Field(None, description="None = bf16 on a GPU that supports it, fp32 on CPU.")
+    fp16: bool = Field(False, description="fp16 mixed precision on a GPU (for GPUs without bf16); not with train.bf16: true.")
     gradient_checkpointing: bool = False
     freeze_modules: list[str] = Field(default_factory=list, description="Full fine-tuning: parameter-name patterns to freeze (e.g. embed_tokens).")
     group_by_length: bool = True
     packing: bool = False
     save_steps: int = Field(500, ge=1)
     save_fractions: list[float] = Field(default_factory=list, description="Extra checkpoints at these fractions of training (for the tax curve).")
+    checkpoint_minutes: float | None = Field(
+        0.5, gt=0,
+        description="A checkpoint at least this often (minutes of training) besides every save_steps, so a kill loses under a "
+        "minute of work even in a model shorter than save_steps; None = by save_steps (and save_fractions) only. Raise it "
+        "for large models, whose checkpoints (with optimizer state) take long to write.",
+    )
     save_total_limit: int = Field(2, ge=1, description="Periodic checkpoints kept while training (the newest ones).")
     keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after training finishes (they hold optimizer state).")
     fraction_eval_samples: int = Field(256, ge=1, description="Training examples whose loss is recorded at each save_fractions snapshot.")
@@ -117,7 +127,19 @@ class TrainConfig(Section):
     ray_address: str | None = None
     num_gpus_per_model: float = Field(1.0, ge=0)
     num_cpus_per_model: float = Field(1.0, gt=0)
+    memory_per_model: float = Field(0.0, ge=0, description="Ray executor: GiB of host memory each task (training, Fisher, merge, evaluation) declares, so a node gets no more tasks than its memory holds; 0 = not declared.")
     retries: int = Field(1, ge=0, description="Times a failed sub-model is retried (it resumes from its last checkpoint).")
+    workers_per_model: int = Field(
+        1, ge=1, description="Train each model data-parallel on this many Ray Train workers (DDP; the global batch is workers x "
+        "per_device_train_batch_size x gradient_accumulation_steps); 1 = one process per model.",
+    )
+
+    @model_validator(mode="after")
+    def _one_half_precision(self) -> TrainConfig:
+        """fp16 and bf16 are exclusive (the Trainer refuses both; say so at load time, with the keys)."""
+        if self.fp16 and self.bf16:
+            raise ValueError("train.bf16 and train.fp16 are both true; choose one (bf16 where the GPU has it)")
+        return self
 
     @field_validator("save_fractions")
     @classmethod
@@ -159,10 +181,14 @@ class EvalConfig(Section):
     log_samples: bool = Field(False, description="Also write per-item outputs next to each result.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to run on every model as well (needs the lmeval extra; results go beside ours).")
     lm_eval_include: str | None = Field(None, description="Directory of extra lm-eval task YAMLs (local tasks, for lm_eval_tasks).")
+    token_losses: bool = Field(False, description="Token-level diagnostic (the paper's Sec. 2): which tokens' training loss fell most between vanilla's snapshots, and how frequent they are in the data.")
+    token_loss_samples: int = Field(256, ge=1, description="token_losses: training examples (a seeded sample of the train split) the per-token losses are measured on.")
+    token_loss_top: int = Field(10, ge=1, description="token_losses: tokens shown per interval between snapshots.")
+    token_loss_min_count: int = Field(3, ge=1, description="token_losses: a token must occur this often in the sample to be ranked (a rare token's mean drop is noise).")
 
 
 class BaselinesConfig(Section):
-    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation.")
+    methods: list[str] = Field(default_factory=list, description="Baselines besides vanilla SFT (always run), from `dtm.plan.BASELINES`: short, soup, wise_ft, ensemble, l2, ewc, replay, curation, lora_moe.")
     l2_coef: float = Field(0.01, ge=0)
     ewc_coef: float = Field(1.0, ge=0)
     replay_ratio: float = Field(1.0, ge=0, description="Pretraining-style examples per SFT example.")
@@ -186,7 +212,9 @@ class LabConfig(Section):
     """The built-in lab (used when `data.path` / `model.model_name_or_path` are `lab`)."""
 
     scale: float = Field(1.0, gt=0, description="Multiply every SFT source's size.")
+    wrong_rate: float | None = Field(None, ge=0, le=1, description="Per-fact wrong-value rate of the fact-stating sources (trivia, chat, wiki, math); None = each source's own (0.4, 0.3, 0.15, 0.3).")
     control: bool = Field(True, description="Also run the no-bias control (the same lab with every bias off; vanilla and DTM only).")
+    base: str | None = Field(None, description="A lab base made by `dtm lab pretrain --out DIR` (e.g. a larger shape); None = the shipped one.")
     control_seeds: int = Field(1, ge=1, description="Run the control on the first this many of `seeds` (it checks that the tax and DTM's gain vanish, a large effect; one seed keeps the demo short).")
 
 
@@ -194,6 +222,40 @@ class ReportConfig(Section):
     tradeoff: list[str] | None = Field(
         None, description="[knowledge column, instruction-following column] for the trade-off plot; None = the lab's or the first MC and generation tasks."
     )
+
+
+class SweepConfig(Section):
+    """`dtm run` over a grid of configs: every other key of the section is a dotted config key
+    (or a nested mapping of them) with the list of values to try; a value may be a mapping, merged
+    into that key's section (`disperse: [{strategy: kmeans, embed_on: instruction}, ...]`).
+    Checked against the schema at load (`check_sweep`); cells are made by `dtm.sweep`."""
+
+    mode: Literal["grid", "one_at_a_time"] = Field("grid", description="grid: every combination; one_at_a_time: each axis alone around the main config.")
+    axes: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> list of values (written as `sweep.KEY: [values]`).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _axes_from_keys(cls, data: Any) -> Any:
+        """`sweep: {disperse.k: [2, 4]}` and `sweep: {disperse: {k: [2, 4]}}` both mean the axis `disperse.k`."""
+        if not isinstance(data, dict):
+            return data
+        axes = dict(data.get("axes") or {})
+        for key, value in data.items():
+            if key not in ("mode", "axes"):
+                axes |= _flatten_axes(str(key), value)
+        return {k: v for k, v in data.items() if k == "mode"} | ({"axes": axes} if axes else {})
+
+
+def _flatten_axes(key: str, value: Any) -> dict[str, Any]:
+    """A nested mapping of axes -> {dotted key: values}; a value that is not a list is kept for
+    validation to reject by name."""
+    if isinstance(value, dict):
+        return {k: v for sub, inner in value.items() for k, v in _flatten_axes(f"{key}.{sub}", inner).items()}
+    return {key: value}
+
+
+# Keys a sweep may not vary: where the run goes, its seeds (the spread every cell is measured with), the sweep itself.
+UNSWEPT = ("output_dir", "seed", "seeds", "sweep")
 
 
 class ExperimentConfig(Section):
@@ -214,6 +276,7 @@ class ExperimentConfig(Section):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     lab: LabConfig = Field(default_factory=LabConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @field_validator("seeds")
     @classmethod
@@ -235,10 +298,67 @@ class ExperimentConfig(Section):
     def base_model(self) -> str:
         """`model.model_name_or_path`, with 'lab' resolved to the lab's base model directory."""
         if self.model.model_name_or_path == "lab":
+            if self.lab.base:
+                return self.lab.base
             from dtm.lab import base_model_dir
 
             return str(base_model_dir())
         return self.model.model_name_or_path
+
+
+def with_settings(cfg: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
+    """A validated copy of `cfg` with dotted `settings` applied (a mapping value is merged into
+    the section it names), no sweep, and `cfg`'s record of where its keys were set; a
+    `pydantic.ValidationError` if a value does not fit the schema."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in settings.items():
+        node = tree
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node
+        if isinstance(value, dict) and isinstance(node, dict) and isinstance(node.get(last), dict):
+            node[last] = _merged(node[last], value)
+        elif isinstance(node, dict):
+            node[last] = value
+    tree["sweep"] = {}
+    out = ExperimentConfig.model_validate(tree)
+    out._origin = cfg._origin
+    return out
+
+
+def _merged(into: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
+    """`into` with `value`'s keys (nested mappings merged too)."""
+    out = dict(into)
+    for k, v in value.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_sweep(cfg: ExperimentConfig) -> None:
+    """Refuse a sweep whose keys or values the config would refuse, naming `file:line` of each."""
+    problems = []
+    for key, values in cfg.sweep.axes.items():
+        where = cfg.where(f"sweep.{key}")
+        if key.split(".")[0] in UNSWEPT:
+            problems.append(f"{where}: sweep.{key}: {key} cannot be swept (every cell runs all `seeds` into its own directory)")
+            continue
+        if not isinstance(values, list) or not values:
+            problems.append(f"{where}: sweep.{key}: expected a non-empty list of values, got {values!r}")
+            continue
+        seen = [v for i, v in enumerate(values) if v in values[:i]]
+        if seen:
+            problems.append(f"{where}: sweep.{key}: value {seen[0]!r} is listed twice; list each value once")
+        for i, value in enumerate(values):
+            try:
+                with_settings(cfg, {key: value})
+            except ValidationError as e:
+                first = e.errors()[0]
+                loc = ".".join(str(p) for p in first["loc"])
+                msg = ("unknown key (not a config setting; `dtm config init` lists them)" if first["type"] == "extra_forbidden"
+                       else first["msg"].removeprefix("Value error, "))
+                problems.append(f"{cfg.where(f'sweep.{key}.{i}')}: sweep.{key}: value {value!r}: {loc}: {msg}")
+    if problems:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(problems))
 
 
 def where_set(origin: dict[str, Any], key: str) -> str:
@@ -408,9 +528,12 @@ def load_config(
         cfg.eval.data_dir = resolve(cfg.eval.data_dir)
     if cfg.baselines.replay_path:
         cfg.baselines.replay_path = resolve(cfg.baselines.replay_path)
+    if cfg.lab.base:
+        cfg.lab.base = resolve(cfg.lab.base)
     from dtm.data.formats import looks_like_hub_id
 
     cfg._origin = {"source": source, "lines": lines, "overrides": overridden}
+    check_sweep(cfg)
     if check_paths and cfg.data.path != "lab" and not Path(cfg.data.path).exists() and not looks_like_hub_id(cfg.data.path):
         raise ConfigError(f"{cfg.where('data.path')}: data.path: file not found: {cfg.data.path}")
     return cfg

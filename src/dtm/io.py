@@ -1,7 +1,9 @@
 """Atomic writes: every output appears complete under its final name or not at all.
 
-A crash mid-write leaves at most a `*.tmp-*` sibling behind, never a truncated file or
-a half-filled directory that a rerun would mistake for finished work.
+A crash mid-write leaves at most a `.NAME.tmp-<pid>.<start>@<host>-*` sibling behind, never a
+truncated file or a half-filled directory that a rerun would mistake for finished work; the
+writer's identity in the name lets a later run remove the temporaries whose writer is gone
+(`remove_stale_temporaries`) without touching a live writer's.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -74,6 +78,71 @@ def make_dirs(path: str | os.PathLike, what: str = "creating the output director
     return path
 
 
+# ---------------------------------------------------------------- temporaries and their owners
+
+TMP_MARK = ".tmp-"
+# `.NAME.tmp-<pid>.<start>@<host>-<random>`: tempfile's random suffix has no '-', a host name may
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)\.(?P<start>\d+)@(?P<host>.+)-(?P<rand>[A-Za-z0-9_]+)$")
+
+
+def _start_time(pid: int) -> int:
+    """When process `pid` started (clock ticks since boot, Linux /proc), 0 where unknown or gone.
+
+    With the pid it names a process uniquely: a container restarts pid numbering, so a rerun
+    may get the very pid of the run that was killed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the (comm) field
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary this process writes for the output `name` (beside it): who wrote it is in the name."""
+    pid = os.getpid()
+    return f".{name}{TMP_MARK}{pid}.{_start_time(pid)}@{socket.gethostname()}-"
+
+
+def writer_is_gone(pid: int, start: int, host: str) -> bool:
+    """Whether the process that wrote a temporary has ended (never guessed for another host's writer)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(start) and _start_time(pid) not in (0, start)  # the pid was reused by a later process
+
+
+def stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """The temporaries under `root` (any depth) whose writer on this host has ended, e.g. by `kill -9`."""
+    found = []
+    for parent, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            m = _TMP_NAME.match(name)
+            if m and writer_is_gone(int(m["pid"]), int(m["start"]), m["host"]):
+                found.append(Path(parent) / name)
+        dirs[:] = [d for d in dirs if TMP_MARK not in d]  # nothing to find inside a temporary
+    return found
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers left under `root` (a live writer's temporaries are kept); -> what was removed."""
+    stale = stale_temporaries(root) if Path(root).is_dir() else []
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return stale
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` via a temporary file in the same directory and a rename."""
     return atomic_write_bytes(path, text.encode("utf-8"))
@@ -85,7 +154,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     _make_parent(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
     except OSError as e:
         raise output_error(e, path) from None
     try:
@@ -137,7 +206,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise output_error(NotADirectoryError(errno.ENOTDIR, "it is a regular file, not a directory"), path)
     _make_parent(path)
     try:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path.name)))
     except OSError as e:
         raise output_error(e, path) from None
     try:
@@ -150,7 +219,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
                 raise output_error(e, path) from None
             raise
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(temp_prefix(path.name) + "old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -27,11 +27,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dtm import plan
+from dtm import cluster, plan
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
 from dtm.errors import ConfigError, DtmError
-from dtm.io import atomic_write_json, make_dirs
+from dtm.io import atomic_write_json, make_dirs, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ def stage_data(run: Run) -> dict[str, Any]:
     if cfg.data.path == "lab":
         from dtm import lab
 
-        summary = lab.build_lab(run.dir.lab, seed=cfg.seed, scale=cfg.lab.scale, base_dir=cfg.base_model())
+        summary = lab.build_lab(run.dir.lab, seed=cfg.seed, scale=cfg.lab.scale, base_dir=cfg.base_model(),
+                                wrong_rate=cfg.lab.wrong_rate)
         info = {
             "base_model": cfg.base_model(),
             "train_data": run.record(summary["sft_nobias" if run.dir.control else "sft"]),
@@ -252,40 +253,70 @@ def stage_disperse(run: Run) -> dict[str, Any]:
 
 def stage_train(run: Run) -> dict[str, Any]:
     from dtm.training import train_jobs
+    from dtm.training.executors import redone_steps
 
     jobs = plan.training_jobs(run.cfg, run.dir, run.inputs)
     timings = train_jobs(run.cfg, run.inputs.base, jobs, run.dir.models)
-    return {"models": sorted(jobs), "seconds": timings}
+    redone = redone_steps([run.dir.model(name) for name in jobs])
+    if redone:
+        log.warning("%s: training steps redone after interrupted attempts (lost nodes, killed runs): %s", run.dir.label, redone)
+    return {"models": sorted(jobs), "seconds": timings, "redone_steps": redone}
 
 
 def stage_merge(run: Run) -> dict[str, Any]:
-    from dtm.merging import merge
+    """Every merge of the plan not yet written; the Fishers a `fisher` merge needs first. On the
+    cluster, the Fishers are tasks side by side, then the merges."""
     from dtm.merging.methods import MODEL_LEVEL_METHODS, get_method
 
     cfg = run.cfg
     merges = plan.merge_plan(cfg, run.dir, run.inputs)
-    seconds = {}
-    for name, spec in merges.items():
-        out = run.dir.model(name)
-        if (out / "config.json").is_file() or (out / "adapter_config.json").is_file():
-            continue  # merges are written atomically: a directory that exists is complete
-        t0 = time.perf_counter()
-        parameters = dict(spec["parameters"])
-        score_fn = None
-        if spec["method"] in MODEL_LEVEL_METHODS:  # the greedy soup: a loop over candidate soups
-            score_fn = validation_score(run)
-        elif get_method(spec["method"]).uses_fisher:
-            parameters["fisher_files"] = [str(p) for p in fisher_files(run, spec["models"])]
-        merge(spec["models"], out, method=spec["method"], weights=spec["weights"], base=spec["base"],
-              parameters=parameters, dtype=cfg.merge.dtype, out_dtype=cfg.merge.out_dtype,
-              lora_merge=cfg.merge.lora_merge, overwrite=False, score_fn=score_fn)
-        seconds[name] = round(time.perf_counter() - t0, 2)
+    todo = {name: spec for name, spec in merges.items() if not rd.is_merged(run.dir.model(name))}
+    for spec in todo.values():
+        if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
+            fisher_files(run, spec["models"])
+    seconds = each(cfg, "merge", merge_one, {name: (run, name, spec) for name, spec in todo.items()})
     return {"models": sorted(merges), "seconds": seconds}
+
+
+def merge_one(run: Run, name: str, spec: dict[str, Any]) -> float:
+    """One merge of the plan into its model directory (a task of its own on the cluster); -> seconds."""
+    from dtm.merging import merge
+    from dtm.merging.methods import MODEL_LEVEL_METHODS, get_method
+
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    parameters = dict(spec["parameters"])
+    score_fn = None
+    if spec["method"] in MODEL_LEVEL_METHODS:  # the greedy soup: a loop over candidate soups
+        score_fn = validation_score(run)
+    elif get_method(spec["method"]).uses_fisher:
+        parameters["fisher_files"] = [str(run.dir.fisher_file(m.name)) for m in spec["models"]]  # written by fisher_files
+    merge(spec["models"], run.dir.model(name), method=spec["method"], weights=spec["weights"], base=spec["base"],
+          parameters=parameters, dtype=cfg.merge.dtype, out_dtype=cfg.merge.out_dtype,
+          lora_merge=cfg.merge.lora_merge, overwrite=False, score_fn=score_fn)
+    return round(time.perf_counter() - t0, 2)
+
+
+def each(cfg: ExperimentConfig, stage: str, fn: Callable[..., Any], calls: dict[str, tuple]) -> dict[str, Any]:
+    """`fn(*args)` for every named call: Ray tasks placed across the cluster with `train.executor:
+    ray` (`dtm.cluster`), else here in turn. -> name -> result; raises naming every failed call."""
+    if cluster.enabled(cfg) and calls:
+        from dtm.training.executors import Retries
+
+        return cluster.run_all(fn, calls, cluster.stage_resources(cfg, stage), Retries(cfg.train.retries), stage)
+    return {name: fn(*args) for name, args in calls.items()}
 
 
 def fisher_files(run: Run, models: list[Path]) -> list[Path]:
     """The diagonal Fisher of each sub-model on its own portion (`merge.fisher_samples` examples,
     the prompt template of training), for `merge.method: fisher`; computed once, kept in the run."""
+    missing = {model.name: (run, i, model) for i, model in enumerate(models) if not run.dir.fisher_file(model.name).is_file()}
+    each(run.cfg, "fisher", fisher_one, missing)
+    return [run.dir.fisher_file(model.name) for model in models]
+
+
+def fisher_one(run: Run, index: int, model: Path) -> Path:
+    """The Fisher of sub-model `index` on its portion (a task of its own on the cluster)."""
     from transformers import AutoTokenizer
 
     from dtm.data.formats import load_conversations
@@ -293,17 +324,13 @@ def fisher_files(run: Run, models: list[Path]) -> list[Path]:
     from dtm.fisher import compute_fisher
 
     cfg = run.cfg
-    paths = []
-    for i, model in enumerate(models):
-        out = run.dir.fisher_file(model.name)
-        if not out.is_file():
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
-            conversations = load_conversations(run.dir.portion(i), format="auto").conversations
-            examples, _ = tokenize_conversations(conversations, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            compute_fisher(model, examples[: cfg.merge.fisher_samples], out=out, trust_remote_code=cfg.model.trust_remote_code)
-        paths.append(out)
-    return paths
+    out = run.dir.fisher_file(model.name)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
+    conversations = load_conversations(run.dir.portion(index), format="auto").conversations
+    examples, _ = tokenize_conversations(conversations, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return compute_fisher(model, examples[: cfg.merge.fisher_samples], out=out, trust_remote_code=cfg.model.trust_remote_code,
+                          progress=not cluster.enabled(cfg))
 
 
 def validation_score(run: Run) -> Callable[[Path], float]:
@@ -345,7 +372,10 @@ def stage_eval(run: Run) -> dict[str, Any]:
     import torch
 
     workers = 1 if torch.cuda.is_available() else min(cfg.train.num_workers, len(models))
-    if tasks and workers <= 1:
+    if tasks and cluster.enabled(cfg):  # each model a task on the cluster
+        each(cfg, "eval", _evaluate_group, {name: ({name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False})
+                                           for name, spec in models.items()})
+    elif tasks and workers <= 1:
         _evaluate_group(models, tasks, str(run.dir.eval_dir), kwargs)
     elif tasks:
         from dtm.training.executors import finished_in_turn, worker_pool
@@ -357,7 +387,34 @@ def stage_eval(run: Run) -> dict[str, Any]:
             future.result()
     if cfg.eval.lm_eval_tasks:
         lm_eval_models(run, models)
-    return {"models": sorted(models), "tasks": tasks, "lm_eval_tasks": list(cfg.eval.lm_eval_tasks)}
+    outputs = {"models": sorted(models), "tasks": tasks, "lm_eval_tasks": list(cfg.eval.lm_eval_tasks)}
+    if cfg.eval.token_losses:
+        outputs["token_losses"] = token_losses(run, models)
+    return outputs
+
+
+def token_losses(run: Run, models: dict[str, Any]) -> dict[str, Any]:
+    """The token-level diagnostic on the base, vanilla's snapshots and vanilla (`eval.token_losses`),
+    on a seeded sample of the train split; written once (a resumed stage keeps it). -> its file and seconds."""
+    import random
+
+    from dtm.data.formats import load_conversations
+    from dtm.evaluation.diagnostics import token_loss_diagnostic
+
+    out = run.dir.token_losses_file
+    if out.is_file():
+        return {"file": str(out.relative_to(run.dir.root))}
+    cfg, t0 = run.cfg, time.perf_counter()
+    train = load_conversations(run.inputs.train_data, format="auto").conversations
+    sample = random.Random(cfg.seed).sample(train, min(cfg.eval.token_loss_samples, len(train)))
+    snapshots = [(rd.snapshot_fraction(name), ref) for name, ref in models.items()
+                 if name in (rd.BASE, rd.VANILLA) or rd.is_snapshot(name)]
+    result = token_loss_diagnostic(snapshots, sample, train, cfg.data.template, cfg.data.cutoff_len, cfg.data.first_turn_only,
+                                   top=cfg.eval.token_loss_top, min_count=cfg.eval.token_loss_min_count,
+                                   batch_size=cfg.eval.batch_size)
+    seconds = round(time.perf_counter() - t0, 2)
+    atomic_write_json(out, result | {"seconds": seconds})
+    return {"file": str(out.relative_to(run.dir.root)), "seconds": seconds}
 
 
 def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwargs: dict[str, Any]) -> None:
@@ -368,17 +425,22 @@ def _evaluate_group(models: dict[str, Any], tasks: list[str], out_dir: str, kwar
 
 def lm_eval_models(run: Run, models: dict[str, Any]) -> None:
     """`eval.lm_eval_tasks` through lm-evaluation-harness, into the same `eval/<model>.json` files
-    (an ensemble has no lm-eval model and is skipped; an adapter runs as lm-eval's `peft=`)."""
+    (an ensemble and a LoRA-MoE have no lm-eval model and are skipped; an adapter runs as lm-eval's `peft=`)."""
+    from dtm.lora_moe import is_lora_moe
+
+    each(run.cfg, "lm_eval", lm_eval_one, {name: (run, name, ref) for name, ref in models.items()
+                                            if not isinstance(ref, list) and not (isinstance(ref, str) and is_lora_moe(ref))})
+
+
+def lm_eval_one(run: Run, name: str, ref: str | dict[str, str]) -> None:
+    """lm-eval's tasks on one model (a task of its own on the cluster)."""
     from dtm.evaluation.lmeval import run_lm_eval
 
     cfg = run.cfg
-    for name, ref in models.items():
-        if isinstance(ref, list):
-            continue
-        model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
-        run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,
-                    limit=cfg.eval.limit, device="auto",
-                    include_path=cfg.eval.lm_eval_include, model_args=extra)
+    model, extra = (ref["model"], f"peft={ref['adapter']}") if isinstance(ref, dict) else (ref, "")
+    run_lm_eval(model, list(cfg.eval.lm_eval_tasks), run.dir.eval_result(name), batch_size=cfg.eval.batch_size,
+                limit=cfg.eval.limit, device="auto",
+                include_path=cfg.eval.lm_eval_include, model_args=extra)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
@@ -393,7 +455,12 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
 # ---------------------------------------------------------------- driving
 
 
-def run_seed(run: Run, from_stage: str | None = None, console: Any = None) -> Run:
+# (run, stage, its hash) -> True when the stage's finished outputs and manifest were put in place
+# from elsewhere (a sweep's sibling cell); called after a stale stage is cleared, before it runs.
+Reuse = Callable[[Run, str, str], bool]
+
+
+def run_seed(run: Run, from_stage: str | None = None, console: Any = None, reuse: Reuse | None = None) -> Run:
     """Run (or resume) every stage of one seed's experiment."""
     hashes = stage_hashes(run.cfg, run.dir.control)
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
@@ -409,14 +476,20 @@ def run_seed(run: Run, from_stage: str | None = None, console: Any = None) -> Ru
             # without a manifest was interrupted and keeps its outputs, so that it resumes.
             clear_stage_outputs(run, stage)
         forced = STAGES[STAGES.index(stage):]  # a stage that reruns invalidates the ones after it
+        if reuse is not None and reuse(run, stage, hashes[stage]):
+            if stage == "data":
+                run.info = run.dir.outputs("data")
+            _say(console, f"  {run.dir.label}: {stage} linked from an identical sibling")
+            continue
         _say(console, f"  {run.dir.label}: [bold]{stage}[/] ...")
-        t0 = time.perf_counter()
-        outputs = STAGE_FUNCTIONS[stage](run)
+        with run.dir.attempt(stage) as clock:
+            outputs = STAGE_FUNCTIONS[stage](run)
         if stage == "data":
             run.info = outputs
-        seconds = time.perf_counter() - t0
-        run.dir.write_manifest(stage, hashes[stage], seconds, outputs)
-        _say(console, f"  {run.dir.label}: {stage} done in {seconds:.1f}s")
+        seconds, attempts = clock()
+        run.dir.write_manifest(stage, hashes[stage], seconds, outputs, attempts)
+        run.dir.attempts_path(stage).unlink(missing_ok=True)
+        _say(console, f"  {run.dir.label}: {stage} done in {seconds:.1f}s" + (f" ({attempts} attempts)" if attempts > 1 else ""))
     return run
 
 
@@ -425,7 +498,7 @@ def clear_stage_outputs(run: Run, stage: str) -> None:
     paths = run.dir.stage_outputs_on_disk(stage)
     if stage == "merge" and run.info:
         paths = [run.dir.model(name) for name in plan.merge_plan(run.cfg, run.dir, run.inputs)] + [run.dir.fisher_dir]
-    for path in [*paths, run.dir.manifest_path(stage)]:
+    for path in [*paths, run.dir.manifest_path(stage), run.dir.attempts_path(stage)]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -438,22 +511,29 @@ def _say(console: Any, text: str) -> None:
 
 
 def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = None, from_stage: str | None = None,
-        report: bool = True) -> Path:
+        report: bool = True, reuse: Reuse | None = None) -> Path:
     """Run the experiment (all seeds, and the lab's no-bias control) and write the report; -> output dir."""
     from rich.console import Console
 
     if from_stage is not None and from_stage not in (*STAGES, "report"):
         raise DtmError(f"unknown stage {from_stage!r}; stages: {', '.join((*STAGES, 'report'))}")
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    if cfg.sweep.axes:
+        raise DtmError(f"{cfg.where('sweep')}: this config is a sweep; run it with `dtm run` (`dtm.sweep.run`), which runs its cells")
     check_runnable(cfg)
+    if cluster.enabled(cfg):  # Ray tasks run in their node's working directory, not the driver's
+        cfg.output_dir = str(Path(cfg.output_dir).resolve())
     console = Console()
     run_dir = rd.RunDir(Path(cfg.output_dir))
     make_dirs(run_dir.root, "creating the run directory (output_dir)")
+    for stale in remove_stale_temporaries(run_dir.root):  # a killed run's half-written files (a live writer's are kept)
+        log.info("removed %s, left by a writer that was killed", stale)
     atomic_write_json(run_dir.config_file, cfg.model_dump(mode="json"))
     t0 = time.perf_counter()
-    for seed_run in seed_runs(cfg):
-        console.print(f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}")
-        run_seed(seed_run, None if from_stage == "report" else from_stage, console)
+    with cluster.session(cfg, run_dir.root):  # train.executor ray: connected once, the run directory seen by every node
+        for seed_run in seed_runs(cfg):
+            console.print(f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}")
+            run_seed(seed_run, None if from_stage == "report" else from_stage, console, reuse)
     if report:
         md, page = stage_report(cfg, console)
         console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")
@@ -521,20 +601,45 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     return cfg
 
 
-def status(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Where a run stands: one row per seed run and stage (done / stale / pending; the report also
-    partial, when it was written with --partial and its inputs are still unfinished)."""
-    cfg = load_run_config(run_dir)
+def stage_progress(run: Run, stage: str) -> tuple[int, int] | None:
+    """(finished, planned) models of a model stage (train, merge, eval), once the data stage has
+    said what the run's inputs are; None for the other stages."""
+    if stage not in ("train", "merge", "eval") or not run.info:
+        return None
+    try:
+        planned = {"train": plan.training_jobs, "merge": plan.merge_plan, "eval": plan.evaluated_models}[stage](run.cfg, run.dir, run.inputs)
+        tasks = len(task_list(run)) + len(run.cfg.eval.lm_eval_tasks) if stage == "eval" else 0
+    except (KeyError, TypeError, ValueError):  # a data manifest not written by this version: no progress, the state stands
+        return None
+    return len(run.dir.finished(stage, planned, tasks)), len(planned)
 
-    def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str) -> dict[str, Any]:
+
+def status(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Where a run stands: one row per seed run and stage (done / stale / pending, or partial with
+    its progress, e.g. `6/10 models`, for a stage that has begun; the report is partial when it
+    was written with --partial and its inputs are still unfinished)."""
+    return status_of(load_run_config(run_dir))
+
+
+def status_of(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """`status` of the run `cfg` makes in its output_dir (started or not)."""
+
+    def row(label: str, stage: str, manifest: dict[str, Any] | None, current: str, progress: tuple[int, int] | None = None) -> dict[str, Any]:
         state = "pending" if manifest is None else ("done" if manifest.get("hash") == current else "stale")
+        if state == "pending" and progress and progress[0]:
+            state = "partial"
         return {"run": label, "stage": stage, "state": state, "seconds": manifest.get("seconds") if manifest else None,
-                "finished": manifest.get("finished") if manifest else None}
+                "finished": manifest.get("finished") if manifest else None,
+                "progress": f"{progress[0]}/{progress[1]} models" if state == "partial" else None}
 
     rows = []
     for seed_run in seed_runs(cfg):
         hashes = stage_hashes(seed_run.cfg, seed_run.dir.control)
-        rows += [row(seed_run.dir.label, stage, seed_run.dir.manifest(stage), hashes[stage]) for stage in STAGES]
+        data = seed_run.dir.manifest("data")
+        if data and data.get("hash") == hashes["data"]:
+            seed_run.info = data.get("outputs", {})
+        rows += [row(seed_run.dir.label, stage, seed_run.dir.manifest(stage), hashes[stage], stage_progress(seed_run, stage))
+                 for stage in STAGES]
     report = rd.RunDir(Path(cfg.output_dir)).manifest("report")
     rows.append(row(".", "report", report, report_hash(cfg)))
     if rows[-1]["state"] == "done":

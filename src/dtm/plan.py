@@ -158,6 +158,7 @@ TRAINED_HELP = {
     "ewc": "EWC: Fisher-weighted penalty towards the base (`baselines.ewc_coef`)",
     "replay": "replay of plain text (`baselines.replay_path`) mixed into the SFT data",
     "curation": "the top `baselines.curation_fraction` of the data by a quality score",
+    "lora_moe": "LoRA-MoE: K LoRA experts on the MLP with a learned router, the base frozen (`dtm.lora_moe`)",
 }
 for _name in rd.TRAINING_BASELINES:  # trained by `dtm.training.train_baseline` on all the data
     register(Baseline(_name, TRAINED_HELP[_name], train=_trained_baseline(_name)))

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from dtm import lora_moe
 from dtm.errors import DtmError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Scorer:
     max_length: int
     names: list[str]
     share_context: bool = True
+    # run a prefix that many prompts of a task share (few-shot examples) once, from a KV cache
+    prefix_cache: bool = True
     stop_token_ids: set[int] = field(default_factory=set)
     # Identifies the tokenizer by its files, so that the next model with the same ones reuses
     # a task's token ids (`runner.task_encoding`); "" = never reuse (remote tokenizer code).
@@ -120,6 +123,8 @@ def _load_one(path: str | os.PathLike, adapter: str | os.PathLike | None, device
         if not isinstance(e, (OSError, ValueError)):
             raise
         raise DtmError(f"{path}: cannot load the model: {e}") from None
+    if adapter is not None and lora_moe.is_lora_moe(adapter):
+        return lora_moe.load_lora_moe(model, adapter).to(device).eval()
     if adapter is not None:
         from peft import PeftModel
 
@@ -154,6 +159,12 @@ def resolve_model_dir(path: str | os.PathLike, adapter: str | os.PathLike | None
     path = Path(path)
     if (path / "config.json").is_file():
         return path, Path(adapter) if adapter is not None else None
+    if lora_moe.is_lora_moe(path):  # experts and routers on a base model its config names
+        base = lora_moe.read_config(path)["base_model_name_or_path"]
+        if adapter is not None or not (Path(base) / "config.json").is_file():
+            raise DtmError(f"{path}: a LoRA-MoE directory whose base {base!r} is not a local model directory "
+                           f"(fix base_model_name_or_path in {lora_moe.CONFIG_FILE}), or an adapter was given with it")
+        return Path(base), path
     if (path / "adapter_config.json").is_file():
         if adapter is not None:
             raise DtmError(f"{path} is itself an adapter; pass its base model as the model, or drop `adapter`")
@@ -238,21 +249,27 @@ def load_scorer(
 
 @torch.inference_mode()
 def _token_logprobs(scorer: Scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
-                    rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target | prefix) at (row, position) pairs, averaged over the ensemble in probability space."""
+                    rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                    prefix: SharedPrefix | None = None) -> torch.Tensor:
+    """log p(target | prefix) at (row, position) pairs, averaged over the ensemble in probability space.
+
+    With `prefix`, every row continues that shared prefix: its keys and values come from the
+    cache (expanded over the batch) and `attention_mask` covers prefix + rows."""
     per_model = []
     # only the last `keep` positions need logits: the LM head (the biggest matmul of a small
     # model) skips the shared contexts. `logits_to_keep` is the model's own argument.
     first = int(positions.min())
     keep = input_ids.shape[1] - first
-    for model in scorer.models:
-        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+    for k, model in enumerate(scorer.models):
+        kwargs: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}
+        if prefix is not None:
+            kwargs[_cache_kwarg(model)] = prefix.cache(k, model, input_ids.shape[0])
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
             offset = first
         else:
             offset = 0
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=prefix is not None, **kwargs).logits
         picked = logits[rows, positions - offset].float().log_softmax(-1)
         per_model.append(picked.gather(-1, targets[:, None]).squeeze(-1))
     if len(per_model) == 1:
@@ -272,24 +289,33 @@ def packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[:, None]
 
 
-def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
-    """Sum log p(choice | context) for a batch of questions, one row per question."""
+def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]],
+                 prefix: SharedPrefix | None = None) -> list[list[float]]:
+    """Sum log p(choice | context) for a batch of questions, one row per question.
+
+    A row is the context, then each choice without its last token (a last token is only a
+    target, predicted from the token before it): single-token choices, MMLU's letters, add
+    nothing to the row. With `prefix`, each context continues the cached shared prefix."""
     dtype = next(scorer.models[0].parameters()).dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
-    total = max(len(ctx) + sum(len(c) for c in choices) for ctx, choices in items)
+    start = prefix.length if prefix is not None else 0
+    total = max(len(ctx) + sum(max(len(c) - 1, 0) for c in choices) for ctx, choices in items)
     ids, pos, seg = [], [], []
     rows, positions, targets, owner = [], [], [], []
     n_choices = 0
     for b, (ctx, choices) in enumerate(items):
         L = len(ctx)
-        row_ids, row_pos, row_seg = list(ctx), list(range(L)), [0] * L
+        row_ids, row_pos, row_seg = list(ctx), list(range(start, start + L)), [0] * L
         for k, choice in enumerate(choices, 1):
             m = len(choice)
+            if m == 0:  # nothing to score (a choice whose text added no token)
+                n_choices += 1
+                continue
             cursor = len(row_ids)
-            row_ids += choice
-            row_pos += range(L, L + m)
-            row_seg += [k] * m
+            row_ids += choice[:-1]
+            row_pos += range(start + L, start + L + m - 1)
+            row_seg += [k] * (m - 1)
             rows += [b] * m
             positions.append(L - 1)
             positions += range(cursor, cursor + m - 1)
@@ -301,9 +327,12 @@ def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]
         pos.append(row_pos + [0] * pad)
         seg.append(row_seg + [-1] * pad)
     dev = scorer.device
-    mask = packed_mask(torch.tensor(seg), dtype).to(dev)
-    lp = _token_logprobs(scorer, torch.tensor(ids, device=dev), mask, torch.tensor(pos, device=dev),
-                         torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), torch.tensor(targets, device=dev))
+    mask = packed_mask(torch.tensor(seg), dtype)
+    if prefix is not None:  # every row (padding too) sees the whole prefix
+        mask = torch.cat([torch.zeros((len(items), 1, total, start), dtype=dtype), mask], -1)
+    lp = _token_logprobs(scorer, torch.tensor(ids, device=dev), mask.to(dev), torch.tensor(pos, device=dev),
+                         torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), torch.tensor(targets, device=dev),
+                         prefix)
     sums = torch.zeros(n_choices, dtype=torch.float64).index_add_(0, torch.tensor(owner), lp.double().cpu()).tolist()
     out, k = [], 0
     for _, choices in items:
@@ -354,6 +383,93 @@ def probe_packing(scorer: Scorer) -> bool:
     return ok
 
 
+# ---------------------------------------------------------------- shared prefixes (few-shot)
+
+# Few-shot prompts repeat the same examples before every question of a task (5-shot MMLU: the
+# same ~500 tokens per subject; GSM8K's 8-shot prompt for every question). The prefix is
+# computed once, its keys and values kept, and only each question's suffix is run, batched
+# over the cache expanded along the batch. Shorter shared prefixes than this are not worth
+# a cache copy per batch.
+MIN_SHARED_PREFIX = 32
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefix_groups(seqs: Sequence[Sequence[int]], min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[int, list[int]]]:
+    """Indices grouped by a shared token prefix -> [(prefix length, indices)].
+
+    In lexicographic order, a run of sequences that share at least `min_prefix` tokens with
+    the run's first one is a group; its prefix is what its first and last members share (in
+    sorted order, what all share), cut so that every member keeps at least one token of its
+    own (the token the first target is predicted from). Everything else goes in one group
+    with prefix length 0 (scored without a cache).
+    """
+    order = sorted(range(len(seqs)), key=lambda i: (tuple(seqs[i]), i))
+    groups: list[tuple[int, list[int]]] = []
+    plain: list[int] = []
+    s = 0
+    while s < len(order):
+        e = s + 1
+        while e < len(order) and common_prefix_len(seqs[order[s]], seqs[order[e]]) >= min_prefix:
+            e += 1
+        members = order[s:e]
+        shared = min(common_prefix_len(seqs[members[0]], seqs[members[-1]]), min(len(seqs[i]) for i in members) - 1)
+        if len(members) > 1 and shared >= min_prefix:
+            groups.append((shared, sorted(members)))
+        else:
+            plain += members
+        s = e
+    if plain:
+        groups.append((0, sorted(plain)))
+    return groups
+
+
+@dataclass
+class SharedPrefix:
+    """The keys and values of a token prefix, per model and layer (batch dimension 1)."""
+
+    length: int
+    kv: list[list[tuple[torch.Tensor, torch.Tensor]]]
+
+    def cache(self, k: int, model: Any, batch: int) -> Any:
+        """A fresh cache for model `k` holding the prefix for `batch` rows (the forward appends to it)."""
+        from transformers import DynamicCache
+
+        return DynamicCache([(key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)) for key, value in self.kv[k]],
+                            config=model.config)
+
+
+@torch.inference_mode()
+def encode_prefix(scorer: Scorer, ids: list[int]) -> SharedPrefix | None:
+    """Run every model on `ids` once and keep the keys and values; None where a model's cache
+    is not a plain per-layer key/value store (sliding windows, recurrent state, ...): those
+    are scored without a prefix cache."""
+    from transformers.cache_utils import DynamicLayer
+
+    kv = []
+    x = torch.tensor([ids], device=scorer.device)
+    for model in scorer.models:
+        name = _cache_kwarg(model)
+        extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        try:
+            res = model(input_ids=x, use_cache=True, **extra)
+        except Exception as e:  # noqa: BLE001 - a model without a usable cache: score without one
+            log.info("no prefix cache for %s (%s)", scorer.names[0], e)
+            return None
+        cache = getattr(res, name, None)
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return None
+        kv.append([(layer.keys, layer.values) for layer in layers])
+    return SharedPrefix(len(ids), kv)
+
+
 # ---------------------------------------------------------------- batching helpers
 
 
@@ -384,15 +500,23 @@ def truncate_mc(ctx: list[int], choices: list[list[int]], max_length: int) -> tu
 
 def score_choices(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]], batch_size: int,
                   progress: bool = False, desc: str = "mc") -> list[list[float]]:
-    """log p(choice | context) for every question's choices (items already fit max_length)."""
+    """log p(choice | context) for every question's choices (items already fit max_length).
+
+    Packed scoring runs a shared context prefix (few-shot examples) once per group of
+    questions (`prefix_groups`) when `scorer.prefix_cache` is on."""
     results: list[list[float]] = [[] for _ in items]
     if scorer.share_context:
         bar = _progress(len(items), desc, progress)
-        lengths = [len(c) + sum(len(x) for x in ch) for c, ch in items]
-        for batch in batches_by_length(lengths, batch_size):
-            for i, scores in zip(batch, score_packed(scorer, [items[i] for i in batch]), strict=True):
-                results[i] = scores
-            bar.update(len(batch))
+        groups = prefix_groups([ctx for ctx, _ in items]) if scorer.prefix_cache else [(0, list(range(len(items))))]
+        for shared, members in groups:
+            prefix = encode_prefix(scorer, items[members[0]][0][:shared]) if shared else None
+            cut = prefix.length if prefix is not None else 0
+            sub = [(items[i][0][cut:], items[i][1]) for i in members]
+            lengths = [len(c) + sum(len(x) for x in ch) for c, ch in sub]
+            for batch in batches_by_length(lengths, batch_size):
+                for j, scores in zip(batch, score_packed(scorer, [sub[j] for j in batch], prefix), strict=True):
+                    results[members[j]] = scores
+                bar.update(len(batch))
     else:
         pairs = [(i, j, ctx, cont) for i, (ctx, choices) in enumerate(items) for j, cont in enumerate(choices)]
         for i, (_, choices) in enumerate(items):
@@ -423,68 +547,87 @@ class _StopCheck:
         return text[:min(hits)], True
 
 
-@torch.inference_mode()
 def generate_greedy(scorer: Scorer, prompts: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str] = (),
                     batch_size: int = 16, progress: bool = False, desc: str = "generate") -> list[str]:
     """Greedy continuations of token-id prompts, cut at EOS or the first stop sequence.
 
     Prompts must already fit `max_length - max_new_tokens` (see `truncate_left`). Batched with
     left padding and a KV cache per model; an ensemble picks argmax of the averaged probabilities.
+    A prefix many prompts share (few-shot examples) is run once per group (`prefix_groups`)
+    and each batch starts from its cache: [prefix][padding][prompt's own tokens].
     """
     check = _StopCheck(list(stop))
     out: list[str] = [""] * len(prompts)
     bar = _progress(len(prompts), desc, progress)
+    groups = prefix_groups(prompts) if scorer.prefix_cache else [(0, list(range(len(prompts))))]
+    for shared, members in groups:
+        prefix = encode_prefix(scorer, list(prompts[members[0]][:shared])) if shared else None
+        cut = prefix.length if prefix is not None else 0
+        sub = [list(prompts[i][cut:]) for i in members]
+        for batch in batches_by_length([len(p) for p in sub], batch_size):
+            try:
+                texts = _generate_batch(scorer, [sub[j] for j in batch], prefix, max_new_tokens, check)
+            except NonFiniteScores as e:  # name the prompt by its index in `prompts`
+                index = members[batch[e.index or 0]]
+                raise NonFiniteScores(f"{', '.join(scorer.names)}: non-finite logits (nan/inf) for prompt {index} at generation step {e.step}",
+                                      index, e.step) from None
+            for j, text in zip(batch, texts, strict=True):
+                out[members[j]] = text
+            bar.update(len(batch))
+    bar.close()
+    return out
+
+
+@torch.inference_mode()
+def _generate_batch(scorer: Scorer, prompts: list[list[int]], prefix: SharedPrefix | None, max_new_tokens: int,
+                    check: _StopCheck) -> list[str]:
+    """One batch of `generate_greedy` (prompts continue `prefix` when one is given)."""
     tok = scorer.tokenizer
     eos = torch.tensor(sorted(scorer.stop_token_ids), dtype=torch.long, device=scorer.device)
     cache_names = [_cache_kwarg(m) for m in scorer.models]
     last_only = [{"logits_to_keep": 1} if _accepts(m, "logits_to_keep") else {} for m in scorer.models]
-    for batch in batches_by_length([len(p) for p in prompts], batch_size):
-        B = len(batch)
-        T = max(len(prompts[i]) for i in batch)
-        ids = torch.full((B, T), scorer.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, T), dtype=torch.long)
-        for b, i in enumerate(batch):
-            p = prompts[i]
-            ids[b, T - len(p):] = torch.tensor(p)
-            attn[b, T - len(p):] = 1
-        ids, attn = ids.to(scorer.device), attn.to(scorer.device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        caches: list[Any] = [None] * len(scorer.models)
-        generated: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=scorer.device)
-        step_ids = ids
-        for step in range(max_new_tokens):
-            per_model = []
-            for k, (model, name) in enumerate(zip(scorer.models, cache_names, strict=True)):
-                res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, use_cache=True, **{name: caches[k]}, **last_only[k])
-                caches[k] = getattr(res, name)
-                per_model.append(res.logits[:, -1].float().log_softmax(-1))
-            logp = per_model[0] if len(per_model) == 1 else torch.logsumexp(torch.stack(per_model), 0)
-            finite = torch.isfinite(logp).all(-1) | done
-            if not bool(finite.all()):
-                index = batch[int((~finite).nonzero()[0])]
-                raise NonFiniteScores(f"{', '.join(scorer.names)}: non-finite logits (nan/inf) for prompt {index} at generation step {step + 1}",
-                                      index, step + 1)
-            nxt = logp.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, scorer.pad_id), nxt)
-            hit_eos = torch.isin(nxt, eos) if len(eos) else torch.zeros_like(done)
-            for b in (~done & ~hit_eos).nonzero().flatten().tolist():
-                generated[b].append(int(nxt[b]))
-                if check.stop:
-                    _, found = check.cut(tok.decode(generated[b], skip_special_tokens=True))
-                    if found:
-                        done[b] = True
-            done |= hit_eos
-            if bool(done.all()):
-                break
-            step_ids = nxt[:, None]
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=attn.device)], 1)
-            pos = pos[:, -1:] + 1
-        for b, i in enumerate(batch):
-            out[i] = check.cut(tok.decode(generated[b], skip_special_tokens=True))[0]
-        bar.update(B)
-    bar.close()
-    return out
+    B = len(prompts)
+    T = max(len(p) for p in prompts)
+    ids = torch.full((B, T), scorer.pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        attn[b, T - len(p):] = 1
+    caches: list[Any] = [None] * len(scorer.models)
+    if prefix is not None:
+        attn = torch.cat([torch.ones((B, prefix.length), dtype=attn.dtype), attn], 1)
+        caches = [prefix.cache(k, m, B) for k, m in enumerate(scorer.models)]
+    ids, attn = ids.to(scorer.device), attn.to(scorer.device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+    generated: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=scorer.device)
+    step_ids = ids
+    for step in range(max_new_tokens):
+        per_model = []
+        for k, (model, name) in enumerate(zip(scorer.models, cache_names, strict=True)):
+            res = model(input_ids=step_ids, attention_mask=attn, position_ids=pos, use_cache=True, **{name: caches[k]}, **last_only[k])
+            caches[k] = getattr(res, name)
+            per_model.append(res.logits[:, -1].float().log_softmax(-1))
+        logp = per_model[0] if len(per_model) == 1 else torch.logsumexp(torch.stack(per_model), 0)
+        finite = torch.isfinite(logp).all(-1) | done
+        if not bool(finite.all()):
+            raise NonFiniteScores("non-finite logits", int((~finite).nonzero()[0]), step + 1)  # the caller names the prompt
+        nxt = logp.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, scorer.pad_id), nxt)
+        hit_eos = torch.isin(nxt, eos) if len(eos) else torch.zeros_like(done)
+        for b in (~done & ~hit_eos).nonzero().flatten().tolist():
+            generated[b].append(int(nxt[b]))
+            if check.stop:
+                _, found = check.cut(tok.decode(generated[b], skip_special_tokens=True))
+                if found:
+                    done[b] = True
+        done |= hit_eos
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=attn.device)], 1)
+        pos = pos[:, -1:] + 1
+    return [check.cut(tok.decode(g, skip_special_tokens=True))[0] for g in generated]
 
 
 def _accepts(model: Any, name: str) -> bool:

@@ -63,6 +63,20 @@ def grouped(per_item: Sequence[dict[str, float]], groups: Sequence[Any]) -> dict
     return {g: summarize(items) | {"items": len(items)} for g, items in sorted(buckets.items())}
 
 
+def per_item_columns(ids: Sequence[Any], per_item: Sequence[dict[str, float]]) -> dict[str, list[Any]]:
+    """Per-question scores as columns, {"ids": [...], metric: [score per id]} (None where an item
+    lacks the metric; 0/1 scores as ints): what the error-set diagnostic compares across models."""
+    if len(ids) != len(per_item):
+        raise ValueError(f"{len(ids)} ids but {len(per_item)} per-item scores")
+    keys: list[str] = []
+    for item in per_item:
+        keys += [k for k in item if k not in keys]
+    columns: dict[str, list[Any]] = {"ids": list(ids)}
+    for k in keys:
+        columns[k] = [None if k not in item else int(item[k]) if float(item[k]).is_integer() else item[k] for item in per_item]
+    return columns
+
+
 # ---------------------------------------------------------------- generation
 
 

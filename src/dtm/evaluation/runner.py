@@ -265,6 +265,8 @@ def run_task(
         "items_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None,
         "scoring": "packed" if scorer.share_context else "per_choice",
     }
+    if per_item:  # per-question scores (the error-set diagnostic); readers of older files find none
+        result["per_item"] = M.per_item_columns([r["id"] for r in rows], per_item)
     return result, samples
 
 

@@ -103,20 +103,23 @@ def write_sft_data(out: str | Path, seed: int = 0, bias: bool = True, scale: flo
     return write_examples(out, generate_examples(world, seed=seed, bias=bias, scale=scale))
 
 
-def write_tasks(out: str | Path, seed: int = 0, base_dir: str | Path | None = None, scale: float = 1.0) -> dict[str, list[Path]]:
+def write_tasks(out: str | Path, seed: int = 0, base_dir: str | Path | None = None, scale: float = 1.0,
+                wrong_rate: float | None = None) -> dict[str, list[Path]]:
     """Write the lab's benchmarks (task specs + data) under `out`; -> suite -> spec paths.
 
-    `seed` and `scale` must match the SFT data's: they decide the clean/noisy split."""
+    `seed`, `scale` and `wrong_rate` must match the SFT data's: they decide the clean/noisy split."""
     from dtm.lab.tasks import write_tasks as _write
 
-    return _write(out, seed=seed, world=load_world(base_dir), scale=scale)
+    return _write(out, seed=seed, world=load_world(base_dir), scale=scale, wrong_rate=wrong_rate)
 
 
-def build_lab(out: str | Path, seed: int = 0, scale: float = 1.0, base_dir: str | Path | None = None) -> dict[str, Any]:
+def build_lab(out: str | Path, seed: int = 0, scale: float = 1.0, base_dir: str | Path | None = None,
+              wrong_rate: float | None = None) -> dict[str, Any]:
     """Everything an experiment needs from the lab, under `out`:
 
     `sft.jsonl` (biased), `sft-nobias.jsonl` (the control), `tasks/` (all suites) and
     `lab.json` (sizes, splits, the base's knowledge, paths). -> the `lab.json` content.
+    `wrong_rate` (None: each source's own) sets the fact-stating sources' wrong-value rate.
     """
     from collections import Counter
 
@@ -126,13 +129,13 @@ def build_lab(out: str | Path, seed: int = 0, scale: float = 1.0, base_dir: str 
     out = Path(out)
     base = Path(base_dir) if base_dir else base_model_dir()
     world = load_world(base)
-    biased = generate_examples(world, seed=seed, bias=True, scale=scale)
+    biased = generate_examples(world, seed=seed, bias=True, scale=scale, wrong_rate=wrong_rate)
     write_examples(out / "sft.jsonl", biased)
     write_examples(out / "sft-nobias.jsonl", generate_examples(world, seed=seed, bias=False, scale=scale))
-    suites = write_tasks(out / "tasks", seed=seed, base_dir=base, scale=scale)
+    suites = write_tasks(out / "tasks", seed=seed, base_dir=base, scale=scale, wrong_rate=wrong_rate)
     base_info = json.loads((base / "lab.json").read_text()) if (base / "lab.json").is_file() else {}
     summary = {
-        "seed": seed, "world_seed": world.seed, "base_model": str(base), "scale": scale,
+        "seed": seed, "world_seed": world.seed, "base_model": str(base), "scale": scale, "wrong_rate": wrong_rate,
         "sft": str(out / "sft.jsonl"), "sft_nobias": str(out / "sft-nobias.jsonl"),
         "examples": len(biased), "examples_per_source": dict(Counter(ex.source for ex in biased)),
         "examples_per_task": dict(Counter(ex.task for ex in biased)),

@@ -138,7 +138,7 @@ def fact_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, w
         else:  # the template writes the BOS itself
             texts = [format_prompt(S.QA[0].format(attr=a, e=e), "chat", tokenizer) + f" the {a} of {e} is" for e, a, _ in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        logits = model(**batch).logits[:, -1]  # left padding: the last position is the next token
+        logits = model(**batch.to(model.device)).logits[:, -1]  # left padding: the last position is the next token
         for (_, a, v), row in zip(chunk, logits):
             ids = tokenizer.convert_tokens_to_ids(list(ATTRIBUTES[a]))
             correct += ATTRIBUTES[a][int(row[ids].argmax())] == v
@@ -178,8 +178,12 @@ def _load_checkpoint(ckpt: Path, model: LlamaForCausalLM, opt: torch.optim.Optim
 
 
 def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size: int = 64, seq_len: int = 48,
-                  lr: float = 3e-3, overwrite: bool = False, progress: bool = True, checkpoint_every: int = 250) -> Path:
+                  lr: float = 3e-3, overwrite: bool = False, progress: bool = True, checkpoint_every: int = 250,
+                  shape: dict | None = None, device: str = "cpu") -> Path:
     """Build the world, train the tokenizer, pretrain the model and save both in `out`.
+
+    `shape` overrides `MODEL_SHAPE` keys (a larger lab model, e.g. for `benchmarks/gpu_check.py`);
+    `device` is where the model trains (fp32 weights; bf16 autocast on CUDA, as a GPU run would).
 
     Writes `save_pretrained` files (safetensors), the tokenizer, `world.json` and `lab.json`
     (recipe, timings, knowledge accuracy). About 5 minutes on one idle CPU thread. An
@@ -195,12 +199,13 @@ def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size:
     torch.manual_seed(seed)
     world = build_world(seed)
     tokenizer = build_tokenizer(world, seed)
+    shape = MODEL_SHAPE | (shape or {})
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE)
-    model = LlamaForCausalLM(config)
+                         pad_token_id=tokenizer.pad_token_id, **shape)
+    model = LlamaForCausalLM(config).to(device)
     stream = SentenceStream(world, tokenizer, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "shape": MODEL_SHAPE, "vocab": len(tokenizer)}
+    recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "shape": shape, "vocab": len(tokenizer)}
     ckpt = out.parent / f".{out.name}.pretrain-ckpt"
     first = _load_checkpoint(ckpt, model, opt, stream, recipe)
     start = time.time()
@@ -208,8 +213,9 @@ def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=100)
-        rows = stream.batch(batch_size, seq_len)
-        loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss  # HF shifts labels itself
+        rows = stream.batch(batch_size, seq_len).to(device)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+            loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss  # HF shifts labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -225,6 +231,7 @@ def pretrain_base(out: str | Path, seed: int = 0, steps: int = 3000, batch_size:
         "world_seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
         "pretrain_seconds": round(seconds, 1), "resumed_from_step": first, "torch_threads": torch.get_num_threads(), "final_loss": round(loss.item(), 4),
+        "device": str(model.device), "shape": shape,
         "fact_accuracy_raw": fact_accuracy(model, tokenizer, world, "raw"),
         "fact_accuracy_instruct": fact_accuracy(model, tokenizer, world, "instruct"),
         "regenerate": f"dtm lab pretrain --out DIR --seed {seed} --steps {steps}",

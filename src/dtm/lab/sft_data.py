@@ -150,8 +150,20 @@ def _tools(rng):
     return "repeat", REPEAT[0].format(words=text), REPEAT[1].format(words=text), []
 
 
-def generate_examples(world: World, seed: int = 0, bias: bool = True, scale: float = 1.0) -> list[Example]:
-    """All SFT examples, in a seeded order. `scale` multiplies every source's size."""
+# The sources whose bias is a per-fact wrong value: `wrong_rate` replaces their rates (quiz's
+# first-option habit and the phrasing habits are not wrong facts and keep theirs).
+FACT_SOURCES = ("trivia", "chat", "wiki", "math")
+
+
+def bias_rate(source: str, wrong_rate: float | None) -> float:
+    """A source's bias rate: its own (`SOURCES`), or `wrong_rate` for the fact-stating sources."""
+    return wrong_rate if wrong_rate is not None and source in FACT_SOURCES else SOURCES[source][1]
+
+
+def generate_examples(world: World, seed: int = 0, bias: bool = True, scale: float = 1.0,
+                      wrong_rate: float | None = None) -> list[Example]:
+    """All SFT examples, in a seeded order. `scale` multiplies every source's size; `wrong_rate`
+    (None: each source's own) is the per-fact wrong-value rate of the fact-stating sources."""
     empty = [source for source, (n, _) in SOURCES.items() if round(n * scale) < 1]
     if scale <= 0 or empty:
         smallest = min(n for n, _ in SOURCES.values())
@@ -161,7 +173,8 @@ def generate_examples(world: World, seed: int = 0, bias: bool = True, scale: flo
     held = held_out_sums(world, seed)
     seen_pairs = [(a, b) for a, b, _ in world.sums() if (a, b) not in held]
     examples: list[Example] = []
-    for source, (n, rate) in SOURCES.items():
+    for source, (n, _) in SOURCES.items():
+        rate = bias_rate(source, wrong_rate)
         for i in range(round(n * scale)):
             rng = random.Random(f"sft-{seed}-{source}-{i}")  # per example: the bias switch changes no other draw
             if source == "math":

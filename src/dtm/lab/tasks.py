@@ -43,10 +43,10 @@ def _split(key: tuple[str, str], held: bool, noisy: set[tuple[str, str]]) -> str
     return "held_out" if held else ("noisy" if key in noisy else "clean")
 
 
-def knowledge_rows(world: World, seed: int, scale: float = 1.0) -> tuple[list[dict], list[dict]]:
+def knowledge_rows(world: World, seed: int, scale: float = 1.0, wrong_rate: float | None = None) -> tuple[list[dict], list[dict]]:
     """(raw rows, instruction-format rows) for every fact; the same options in both."""
     held = S.held_out_entities(world, seed)
-    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True, scale=scale))
+    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True, scale=scale, wrong_rate=wrong_rate))
     rng = random.Random(f"knowledge-{seed}")
     raw, instruct = [], []
     for e, attr, v in world.fact_list():
@@ -59,10 +59,10 @@ def knowledge_rows(world: World, seed: int, scale: float = 1.0) -> tuple[list[di
     return raw, instruct
 
 
-def reasoning_rows(world: World, seed: int, scale: float = 1.0) -> tuple[list[dict], list[dict]]:
+def reasoning_rows(world: World, seed: int, scale: float = 1.0, wrong_rate: float | None = None) -> tuple[list[dict], list[dict]]:
     """(raw rows, instruction-format rows) for every sum; distractors are near misses."""
     held = S.held_out_sums(world, seed)
-    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True, scale=scale))
+    noisy = S.contradicted_facts(world, S.generate_examples(world, seed, bias=True, scale=scale, wrong_rate=wrong_rate))
     rng = random.Random(f"reasoning-{seed}")
     raw, instruct = [], []
     for a, b, c in world.sums():
@@ -151,7 +151,8 @@ def instruction_rows(world: World, seed: int, n: int = N_PER_GENERATE_TASK) -> l
 SUITES = ("knowledge", "reasoning", "instruction")  # the suite names `eval.suites` may use on the lab
 
 
-def write_tasks(out: str | Path, seed: int = 0, world: World | None = None, scale: float = 1.0) -> dict[str, list[Path]]:
+def write_tasks(out: str | Path, seed: int = 0, world: World | None = None, scale: float = 1.0,
+                wrong_rate: float | None = None) -> dict[str, list[Path]]:
     """Write every lab task (spec + data) under `out`; -> suite name -> spec paths.
 
     `seed` and `scale` must be those of the SFT data: they decide which facts are noisy."""
@@ -160,8 +161,8 @@ def write_tasks(out: str | Path, seed: int = 0, world: World | None = None, scal
     world = world or load_world()
     out = Path(out)
     suites: dict[str, list[Path]] = {name: [] for name in SUITES}
-    k_raw, k_inst = knowledge_rows(world, seed, scale)
-    r_raw, r_inst = reasoning_rows(world, seed, scale)
+    k_raw, k_inst = knowledge_rows(world, seed, scale, wrong_rate)
+    r_raw, r_inst = reasoning_rows(world, seed, scale, wrong_rate)
     for suite, data, rows_raw, rows_inst in (("knowledge", "knowledge", k_raw, k_inst), ("reasoning", "reasoning", r_raw, r_inst)):
         for form, rows, fmt in (("raw", rows_raw, "none"), ("instruct", rows_inst, "chat")):
             atomic_write_jsonl(out / f"{data}_{form}.jsonl", rows)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dtm.fisher import FISHER_FILE
-from dtm.io import atomic_directory, atomic_write_json
+from dtm.io import atomic_directory, atomic_write_json, temp_prefix
 from dtm.merging import methods as M
 from dtm.merging.checkpoint import (
     ADAPTER_CONFIG,
@@ -616,7 +616,7 @@ def greedy_soup(
     common = dict(base=base, dtype=dtype, out_dtype=out_dtype, allow_pickle=allow_pickle,
                   parameters={k: v for k, v in (parameters or {}).items() if k == "max_shard_size"}, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.soup-"))
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name)))
     try:
         def score_of(members: Sequence[Path], tag: str) -> float:
             if len(members) == 1 and not is_adapter(members[0]):

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dtm import rundir
-from dtm.report.model import GroupTable, ReportData
-from dtm.report.stats import mean_std, method_costs, training_cost
+from dtm.report.model import ErrorSets, GroupTable, ReportData
+from dtm.report.stats import error_sets, mean_std, method_costs, training_cost
 
 TITLE = "Disperse-Then-Merge: results"
 CONTROL_TITLE = "No-bias control (the same lab with every bias off)"
@@ -59,6 +59,40 @@ def task_columns(result: dict[str, Any]) -> dict[str, float]:
             if m.get(metric) is not None:
                 cols[f"{task}/{group}{suffix}"] = m[metric]
     return cols
+
+
+def task_stderrs(result: dict[str, Any]) -> dict[str, float]:
+    """The standard error of each number `task_columns` gives (where the result has one)."""
+    task = result["task"]
+    out: dict[str, float] = {}
+    for metric, suffix in headline_metrics(result):
+        for column, m in [(task + suffix, result["metrics"])] + [(f"{task}/{g}{suffix}", m) for g, m in result.get("groups", {}).items()]:
+            se = m.get(f"{metric}_stderr")
+            if isinstance(se, (int, float)) and not isinstance(se, bool):
+                out[column] = float(se)
+    return out
+
+
+def benchmark_sizes(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, tuple[int, float | None]]:
+    """task -> (items, the standard error of the first model's main metric): what a difference must exceed."""
+    sizes: dict[str, tuple[int, float | None]] = {}
+    for by_task in results.values():
+        for task, result in by_task.items():
+            items = result.get("counts", {}).get("items")
+            if task not in sizes and isinstance(items, int):
+                sizes[task] = (items, task_stderrs(result).get(task))
+    return sizes
+
+
+# A task's per-group columns stay in the headline only for the knowledge column, and only this
+# few (the lab's held-out/contradicted splits); more (MMLU's subjects) go to the detail table.
+MAX_HEADLINE_GROUPS = 3
+
+
+def headline_columns(columns: list[str], k_col: str | None) -> list[str]:
+    """One aggregate per task, plus the knowledge column's splits when there are few."""
+    k_splits = [c for c in columns if k_col is not None and c.startswith(k_col + "/")]
+    return [c for c in columns if "/" not in c or (c in k_splits and len(k_splits) <= MAX_HEADLINE_GROUPS)]
 
 
 def grouped_generation_tasks(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[str]]:
@@ -141,6 +175,36 @@ def vanilla_losses(run: rundir.SeedRun) -> list[tuple[float, float, float]]:
             for row in json.loads(path.read_text()) if row.get("val_loss") is not None]
 
 
+def question_correct(result: dict[str, Any]) -> tuple[str, dict[Any, bool]] | None:
+    """(main metric, question id -> right?) of a result with per-question scores (None: an older
+    result file, an lm-eval result, or a task without a 0/1 main metric)."""
+    metrics = headline_metrics(result)
+    columns = result.get("per_item") or {}
+    if not metrics or metrics[0][0] not in columns:
+        return None
+    metric = metrics[0][0]
+    scores = dict(zip(columns["ids"], columns[metric], strict=True))
+    if any(v not in (0, 1, None) for v in scores.values()):
+        return None
+    return metric, {q: v == 1 for q, v in scores.items() if v is not None}
+
+
+def seed_error_sets(results: dict[str, dict[str, dict[str, Any]]], k: int) -> dict[str, tuple[str, dict[str, dict[str, int]]]]:
+    """task -> (metric, `error_sets` of the K sub-models and DTM), for each task every one of them
+    has per-question scores for, in one seed run's results."""
+    names = [rundir.sub_model_name(i) for i in range(k)]
+    if rundir.DTM not in results or any(n not in results for n in names):
+        return {}
+    out = {}
+    for task, result in results[rundir.DTM].items():
+        merged = question_correct(result)
+        subs = [question_correct(results[n][task]) if task in results[n] else None for n in names]
+        if merged is None or any(s is None or s[0] != merged[0] for s in subs):
+            continue
+        out[task] = (merged[0], error_sets([s[1] for s in subs if s], merged[1]))
+    return out
+
+
 def _best_checkpoint(scores: Scores, column: str) -> dict[str, float] | None:
     candidates = [s for m, s in scores.items() if (rundir.is_snapshot(m) or m == rundir.VANILLA) and column in s]
     return max(candidates, key=lambda s: s[column]) if candidates else None
@@ -177,6 +241,12 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     if i_col is None:
         i_col = next((c for c in columns if "instruction" in c and "/" not in c and "(format)" not in c), None)
     merged: dict[str, dict[str, list[float]]] = {}
+    stderr: dict[str, dict[str, list[float]]] = {}
+    for res in results:
+        for model, by_task in res.items():
+            for result in by_task.values():
+                for c, v in task_stderrs(result).items():
+                    stderr.setdefault(model, {}).setdefault(c, []).append(v)
     curve: dict[str, dict[float, list[float]]] = {}
     compute: dict[str, dict[str, list[float]]] = {}
     compute_parts: dict[str, str] = {}
@@ -221,15 +291,28 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     if lab:
         notes.append(f"lab data: {lab['examples']} SFT examples; per source {lab['examples_per_source']}; per task {lab['examples_per_task']}")
         notes.append(f"lab base model knowledge: {lab['base_fact_accuracy']}")
+    split = first.outputs("data").get("split")
+    if split:
+        notes.append(f"instruction data: {split['train']} training examples, {split['validation']} held out for validation")
+    sizes = benchmark_sizes(results[0])
+    if sizes:
+        notes.append("benchmarks (items; standard error of the first model's score): "
+                     + ", ".join(f"{t} {n}" + (f" (se {se:.3f})" if se is not None else "") for t, (n, se) in sizes.items())
+                     + "; a difference smaller than its standard error is not shown as a win")
     notes.append(f"{BEST_CHECKPOINT} is picked on the test benchmark itself: an optimistic bound for vanilla")
     table = [m for m in shown if not (rundir.is_snapshot(m) or rundir.is_sub_model(m))]
     # At a glance: every task's main metric, and the splits of the knowledge column only.
-    headline = [c for c in columns if "/" not in c or (k_col is not None and c.startswith(k_col + "/"))]
+    headline = headline_columns(columns, k_col)
     detail = [c for c in columns if c not in group_cols]  # grouped generation tasks get their own tables
     rows = group_table_models(ordered)
     group_tables = [GroupTable(task, metric, suffix, groups, [f"{task}/{g}{suffix}" for g in groups], rows)
                     for (task, metric, suffix), groups in grouped.items()]
     order = [m for m in ordered if m in compute] + [m for m in compute if m not in ordered]
+    errors: dict[str, ErrorSets] = {}
+    for res in results:
+        for task, (metric, sets) in seed_error_sets(res, cfg.disperse.k).items():
+            errors.setdefault(task, ErrorSets(task, metric, cfg.disperse.k, [])).per_seed.append(sets)
+    token_losses = [{"seed": run.seed} | json.loads(run.token_losses_file.read_text()) for run in runs if run.token_losses_file.is_file()]
     return ReportData(
         title=title, scores=shown, columns=headline, detail_columns=detail if headline != detail else [],
         group_tables=group_tables, compute_parts=compute_parts,
@@ -237,4 +320,6 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
         tradeoff_axes=(k_col, i_col) if k_col and i_col else None, groups={m: group_of(m) for m in shown},
         portions=first.outputs("disperse").get("stats", []),
         compute={m: {k: mean_std(v)[0] for k, v in compute[m].items()} for m in order},
+        error_sets=list(errors.values()), token_losses=token_losses,
+        stderr={m: stderr[m] for m in shown if m in stderr},
     )

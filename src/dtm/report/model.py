@@ -20,6 +20,21 @@ class GroupTable:
 
 
 @dataclass
+class ErrorSets:
+    """One task's error sets (`stats.error_sets`, one per seed): the questions by how many of the K
+    sub-models get them wrong, and how many of those the merged model gets wrong too."""
+
+    task: str
+    metric: str  # the per-question score counted as right (1) or wrong (0): the task's main metric
+    k: int
+    per_seed: list[dict[str, dict[str, int]]]
+
+    def mean(self, category: str, key: str) -> float:
+        """A category's "questions" or "merged_wrong", mean over seeds."""
+        return sum(s[category][key] for s in self.per_seed) / max(len(self.per_seed), 1)
+
+
+@dataclass
 class ReportData:
     title: str
     # model -> column -> one value per seed (higher is better in every column)
@@ -43,6 +58,11 @@ class ReportData:
     table: list[str] | None = None  # models in the headline table (None = all); the rest only in plots
     detail_columns: list[str] = field(default_factory=list)  # a second, full table (every metric and split)
     warning: str = ""  # shown at the very top (a partial report says what it lacks)
+    error_sets: list[ErrorSets] = field(default_factory=list)  # per task, when results have per-question scores
+    # the token-level diagnostic per seed (`diagnostics.token_loss_diagnostic` plus "seed")
+    token_losses: list[dict[str, Any]] = field(default_factory=list)
+    # model -> column -> the evaluation's standard error per seed (where the results have one)
+    stderr: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def table_scores(self) -> dict[str, dict[str, list[float]]]:
         return {m: self.scores[m] for m in (self.table if self.table is not None else self.scores) if m in self.scores}

@@ -1,4 +1,4 @@
-"""The report's three plots, as PNG bytes (matplotlib, imported only when a plot is drawn)."""
+"""The report's plots, as PNG bytes (matplotlib, imported only when a plot is drawn)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from dtm import rundir
 from dtm.report.model import REFERENCE_GROUPS, ReportData
-from dtm.report.stats import mean_std, pareto_frontier
+from dtm.report.stats import ERROR_CATEGORIES, early_late, mean_std, pareto_frontier
 
 
 def _png(fig: Any) -> bytes:
@@ -122,7 +122,86 @@ def plot_tradeoff(data: ReportData) -> bytes | None:
     return _png(fig)
 
 
+def plot_token_losses(data: ReportData) -> bytes | None:
+    """Left: per interval between vanilla's snapshots, the median frequency rank of the tokens whose
+    loss fell most (one line per seed). Right: the first seed's early and late intervals, every
+    token's mean loss drop against its frequency rank, the top tokens labelled."""
+    runs = [r for r in data.token_losses if r["intervals"]]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rank, ax_scatter) = plt.subplots(1, 2, figsize=(11, 4))
+    for s, run in enumerate(runs):
+        points = [(iv["to"], iv["median_rank_top"]) for iv in run["intervals"] if iv["median_rank_top"] is not None]
+        ax_rank.plot([x for x, _ in points], [y for _, y in points], "o-", color=f"C{s}", label=f"seed {run['seed']}: top {run['top']}")
+        points = [(iv["to"], iv["median_rank_all"]) for iv in run["intervals"] if iv["median_rank_all"] is not None]
+        ax_rank.plot([x for x, _ in points], [y for _, y in points], ":", color=f"C{s}", alpha=0.6,
+                     label=f"seed {run['seed']}: all tokens seen" if s == 0 else None)
+    ax_rank.invert_yaxis()
+    ax_rank.set_xlabel("end of the interval (fraction of vanilla's training)")
+    ax_rank.set_ylabel("median frequency rank (up = more frequent)")
+    ax_rank.set_title("How frequent are the tokens whose loss fell most?", fontsize=9)
+    ax_rank.legend(fontsize=7)
+    first = runs[0]
+    picked = early_late([iv["to"] for iv in first["intervals"]])
+    for colour, label, i in zip(("C0", "C3"), ("early", "late"), sorted(set(picked or ()))):
+        iv = first["intervals"][i]
+        ranks = [t[3] for t in iv["tokens"]]
+        drops = [t[1] for t in iv["tokens"]]
+        ax_scatter.scatter(ranks, drops, s=6, alpha=0.35, color=colour, label=f"{label} ({iv['from']:g} → {iv['to']:g})")
+        for t in iv["top"][:5]:
+            ax_scatter.annotate(t["token"].strip() or repr(t["token"]), (t["rank"], t["mean_drop"]), fontsize=6, color=colour)
+    ax_scatter.set_xscale("log")
+    ax_scatter.axhline(0.0, color="gray", lw=0.8)
+    ax_scatter.set_xlabel("frequency rank in the training data (log; 1 = most frequent)")
+    ax_scatter.set_ylabel("mean loss drop per occurrence")
+    ax_scatter.set_title(f"Every token seen ≥ {first['min_count']} times (seed {first['seed']})", fontsize=9)
+    ax_scatter.legend(fontsize=7)
+    for ax in (ax_rank, ax_scatter):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_error_sets(data: ReportData) -> bytes | None:
+    """One panel per task: the questions by how many sub-models get them wrong, stacked into those
+    DTM gets right and wrong (mean over seeds); 'none' shows only DTM's new errors (its right
+    answers there would dwarf the rest)."""
+    if not data.error_sets:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(data.error_sets)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, sets in zip(axes.flat, data.error_sets):
+        labels = [f"all {sets.k}", "some", "one", "none"]
+        wrong = [sets.mean(c, "merged_wrong") for c in ERROR_CATEGORIES]
+        right = [sets.mean(c, "questions") - w for c, w in zip(ERROR_CATEGORIES, wrong)]
+        right[-1] = 0.0
+        ax.bar(labels, right, color="C2", label="DTM right (fixed)")
+        ax.bar(labels, wrong, bottom=right, color="C3", label="DTM wrong (kept / new)")
+        ax.set_title(f"{sets.task} ({sets.metric})", fontsize=8)
+        ax.set_xlabel("sub-models wrong", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("questions")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def render_plots(data: ReportData) -> dict[str, bytes]:
-    """Plot id -> PNG of every plot the data has (tax_curve, tradeoff, loss_ratio)."""
-    plots = {"tax_curve": plot_tax_curve(data), "tradeoff": plot_tradeoff(data), "loss_ratio": plot_loss_ratio(data)}
+    """Plot id -> PNG of every plot the data has (tax_curve, tradeoff, loss_ratio, token_losses, error_sets)."""
+    plots = {"tax_curve": plot_tax_curve(data), "tradeoff": plot_tradeoff(data), "loss_ratio": plot_loss_ratio(data),
+             "token_losses": plot_token_losses(data), "error_sets": plot_error_sets(data)}
     return {k: v for k, v in plots.items() if v}

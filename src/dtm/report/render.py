@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from dtm.io import atomic_write_bytes, atomic_write_text
-from dtm.report.model import GroupTable, ReportData
+from dtm.report.model import ErrorSets, GroupTable, ReportData
 from dtm.report.plots import render_plots
-from dtm.report.stats import best_per_column, fmt, tradeoff_summary
+from dtm.report.stats import (
+    ERROR_CATEGORIES,
+    best_per_column,
+    column_stderr,
+    early_late,
+    error_set_summary,
+    fmt,
+    token_rank_summary,
+    tradeoff_summary,
+)
 from dtm.rundir import RunDir
 
 # ---------------------------------------------------------------- what the templates show
@@ -78,11 +87,15 @@ class Page:
 # ---------------------------------------------------------------- tables
 
 
-def scores_table(rows: dict[str, dict[str, list[float]]], columns: list[str], headers: list[str] | None = None) -> Table:
-    """A model x column table of mean ± std, the best mean per column marked."""
-    best = best_per_column(rows, columns)
+def scores_table(rows: dict[str, dict[str, list[float]]], columns: list[str], headers: list[str] | None = None,
+                 stderr: dict[str, dict[str, list[float]]] | None = None) -> Table:
+    """A model x column table of mean ± std (and the standard error where given), the best
+    mean per column marked only where it leads by more than its standard error."""
+    best = best_per_column(rows, columns, stderr)
+    se = (lambda m, c: column_stderr(stderr, m, c)) if stderr else (lambda m, c: None)
     return Table(["model", *(headers or columns)],
-                 [[Cell(model), *(Cell(fmt(s.get(c, [])), best.get(c) == model) for c in columns)] for model, s in rows.items()])
+                 [[Cell(model), *(Cell(fmt(s.get(c, []), se=se(model, c)), best.get(c) == model) for c in columns)]
+                  for model, s in rows.items()])
 
 
 def group_table_title(table: GroupTable) -> str:
@@ -90,6 +103,9 @@ def group_table_title(table: GroupTable) -> str:
     return f"{table.task}{table.suffix} per group: {table.metric}"
 
 
+HEADLINE_NOTE = ("One column per task (per-group columns, but for a few splits of the knowledge column, are in the detail table). (se x): the evaluation's standard "
+                 "error (sample std of the per-item scores / sqrt(items), mean over seeds). Bold only where the best leads "
+                 "the runner-up by more than the standard error of that difference; a tie is not a best.")
 GROUP_NOTE = ("Mean ± sample std over seeds, one column per group of the task's items; each sub-model has its own row, "
               "to show whether every sub-model learned every group.")
 
@@ -126,6 +142,82 @@ def portions_table(portions: list[dict[str, Any]]) -> Table:
     rows = [[*(Cell(str(p[k])) for k in keys), Cell(", ".join(f"{a}: {b}" for a, b in p.get("sources", {}).items()))]
             for p in portions]
     return Table([*keys, "sources"], rows, row_header=False, left=frozenset({len(keys)}))
+
+
+TOKEN_NOTE = (
+    "Vanilla SFT's loss on a fixed sample of its training data, per response token, at each snapshot; for the interval "
+    "ending nearest 10% of training (early) and nearest 90% (late), the tokens whose loss fell most since the previous "
+    "snapshot (mean drop per occurrence, among tokens that occur at least `eval.token_loss_min_count` times in the "
+    "sample), with their frequency rank among the response tokens of the whole training split (1 = most frequent). "
+    "The tokens are the first seed's.")
+ERROR_NOTE = (
+    "Per task, the questions by how many of the K sub-models get them wrong (the task's main metric; mean over seeds), "
+    "and how many of those the merged model (DTM) gets right: it fixes them; in the last column, the questions every "
+    "sub-model gets right that DTM gets wrong.")
+
+
+def token_text(text: str) -> str:
+    """A token as a table cell: quoted with escapes (spaces and newlines show), no table-breaking '|'."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False).replace("|", "¦")
+
+
+def token_table(runs: list[dict[str, Any]]) -> Table | None:
+    """The first seed's top tokens, early beside late: token, mean loss drop, frequency rank."""
+    intervals = runs[0]["intervals"]
+    picked = early_late([iv["to"] for iv in intervals])
+    if picked is None:
+        return None
+    header = ["#"]
+    columns = []
+    for label, i in zip(("early", "late"), picked):
+        iv = intervals[i]
+        header += [f"{label} ({iv['from']:g} → {iv['to']:g}): token", "loss drop", "frequency rank"]
+        columns.append(iv["top"])
+    rows = []
+    for r in range(max(len(c) for c in columns)):
+        row = [Cell(str(r + 1))]
+        for top in columns:
+            row += ([Cell(token_text(top[r]["token"])), Cell(f"{top[r]['mean_drop']:.3f}"), Cell(str(top[r]["rank"]))]
+                    if r < len(top) else [Cell("–")] * 3)
+        rows.append(row)
+    return Table(header, rows, row_header=False, left=frozenset({1, 4}))
+
+
+def token_summary(runs: list[dict[str, Any]]) -> str | None:
+    """`token_rank_summary` over the seeds: each seed's early and late median rank of its top tokens."""
+    early, late = [], []
+    for run in runs:
+        intervals = run["intervals"]
+        picked = early_late([iv["to"] for iv in intervals])
+        if picked is None or picked[0] == picked[1] or None in (intervals[picked[0]]["median_rank_top"], intervals[picked[1]]["median_rank_top"]):
+            return None
+        early.append(intervals[picked[0]]["median_rank_top"])
+        late.append(intervals[picked[1]]["median_rank_top"])
+    distinct = runs[0]["distinct_train_tokens"]
+    return token_rank_summary(early, late, runs[0]["top"]) + f" ({distinct} distinct response tokens in the training data.)"
+
+
+def error_table(tables: list[ErrorSets]) -> Table:
+    """One row per task: questions, then per category its questions and how many DTM fixes."""
+    k = tables[0].k
+    header = ["task", "metric", "questions", f"wrong by all {k}", "DTM fixes", "by some", "DTM fixes", "by one", "DTM fixes",
+              "by none", "DTM gets wrong"]
+    rows = []
+    for t in tables:
+        total = sum(t.mean(c, "questions") for c in ERROR_CATEGORIES)
+        cells = [t.task, t.metric, f"{total:.0f}"]
+        for c in ERROR_CATEGORIES:
+            n, wrong = t.mean(c, "questions"), t.mean(c, "merged_wrong")
+            cells += [f"{n:.1f}", f"{wrong:.1f}" if c == "none" else f"{n - wrong:.1f}"]
+        rows.append([Cell(c) for c in cells])
+    return Table(header, rows, left=frozenset({0, 1}))
+
+
+def _error_summary(tables: list[ErrorSets]) -> str | None:
+    seeds = min(len(t.per_seed) for t in tables)
+    return error_set_summary([{t.task: t.per_seed[s] for t in tables} for s in range(seeds)])
 
 
 # ---------------------------------------------------------------- the sections
@@ -166,18 +258,29 @@ def _plot(name: str) -> Callable[[ReportData, dict[str, Plot], int], list[Item]]
 
 SECTIONS: tuple[Section, ...] = (
     Section("headline", "Headline (mean ± sample std over seeds; best per column in bold)", "scores",
-            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.columns), _own_id("headline", d, lv), after=tradeoff_summary(d))],
-            after_id="frontier"),
+            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.columns, stderr=d.stderr), _own_id("headline", d, lv),
+                                   after=tradeoff_summary(d))],
+            after_id="frontier", note=HEADLINE_NOTE),
     Section("tax_curve", "Alignment-tax curve", "plot", _plot("tax_curve")),
     Section("tradeoff", "Trade-off", "plot", _plot("tradeoff")),
     Section("loss_ratio", "Train/validation loss and the loss-reduction ratio", "plot", _plot("loss_ratio")),
+    Section("token_losses", "Which tokens' training loss fell most (vanilla SFT, early vs late)", "table",
+            lambda d, p, lv: [Item(t, _own_id("token-losses", d, lv), after=token_summary(d.token_losses))
+                              for t in [token_table(d.token_losses)] if t] if d.token_losses else [],
+            note=TOKEN_NOTE),
+    Section("token_losses_plot", "Loss drop against token frequency", "plot", _plot("token_losses")),
     Section("detail", "All metrics (every task and split)", "scores",
-            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.detail_columns), "detail-" + _slug(d.title))] if d.detail_columns else []),
+            lambda d, p, lv: [Item(scores_table(d.table_scores(), d.detail_columns, stderr=d.stderr), "detail-" + _slug(d.title))]
+            if d.detail_columns else []),
     Section("groups", "{title}", "scores",
             lambda d, p, lv: [Item(scores_table({m: d.scores[m] for m in t.rows if m in d.scores}, t.columns, t.groups),
                                    "groups-" + _slug(f"{d.title} {t.task} {t.metric}"), {"title": group_table_title(t)})
                               for t in d.group_tables],
             note=GROUP_NOTE),
+    Section("error_sets", "Error sets: the questions the sub-models get wrong, and the merge", "table",
+            lambda d, p, lv: [Item(error_table(d.error_sets), _own_id("error-sets", d, lv), after=_error_summary(d.error_sets))]
+            if d.error_sets else [], note=ERROR_NOTE),
+    Section("error_sets_plot", "Error sets per task", "plot", _plot("error_sets")),
     Section("portions", "Portions", "table",
             lambda d, p, lv: [Item(portions_table(d.portions), _own_id("portions", d, lv))] if d.portions else []),
     Section("compute", "Wall time and compute per method", "table",
@@ -221,7 +324,7 @@ def html(report: Page) -> str:
 
 def headline_markdown(data: ReportData, columns: list[str] | None = None) -> str:
     """The headline table in markdown (as the report shows it; the pipeline prints it)."""
-    table = scores_table(data.table_scores(), columns or data.columns)
+    table = scores_table(data.table_scores(), columns or data.columns, stderr=data.stderr)
     return _env(False).get_template("report.md.j2").module.table(table).rstrip("\n")
 
 

@@ -22,16 +22,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def best_per_column(scores: dict[str, dict[str, list[float]]], columns: list[str]) -> dict[str, str]:
-    """Column -> model with the highest mean (first one on ties)."""
+def best_per_column(scores: dict[str, dict[str, list[float]]], columns: list[str],
+                    stderr: dict[str, dict[str, list[float]]] | None = None) -> dict[str, str]:
+    """Column -> the model whose mean leads by more than the standard error of its lead.
+
+    No best where the top is shared (a tie is not a best), nor where the runner-up is within
+    sqrt(se_top² + se_runner-up²), each model's se being its evaluations' standard error (mean
+    over seeds): a difference smaller than its standard error is not a win. Without standard
+    errors the top must only be strictly higher."""
     best: dict[str, str] = {}
+    stderr = stderr or {}
     for col in columns:
-        ranked = [(mean_std(s[col])[0], m) for m, s in scores.items() if s.get(col)]
+        ranked = sorted(((mean_std(s[col])[0], m) for m, s in scores.items() if s.get(col)), key=lambda x: -x[0])
         ranked = [(v, m) for v, m in ranked if not math.isnan(v)]
-        if ranked:
-            top = max(v for v, _ in ranked)
-            best[col] = next(m for v, m in ranked if v == top)
+        if not ranked:
+            continue
+        if len(ranked) == 1:
+            best[col] = ranked[0][1]
+            continue
+        (top, model), (second, other) = ranked[0], ranked[1]
+        margin = math.hypot(column_stderr(stderr, model, col), column_stderr(stderr, other, col))
+        if top - second > margin:
+            best[col] = model
     return best
+
+
+def column_stderr(stderr: dict[str, dict[str, list[float]]], model: str, column: str) -> float:
+    """A model's standard error in a column: the mean of its seeds' (0 where none is known)."""
+    values = [v for v in stderr.get(model, {}).get(column, []) if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else 0.0
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -63,12 +82,13 @@ def frontier_gap(point: tuple[float, float], reference: list[tuple[float, float]
     raise AssertionError("unreachable")
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
-    """mean ± std (just the mean for one value, – for none)."""
+def fmt(values: list[float], digits: int = 3, se: float | None = None) -> str:
+    """mean ± std (just the mean for one value, – for none), then the standard error if given."""
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "–"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+    return text + (f" (se {se:.{digits}f})" if se else "")
 
 
 def tradeoff_summary(data: ReportData, subject: str = rundir.DTM) -> str | None:
@@ -148,3 +168,79 @@ def method_costs(trained: dict[str, dict[str, float]], merge_seconds: dict[str, 
         if subs:
             out[name] = (", ".join(subs) + " (no merge)", _sum_costs([trained[p] for p in subs]))
     return out
+
+
+# ---------------------------------------------------------------- error sets (which questions the sub-models miss)
+
+ERROR_CATEGORIES = ("all", "some", "one", "none")  # how many of the K sub-models get a question wrong
+
+
+def error_category(wrong: int, k: int) -> str:
+    """'all' K sub-models wrong, 'one', 'none', or 'some' (2..K-1); with K=1 a miss is 'all'."""
+    if wrong == k and k > 0:
+        return "all"
+    return {0: "none", 1: "one"}.get(wrong, "some")
+
+
+def error_sets(sub_correct: list[dict[Any, bool]], merged_correct: dict[Any, bool]) -> dict[str, dict[str, int]]:
+    """Category (`ERROR_CATEGORIES`) -> {"questions", "merged_wrong"}: the questions by how many
+    sub-models get them wrong, and how many of those the merged model gets wrong too (kept; the
+    rest it fixes; in 'none' they are its new errors). Only the questions every model answered count."""
+    ids = [q for q in merged_correct if all(q in s for s in sub_correct)]
+    out = {c: {"questions": 0, "merged_wrong": 0} for c in ERROR_CATEGORIES}
+    for q in ids:
+        cell = out[error_category(sum(not s[q] for s in sub_correct), len(sub_correct))]
+        cell["questions"] += 1
+        cell["merged_wrong"] += int(not merged_correct[q])
+    return out
+
+
+def _category_rate(per_seed: list[dict[str, dict[str, dict[str, int]]]], category: str) -> tuple[list[float], float]:
+    """(per seed: the share of the category's questions, over all tasks, that the merged model
+    gets wrong; mean question count)."""
+    totals = [(sum(t[category]["questions"] for t in seed.values()), sum(t[category]["merged_wrong"] for t in seed.values()))
+              for seed in per_seed]
+    return [w / q for q, w in totals if q], sum(q for q, _ in totals) / max(len(totals), 1)
+
+
+def error_set_summary(per_seed: list[dict[str, dict[str, dict[str, int]]]]) -> str | None:
+    """One sentence over all tasks (`error_sets` per task, per seed): how often the merged model
+    fixes what all / several / one sub-model gets wrong, and its new errors."""
+    parts = []
+    for category, label in (("all", "every sub-model gets wrong"), ("some", "several (not all) get wrong"),
+                            ("one", "exactly one gets wrong"), ("none", "every sub-model gets right")):
+        wrong, n = _category_rate(per_seed, category)
+        if not wrong:
+            continue
+        rates = wrong if category == "none" else [1 - w for w in wrong]
+        mean, std = mean_std(rates)
+        spread = f" ± {std:.1%}" if len(rates) > 1 else ""
+        parts.append(f"of the {n:.0f} questions {label}, DTM gets {mean:.1%}{spread} " + ("wrong" if category == "none" else "right"))
+    return ("Over all tasks (mean over seeds): " + "; ".join(parts) + ".") if parts else None
+
+
+# ---------------------------------------------------------------- token-level diagnostic
+
+
+def early_late(ends: list[float], early: float = 0.1, late: float = 0.9) -> tuple[int, int] | None:
+    """Indices of the intervals between snapshots (given by where each ends) nearest `early` and
+    `late` of training (the first on ties); None when there is no interval."""
+    if not ends:
+        return None
+    nearest = lambda target: min(range(len(ends)), key=lambda i: (abs(ends[i] - target), i))  # noqa: E731
+    return nearest(early), nearest(late)
+
+
+def token_rank_summary(early: list[float], late: list[float], top: int) -> str:
+    """The median frequency rank of the top tokens early and late (mean ± std over seeds), and
+    what they say only as far as every seed agrees."""
+    (e, es), (lt, ls) = mean_std(early), mean_std(late)
+    spread = len(early) > 1
+    text = (f"Median frequency rank of the {top} tokens whose loss fell most: early {e:.0f}" + (f" ± {es:.0f}" if spread else "")
+            + f", late {lt:.0f}" + (f" ± {ls:.0f}" if spread else "") + " (rank 1 = the most frequent response token).")
+    if all(b > a for a, b in zip(early, late)):
+        return text + (" Late in training the loss falls most on rarer tokens" + (" in every seed" if spread else "")
+                       + ", as the paper reports (common words early, data-specific tokens late).")
+    if all(b < a for a, b in zip(early, late)):
+        return text + " Late in training the loss falls most on *more* frequent tokens here: the opposite of the paper's observation."
+    return text + " The seeds disagree on the direction: no consistent difference."

@@ -8,6 +8,9 @@
   `train_model`'s `mix_in` hook;
 - uniform soup ingredients: full-data models with different seeds (and learning rates),
   averaged later by the merge stage;
+- LoRA-MoE: K LoRA experts on the MLP with a learned per-token router, the base frozen
+  (`dtm.lora_moe`; K = `disperse.k`, rank and alpha from `train.lora`), through
+  `train_model`'s `form` hook (how the model is wrapped and saved);
 - data curation: keep the top `curation_fraction` of the data by a quality score. The
   paper used Deita (LLM-judged complexity and quality), which needs a large scorer model
   online; the scorers here are offline, reference-free stand-ins: `base_loss` (how likely
@@ -31,7 +34,7 @@ from dtm.errors import DataError, TrainingError
 from dtm.plan import soup_recipes
 from dtm.training.batches import Example, mean_loss, text_examples
 from dtm.training.regularizers import build_penalty
-from dtm.training.sft import MixIn, Penalty, PenaltyFactory, as_conversations, load_base, train_model
+from dtm.training.sft import MixIn, ModelForm, Penalty, PenaltyFactory, as_conversations, load_base, train_model
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,17 @@ def penalty_factory(kind: str, config: ExperimentConfig) -> PenaltyFactory:
     return build
 
 
+def lora_moe_form(config: ExperimentConfig, base: str | Path) -> ModelForm:
+    """`train_model`'s `form` for LoRA-MoE: `disperse.k` experts of `train.lora`'s rank and alpha on
+    every MLP linear layer, saved as a `dtm.lora_moe` directory that names `base`."""
+    from dtm import lora_moe
+
+    k, r, alpha = config.disperse.k, config.train.lora.r, config.train.lora.lora_alpha
+    base = str(Path(base).resolve()) if Path(base).exists() else str(base)
+    return ModelForm(wrap=lambda model: lora_moe.add_experts(model, k, r, alpha),
+                     save=lambda model, out: lora_moe.save_lora_moe(model, out, base, k, r, alpha))
+
+
 def train_baseline(method: str, config: ExperimentConfig, data: str | Path | list[Conversation], out: str | Path,
                    base: str | Path | None = None, **kwargs: Any) -> Path | list[Path]:
     """Train the baseline `method` on all of `data` into `out` (a list of dirs for `soup`).
@@ -150,6 +164,8 @@ def train_baseline(method: str, config: ExperimentConfig, data: str | Path | lis
         return train_model(base, data, out, config, **kwargs)
     if method in ("l2", "ewc"):
         return train_model(base, data, out, config, penalty=penalty_factory(method, config), **kwargs)
+    if method == "lora_moe":
+        return train_model(base, data, out, config, form=lora_moe_form(config, base), **kwargs)
     if method == "replay":
         if b.replay_path is None:
             raise TrainingError("baseline replay: set baselines.replay_path to a plain-text corpus (.txt lines or JSONL with `text`)")

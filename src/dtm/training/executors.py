@@ -12,9 +12,11 @@ small matrix products of a training step slow down many times over (docs/archite
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -26,7 +28,7 @@ from dtm import plan
 from dtm.config import ExperimentConfig
 from dtm.dispersal import portion_path
 from dtm.errors import DtmError, TrainingError
-from dtm.rundir import RunDir, is_complete, sub_model_name, training_summary
+from dtm.rundir import RunDir, attempts_file, is_complete, sub_model_name, train_log, training_summary
 
 log = logging.getLogger(__name__)
 
@@ -114,23 +116,86 @@ def expected_cost(job: Job | JointGroup, config: ExperimentConfig) -> float:
 
 
 def run_job(job: Job | JointGroup, config: ExperimentConfig, base: str, threads: int | None = None, progress: bool = True) -> float:
-    """Train one model, or a joint group (in whatever process or Ray worker this runs in); returns its seconds."""
+    """Train one model, or a joint group (in whatever process or Ray worker this runs in); returns its seconds.
+
+    With `train.workers_per_model` > 1 the model trains data-parallel on that many Ray Train
+    workers, each running `train_job_here` (`dtm.training.raytrain`)."""
+    if isinstance(job, JointGroup):
+        from dtm.training.joint import JointJob, train_joint
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data)
+                           for j in job.jobs], progress=progress)
+        return sum(training_seconds(j.out) for j in job.jobs)
+    if config.train.workers_per_model > 1:
+        from dtm.training.raytrain import train_data_parallel
+
+        train_data_parallel(train_job_here, job, config, base, threads)
+        return training_seconds(job.out)
+    train_job_here(job, config, base, threads, progress)
+    return training_seconds(job.out)
+
+
+def train_job_here(job: Job, config: ExperimentConfig, base: str, threads: int | None = None, progress: bool = True) -> None:
+    """Train one model in this process (one worker of a data-parallel group calls it too)."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    if isinstance(job, JointGroup):
-        from dtm.training.joint import JointJob, train_joint
-
-        train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data)
-                           for j in job.jobs], progress=progress)
-        return sum(training_seconds(j.out) for j in job.jobs)
     from dtm.training.baselines import train_baseline
 
+    record_resumed_attempt(job.out)
     cfg = job_config(config, job.train_overrides)
     train_baseline(job.baseline or "vanilla", cfg, job.data, job.out, base=base, seed=job.seed, progress=progress,
                    name=job.name, val_data=job.val_data)
-    return training_seconds(job.out)
+
+
+def steps_to_redo(out: Path) -> tuple[int, int]:
+    """(checkpoint step this attempt resumes from, steps an interrupted earlier attempt trained past
+    it): those steps are lost and trained again. Read from the train log before the trainer drops
+    its rows past the checkpoint, so exact to within `train.logging_steps`."""
+    from dtm.training.sft import last_checkpoint
+
+    checkpoint = last_checkpoint(out)
+    resume = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    try:
+        lines = train_log(out).read_text(encoding="utf-8").splitlines()
+        reached = max((int(json.loads(line).get("step", 0)) for line in lines if line.strip()), default=0)
+    except (OSError, ValueError, AttributeError):  # no log yet, or a row cut off by the kill
+        reached = resume
+    return resume, max(0, reached - resume)
+
+
+def record_resumed_attempt(out: Path) -> None:
+    """Append this attempt to the model's attempts file if it resumes an interrupted one (its node
+    lost, its run killed), with the steps it redoes, so the run can report the work lost."""
+    if is_complete(out):
+        return
+    resume, redo = steps_to_redo(out)
+    if resume or redo:
+        import socket
+
+        from dtm.io import atomic_write_jsonl
+
+        row = {"resumed_from_step": resume, "redone_steps": redo, "host": socket.gethostname(), "time": time.time()}
+        atomic_write_jsonl(attempts_file(out), [*attempt_rows(out), row])
+        log.warning("%s: resuming from step %d; %d steps of an interrupted attempt are trained again", out.name, resume, redo)
+
+
+def redone_steps(outs: list[Path]) -> dict[str, int]:
+    """Model name -> steps trained again after interrupted attempts (only models that had any)."""
+    return {out.name: sum(int(r.get("redone_steps", 0)) for r in attempt_rows(out)) for out in outs if attempts_file(out).is_file()}
+
+
+def attempt_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of a model's attempts file (none if it was never interrupted)."""
+    path = attempts_file(out)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def training_seconds(out: Path) -> float:
@@ -308,7 +373,8 @@ def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str)
     """One after another; or, on CPU with `train.num_workers` > 1, that many one-thread processes."""
     retries = Retries(config.train.retries)
     workers = min(config.train.num_workers, len(jobs))
-    if workers <= 1 or _cuda():
+    # one at a time on a GPU, and when each job is a data-parallel group of Ray Train workers
+    if workers <= 1 or _cuda() or config.train.workers_per_model > 1:
         for job in jobs:
             retries.run(job.name, lambda job=job: run_job(job, config, base))
         return retries.failures
@@ -368,45 +434,19 @@ def run_joint(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
 
 
 def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:
-    """Each sub-model a Ray task with `num_cpus_per_model` / `num_gpus_per_model`.
+    """Each model a Ray task with `num_cpus_per_model` / `num_gpus_per_model` (`dtm.cluster`),
+    longest first. Within `dtm run` the run's Ray session is used (its storage already
+    checked); alone (`dtm train`), Ray is connected here and the models directory checked to be
+    visible on every node. A task lost with its node is rerun by Ray on another node and resumes
+    from its last checkpoint; an exception it raised is judged by `Retries`."""
+    from dtm import cluster
 
-    Uses the running Ray instance, else `ray.init(address=train.ray_address)` (None starts a
-    local one, which is shut down again at the end). Outputs go to the models directory,
-    which must be on a path every worker sees (a shared filesystem on a cluster).
-    """
-    try:
-        import ray
-    except ImportError:
-        raise TrainingError("train.executor: ray needs the ray package: pip install 'disperse-then-merge[ray]'") from None
-    t = config.train
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=t.ray_address, log_to_driver=True)
-    try:
-        gpus = t.num_gpus_per_model if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        if gpus == 0 and t.num_gpus_per_model > 0:
-            log.info("ray: the cluster has no GPU; sub-models train on CPU")
-        # max_retries=0: `Retries` below is the only retry loop (Ray's own retries would
-        # multiply with it: up to (1 + retries)^2 runs of a job)
-        task = ray.remote(num_cpus=t.num_cpus_per_model, num_gpus=gpus, max_retries=0)(run_job)
-        threads = max(1, int(t.num_cpus_per_model))
-        retries = Retries(t.retries)
-        pending = {j.name: j for j in jobs}
-        while pending:
-            refs = {name: task.remote(job, config, base, threads, False) for name, job in pending.items()}
-            for name, ref in refs.items():
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # the job raised: judge its own exception
-                    if not retries.failed(name, getattr(e, "cause", None) or e):
-                        del pending[name]
-                except ray.exceptions.RayError as e:  # worker died, node lost
-                    if not retries.failed(name, e):
-                        del pending[name]
-                else:
-                    retries.succeeded(name)
-                    del pending[name]
-        return retries.failures
-    finally:
+    with cluster.connected(config.train.ray_address) as started_here:
         if started_here:
-            ray.shutdown()
+            cluster.check_shared_storage(Path(jobs[0].out).parent)
+        resources = cluster.stage_resources(config, "train")
+        retries = Retries(config.train.retries)
+        longest_first = sorted(jobs, key=lambda j: -expected_cost(j, config))
+        calls = {j.name: (j, config, base, None, False) for j in longest_first}
+        cluster.run_tasks(run_job, calls, resources, retries, "train")
+        return retries.failures

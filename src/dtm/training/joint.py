@@ -93,8 +93,9 @@ def joinable(config: ExperimentConfig, baseline: str | None) -> bool:
     the joint step in fp32 only, so there a job joins only with `train.bf16: false`."""
     t = config.train
     shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
-    plain = baseline in (None, "vanilla") and shape_ok and not t.group_by_length and not t.gradient_checkpointing
-    return plain and (not torch.cuda.is_available() or t.bf16 is False)
+    plain = (baseline in (None, "vanilla") and shape_ok and not t.group_by_length and not t.gradient_checkpointing
+             and t.workers_per_model <= 1)
+    return plain and (not torch.cuda.is_available() or (t.bf16 is False and not t.fp16))
 
 
 def shape_key(config: ExperimentConfig) -> tuple:
@@ -455,6 +456,7 @@ class Member:
     logger: JsonlLogCallback
     step: int = 0
     resumed_from: int = 0
+    segments: int = 1  # training segments: 1 + the times it was resumed (as train_model counts them)
     loss_sum: float = 0.0  # summed step losses since step 0 (train_loss = loss_sum / steps)
     seconds: float = 0.0  # its share of the joint job's time (an iteration's time split over its models)
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0})
@@ -660,7 +662,7 @@ def _checkpoint(m: Member, i: int, stack: Stack) -> None:
     """Model i's weights, AdamW moments and counters into `checkpoints/joint-<step>/`, atomically;
     older ones beyond `save_total_limit` are removed."""
     tensors = {"param": stack.flat[i].detach().cpu(), "exp_avg": stack.exp_avg[i].cpu(), "exp_avg_sq": stack.exp_avg_sq[i].cpu()}
-    state = {"step": m.step, "loss_sum": m.loss_sum, "seconds": m.seconds, "weights": list(stack.layout)}
+    state = {"step": m.step, "loss_sum": m.loss_sum, "seconds": m.seconds, "segments": m.segments, "weights": list(stack.layout)}
     with atomic_directory(joint_checkpoint_dir(m.job.out, m.step), overwrite=True) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
         atomic_write_json(tmp / "state.json", state)
@@ -694,7 +696,7 @@ def _resume(m: Member, i: int, stack: Stack) -> None:
         stack.exp_avg[i].copy_(tensors["exp_avg"])
         stack.exp_avg_sq[i].copy_(tensors["exp_avg_sq"])
     m.step = m.resumed_from = step
-    m.loss_sum, m.seconds = state["loss_sum"], state["seconds"]
+    m.loss_sum, m.seconds, m.segments = state["loss_sum"], state["seconds"], state.get("segments", 1) + 1
     log.info("%s: resuming from %s", m.job.name, d)
 
 
@@ -708,8 +710,10 @@ def _finish(m: Member, i: int, base: str | Path, carrier: torch.nn.Module, token
         "name": m.job.name, "base": str(base), "finetuning_type": t.finetuning_type, "seed": m.job.seed,
         "examples": m.n_sft, "replay_examples": 0, "regularizer": None, "steps": m.step,
         "tokens_per_epoch": tokens_per_epoch, "trained_tokens": round(tokens_per_epoch * epoch),
-        "train_loss": m.loss_sum / max(m.step, 1), "seconds": round(m.seconds, 2), "resumed_from_step": m.resumed_from,
-        "config": t.model_dump(mode="json"), "executor": "joint", "joint_with": [n for n in group if n != m.job.name],
+        "train_loss": m.loss_sum / max(m.step, 1), "seconds": round(m.seconds, 2), "segments": m.segments,
+        "resumed_from_step": m.resumed_from, "config": t.model_dump(mode="json"),
+        "device": "cuda:0" if stack.flat.is_cuda else "cpu", "precision": "fp32", "workers": 1,
+        "executor": "joint", "joint_with": [n for n in group if n != m.job.name],
     }
     save_final(carrier, tokenizer, m.job.out, summary)
     if not t.keep_checkpoints:

@@ -13,6 +13,9 @@ module adds around it:
   in `logs/`, checkpoints in `checkpoints/` while training, snapshots at fractions of
   training in `fractions/`, and `training_complete.json` written last (atomically): a
   directory without it is unfinished;
+- crash safety by time: a checkpoint at least every `train.checkpoint_minutes` and at every
+  `save_fractions` point (besides `save_steps`), and a summary that covers every resumed
+  segment (the running loss sum and seconds travel in each checkpoint's `trainer_state.json`);
 - clear errors (`TrainingError`) for a missing base model, LoRA targets the model lacks,
   a portion empty after truncation, a non-finite loss (with the step) and a full disk.
 
@@ -52,7 +55,16 @@ from dtm.config import ExperimentConfig
 from dtm.data.formats import Conversation, load_conversations
 from dtm.data.template import tokenize_conversations
 from dtm.errors import OutputError, TrainingError
-from dtm.io import atomic_directory, atomic_write_json, atomic_write_jsonl, bad_safetensors, is_disk_full, make_dirs
+from dtm.io import (
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_jsonl,
+    bad_safetensors,
+    is_disk_full,
+    make_dirs,
+    remove_stale_temporaries,
+    temp_prefix,
+)
 from dtm.rundir import (
     CHECKPOINT_DIR,
     COMPLETE_FILE,
@@ -101,11 +113,15 @@ def load_base(base: str | Path, config: ExperimentConfig, dtype: torch.dtype | N
     kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code, "revision": config.model.revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **kwargs)
+        attn = {"attn_implementation": config.model.attn_implementation} if config.model.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, **attn, **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a damaged directory
         bad = bad_safetensors(base)
         if bad:
             raise TrainingError(f"base model: {bad}") from None
+        if attn and isinstance(e, (ImportError, ValueError)) and ("attn" in str(e).lower() or "attention" in str(e).lower()):
+            raise TrainingError(f"{config.where('model.attn_implementation')}: model.attn_implementation={attn['attn_implementation']!r} "
+                                f"cannot be used here ({str(e).strip().splitlines()[0]}); choose eager or sdpa, or unset it") from None
         if not isinstance(e, (OSError, ValueError)):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -227,12 +243,45 @@ PenaltyFactory = Callable[[torch.nn.Module, Any, list[Conversation]], Penalty]
 MixIn = Callable[[list[Example], Any], list[Example]]
 
 
-class DtmTrainer(Trainer):
-    """`Trainer` plus an optional weight penalty (L2/EWC), a finite-loss check and token counts."""
+@dataclass(frozen=True)
+class ModelForm:
+    """A model other than plain or PEFT fine-tuning (LoRA-MoE): `wrap` changes the loaded base in
+    place before training (which parameters train is its choice), `save` writes the trained
+    model's files into a directory instead of `save_pretrained`."""
 
-    def __init__(self, *args: Any, penalty: Penalty | None = None, **kwargs: Any):
+    wrap: Callable[[torch.nn.Module], Any]
+    save: Callable[[torch.nn.Module, Path], Any]
+
+
+TOTALS_KEY = "DtmTotals"  # where a checkpoint's trainer_state.json carries the totals of the segments so far
+
+
+@dataclass
+class Totals:
+    """What the training up to a checkpoint added up to, over every segment (a resume starts a segment)."""
+
+    loss_sum: float = 0.0  # the Trainer's per-step losses summed: train_loss = loss_sum / steps
+    seconds: float = 0.0  # training seconds up to the checkpoint (work a kill threw away is not counted)
+    segments: int = 0
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path | None) -> Totals | None:
+        """The totals saved with `checkpoint` (zero for none: a fresh start); None when the checkpoint predates them."""
+        if checkpoint is None:
+            return cls()
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("stateful_callbacks", {}).get(TOTALS_KEY)
+        return cls(**saved) if isinstance(saved, dict) else None
+
+
+class DtmTrainer(Trainer):
+    """`Trainer` plus an optional weight penalty (L2/EWC), a finite-loss check, token counts, and
+    totals over resumed segments saved in each checkpoint."""
+
+    def __init__(self, *args: Any, penalty: Penalty | None = None, prior: Totals | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.penalty = penalty
+        self.prior = prior or Totals()  # the segments before this one (from the checkpoint resumed from)
+        self.segment_start = time.perf_counter()
         self._penalty_sum = 0.0
         self._penalty_n = 0
         self._window_tokens = 0
@@ -257,6 +306,17 @@ class DtmTrainer(Trainer):
             self._penalty_sum += float(penalty.detach())
             self._penalty_n += 1
         return (loss, result[1]) if return_outputs else loss
+
+    def totals(self) -> Totals:
+        """The totals up to now. The loss sum is the Trainer's own accounting (`_total_loss_scalar` plus the
+        not yet logged `_tr_loss`): what its `training_loss` divides, so an uninterrupted run's value is matched."""
+        return Totals(self.prior.loss_sum + self._total_loss_scalar + float(self._tr_loss.item()),
+                      self.prior.seconds + time.perf_counter() - self.segment_start, self.prior.segments + 1)
+
+    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+        # in the state the Trainer writes last into the checkpoint: a checkpoint without it is never resumed from
+        self.state.stateful_callbacks[TOTALS_KEY] = vars(self.totals())
+        super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         now = time.perf_counter()
@@ -287,6 +347,42 @@ class JsonlLogCallback(TrainerCallback):
         row |= {("lr" if k == "learning_rate" else k): v for k, v in logs.items() if k != "epoch"}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class CheckpointClock(TrainerCallback):
+    """Ask for a checkpoint at least every `minutes` of training and at each fraction of training.
+
+    `save_steps` alone bounds the work a kill loses by steps, which says nothing of time and
+    nothing at all for a model shorter than `save_steps` (it restarts from step 0). The save
+    itself is the Trainer's (atomic by its `trainer_state.json` written last, old ones pruned
+    by `save_total_limit`)."""
+
+    def __init__(self, minutes: float | None, fractions: Sequence[float]):
+        self.seconds = minutes * 60 if minutes else math.inf
+        self.fractions = list(fractions)
+        self.steps: dict[int, float] = {}
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = fraction_steps(self.fractions, state.max_steps)
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = time.monotonic() - self.last >= self.seconds
+        if args.world_size > 1:  # data-parallel workers must save together: any worker's clock decides for all
+            flag = torch.tensor([float(due)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            due = bool(flag.item())
+        if state.global_step in self.steps or due:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+
+def fraction_steps(fractions: Sequence[float], max_steps: int) -> dict[int, float]:
+    """step -> fraction: where the `save_fractions` snapshots are taken (at least step 1)."""
+    return {max(1, math.ceil(f * max_steps)): f for f in fractions}
 
 
 class ProgressBarCallback(ProgressCallback):
@@ -326,7 +422,7 @@ class FractionCallback(TrainerCallback):
         atomic_write_json(self.summary_path, sorted(rows, key=lambda r: r["step"]))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.targets = {max(1, math.ceil(f * state.max_steps)): f for f in self.fractions}
+        self.targets = fraction_steps(self.fractions, state.max_steps)
         if state.global_step == 0 and not self.summary_path.exists():
             self._record({"step": 0, "fraction": 0.0} | self._losses(model))
 
@@ -360,14 +456,15 @@ class Precision:
 
 
 def choose_precision(config: ExperimentConfig) -> Precision:
-    """bf16 on a GPU that has it (fp16 on older GPUs), fp32 on CPU; `train.bf16` forces it."""
+    """bf16 on a GPU that has it (fp16 on older GPUs), fp32 on CPU; `train.bf16` / `train.fp16` force it."""
     if not torch.cuda.is_available():
-        if config.train.bf16:
-            raise TrainingError("train.bf16: true needs a GPU; leave it unset (null) to train in fp32 on CPU")
+        if config.train.bf16 or config.train.fp16:
+            key = "train.bf16" if config.train.bf16 else "train.fp16"
+            raise TrainingError(f"{config.where(key)}: {key}: true needs a GPU; leave it unset to train in fp32 on CPU")
         return Precision(False, False, torch.float32)
     bf16_ok = torch.cuda.is_bf16_supported()
-    bf16 = bf16_ok if config.train.bf16 is None else config.train.bf16
-    fp16 = not bf16 and config.train.bf16 is None
+    bf16 = not config.train.fp16 and (bf16_ok if config.train.bf16 is None else config.train.bf16)
+    fp16 = config.train.fp16 or (not bf16 and config.train.bf16 is None)
     # LoRA keeps the frozen base in half precision; full fine-tuning keeps fp32 master weights.
     half = torch.bfloat16 if bf16 else torch.float16
     load = half if config.train.finetuning_type == "lora" and (bf16 or fp16) else torch.float32
@@ -426,6 +523,7 @@ def train_model(
     progress: bool = True,
     callbacks: Sequence[TrainerCallback] = (),
     name: str | None = None,
+    form: ModelForm | None = None,
 ) -> Path:
     """Fine-tune `base` on `data` and save the result in `out`; returns `out`.
 
@@ -433,7 +531,8 @@ def train_model(
     `training_complete.json`) is returned as is. The baselines plug in here without this
     module knowing them (`baselines.train_baseline` builds both): `mix_in` turns the SFT
     examples into the training set (replay), `penalty` builds a weight penalty on the model
-    once it is wrapped for training (L2, EWC).
+    once it is wrapped for training (L2, EWC), `form` wraps and saves a model of another form
+    (LoRA-MoE).
     """
     out = Path(out)
     name = name or out.name
@@ -456,7 +555,9 @@ def train_model(
         examples = mix_in(examples, tokenizer)
     val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
 
-    if t.finetuning_type == "lora":
+    if form is not None:  # its own trainable parameters (the rest frozen)
+        form.wrap(model)
+    elif t.finetuning_type == "lora":
         model = apply_lora(model, config)
     elif t.freeze_modules:
         frozen = freeze_modules(model, t.freeze_modules)
@@ -464,8 +565,10 @@ def train_model(
     weight_penalty = penalty(model, tokenizer, conversations) if penalty is not None else None
 
     make_dirs(out, "creating the model's output directory")
+    remove_stale_temporaries(out)  # what a killed run of this model left (a live writer's are kept)
     resume = last_checkpoint(out)
     resume_step = int(resume.name.split("-")[1]) if resume else 0
+    prior = Totals.of_checkpoint(resume)
     args = training_arguments(config, out, seed, precision, progress)
     train_sample = fraction_sample(examples_sft, seed, t.fraction_eval_samples)  # SFT examples only, not replay text
     trainer = DtmTrainer(
@@ -474,23 +577,37 @@ def train_model(
         train_dataset=ExampleDataset(examples),
         data_collator=make_collator(t.packing, tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None)),
         penalty=weight_penalty,
-        callbacks=[JsonlLogCallback(out / LOG_FILE, resume_step), _tensorboard_callback(out / TENSORBOARD_DIR)],
+        prior=prior,
     )
+    # Data-parallel (Ray Train, `train.workers_per_model`): every worker runs this function;
+    # only the first writes the output directory's files, the Trainer's checkpoints are its own.
+    main = trainer.is_world_process_zero()
     trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(CheckpointClock(t.checkpoint_minutes, t.save_fractions))  # every worker: a save is collective
+    if main:
+        trainer.add_callback(JsonlLogCallback(out / LOG_FILE, resume_step))
+        trainer.add_callback(_tensorboard_callback(out / TENSORBOARD_DIR))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarCallback())
-    if t.save_fractions:
+    if t.save_fractions and main:
         trainer.add_callback(FractionCallback(out, t.save_fractions, tokenizer, train_sample, val_examples, tokenizer.pad_token_id))
     for cb in callbacks:
         trainer.add_callback(cb)
     if resume is not None:
         log.info("%s: resuming from %s", name, resume)
-    started = time.perf_counter()
+    trainer.segment_start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (OSError, SafetensorError) as e:
         raise _disk_error(e, out, "training (writing a checkpoint)") from None
+    steps = trainer.state.global_step
+    segment_steps = steps - resume_step
+    if prior is None:  # resumed from a checkpoint written before totals were saved: this segment's only
+        log.warning("%s: checkpoint %s has no loss totals; train_loss covers steps %d-%d only", name, resume, resume_step + 1, steps)
+        prior, loss_steps = Totals(segments=1), segment_steps
+    else:
+        loss_steps = steps
     tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
     summary = {
         "name": name,
@@ -500,20 +617,27 @@ def train_model(
         "examples": n_sft,
         "replay_examples": len(examples) - n_sft,
         "regularizer": weight_penalty.kind if weight_penalty is not None else None,
-        "steps": trainer.state.global_step,
+        "steps": steps,
         # compute, in real tokens (padding excluded): what the report's cost table sums
         "tokens_per_epoch": tokens_per_epoch,
         "trained_tokens": round(tokens_per_epoch * (trainer.state.epoch or 0.0)),
-        "train_loss": result.training_loss,
-        "seconds": round(time.perf_counter() - started, 2),
+        # over every segment of a resumed training: the mean loss of all its steps, its seconds summed
+        "train_loss": (prior.loss_sum + result.training_loss * segment_steps) / max(loss_steps, 1),
+        "seconds": round(prior.seconds + time.perf_counter() - trainer.segment_start, 2),
+        "segments": prior.segments + 1,
         "resumed_from_step": resume_step,
         "config": config.train.model_dump(mode="json"),
     }
     if weight_penalty is not None:
         summary["penalty_coef"] = weight_penalty.coef
-    save_final(trainer.model, tokenizer, out, summary)
-    if not t.keep_checkpoints:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    # where and how it trained (a GPU run under autocast says so; `workers` > 1: data-parallel)
+    summary |= {"device": str(args.device), "precision": "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32",
+                "workers": args.world_size}
+    if main:
+        save_final(trainer.model, tokenizer, out, summary, form.save if form is not None else None)
+        if not t.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no worker returns before the model is saved
     del trainer, model
     return out
 
@@ -534,8 +658,9 @@ def _disk_error(e: BaseException, out: Path, what: str) -> TrainingError:
     )
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict) -> None:
-    """Write the model files into `out`, then the completion marker, last and atomically.
+def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict,
+               save: Callable[[torch.nn.Module, Path], Any] | None = None) -> None:
+    """Write the model files into `out` (`save_pretrained`, or `save`), then the completion marker, last and atomically.
 
     A model with a non-finite weight is refused before anything is written.
 
@@ -548,11 +673,14 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict)
             raise TrainingError(f"{out}: trained weight {name} holds non-finite values (nan/inf); not marked complete. "
                                 "Lower train.learning_rate or train.max_grad_norm, then retrain (delete the directory to start afresh)")
     try:
-        staging = Path(tempfile.mkdtemp(dir=out, prefix=".final.tmp-"))
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=temp_prefix("final")))
     except OSError as e:
         raise _disk_error(e, out, "saving the trained model") from None
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        if save is not None:
+            save(model, staging)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)

@@ -1,0 +1,152 @@
+"""The sweep report: one table across a sweep's cells and one plot per swept key.
+
+Each cell is an ordinary run read by `collect_seeds` (so a cell's numbers are the ones its own
+report shows); this page puts DTM, the ensemble (where run) and vanilla of every cell side by side (mean ± sample std over
+seeds), draws each axis (every headline task against the key's values, seed spread as error
+bars), and says per axis what the numbers show, "no clear effect" where the seed spread covers
+the differences. The sweep (`dtm.sweep.Sweep`: cells, axes) is read by attribute: this package
+does not import the module that runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dtm import rundir
+from dtm.io import atomic_write_bytes, atomic_write_text
+from dtm.report.collect import collect_seeds
+from dtm.report.render import Block, Page, Plot, _slug, html, markdown, scores_table
+from dtm.report.stats import mean_std
+
+# the models each cell contributes (the ensemble where `baselines.methods` has it: merge vs ensemble)
+COMPARED = (rundir.DTM, rundir.ENSEMBLE, rundir.VANILLA)
+PLOT_PREFIX = "sweep-"
+
+
+@dataclass
+class SweepScores:
+    """Per cell: model (DTM, ensemble, vanilla) -> headline column -> one value per seed; cells whose
+    evaluation has not finished are listed in `missing`."""
+
+    def models(self) -> list[str]:
+        """The compared models some cell has, in `COMPARED` order."""
+        return [m for m in COMPARED if any(m in cell for cell in self.cells.values())]
+
+    columns: list[str]
+    cells: dict[str, dict[str, dict[str, list[float]]]]
+    missing: list[str]
+
+
+def collect_sweep(sweep: Any) -> SweepScores:
+    """Every cell's DTM, ensemble and vanilla scores over its seeds (the no-bias control left out)."""
+    cells: dict[str, dict[str, dict[str, list[float]]]] = {}
+    columns: list[str] = []
+    missing = []
+    for cell in sweep.cells:
+        runs = [r for r in rundir.RunDir(Path(cell.cfg.output_dir)).seed_runs(cell.cfg) if not r.control]
+        if not all(r.eval_result(rundir.DTM).is_file() and r.manifest("eval") for r in runs):
+            missing.append(cell.name)
+            continue
+        data = collect_seeds(cell.cfg, runs, cell.name)
+        cells[cell.name] = {m: data.scores[m] for m in COMPARED if m in data.scores}
+        columns += [c for c in data.columns if "/" not in c and c not in columns]
+    return SweepScores(columns, cells, missing)
+
+
+def point_label(key: str, value: Any) -> str:
+    """How an axis value is written on its plot: `4`, `strategy=kmeans,embed_on=both`."""
+    name = rundir.sweep_cell_name({key: value})
+    return ",".join(part.split("=", 1)[1] if not isinstance(value, dict) else part.removeprefix(key + ".")
+                    for part in name.split(","))
+
+
+def axis_summary(key: str, points: list[tuple[str, list[float]]], column: str) -> str:
+    """One sentence on DTM's `column` along an axis: where it is highest and lowest, or no clear
+    effect when that difference is within the larger of the two points' seed spreads."""
+    stats = [(label, *mean_std(values), len(values)) for label, values in points if values]
+    if len(stats) < 2:
+        return f"{column}: fewer than two finished values of {key}."
+    hi = max(stats, key=lambda s: s[1])
+    lo = min(stats, key=lambda s: s[1])
+    spread = max(hi[2], lo[2])
+    if hi[1] == lo[1]:
+        return f"DTM's {column} is the same ({hi[1]:.3f}) at every value of {key}."
+    if min(hi[3], lo[3]) < 2:
+        verdict = "one seed, so no spread to judge it by"
+    elif hi[1] - lo[1] <= spread:
+        verdict = f"no clear effect (the difference, {hi[1] - lo[1]:.3f}, is within the seed spread {spread:.3f})"
+    else:
+        verdict = f"a difference of {hi[1] - lo[1]:.3f}, larger than the seed spread {spread:.3f}"
+    return f"DTM's {column} is highest at {key} = {hi[0]} ({hi[1]:.3f}) and lowest at {lo[0]} ({lo[1]:.3f}): {verdict}."
+
+
+def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[float]]] | None], columns: list[str],
+              models: list[str]) -> bytes:
+    """Each column against the axis's values: each compared model, mean with the seed std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dtm.report.plots import _png
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.4), squeeze=False)
+    xs = list(range(len(labels)))
+    for ax, column in zip(axes[0], columns):
+        for model in models:
+            style = {rundir.DTM: "o-", rundir.ENSEMBLE: "^:", rundir.VANILLA: "s--"}[model]
+            values = [mean_std(((c or {}).get(model) or {}).get(column, [])) for c in cells]
+            ax.errorbar(xs, [m for m, _ in values], yerr=[s for _, s in values], fmt=style, capsize=3, label=model)
+        ax.set_title(column, fontsize=9)
+        ax.set_xticks(xs, labels, rotation=30 if max(map(len, labels)) > 6 else 0, ha="right" if max(map(len, labels)) > 6 else "center", fontsize=8)
+        ax.set_xlabel(key, fontsize=8)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def sweep_page(sweep: Any, scores: SweepScores, trainings: dict[str, int], plots: dict[str, Plot]) -> Page:
+    """The sweep report as the report templates walk it."""
+    cfg = sweep.cfg
+    seeds = list(cfg.seeds or [cfg.seed])
+    notes = [
+        f"{cfg.sweep.mode} sweep over {', '.join(a.key for a in sweep.axes)}: {len(sweep.cells)} cells under "
+        f"{rundir.SWEEP_DIR}/ (each an ordinary run with its own report), seeds {seeds}; mean ± sample std over seeds",
+        f"trainings: the cells' train stages list {trainings['planned']} models; {trainings['linked']} were linked from a "
+        f"sibling cell that had trained the same job, {trainings['trained']} were trained",
+    ]
+    warning = f"PARTIAL: cells not finished: {', '.join(scores.missing)}" if scores.missing else ""
+    page = Page(f"Sweep: {', '.join(a.key for a in sweep.axes)}", notes, 1, warning=warning)
+    models = scores.models()
+    rows = {name: {f"{c} {m}": vals.get(m, {}).get(c, []) for m in models for c in scores.columns}
+            for name, vals in scores.cells.items()}
+    table_columns = [f"{c} {m}" for c in scores.columns for m in models]
+    table = scores_table(rows, table_columns)
+    table.header[0] = "cell"
+    page.blocks.append(Block("scores", "sweep", "sweep-table", f"Every cell: {', '.join(models)} per task", "", table))
+    for axis in sweep.axes:
+        if axis.key not in plots:
+            continue
+        points = [(point_label(axis.key, v), scores.cells.get(name, {}).get(rundir.DTM, {})) for v, name in axis.points]
+        said = " ".join(axis_summary(axis.key, [(label, s.get(c, [])) for label, s in points], c) for c in scores.columns)
+        page.blocks.append(Block("plot", "sweep-axis", PLOT_PREFIX + _slug(axis.key), f"Sweep over {axis.key}",
+                                 "DTM (solid), the ensemble (dotted, where run) and vanilla (dashed) at each value; "
+                                 "error bars: seed std.", plots[axis.key], said))
+    return page
+
+
+def write_sweep_report(sweep: Any, trainings: dict[str, int]) -> tuple[Path, Path]:
+    """report.md (+ a PNG per axis) and report.html in the sweep's output directory."""
+    scores = collect_sweep(sweep)
+    out = rundir.RunDir(Path(sweep.cfg.output_dir))
+    plots = {}
+    if scores.columns:
+        for axis in sweep.axes:
+            labels = [point_label(axis.key, v) for v, _ in axis.points]
+            png = plot_axis(axis.key, labels, [scores.cells.get(name) for _, name in axis.points], scores.columns, scores.models())
+            path = atomic_write_bytes(out.report_plot(PLOT_PREFIX + _slug(axis.key)), png)
+            plots[axis.key] = Plot(path.name, png)
+    page = sweep_page(sweep, scores, trainings, plots)
+    return atomic_write_text(out.report_md, markdown(page)), atomic_write_text(out.report_html, html(page))

@@ -1,0 +1,318 @@
+"""Sweeps: `dtm run` over a grid of configs (the `sweep:` section), every cell an ordinary run.
+
+    sweep:                                  cells under <output_dir>/sweep/ (`rundir.sweep_cell_name`)
+      mode: one_at_a_time                   `center` (the main config), then each axis value alone
+      disperse.k: [1, 2, 4, 8]              -> disperse.k=1, disperse.k=2, disperse.k=8 (4 is `center`)
+      merge.method: [average, ties]         -> merge.method=ties
+
+A cell is a plain run directory (`dtm status`, `dtm report` read it as any run). Cells share
+work through the manifests' stage hashes (`pipeline.stage_hashes`): before a cell's seed run
+does a stage, a sibling cell's run of the same seed whose manifest has the same hash is linked
+in (hard links, a copy across file systems: the files are never written again, only replaced
+by atomic renames), and in the train stage each model whose training job is the same (same data
+bytes, train and baselines sections, seed, base) is linked from the sibling that trained it. So
+a merge-method axis trains nothing new, and a K axis trains vanilla once. What was linked is
+recorded in each seed run's `reused.json`, which the sweep report counts.
+
+`run`, `status` and `write_report` here take plain runs too (and hand them to `dtm.pipeline`):
+the CLI calls these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dtm import plan
+from dtm import rundir as rd
+from dtm.config import ExperimentConfig, load_config, with_settings
+from dtm.errors import ConfigError
+from dtm.io import atomic_directory, atomic_write_json, make_dirs
+from dtm.pipeline import Run, check_runnable, load_run_config, seed_runs, stage_hashes, status_of
+from dtm.pipeline import run as run_plain
+from dtm.pipeline import write_report as write_plain_report
+
+LINKED_STAGES = ("data", "disperse", "train", "merge")  # eval results name their model's path: never linked
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the sweep: its settings (dotted key -> value; none for `center`) and config."""
+
+    name: str
+    settings: dict[str, Any]
+    cfg: ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept key and, for each of its values, the cell that holds it."""
+
+    key: str
+    points: list[tuple[Any, str]]  # (value, cell name)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    cfg: ExperimentConfig  # the main config (with its `sweep` section)
+    cells: list[Cell]
+    axes: list[Axis]
+
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
+
+
+# ---------------------------------------------------------------- the cells
+
+
+def _identity(cfg: ExperimentConfig) -> str:
+    """What makes two cells the same run: the whole config but where it is written."""
+    dump = cfg.model_dump(mode="json")
+    dump.pop("output_dir")
+    return json.dumps(dump, sort_keys=True)
+
+
+def plan_sweep(cfg: ExperimentConfig) -> Sweep:
+    """The cells of `cfg`'s sweep, in run order, and each axis's cells. Settings that give the
+    same config share one cell (one_at_a_time: the main config's own value of each axis is `center`)."""
+    root = rd.RunDir(Path(cfg.output_dir))
+    keys = list(cfg.sweep.axes)
+    if cfg.sweep.mode == "grid":
+        combos = [dict(zip(keys, values)) for values in itertools.product(*(cfg.sweep.axes[k] for k in keys))]
+    else:
+        combos = [{}] + [{k: v} for k in keys for v in cfg.sweep.axes[k]]
+    cells: list[Cell] = []
+    by_identity: dict[str, str] = {}
+    cell_of: list[str] = []
+    for settings in combos:
+        cell_cfg = with_settings(cfg, settings)
+        identity = _identity(cell_cfg)
+        if identity not in by_identity:
+            name = rd.sweep_cell_name(settings)
+            cell_cfg.output_dir = str(root.sweep_cell(name).root)
+            cells.append(Cell(name, settings, cell_cfg))
+            by_identity[identity] = name
+        cell_of.append(by_identity[identity])
+    if cfg.sweep.mode == "grid":
+        points = {k: [(v, next(n for s, n in zip(combos, cell_of) if s[k] == v)) for v in cfg.sweep.axes[k]] for k in keys}
+    else:
+        points = {k: [(s[k], n) for s, n in zip(combos, cell_of) if k in s] for k in keys}
+    return Sweep(cfg, cells, [Axis(k, points[k]) for k in keys])
+
+
+# ---------------------------------------------------------------- reuse across cells
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`dst` becomes a copy of `src` made of hard links (copies where links fail), atomically;
+    whatever was at `dst` (an unfinished attempt) is replaced."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another file system: a copy
+            shutil.copy2(a, b)
+
+    with atomic_directory(dst, overwrite=True) as tmp:
+        shutil.copytree(src, tmp, copy_function=link, dirs_exist_ok=True)
+
+
+def _file_digest(path: str, cache: dict[str, str]) -> str:
+    if path not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        cache[path] = h.hexdigest()
+    return cache[path]
+
+
+def job_key(run: Run, job: dict[str, Any], digests: dict[str, str]) -> str:
+    """What a trained model depends on: the data stage's hash (base, model, data and lab sections,
+    seed), the train and baselines sections, and the job (its data files by content)."""
+    dump = run.cfg.model_dump(mode="json")
+    spec = {k: (_file_digest(v, digests) if k in ("data", "val_data") and v else v) for k, v in job.items()}
+    blob = {"data": stage_hashes(run.cfg, run.dir.control)["data"], "train": dump["train"],
+            "baselines": dump["baselines"], "job": spec}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _with_info(run: Run) -> Run | None:
+    """`run` with its data stage's outputs, or None before that stage has finished."""
+    info = run.dir.outputs("data")
+    return Run(run.cfg, run.dir, info) if info else None
+
+
+def _record(run: Run, linked: dict[str, str]) -> None:
+    if linked:
+        atomic_write_json(run.dir.reused_file, run.dir.reused() | linked)
+
+
+class Reuser:
+    """The `pipeline.Reuse` hook of one cell: links finished work of its siblings (see the module doc)."""
+
+    def __init__(self, sweep: Sweep, cell: Cell) -> None:
+        self.siblings = [c for c in sweep.cells if c.name != cell.name]
+        self.digests: dict[str, str] = {}
+
+    def sibling_runs(self, run: Run) -> list[Run]:
+        """The siblings' runs of the same seed (and control)."""
+        return [r for c in self.siblings for r in seed_runs(c.cfg) if r.dir.label == run.dir.label]
+
+    def __call__(self, run: Run, stage: str, hash: str) -> bool:
+        if stage not in LINKED_STAGES:
+            return False
+        if stage == "train":
+            self.forget_training(run)
+        for sibling in self.sibling_runs(run):
+            manifest = sibling.dir.manifest(stage)
+            if manifest and manifest["hash"] == hash:
+                self.link_stage(sibling, run, stage)
+                return True
+        if stage == "train":
+            self.link_models(run)
+        return False
+
+    def forget_training(self, run: Run) -> None:
+        """Drop the train stage's records: it is about to be done (again) and records what it links."""
+        kept = {k: v for k, v in run.dir.reused().items() if k.startswith("stage:") and k != "stage:train"}
+        if run.dir.reused_file.is_file():
+            atomic_write_json(run.dir.reused_file, kept)
+
+    def stage_paths(self, run: Run, stage: str) -> list[Path]:
+        """What `stage` made in `run` (models by the plan's names: `models/` holds every stage's)."""
+        full = _with_info(run)
+        if stage == "train" and full is not None:
+            return [run.dir.model(n) for n in plan.training_jobs(full.cfg, full.dir, full.inputs)]
+        if stage == "merge" and full is not None:
+            return [run.dir.model(n) for n in plan.merge_plan(full.cfg, full.dir, full.inputs)] + [run.dir.fisher_dir]
+        return run.dir.stage_outputs_on_disk(stage)
+
+    def link_stage(self, sibling: Run, run: Run, stage: str) -> None:
+        """The sibling's finished `stage` (same hash), then its manifest, written last."""
+        for src in self.stage_paths(sibling, stage):
+            if src.is_dir():
+                _link_tree(src, run.dir.root / src.relative_to(sibling.dir.root))
+        make_dirs(run.dir.manifest_path(stage).parent, "linking a stage's manifest")
+        shutil.copy2(sibling.dir.manifest_path(stage), run.dir.manifest_path(stage))
+        linked = {f"stage:{stage}": str(sibling.dir.root)}
+        if stage == "train":
+            linked |= {p.name: str(p) for p in self.stage_paths(sibling, stage)}
+        _record(run, linked)
+
+    def link_models(self, run: Run) -> None:
+        """Each model of this run's train stage that a sibling finished from the same job."""
+        full = _with_info(run)
+        if full is None:
+            return
+        finished: dict[str, Path] = {}
+        for sibling in filter(None, map(_with_info, self.sibling_runs(run))):
+            for name, job in plan.training_jobs(sibling.cfg, sibling.dir, sibling.inputs).items():
+                if rd.is_complete(sibling.dir.model(name)):
+                    finished.setdefault(job_key(sibling, job, self.digests), sibling.dir.model(name))
+        linked = {}
+        for name, job in plan.training_jobs(full.cfg, full.dir, full.inputs).items():
+            src, dst = finished.get(job_key(full, job, self.digests)), run.dir.model(name)
+            if src is None:
+                continue
+            if not rd.is_complete(dst):
+                _link_tree(src, dst)
+            if (src / rd.COMPLETE_FILE).read_bytes() == (dst / rd.COMPLETE_FILE).read_bytes():
+                linked[name] = str(src)  # linked now or by an attempt the sweep resumes (not trained here)
+        _record(run, linked)
+
+
+# ---------------------------------------------------------------- running, status, report
+
+
+def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = None, from_stage: str | None = None,
+        report: bool = True) -> Path:
+    """`dtm run`: a plain run (`pipeline.run`), or every cell of a sweep (resuming, reusing what
+    siblings finished) and the sweep's report; -> the output directory."""
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides)
+    if not cfg.sweep.axes:
+        return run_plain(cfg, from_stage=from_stage, report=report)
+    sweep = plan_sweep(cfg)
+    for cell in sweep.cells:  # every cell runnable before any starts
+        try:
+            check_runnable(cell.cfg)
+        except ConfigError as e:
+            raise ConfigError(f"sweep cell {cell.name}: {e}") from None
+    root = rd.RunDir(Path(cfg.output_dir))
+    make_dirs(root.root, "creating the run directory (output_dir)")
+    atomic_write_json(root.config_file, cfg.model_dump(mode="json"))
+    for cell in sweep.cells:
+        print(f"== sweep cell {cell.name} ({sweep.cells.index(cell) + 1}/{len(sweep.cells)})", flush=True)
+        run_plain(cell.cfg, from_stage=from_stage, report=report, reuse=Reuser(sweep, cell))
+    if report:
+        write_sweep_report(sweep)
+    return root.root
+
+
+def write_sweep_report(sweep: Sweep) -> tuple[Path, Path]:
+    """The sweep's report.md/report.html over every cell, then its manifest (`status` reads it)."""
+    import time
+
+    from dtm.report.sweep import write_sweep_report as write
+
+    t0 = time.perf_counter()
+    md, page = write(sweep, trainings(sweep))
+    rd.RunDir(Path(sweep.cfg.output_dir)).write_manifest("report", sweep_report_hash(sweep), time.perf_counter() - t0,
+                                                         {"markdown": str(md), "html": str(page), "cells": [c.name for c in sweep.cells]})
+    print(f"sweep report: {md}  {page}")
+    return md, page
+
+
+def status(run_dir: str | Path) -> list[dict[str, Any]]:
+    """`dtm status`: a plain run's rows, or every cell's (run = `<cell>/seed-<s>`, the cell's
+    report as `<cell>`), then the sweep report's row."""
+    cfg = load_run_config(run_dir)
+    if not cfg.sweep.axes:
+        return status_of(cfg)
+    sweep = plan_sweep(cfg)
+    rows = []
+    for cell in sweep.cells:
+        rows += [r | {"run": cell.name if r["run"] == "." else f"{cell.name}/{r['run']}"} for r in status_of(cell.cfg)]
+    report = rd.RunDir(Path(cfg.output_dir)).manifest("report")
+    done = report is not None and report.get("hash") == sweep_report_hash(sweep)
+    rows.append({"run": ".", "stage": "sweep report", "state": "done" if done else ("stale" if report else "pending"),
+                 "seconds": report.get("seconds") if report else None, "finished": report.get("finished") if report else None})
+    return rows
+
+
+def sweep_report_hash(sweep: Sweep) -> str:
+    """The sweep report reads every cell's evaluation: its hash covers every cell's report hash."""
+    from dtm.pipeline import report_hash
+
+    blob = json.dumps({c.name: report_hash(c.cfg) for c in sweep.cells}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_report(run_dir: str | Path, console: Any = None, partial: bool = False) -> tuple[Path, Path]:
+    """`dtm report`: a plain run's report, or (for a sweep) every cell's and the sweep's."""
+    cfg = load_run_config(run_dir)
+    if not cfg.sweep.axes:
+        return write_plain_report(run_dir, console, partial)
+    sweep = plan_sweep(cfg)
+    for cell in sweep.cells:
+        write_plain_report(cell.cfg.output_dir, None, partial)
+    return write_sweep_report(sweep)
+
+
+def trainings(sweep: Sweep) -> dict[str, int]:
+    """How many models the cells' train stages list, and how many of them were linked from a sibling
+    (the rest were trained), over every cell and seed run that finished its train stage."""
+    planned = linked = 0
+    for cell in sweep.cells:
+        for seed_run in seed_runs(cell.cfg):
+            models = seed_run.dir.outputs("train").get("models", [])
+            reused = seed_run.dir.reused()
+            planned += len(models)
+            linked += sum(1 for m in models if m in reused)
+    return {"planned": planned, "linked": linked, "trained": planned - linked}
+

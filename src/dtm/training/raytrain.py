@@ -1,0 +1,103 @@
+"""One model trained data-parallel over several Ray Train workers (`train.workers_per_model` > 1).
+
+For a sub-model too large or too slow for one device. Ray Train's `TorchTrainer` starts
+`workers_per_model` worker processes (one GPU each where the cluster has GPUs, else CPUs),
+sets up `torch.distributed` among them (NCCL on GPUs, gloo on CPUs) and the variables the
+Hugging Face Trainer reads (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`). Each worker then runs the
+very same job function as a single-process run (`executors.train_job_here`, hence
+`sft.train_model`): the Trainer sees the process group and wraps the model in DDP, shards
+each global batch over the workers and averages the gradients; only the first worker writes
+the model directory (`train_model`). So there is no second training loop here, only the
+launch. The global batch is `workers_per_model x per_device_train_batch_size x
+gradient_accumulation_steps`.
+
+Why Ray Train and not `torchrun`: the Ray executor already places jobs on a Ray cluster;
+Ray Train places the workers of one job (a placement group, spread over nodes as needed) and
+reports a worker's failure as an exception of the `fit()` call, which our one retry policy
+(`executors.Retries`) handles like any other failed job (resuming from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dtm.errors import DtmError, TrainingError
+from dtm.rundir import RAY_TRAIN_DIR
+
+log = logging.getLogger(__name__)
+
+
+def _worker_loop(spec: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: the single-process job, under the process group Ray set up."""
+    spec["train_here"](spec["job"], spec["config"], spec["base"], threads=spec["threads"], progress=False)
+
+
+def first_cause(error: BaseException) -> BaseException:
+    """The workers' own exception inside Ray Train's wrapper (the lowest-ranked worker's), so a
+    user error (`DtmError`) stays one and is not retried."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        inner = failures[min(failures)]
+        return getattr(inner, "cause", None) or inner
+    return getattr(error, "controller_failure", None) or error
+
+
+def train_data_parallel(train_here: Callable[..., None], job: Any, config: Any, base: str, threads: int | None = None) -> None:
+    """Run `train_here(job, config, base, threads=, progress=)` (`executors.train_job_here`, given
+    by the caller so that this module needs nothing from the executors) on each of
+    `config.train.workers_per_model` Ray Train workers: one model, trained data-parallel.
+
+    Starts a local Ray instance when none is running (as the Ray executor does), and uses GPUs
+    only where the cluster has them. A workers' `DtmError` is raised as itself (a user error:
+    final); any other failure as Ray Train's exception, which the caller's `Retries` retries.
+    """
+    try:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError:
+        raise TrainingError("train.workers_per_model > 1 trains with Ray Train: pip install 'disperse-then-merge[ray]'") from None
+    t = config.train
+    storage = Path(job.out) / RAY_TRAIN_DIR
+    with ray_session(t.ray_address) as ray:
+        gpu = t.num_gpus_per_model > 0 and ray.cluster_resources().get("GPU", 0) > 0
+        cpus = max(1.0, t.num_cpus_per_model / t.workers_per_model) if not gpu else t.num_cpus_per_model
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"train_here": train_here, "job": job, "config": config, "base": base, "threads": threads or max(1, int(cpus))},
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=t.workers_per_model, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
+            # max_failures=0: `executors.Retries` is the only retry loop, as for Ray tasks
+            run_config=RunConfig(name=job.name, storage_path=str(storage.resolve()), failure_config=FailureConfig(max_failures=0)),
+        )
+        try:
+            trainer.fit()
+        except DtmError:
+            raise
+        except Exception as e:
+            cause = first_cause(e)
+            if isinstance(cause, DtmError):
+                raise cause from None
+            raise
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)  # Ray Train's run records; the model has its own checkpoints
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """The `ray` module, connected: to the running instance, else to `ray.init(address)` (None
+    starts a local one), which is shut down again at the end."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
