@@ -117,7 +117,12 @@ class TrainConfig(Section):
     keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after training finishes (they hold optimizer state).")
     fraction_eval_samples: int = Field(256, ge=1, description="Training examples whose loss is recorded at each save_fractions snapshot.")
     logging_steps: int = Field(10, ge=1)
-    executor: Literal["local", "ray"] = "local"
+    executor: Literal["joint", "local", "ray"] = Field(
+        "joint",
+        description="joint: models of one shape (full fine-tuning, plain SFT: sub-models, short, soup ingredients, vanilla) "
+        "trained together in one process (dtm.training.joint), the rest as with local; local: one model per process "
+        "or in turn; ray: Ray tasks.",
+    )
     num_workers: int = Field(1, ge=1, description="local executor on CPU: sub-models trained side by side, one process per core.")
     ray_address: str | None = None
     num_gpus_per_model: float = Field(1.0, ge=0)

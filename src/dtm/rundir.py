@@ -178,6 +178,24 @@ def fractions_file(model_dir: str | Path) -> Path:
     return Path(model_dir) / FRACTION_DIR / FRACTIONS_FILE
 
 
+JOINT_CHECKPOINT_PREFIX = "joint-"
+
+
+def joint_checkpoint_dir(model_dir: str | Path, step: int) -> Path:
+    """A model's checkpoint written by the joint executor after `step`: `checkpoints/joint-<step>/`."""
+    return Path(model_dir) / CHECKPOINT_DIR / f"{JOINT_CHECKPOINT_PREFIX}{step}"
+
+
+def joint_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every joint checkpoint of a model, oldest first (unfinished ones included)."""
+    found = []
+    for d in (Path(model_dir) / CHECKPOINT_DIR).glob(JOINT_CHECKPOINT_PREFIX + "*"):
+        tail = d.name.removeprefix(JOINT_CHECKPOINT_PREFIX)
+        if tail.isdigit():
+            found.append((int(tail), d))
+    return sorted(found)
+
+
 # ---------------------------------------------------------------- manifests
 
 MANIFEST_DIR = "manifests"

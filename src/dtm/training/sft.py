@@ -438,6 +438,13 @@ class FractionCallback(TrainerCallback):
         self._record(row)
 
 
+def fraction_sample(examples: list[Example], seed: int, n: int) -> list[Example]:
+    """The fixed sample of training examples whose loss every `save_fractions` snapshot records
+    (a function of the seed alone, so the joint executor draws the same one)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    return [examples[i] for i in order[:n].tolist()]
+
+
 # ---------------------------------------------------------------- arguments
 
 
@@ -563,8 +570,7 @@ def train_model(
     resume_step = int(resume.name.split("-")[1]) if resume else 0
     prior = Totals.of_checkpoint(resume)
     args = training_arguments(config, out, seed, precision, progress)
-    sample_rng = torch.Generator().manual_seed(seed)  # SFT examples only, not replay text
-    train_sample = [examples_sft[i] for i in torch.randperm(n_sft, generator=sample_rng)[: t.fraction_eval_samples].tolist()]
+    train_sample = fraction_sample(examples_sft, seed, t.fraction_eval_samples)  # SFT examples only, not replay text
     trainer = DtmTrainer(
         model=model,
         args=args,

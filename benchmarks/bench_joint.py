@@ -1,0 +1,241 @@
+"""The joint executor (`train.executor: joint`) against today's executors.
+
+lab: the lab's K=4 full-FT sub-models (the demo's recipe, `lab.SFT_RECIPE`: 12 epochs of a
+quarter of the 2,600 training examples, 492 steps each) trained by
+  pool     `executor: local`, 2 one-thread processes (what the demo did before),
+  joint-2  `executor: joint`, 2 one-thread processes, a joint group of 2 in each,
+  joint-1  `executor: joint`, one process, one thread, a joint group of 4.
+Wall time of `train_jobs` (loading, saving, snapshots included) and optimizer steps per
+second; the load average is recorded with each timing, the modes alternate, best of
+`--repeats` (load only ever slows a run down). The pool is warmed up first (the demo starts
+its pool once per run).
+
+lora: K=4 LoRA adapters (r=16 on gate/up/down, the paper's setting) on SmolLM2-135M
+(`~/.cache/dtm/smollm2-135m`, made by benchmarks/real_model.py; else a Llama config of that
+shape with random weights), `--steps` steps of batch 2 each, trained
+  joint    one process (2 threads): one base, 4 adapters stepped together,
+  turn     one process (2 threads): `train_model` 4 times in turn,
+  procs    4 one-thread processes side by side (peak RSS: the sum of the 4 peaks),
+each in fresh processes: wall, tokens/s (real tokens trained / wall), peak RSS.
+
+GPU check (`--device cuda --quick`, under 2 minutes on one GPU): the same K=4 lab sub-models
+for 2 epochs, in turn with the Trainer and as one joint job, both in fp32 on the GPU: the
+largest weight difference (must stay under 1e-4) and both wall times. `gpu_check()` is the
+function a GPU script calls.
+
+    .venv/bin/python benchmarks/bench_joint.py lab [--epochs 12] [--repeats 3]
+    .venv/bin/python benchmarks/bench_joint.py lora [--steps 4] [--repeats 2]
+    .venv/bin/python benchmarks/bench_joint.py --device cuda --quick [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_train_common import RESULTS, bench_config, machine, save_base, synthetic_data
+from safetensors.torch import load_file
+
+from dtm import lab
+from dtm.config import ExperimentConfig
+from dtm.data.formats import load_conversations
+from dtm.dispersal import disperse, portion_path
+from dtm.io import atomic_write_json
+from dtm.rundir import training_summary
+from dtm.training.executors import train_jobs, worker_pool
+
+K = 4
+
+
+def lab_setup(work: Path, epochs: float) -> tuple[ExperimentConfig, Path, list[Path]]:
+    """The demo's data (seed 1, 2,600 training examples) in K random portions, and its recipe."""
+    path = lab.write_sft_data(work / "sft.jsonl", seed=1)
+    convs = load_conversations(path, format="auto", source_field="source").conversations[:2600]
+    disperse(convs, k=K, out=work / "portions", seed=0, progress=False)
+    cfg = ExperimentConfig(seed=1)
+    base = lab.base_model_dir()
+    cfg.model.model_name_or_path = str(base)
+    for key, value in lab.DATA_RECIPE.items():
+        setattr(cfg.data, key, value)
+    for key, value in (lab.SFT_RECIPE | {"num_train_epochs": epochs, "logging_steps": 50, "save_steps": 10_000}).items():
+        setattr(cfg.train, key, value)
+    return cfg, base, [portion_path(work / "portions", i) for i in range(K)]
+
+
+def timed(cfg: ExperimentConfig, base: Path, portions: list[Path], out: Path, executor: str, workers: int) -> dict:
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.executor, cfg.train.num_workers = executor, workers
+    load = [round(x, 2) for x in os.getloadavg()]
+    started = time.perf_counter()
+    train_jobs(cfg, base, {f"sub-{i + 1}": {"data": str(p), "seed": cfg.seed} for i, p in enumerate(portions)}, out)
+    wall = time.perf_counter() - started
+    steps = sum(training_summary(out / f"sub-{i + 1}")["steps"] for i in range(len(portions)))
+    shutil.rmtree(out)
+    return {"wall_s": round(wall, 2), "steps": steps, "steps_per_s": round(steps / wall, 1), "load_avg_before": load}
+
+
+def bench_lab(epochs: float, repeats: int) -> dict:
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="bench-joint-"))
+    cfg, base, portions = lab_setup(work, epochs)
+    pool = worker_pool(2)
+    for f in [pool.submit(exec, "import dtm.training.joint") for _ in range(4)]:
+        f.result()  # workers started and torch imported, as in a running demo
+    modes = {"pool": ("local", 2), "joint-2": ("joint", 2), "joint-1": ("joint", 1)}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(repeats):
+        for mode, (executor, workers) in modes.items():
+            runs[mode].append(timed(cfg, base, portions, work / f"{mode}-{r}", executor, workers))
+            print(f"repeat {r} {mode}: {runs[mode][-1]}", flush=True)
+    best = {m: min(v, key=lambda x: x["wall_s"]) for m, v in runs.items()}
+    shutil.rmtree(work, ignore_errors=True)
+    return {"epochs": epochs, "k": K, "runs": runs, "best": best,
+            "speedup_joint2_vs_pool": round(best["pool"]["wall_s"] / best["joint-2"]["wall_s"], 2),
+            "speedup_joint1_vs_pool": round(best["pool"]["wall_s"] / best["joint-1"]["wall_s"], 2)}
+
+
+SMOLLM = Path.home() / ".cache" / "dtm" / "smollm2-135m"
+
+
+def lora_config(base: Path, steps: int) -> ExperimentConfig:
+    cfg = bench_config(max_steps=steps, per_device_train_batch_size=2, logging_steps=1, finetuning_type="lora", packing=False)
+    cfg.data.cutoff_len = 128
+    cfg.model.model_name_or_path = str(base)
+    return cfg
+
+
+def lora_child(mode: str, base: Path, work: Path, steps: int, index: int) -> None:
+    """One measured run in this fresh process; prints its peak RSS (MiB) and real tokens trained."""
+    from dtm.training.joint import JointJob, train_joint
+    from dtm.training.sft import train_model
+
+    torch.set_num_threads(1 if mode == "one" else 2)
+    cfg = lora_config(base, steps)
+    portions = [portion_path(work / "portions", i) for i in range(K)]
+    out = work / f"{mode}-{os.getpid()}"
+    if mode == "joint":
+        dirs = train_joint(base, [JointJob(f"sub-{i + 1}", p, out / f"sub-{i + 1}", cfg.seed, cfg) for i, p in enumerate(portions)],
+                           progress=False)
+    elif mode == "turn":
+        dirs = [train_model(base, p, out / f"sub-{i + 1}", cfg, progress=False) for i, p in enumerate(portions)]
+    else:
+        dirs = [train_model(base, portions[index], out / f"sub-{index + 1}", cfg, progress=False)]
+    tokens = sum(training_summary(d)["trained_tokens"] for d in dirs)
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens}))
+
+
+def lora_run(mode: str, base: Path, work: Path, steps: int) -> dict:
+    """Wall, tokens/s and peak RSS of one mode, in fresh child processes."""
+    cmd = [sys.executable, __file__, "--child", "{mode}", "--base", str(base), "--work", str(work), "--steps", str(steps)]
+    load = [round(x, 2) for x in os.getloadavg()]
+    started = time.perf_counter()
+    if mode == "procs":
+        procs = [subprocess.Popen([c.format(mode="one") for c in cmd] + ["--index", str(i)], stdout=subprocess.PIPE, text=True)
+                 for i in range(K)]
+        rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    else:
+        res = subprocess.run([c.format(mode=mode) for c in cmd], capture_output=True, text=True, check=True)
+        rows = [json.loads(res.stdout.strip().splitlines()[-1])]
+    wall = time.perf_counter() - started
+    tokens = sum(r["tokens"] for r in rows)
+    return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+            "peak_rss_mib": round(sum(r["peak_rss_mib"] for r in rows)), "load_avg_before": load}
+
+
+def bench_lora(steps: int, repeats: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench-joint-lora-"))
+    if (SMOLLM / "dtm_source.json").is_file():
+        base, model = SMOLLM, "SmolLM2-135M (converted, benchmarks/real_model.py)"
+    else:  # the same shape, random weights
+        base, _ = save_base(work / "base", hidden=576, layers=30, vocab=49152, intermediate=1536, heads=9, tie=True)
+        model = "Llama config of SmolLM2-135M's shape (random weights)"
+    disperse(synthetic_data(K * steps * 2, seed=1, mean_words=12, spread=0.5, max_words=60), k=K, out=work / "portions",
+             seed=0, progress=False)
+    runs: dict[str, list[dict]] = {m: [] for m in ("joint", "turn", "procs")}
+    for r in range(repeats):
+        for mode in runs:
+            runs[mode].append(lora_run(mode, base, work, steps))
+            print(f"lora repeat {r} {mode}: {runs[mode][-1]}", flush=True)
+    best = {m: max(v, key=lambda x: x["tokens_per_s"]) for m, v in runs.items()}
+    other = max(best["turn"]["tokens_per_s"], best["procs"]["tokens_per_s"])
+    shutil.rmtree(work, ignore_errors=True)
+    return {"model": model, "k": K, "steps_per_model": steps, "batch": 2, "lora": "r=16 on gate/up/down", "runs": runs,
+            "best": best, "tokens_per_s_joint_vs_best_other": round(best["joint"]["tokens_per_s"] / other, 2),
+            "peak_rss_joint_vs_procs": round(best["joint"]["peak_rss_mib"] / best["procs"]["peak_rss_mib"], 2)}
+
+
+def gpu_check(out_dir: Path | None = None, epochs: float = 2.0) -> dict:
+    """K=4 lab sub-models in turn (Trainer) and as one joint job on the GPU, fp32: weight
+    difference and wall times. Raises AssertionError if they differ by 1e-4 or more."""
+    from dtm.training.joint import JointJob, train_joint
+    from dtm.training.sft import train_model
+
+    assert torch.cuda.is_available(), "gpu_check needs a CUDA device"
+    work = Path(tempfile.mkdtemp(prefix="gpu-joint-"))
+    cfg, base, portions = lab_setup(work, epochs)
+    cfg.train.bf16 = False  # the joint step is fp32; so is the reference
+    started = time.perf_counter()
+    separate = [train_model(base, p, work / f"separate-{i}", cfg, progress=False) for i, p in enumerate(portions)]
+    separate_s = time.perf_counter() - started
+    started = time.perf_counter()
+    joint = train_joint(base, [JointJob(f"sub-{i + 1}", p, work / f"joint-{i}", cfg.seed, cfg) for i, p in enumerate(portions)],
+                        progress=False)
+    joint_s = time.perf_counter() - started
+    diff = 0.0
+    for a, b in zip(separate, joint, strict=True):
+        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        diff = max(diff, *(float((wa[n] - wb[n]).abs().max()) for n in wa))
+    steps = sum(training_summary(j)["steps"] for j in joint)
+    result = {"device": torch.cuda.get_device_name(0), "k": K, "epochs": epochs, "steps": steps,
+              "separate_s": round(separate_s, 2), "joint_s": round(joint_s, 2), "speedup": round(separate_s / joint_s, 2),
+              "max_weight_difference": diff, "tolerance": 1e-4, "machine": machine()}
+    shutil.rmtree(work, ignore_errors=True)
+    if out_dir is not None:
+        atomic_write_json(Path(out_dir) / "bench_joint_gpu.json", result)
+    print(json.dumps(result), flush=True)
+    assert diff < 1e-4, f"joint and separate training differ by {diff} on the GPU"
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="?", choices=["lab", "lora", "all"], default="all")
+    ap.add_argument("--epochs", type=float, default=12.0)
+    ap.add_argument("--steps", type=int, default=4, help="lora: optimizer steps per adapter")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--quick", action="store_true", help="with --device cuda: the GPU check (2 epochs, under 2 minutes)")
+    ap.add_argument("--out", type=Path, default=None, help="where the GPU check writes bench_joint_gpu.json")
+    ap.add_argument("--child")
+    ap.add_argument("--base", type=Path)
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--index", type=int, default=0)
+    a = ap.parse_args()
+    if a.child:
+        return lora_child(a.child, a.base, a.work, a.steps, a.index)
+    if a.device == "cuda":
+        gpu_check(a.out, epochs=2.0 if a.quick else a.epochs)
+        return
+    path = RESULTS / "bench_joint.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if a.what in ("lab", "all"):
+        result["lab"] = bench_lab(a.epochs, a.repeats)
+    if a.what in ("lora", "all"):
+        result["lora"] = bench_lora(a.steps, a.repeats)
+    result["machine"] = machine()
+    atomic_write_json(path, result)
+    print(json.dumps({k: v["best"] for k, v in result.items() if isinstance(v, dict) and "best" in v}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,720 @@
+"""Train several models of one shape in one process: K stacked parameter sets stepped together.
+
+The lab's sub-models are tiny (0.24M parameters), so a training step costs mostly per-operation
+overhead (17.5 ms a step against about 4 ms of arithmetic, `benchmarks/bench_train_overhead.py`).
+K models stepped together pay that overhead once: every trainable weight is held as one tensor
+of shape [K, ...], a forward pass is one batched matmul per layer over the K models' batches,
+and one backward gives every model its own gradient (the K losses are summed; model k's loss
+depends only on row k of each stacked weight). Frozen weights (the lab's embeddings) are held
+once.
+
+Each model keeps exactly the semantics of its separate training by `sft.train_model` (the HF
+`Trainer`): its own portion, in the order the Trainer's sampler gives it (`batch_order`: the
+seeded `SeedableRandomSampler` accelerate installs, reseeded with seed + epoch), its own batches
+from the same collator, the Trainer's loss normalisation (summed token loss over the labelled
+tokens of the whole optimizer step), its own gradient-norm clipping, its own AdamW state and
+learning-rate schedule (`transformers.get_scheduler`, warmup as `TrainingArguments` computes
+it). A model whose data ends earlier stops and is saved while the others go on. Outputs are
+the ordinary model directories (`save_pretrained`, tokenizer, `train_log.jsonl`, `fractions/`,
+`training_complete.json` last), so later stages read them unchanged. Each model checkpoints
+into its own `checkpoints/joint-<step>/` (atomically), so a killed job resumes every model
+from its own last checkpoint, and the models need not be at the same step.
+
+Why our own batched forward and not `torch.func.vmap` over the HF model: the HF Llama builds
+its attention mask with data-dependent Python control flow (packed-sequence detection), which
+vmap cannot trace. The forward here is the Llama architecture written with batched matmuls
+(`supported_model`: the checks that keep it equal to transformers'); a test compares its
+trained weights with the Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from dtm.config import ExperimentConfig
+from dtm.data.template import IGNORE_INDEX
+from dtm.errors import TrainingError
+from dtm.io import atomic_directory, atomic_write_json, make_dirs
+from dtm.rundir import CHECKPOINT_DIR, LOG_FILE, is_complete, joint_checkpoint_dir, joint_checkpoints
+from dtm.training.batches import REAL_TOKENS, Example, make_collator
+from dtm.training.sft import (
+    FractionCallback,
+    JsonlLogCallback,
+    apply_lora,
+    as_conversations,
+    choose_precision,
+    fraction_sample,
+    freeze_modules,
+    load_base,
+    save_final,
+    sft_examples,
+    training_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JointJob:
+    """One model of a joint job: what `executors.Job` says, with its config resolved."""
+
+    name: str
+    data: str | Path
+    out: Path
+    seed: int
+    config: ExperimentConfig  # the job's config (its `train` overrides applied)
+    val_data: str | Path | None = None
+
+
+# ---------------------------------------------------------------- which models may join
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the batched forward's adapters
+
+
+def joinable(config: ExperimentConfig, baseline: str | None) -> bool:
+    """A job can join a joint job: plain SFT (a sub-model, vanilla, short, a soup ingredient),
+    full fine-tuning or LoRA on the layers' projections, random batches. Penalties (L2/EWC),
+    replay and curation keep the Trainer. On a GPU the Trainer trains in mixed precision and
+    the joint step in fp32 only, so there a job joins only with `train.bf16: false`."""
+    t = config.train
+    shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
+    plain = (baseline in (None, "vanilla") and shape_ok and not t.group_by_length and not t.gradient_checkpointing
+             and t.workers_per_model <= 1)
+    return plain and (not torch.cuda.is_available() or (t.bf16 is False and not t.fp16))
+
+
+def shape_key(config: ExperimentConfig) -> tuple:
+    """Jobs with equal keys have parameters of one shape and can be stacked."""
+    t = config.train
+    lora = t.lora.model_dump() if t.finetuning_type == "lora" else None
+    return (config.model.model_name_or_path, t.finetuning_type, tuple(t.freeze_modules), json.dumps(lora, sort_keys=True))
+
+
+def supported_model(model_config: Any) -> str | None:
+    """Why the batched forward cannot stand in for this model (None: it can)."""
+    c = model_config
+    rope = getattr(c, "rope_parameters", None) or {}
+    checks = {
+        "model_type is llama": c.model_type == "llama",
+        "hidden_act is silu": getattr(c, "hidden_act", None) == "silu",
+        "no attention bias": not getattr(c, "attention_bias", False),
+        "no MLP bias": not getattr(c, "mlp_bias", False),
+        "default RoPE": rope.get("rope_type", "default") == "default",
+        "no attention dropout": not getattr(c, "attention_dropout", 0.0),
+        "pretraining_tp is 1": getattr(c, "pretraining_tp", 1) == 1,
+    }
+    failed = [k for k, ok in checks.items() if not ok]
+    return None if not failed else "the joint executor's batched forward needs " + ", ".join(failed)
+
+
+# ---------------------------------------------------------------- the Trainer's batch order and schedule
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each batch of `epoch`, as the HF Trainer draws them.
+
+    The Trainer's dataloader goes through accelerate, which replaces the `RandomSampler` by a
+    `SeedableRandomSampler(data_seed=seed)` whose generator is reseeded with seed + epoch at
+    each epoch (`Trainer._inner_training_loop` calls `set_epoch(epoch)`); batches are
+    consecutive slices, the last one short. `test_batch_order_is_the_trainers` checks it
+    against a real Trainer's dataloader.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@dataclass
+class Schedule:
+    """A model's steps as the Trainer counts them, and the learning rate at each."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    lr: list[float]  # lr[s]: the learning rate of optimizer step s (0-based)
+
+    def micro_batches(self, step: int, ga: int) -> tuple[int, list[int]]:
+        """(epoch, batch indices within the epoch) of optimizer step `step`."""
+        epoch, u = divmod(step, self.steps_per_epoch)
+        return epoch, list(range(u * ga, min((u + 1) * ga, self.batches_per_epoch)))
+
+    def epoch_after(self, step: int, ga: int) -> float:
+        """`TrainerState.epoch` once `step` optimizer steps are done."""
+        if step == 0:
+            return 0.0
+        epoch, batches = self.micro_batches(step - 1, ga)
+        return epoch + (batches[-1] + 1) / self.batches_per_epoch
+
+
+def schedule(n_examples: int, config: ExperimentConfig, out: Path, seed: int) -> Schedule:
+    """Steps and learning rates exactly as `Trainer.train` sets them up for this job."""
+    from transformers import get_scheduler
+
+    t = config.train
+    batches = math.ceil(n_examples / t.per_device_train_batch_size)
+    per_epoch = max(batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0), 1)
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    args = training_arguments(config, out, seed, choose_precision(config), progress=False)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
+    sched = get_scheduler(t.lr_scheduler_type, dummy, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total)
+    lrs = [t.learning_rate * sched.lr_lambdas[0](s) for s in range(total)]
+    return Schedule(batches, per_epoch, total, lrs)
+
+
+# ---------------------------------------------------------------- the batched Llama forward
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [K, N, in] times a stacked weight [K, out, in] or a shared one [out, in]."""
+    return torch.bmm(x, w.transpose(1, 2)) if w.dim() == 3 else x @ w.T
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm, with a stacked [K, D] or shared [D] weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (w[:, None, :] if w.dim() == 2 else w) * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attention_mask(position_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask: causal within a segment, and each token sees itself.
+
+    Segments are transformers' packed sequences (a new one wherever a position does not follow
+    the previous one) or, for padded batches, real tokens vs padding. The diagonal keeps a
+    row of padding from being fully masked (a NaN in the softmax); padding is never a key of
+    a real token, so it changes nothing that the loss sees.
+    """
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    eye = torch.eye(t, dtype=torch.bool, device=position_ids.device)
+    return ((causal & same) | eye)[:, None]
+
+
+@dataclass
+class Lora:
+    """LoRA's scale (alpha / r) and dropout, as PEFT applies them: W x + B A dropout(x) * scale."""
+
+    scale: float
+    dropout: float
+
+
+def _proj(x: torch.Tensor, params: dict[str, torch.Tensor], name: str, lora: Lora | None) -> torch.Tensor:
+    """A projection layer: its (shared or stacked) weight, plus model k's adapter when it has one."""
+    y = _linear(x, params[name + ".weight"])
+    a = params.get(name + ".lora_A")
+    if a is None or lora is None:
+        return y
+    x = F.dropout(x, lora.dropout) if lora.dropout else x
+    return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), params[name + ".lora_B"].transpose(1, 2)) * lora.scale
+
+
+def llama_logits(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 segments: torch.Tensor, lora: Lora | None = None) -> torch.Tensor:
+    """Logits [K, B*T, V] of K Llama models on their own batches (input_ids [K, B, T]).
+
+    Every weight in `params` is stacked [K, ...] (trained) or shared (frozen, held once);
+    `<layer>.lora_A` [K, r, in] and `<layer>.lora_B` [K, out, r] are the K models' adapters
+    (LoRA: the base's matmul runs once over all K batches, each adapter on its own model's rows).
+    The same operations as transformers' `LlamaForCausalLM` with sdpa attention (and PEFT's LoRA).
+    """
+    k, b, t = input_ids.shape
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    emb = params["model.embed_tokens.weight"]
+    h = emb[torch.arange(k, device=emb.device)[:, None, None], input_ids] if emb.dim() == 3 else F.embedding(input_ids, emb)
+    h = h.reshape(k, b * t, -1)
+    theta = cfg.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=h.device) / hd))
+    freqs = position_ids.reshape(k * b, t)[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [K*B, 1, T, hd]
+    cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
+    mask = attention_mask(position_ids.reshape(k * b, t), segments.reshape(k * b, t))
+    eps = cfg.rms_norm_eps
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        x = _rms_norm(h, params[p + "input_layernorm.weight"], eps)
+        q = _proj(x, params, p + "self_attn.q_proj", lora).view(k * b, t, heads, hd).transpose(1, 2)
+        kk = _proj(x, params, p + "self_attn.k_proj", lora).view(k * b, t, kv_heads, hd).transpose(1, 2)
+        v = _proj(x, params, p + "self_attn.v_proj", lora).view(k * b, t, kv_heads, hd).transpose(1, 2)
+        q, kk = q * cos + _rotate_half(q) * sin, kk * cos + _rotate_half(kk) * sin
+        if kv_heads != heads:
+            kk, v = kk.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+        a = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=hd**-0.5)
+        h = h + _proj(a.transpose(1, 2).reshape(k, b * t, heads * hd), params, p + "self_attn.o_proj", lora)
+        x = _rms_norm(h, params[p + "post_attention_layernorm.weight"], eps)
+        gate = _proj(x, params, p + "mlp.gate_proj", lora)
+        h = h + _proj(F.silu(gate) * _proj(x, params, p + "mlp.up_proj", lora), params, p + "mlp.down_proj", lora)
+    h = _rms_norm(h, params["model.norm.weight"], eps)
+    return _linear(h, params.get("lm_head.weight", emb))
+
+
+def stack_batches(batches: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """K collated batches (packed: position_ids; padded: attention_mask) padded to one
+    [K, B, T] shape. Added positions are padding: label -100, a segment of their own."""
+    rows = max(x["input_ids"].shape[0] for x in batches)
+    width = max(x["input_ids"].shape[1] for x in batches)
+    k = len(batches)
+    ids = torch.full((k, rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((k, rows, width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.arange(width).repeat(k, rows, 1)
+    seg = torch.full((k, rows, width), -1, dtype=torch.long)
+    for i, x in enumerate(batches):
+        r, w = x["input_ids"].shape
+        ids[i, :r, :w], labels[i, :r, :w] = x["input_ids"], x["labels"]
+        if "position_ids" in x:  # packed: a new segment wherever the position does not follow on
+            p = x["position_ids"]
+            pos[i, :r, :w] = p
+            starts = torch.ones_like(p, dtype=torch.bool)
+            starts[:, 1:] = p[:, 1:] != p[:, :-1] + 1
+            seg[i, :r, :w] = starts.long().cumsum(-1)
+        else:  # padded: positions 0..T-1 (no position_ids given), real tokens one segment
+            seg[i, :r, :w] = x["attention_mask"]
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": seg}
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy per model ([K]), labels [K, B, T] shifted as transformers does."""
+    k = labels.shape[0]
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(k, -1)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+                         reduction="none")
+    return ce.view(k, -1).sum(1)
+
+
+# ---------------------------------------------------------------- the K models' weights and AdamW
+
+
+@dataclass
+class Stack:
+    """The trained weights of K models as one [K, P] buffer (one row per model), their
+    gradients and AdamW's moments alike, and the frozen weights once.
+
+    One buffer, so that clipping and the AdamW update are a dozen operations per step over
+    all weights (as torch's fused AdamW does for one model), not a dozen per weight tensor.
+    Autograd sees one leaf per weight, a view into the buffer whose `.grad` is a view into
+    the gradient buffer: a flat leaf sliced in the forward would cost a buffer-sized zero
+    fill and add per weight in the backward (measured: 60% of a lab step).
+    """
+
+    flat: torch.Tensor  # [K, P]
+    grad: torch.Tensor  # [K, P]
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    layout: dict[str, tuple[int, int, torch.Size]]  # trained weight -> (start, end, shape) in a row
+    shared: dict[str, torch.Tensor]  # frozen weights, held once
+    decay: torch.Tensor  # [P]: 1 where weight decay applies (not biases and norms, as the Trainer)
+    names: dict[str, str]  # a trained weight's name in the carrier -> its name in `llama_logits`
+    leaves: dict[str, torch.Tensor] = field(default_factory=dict)  # forward name -> [K, ...] view of `flat`
+
+    def __post_init__(self) -> None:
+        for n, (a, b, shape) in self.layout.items():
+            leaf = self.flat[:, a:b].view(-1, *shape).requires_grad_()
+            leaf.grad = self.grad[:, a:b].view(-1, *shape)
+            self.leaves[self.names[n]] = leaf
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, rows: Sequence[dict[str, torch.Tensor]], decayed: set[str]) -> Stack:
+        """The stack of len(rows) models: model k starts from rows[k] (its trained weights by
+        name; for LoRA its own adapter initialisation), the frozen weights from `model`."""
+        named = dict(model.named_parameters())
+        layout, start = {}, 0
+        for n, p in named.items():
+            if p.requires_grad:
+                layout[n] = (start, start + p.numel(), p.shape)
+                start += p.numel()
+        flat = torch.stack([torch.cat([r[n].reshape(-1) for n in layout]) for r in rows]).to(next(model.parameters()).device)
+        decay = torch.cat([torch.full((named[n].numel(),), float(n in decayed), device=flat.device) for n in layout])
+        return cls(flat, torch.zeros_like(flat), torch.zeros_like(flat), torch.zeros_like(flat), layout,
+                   {forward_name(n): p.detach() for n, p in named.items() if n not in layout}, decay,
+                   {n: forward_name(n) for n in layout})
+
+    def weights(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every weight by name for `llama_logits`: trained ones [k, ...] for the rows (models) given."""
+        # contiguous copies (a few MiB for the lab): batched matmuls on rows P apart ran 2x slower
+        return self.shared | {n: (leaf.contiguous() if rows is None else leaf[rows]) for n, leaf in self.leaves.items()}
+
+    def gradients(self) -> torch.Tensor:
+        """The gradient buffer after a backward (autograd adds into each leaf's `.grad` view in
+        place; should it ever replace one, its values are copied back)."""
+        for n, (a, b, _) in self.layout.items():
+            g = self.leaves[self.names[n]].grad
+            if g.data_ptr() != self.grad[:, a:b].data_ptr():
+                self.grad[:, a:b] = g.reshape(g.shape[0], -1)
+                self.leaves[self.names[n]].grad = self.grad[:, a:b].view(g.shape)
+        return self.grad
+
+    def row(self, i: int) -> dict[str, torch.Tensor]:
+        """Model i's trained weights by their names in the carrier (views)."""
+        return {n: self.flat[i, a:b].view(shape) for n, (a, b, shape) in self.layout.items()}
+
+
+def forward_name(name: str) -> str:
+    """A carrier parameter's name in `llama_logits`: PEFT's `base_model.model.X.base_layer.weight`
+    is X.weight, `X.lora_A.default.weight` is X.lora_A."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    for part in ("lora_A", "lora_B"):
+        name = name.replace(f".{part}.default.weight", f".{part}")
+    return name
+
+
+def adamw_rows(s: Stack, rows: torch.Tensor | None, grad: torch.Tensor, lr: Sequence[float], step: Sequence[int],
+               beta1: Sequence[float], beta2: Sequence[float], eps: Sequence[float], wd: Sequence[float]) -> None:
+    """`torch.optim.AdamW`'s update, in place, on the rows (models) `rows` of the stack, each
+    row with its own hyperparameters and step count (the same formula and op order as torch's
+    single-tensor AdamW; written here because torch's optimizer keeps one learning rate and
+    step count per tensor, and a row is a model). `grad` holds the rows' clipped gradients."""
+    p, m, v = (t if rows is None else t[rows] for t in (s.flat, s.exp_avg, s.exp_avg_sq))
+
+    def col(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=p.dtype, device=p.device)[:, None]
+
+    lr_t, b1, b2 = col(lr), col(beta1), col(beta2)
+    p.mul_(1 - lr_t * col(wd) * s.decay)
+    m.lerp_(grad, 1 - b1)
+    v.mul_(b2).addcmul_(grad, grad * (1 - b2))
+    bc1 = 1 - b1 ** col(step)
+    bc2_sqrt = (1 - b2 ** col(step)).sqrt()
+    denom = (v.sqrt() / bc2_sqrt).add_(col(eps))
+    p.sub_(lr_t / bc1 * m / denom)
+    if rows is not None:
+        s.flat[rows], s.exp_avg[rows], s.exp_avg_sq[rows] = p, m, v
+
+
+# ---------------------------------------------------------------- memory model
+
+
+def memory_plan(n_params: int, trainable: int, k: int, tokens: int, model_config: Any, bytes_per: int = 4) -> dict[str, int]:
+    """Bytes a joint job needs: the base once, K x (trained weights + gradient + AdamW's two
+    moments), and activations for K micro-batches of `tokens` tokens (the saved tensors of
+    each layer, about 16 hidden + 4 MLP widths per token, plus logits and their gradient)."""
+    c = model_config
+    per_token = c.num_hidden_layers * (16 * c.hidden_size + 4 * c.intermediate_size) + 3 * c.vocab_size
+    return {"base": n_params * bytes_per, "trained": k * trainable * 4 * bytes_per,
+            "activations": k * tokens * per_token * bytes_per}
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on the device (CUDA), or the system's available memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def check_memory(plan: dict[str, int], free: int, batch_size: int, names: Sequence[str]) -> str:
+    """The plan as one line; a `TrainingError` with a micro-batch that fits when it does not."""
+    total = sum(plan.values())
+    line = (f"joint job {', '.join(names)}: memory {total / 2**20:.0f} MiB = base {plan['base'] / 2**20:.0f} + "
+            f"{len(names)} x trained state {plan['trained'] / len(names) / 2**20:.0f} + activations "
+            f"{plan['activations'] / 2**20:.0f} MiB (free {free / 2**20:.0f} MiB)")
+    if total > 0.9 * free:
+        fixed = plan["base"] + plan["trained"]
+        per_example = plan["activations"] / max(batch_size, 1)
+        fits = int((0.9 * free - fixed) // per_example) if per_example else 0
+        hint = (f"set train.per_device_train_batch_size to {fits} (and raise gradient_accumulation_steps to keep the batch)"
+                if fits >= 1 else "train fewer models per joint job or use train.executor: local")
+        raise TrainingError(f"{line}: it will not fit; {hint}")
+    return line
+
+
+# ---------------------------------------------------------------- one model's bookkeeping
+
+
+@dataclass
+class Member:
+    job: JointJob
+    examples: list[Example]
+    n_sft: int
+    sched: Schedule
+    collate: Any
+    fractions: FractionCallback | None
+    logger: JsonlLogCallback
+    step: int = 0
+    resumed_from: int = 0
+    segments: int = 1  # training segments: 1 + the times it was resumed (as train_model counts them)
+    loss_sum: float = 0.0  # summed step losses since step 0 (train_loss = loss_sum / steps)
+    seconds: float = 0.0  # its share of the joint job's time (an iteration's time split over its models)
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0})
+    _order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches), drawn once per epoch
+
+    @property
+    def t(self):
+        return self.job.config.train
+
+    def step_batches(self) -> list[list[int]]:
+        """The example indices of each micro-batch of this model's next optimizer step."""
+        epoch, which = self.sched.micro_batches(self.step, self.t.gradient_accumulation_steps)
+        if self._order[0] != epoch:
+            self._order = (epoch, batch_order(len(self.examples), self.t.per_device_train_batch_size, self.job.seed, epoch))
+        return [self._order[1][i] for i in which]
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = True,
+                on_step: Callable[[str, int], None] | None = None) -> list[Path]:
+    """Train `jobs` (models of one shape on one base) together; returns their output dirs.
+
+    Finished models are skipped; unfinished ones resume from their own last joint checkpoint.
+    `on_step(name, step)` is called after each model's step (once its checkpoint is written).
+    """
+    every = [j.out for j in jobs]
+    jobs = [j for j in jobs if not is_complete(j.out)]
+    if not jobs:
+        return every
+    cfg0 = jobs[0].config
+    from transformers import Trainer, set_seed
+
+    set_seed(jobs[0].seed)  # as train_model: the carrier's LoRA initialisation is the first job's
+    carrier, tokenizer = load_base(base, cfg0, choose_precision(cfg0).load_dtype)
+    why = supported_model(carrier.config)
+    if why:
+        raise TrainingError(f"{base}: {why}; use train.executor: local")
+    t0 = cfg0.train
+    lora = Lora(t0.lora.lora_alpha / t0.lora.r, t0.lora.lora_dropout) if t0.finetuning_type == "lora" else None
+    if lora is not None:
+        carrier = apply_lora(carrier, cfg0)
+    elif t0.freeze_modules:
+        freeze_modules(carrier, t0.freeze_modules)
+    carrier.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    members = [_member(j, tokenizer) for j in jobs]
+    starts = {jobs[0].seed: _trained(carrier)}
+    for j in jobs:  # LoRA jobs with another seed (soup ingredients) start from their own adapters
+        if j.seed not in starts:
+            starts[j.seed] = _initial_weights(base, j.config, j.seed) if lora else starts[jobs[0].seed]
+    stack = Stack.of(carrier, [starts[j.seed] for j in jobs], set(Trainer.get_decay_parameter_names(None, carrier)))
+    batch = max(m.t.per_device_train_batch_size for m in members)
+    longest = max(len(e["input_ids"]) for m in members for e in m.examples)
+    plan = memory_plan(sum(p.numel() for p in carrier.parameters()), stack.flat.shape[1], len(members), batch * longest, carrier.config)
+    line = check_memory(plan, available_memory(stack.flat.device), batch, [j.name for j in jobs])
+    log.info("%s", line)
+    if progress:
+        print(line, flush=True)
+    for i, m in enumerate(members):
+        _resume(m, i, stack)
+        if m.fractions is not None:
+            _load_row(carrier, stack, i)
+            m.fractions.on_train_begin(None, SimpleNamespace(max_steps=m.sched.total_steps, global_step=m.step), None, model=carrier)
+    bar = _bar(members, progress)
+    # Our leaves' gradients are strided views into one buffer (on purpose; see `Stack`), which
+    # autograd warns about once per weight; the values are right (`Stack.gradients`).
+    warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+    try:
+        while active := [i for i, m in enumerate(members) if m.step < m.sched.total_steps]:
+            started = time.perf_counter()
+            norms = _one_step(members, active, stack, tokenizer.pad_token_id, carrier.config, lora)
+            share = (time.perf_counter() - started) / len(active)
+            for i, norm in zip(active, norms):
+                m = members[i]
+                m.step += 1
+                m.seconds += share
+                m.window["seconds"] += share
+                _after_step(m, i, norm, carrier, stack)
+                if on_step is not None:
+                    on_step(m.job.name, m.step)
+                if m.step == m.sched.total_steps:
+                    _finish(m, i, base, carrier, tokenizer, stack, [j.name for j in jobs])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(" ".join(f"{m.job.name} {m.step}/{m.sched.total_steps}" for m in members), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    return every
+
+
+def _trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _initial_weights(base: str | Path, config: ExperimentConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA model's adapters as `train_model` initialises them: the same calls in the same
+    order after `set_seed(seed)` (PEFT draws A from the global generator), so that model k
+    starts where its separate training would. It loads the base a second time, for a moment:
+    only for a job whose seed differs from the first job's (soup ingredients)."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    model, _ = load_base(base, config, choose_precision(config).load_dtype)
+    return _trained(apply_lora(model, config))
+
+
+def _bar(members: list[Member], progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    left = max(m.sched.total_steps - m.step for m in members)
+    return tqdm(total=left, desc=f"joint x{len(members)}", unit="step")
+
+
+def _member(job: JointJob, tokenizer: Any) -> Member:
+    """A job's data, schedule and output bookkeeping (the same as `train_model` builds)."""
+    cfg = job.config
+    examples = sft_examples(as_conversations(job.data, cfg), tokenizer, cfg, name=f"{job.name} ({job.data})")
+    val = sft_examples(as_conversations(job.val_data, cfg), tokenizer, cfg, name="validation data") if job.val_data else None
+    make_dirs(job.out, "creating the model's output directory")
+    t = cfg.train
+    fractions = None
+    if t.save_fractions:
+        fractions = FractionCallback(job.out, t.save_fractions, tokenizer, fraction_sample(examples, job.seed, t.fraction_eval_samples),
+                                     val, tokenizer.pad_token_id)
+    resume = _last_checkpoint(job.out)
+    logger = JsonlLogCallback(job.out / LOG_FILE, resume[0] if resume else 0)
+    return Member(job, examples, len(examples), schedule(len(examples), cfg, job.out, job.seed),
+                  make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
+
+
+def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: int, model_config: Any, lora: Lora | None) -> list[float]:
+    """One optimizer step of every active model; returns their gradient norms before clipping."""
+    device = stack.flat.device
+    micro = {i: members[i].step_batches() for i in active}
+    collated = {i: [members[i].collate([members[i].examples[j] for j in b]) for b in micro[i]] for i in active}
+    # the Trainer's normalisation: the step's summed token loss over its labelled (shifted) tokens
+    items = {i: sum(int(x["labels"][..., 1:].ne(IGNORE_INDEX).sum()) for x in collated[i]) for i in active}
+    step_loss = dict.fromkeys(active, 0.0)
+    everyone = list(range(len(members)))
+    for j in range(max(len(v) for v in micro.values())):
+        rows = [i for i in active if j < len(micro[i])]
+        batch = {n: v.to(device) for n, v in stack_batches([collated[i][j] for i in rows], pad_id).items()}
+        weights = stack.weights(None if rows == everyone else torch.tensor(rows, device=device))
+        logits = llama_logits(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"], lora)
+        losses = token_losses(logits, batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
+        values = losses.detach().tolist()
+        bad = [members[i].job.name for i, x in zip(rows, values) if not math.isfinite(x)]
+        if bad:
+            raise TrainingError(f"{', '.join(bad)}: loss is not finite at step {members[rows[0]].step + 1}; lower "
+                                "train.learning_rate, or check the base model's weights for NaN/inf")
+        losses.sum().backward()
+        for i, x in zip(rows, values):
+            step_loss[i] += x
+            members[i].window["tokens"] += collated[i][j][REAL_TOKENS]
+    idx = None if active == everyone else torch.tensor(active, device=device)
+    grad = stack.gradients() if idx is None else stack.gradients()[idx]
+    # per model, never across models: the norm of model k's gradients alone (clip_grad_norm_'s rule)
+    norms = grad.pow(2).sum(1).sqrt()
+    clip = torch.tensor([members[i].t.max_grad_norm for i in active], device=device)
+    grad = grad * (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    t = [members[i].t for i in active]
+    with torch.no_grad():
+        adamw_rows(stack, idx, grad, [members[i].sched.lr[members[i].step] for i in active], [members[i].step + 1 for i in active],
+                   [x.adam_beta1 for x in t], [x.adam_beta2 for x in t], [x.adam_epsilon for x in t], [x.weight_decay for x in t])
+        stack.grad.zero_()
+    for i in active:
+        members[i].loss_sum += step_loss[i]
+        members[i].window["loss"] += step_loss[i]
+        members[i].window["steps"] += 1
+    return norms.tolist()
+
+
+def _load_row(carrier: torch.nn.Module, stack: Stack, i: int) -> None:
+    """Put model i's trained weights into the carrier (an HF model that saves and evaluates them)."""
+    named = dict(carrier.named_parameters())
+    with torch.no_grad():
+        for n, w in stack.row(i).items():
+            named[n].copy_(w)
+
+
+def _after_step(m: Member, i: int, norm: float, carrier: torch.nn.Module, stack: Stack) -> None:
+    """Log, snapshot at save_fractions, checkpoint: what the Trainer's callbacks do after a step."""
+    t = m.t
+    epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
+    if m.step == 1 or m.step % t.logging_steps == 0:
+        w = m.window
+        logs = {"loss": w["loss"] / max(w["steps"], 1), "grad_norm": norm, "learning_rate": m.sched.lr[m.step - 1],
+                "tokens_per_second": round(w["tokens"] / max(w["seconds"], 1e-9), 1)}
+        m.logger.on_log(None, SimpleNamespace(global_step=m.step, epoch=epoch), None, logs=logs)
+        m.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+    if m.fractions is not None and m.step in m.fractions.targets:
+        _load_row(carrier, stack, i)
+        m.fractions.on_step_end(None, SimpleNamespace(global_step=m.step), None, model=carrier)
+    if m.step % t.save_steps == 0 and m.step < m.sched.total_steps:
+        _checkpoint(m, i, stack)
+
+
+def _checkpoint(m: Member, i: int, stack: Stack) -> None:
+    """Model i's weights, AdamW moments and counters into `checkpoints/joint-<step>/`, atomically;
+    older ones beyond `save_total_limit` are removed."""
+    tensors = {"param": stack.flat[i].detach().cpu(), "exp_avg": stack.exp_avg[i].cpu(), "exp_avg_sq": stack.exp_avg_sq[i].cpu()}
+    state = {"step": m.step, "loss_sum": m.loss_sum, "seconds": m.seconds, "segments": m.segments, "weights": list(stack.layout)}
+    with atomic_directory(joint_checkpoint_dir(m.job.out, m.step), overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
+        atomic_write_json(tmp / "state.json", state)
+    for _, old in joint_checkpoints(m.job.out)[: -m.t.save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
+    """The newest joint checkpoint with a readable state.json (written inside the atomic dir)."""
+    for step, d in reversed(joint_checkpoints(out)):
+        try:
+            json.loads((d / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        return step, d
+    return None
+
+
+def _resume(m: Member, i: int, stack: Stack) -> None:
+    found = _last_checkpoint(m.job.out)
+    if found is None:
+        return
+    step, d = found
+    state = json.loads((d / "state.json").read_text())
+    if state.get("weights") != list(stack.layout):
+        raise TrainingError(f"{d}: this checkpoint holds other weights than the model now trains "
+                            "(train.freeze_modules changed?); delete the checkpoints directory to start afresh")
+    tensors = load_file(d / "state.safetensors")
+    with torch.no_grad():
+        stack.flat[i].copy_(tensors["param"])
+        stack.exp_avg[i].copy_(tensors["exp_avg"])
+        stack.exp_avg_sq[i].copy_(tensors["exp_avg_sq"])
+    m.step = m.resumed_from = step
+    m.loss_sum, m.seconds, m.segments = state["loss_sum"], state["seconds"], state.get("segments", 1) + 1
+    log.info("%s: resuming from %s", m.job.name, d)
+
+
+def _finish(m: Member, i: int, base: str | Path, carrier: torch.nn.Module, tokenizer: Any, stack: Stack, group: list[str]) -> None:
+    """Save model i as `train_model` would: weights, tokenizer, then the completion marker."""
+    _load_row(carrier, stack, i)
+    t = m.t
+    tokens_per_epoch = sum(len(e["input_ids"]) for e in m.examples)
+    epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
+    summary = {
+        "name": m.job.name, "base": str(base), "finetuning_type": t.finetuning_type, "seed": m.job.seed,
+        "examples": m.n_sft, "replay_examples": 0, "regularizer": None, "steps": m.step,
+        "tokens_per_epoch": tokens_per_epoch, "trained_tokens": round(tokens_per_epoch * epoch),
+        "train_loss": m.loss_sum / max(m.step, 1), "seconds": round(m.seconds, 2), "segments": m.segments,
+        "resumed_from_step": m.resumed_from, "config": t.model_dump(mode="json"),
+        "device": "cuda:0" if stack.flat.is_cuda else "cpu", "precision": "fp32", "workers": 1,
+        "executor": "joint", "joint_with": [n for n in group if n != m.job.name],
+    }
+    save_final(carrier, tokenizer, m.job.out, summary)
+    if not t.keep_checkpoints:
+        shutil.rmtree(m.job.out / CHECKPOINT_DIR, ignore_errors=True)

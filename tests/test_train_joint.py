@@ -1,0 +1,234 @@
+"""The joint executor (`dtm.training.joint`): K models stepped together train exactly as K
+separate `train_model` runs (within float tolerance), stop on their own when their portion
+ends, resume after kill -9, and refuse a job that will not fit in memory.
+
+Tolerance: 1e-5 absolute on every weight. The two paths do the same arithmetic in a different
+order (a batched matmul over K models against one model's matmul; per-model loss sums), so
+they differ by float32 rounding (measured: about 1e-7). Every AdamW update moves a weight by
+up to the learning rate (1e-3 here, 1e-2 on the pico model), so any difference in semantics (a
+wrong batch, learning rate, clipping or normalisation) changes some weight by far more than
+1e-5; the tests also check that training moved the weights by more than 100x the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dtm import lab
+from dtm.config import ExperimentConfig
+from dtm.data.formats import load_conversations
+from dtm.data.template import conversation
+from dtm.errors import TrainingError
+from dtm.rundir import COMPLETE_FILE, LOG_FILE, fraction_dirs, fractions_file, is_complete, joint_checkpoints
+from dtm.training.joint import JointJob, batch_order, check_memory, train_joint
+from dtm.training.sft import train_model
+
+torch.set_num_threads(1)
+TOLERANCE = 1e-5
+LAB_BASE = lab.base_model_dir()
+
+
+def lab_config(**train) -> ExperimentConfig:
+    """The lab's recipe (packed batches, frozen tied embeddings) for a few steps."""
+    cfg = ExperimentConfig(seed=3)
+    cfg.model.model_name_or_path = str(LAB_BASE)
+    for k, v in lab.DATA_RECIPE.items():
+        setattr(cfg.data, k, v)
+    for k, v in (lab.SFT_RECIPE | {"num_train_epochs": 2, "logging_steps": 2, "save_steps": 100} | train).items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def pico_config(**train) -> ExperimentConfig:
+    """The pico Llama (GQA, untied head, everything trained) with padded batches, gradient
+    accumulation and weight decay: the paths the lab recipe does not take."""
+    cfg = ExperimentConfig(seed=7)
+    cfg.data.cutoff_len = 64
+    settings = {"finetuning_type": "full", "num_train_epochs": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                "warmup_steps": 1, "learning_rate": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.5, "group_by_length": False,
+                "logging_steps": 1, "save_steps": 100}
+    for k, v in (settings | train).items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lab_portions(tmp_path_factory) -> list[list]:
+    """Three unequal portions of the lab's SFT data (40, 40 and 24 examples)."""
+    path = lab.write_sft_data(tmp_path_factory.mktemp("lab") / "sft.jsonl", seed=1, scale=0.05)
+    convs = load_conversations(path, format="auto", source_field="source").conversations
+    return [convs[:40], convs[40:80], convs[80:104]]
+
+
+def qa(n: int, offset: int) -> list:
+    return [conversation(f"What is {i} + {i}?", f"{2 * i} is the sum of {i} and {i}.", id=str(i)) for i in range(offset, offset + n)]
+
+
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    adapter = d / "adapter_model.safetensors"
+    return load_file(adapter if adapter.exists() else d / "model.safetensors")
+
+
+def moved(d: Path, base: Path) -> float:
+    """How far training moved the weights: from the base (full), from B = 0 (LoRA)."""
+    w = weights(d)
+    if (d / "adapter_config.json").exists():
+        return max(float(v.abs().max()) for n, v in w.items() if "lora_B" in n)
+    start = load_file(base / "model.safetensors")
+    return max(float((w[n] - start[n]).abs().max()) for n in w)
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[n] - wb[n]).abs().max()) for n in wa)
+
+
+def test_batch_order_is_the_trainers(tmp_path):
+    """`batch_order` against the batches a real Trainer's dataloader yields, epoch by epoch."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from dtm.training.batches import ExampleDataset
+
+    data = ExampleDataset([{"index": i} for i in range(37)])
+    args = TrainingArguments(output_dir=str(tmp_path), seed=11, data_seed=11, per_device_train_batch_size=8, use_cpu=True,
+                             report_to=[], remove_unused_columns=False)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(LAB_BASE), args=args, train_dataset=data,
+                      data_collator=lambda batch: {"index": [b["index"] for b in batch]})
+    loader = trainer.accelerator.prepare(trainer.get_train_dataloader())
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert [b["index"] for b in loader] == batch_order(37, 8, 11, epoch)
+
+
+@pytest.mark.parametrize("kind", ["lab", pytest.param("pico", marks=pytest.mark.slow), "lora"])
+def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, tmp_path):
+    """K=3 models of unequal portions: the same weights, steps, losses and files as three
+    `train_model` runs; the shortest one stops first while the others go on. LoRA: one base,
+    three adapters (dropout 0: PEFT's dropout masks are random draws the joint step cannot
+    repeat), saved as PEFT adapter directories."""
+    from dtm.training.executors import train_jobs
+
+    if kind == "lab":
+        base, portions, cfg = LAB_BASE, lab_portions, lab_config(save_fractions=[0.5])
+    else:
+        base, portions, cfg = base_dir, [qa(24, 0), qa(20, 30), qa(14, 60)], pico_config(save_fractions=[0.5])
+    if kind == "lora":
+        cfg.train.finetuning_type, cfg.train.weight_decay = "lora", 0.0
+        cfg.train.lora.r, cfg.train.lora.lora_dropout = 4, 0.0
+        cfg.train.lora.target_modules = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    separate = [train_model(base, p, tmp_path / f"separate-{i}", cfg, progress=False, name=f"m-{i}") for i, p in enumerate(portions)]
+    data = []
+    for i, p in enumerate(portions):
+        path = tmp_path / f"portion-{i}.jsonl"
+        path.write_text("".join(json.dumps(c.to_record()) + "\n" for c in p))
+        data.append(path)
+    cfg.train.executor, cfg.train.num_workers = "joint", 1
+    train_jobs(cfg, base, {f"m-{i}": {"data": str(d), "seed": cfg.seed} for i, d in enumerate(data)}, tmp_path / "joint")
+    joint = [tmp_path / "joint" / f"m-{i}" for i in range(3)]
+    steps = []
+    for s, j in zip(separate, joint):
+        assert is_complete(j)
+        a, b = json.loads((s / COMPLETE_FILE).read_text()), json.loads((j / COMPLETE_FILE).read_text())
+        assert b["executor"] == "joint" and set(a) <= set(b)
+        assert (a["steps"], a["examples"], a["trained_tokens"]) == (b["steps"], b["examples"], b["trained_tokens"])
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert max_difference(s, j) < TOLERANCE
+        assert moved(j, Path(base)) > 100 * TOLERANCE
+        assert (j / "adapter_config.json").exists() == (kind == "lora")
+        rows_a = [json.loads(x) for x in (s / LOG_FILE).read_text().splitlines()]
+        rows_b = [json.loads(x) for x in (j / LOG_FILE).read_text().splitlines()]
+        assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+        assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=1e-5)
+        assert [label for label, _ in fraction_dirs(j)] == ["0.50"]
+        assert max_difference(fraction_dirs(s)[0][1], fraction_dirs(j)[0][1]) < TOLERANCE
+        assert [r["step"] for r in json.loads(fractions_file(j).read_text())] == [0, a["steps"] // 2]
+        assert not (j / "checkpoints").exists()
+        steps.append(b["steps"])
+    assert steps[2] < steps[0]  # unequal portions: the smallest stopped earlier
+
+
+KILLED_JOINT_RUN = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from test_train_joint import killed_jobs
+    from dtm.training.joint import train_joint
+
+    def stall(name, step):
+        if name == "m-0" and step == 11:
+            open({marker!r}, "w").close()
+            time.sleep(120)  # killed here: m-0 and m-1 checkpointed at step 10, m-2 finished at 6
+
+    train_joint({base!r}, killed_jobs({root!r}), progress=False, on_step=stall)
+    """
+)
+
+
+def killed_jobs(root: str) -> list[JointJob]:
+    cfg = pico_config(num_train_epochs=6, gradient_accumulation_steps=1, per_device_train_batch_size=8, save_steps=5)
+    portions = [qa(24, 0), qa(20, 30), qa(8, 60)]  # 3, 3 and 1 steps per epoch
+    return [JointJob(f"m-{i}", p, Path(root) / f"m-{i}", cfg.seed, cfg) for i, p in enumerate(portions)]
+
+
+@pytest.mark.slow  # a second Python process with torch: 10-30 s
+def test_killed_joint_job_resumes_to_the_same_weights(base_dir, tmp_path):
+    root, marker = tmp_path / "killed", tmp_path / "at-step-11"
+    script = KILLED_JOINT_RUN.format(tests=str(Path(__file__).parent), marker=str(marker), base=str(base_dir), root=str(root))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "the joint training process died before step 11"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [is_complete(root / f"m-{i}") for i in range(3)] == [False, False, True]
+    assert [s for s, _ in joint_checkpoints(root / "m-0")] == [5, 10]
+    resumed = train_joint(base_dir, killed_jobs(str(root)), progress=False)
+    straight = train_joint(base_dir, killed_jobs(str(tmp_path / "straight")), progress=False)
+    for a, b in zip(resumed, straight):
+        assert max_difference(a, b) == 0.0, f"{a.name}: the resumed run differs from the uninterrupted one"
+    assert json.loads((root / "m-0" / COMPLETE_FILE).read_text())["resumed_from_step"] == 10
+    steps = [json.loads(line)["step"] for line in (root / "m-0" / LOG_FILE).read_text().splitlines()]
+    assert steps == list(range(1, 19))  # the killed run's row of step 11 was dropped, not duplicated
+
+
+def test_memory_model_refuses_a_job_that_will_not_fit_and_suggests_a_micro_batch():
+    plan = {"base": 100 << 20, "trained": 4 * (50 << 20), "activations": 16 * (10 << 20)}
+    assert "fit" not in check_memory(plan, 10 << 30, 16, ["a", "b", "c", "d"])
+    with pytest.raises(TrainingError, match=r"will not fit; set train.per_device_train_batch_size to 6 "):
+        check_memory(plan, 400 << 20, 16, ["a", "b", "c", "d"])  # 0.9 x 400 - 300 = 60 MiB: 6 examples of 10 MiB
+    with pytest.raises(TrainingError, match="train fewer models per joint job"):
+        check_memory(plan, 200 << 20, 16, ["a", "b", "c", "d"])
+
+
+def test_joint_groups_split_the_demo_jobs_over_the_workers(tmp_path):
+    """The lab's jobs: vanilla alone (4x longer), L2 alone (a penalty), the eight quarter-length
+    jobs in two groups of four for two workers, one group for one worker."""
+    from dtm.training.executors import Job, JointGroup, joint_groups
+
+    cfg = lab_config(num_train_epochs=12)
+    full, quarter = tmp_path / "train.jsonl", tmp_path / "portion.jsonl"
+    full.write_text("x" * 4000)
+    quarter.write_text("x" * 1000)
+    jobs = [Job("vanilla", full, tmp_path / "vanilla", 3), Job("l2", full, tmp_path / "l2", 3, baseline="l2")]
+    jobs += [Job(f"sub-{i}", quarter, tmp_path / f"sub-{i}", 3) for i in range(1, 5)]
+    jobs += [Job(name, full, tmp_path / name, 3, {"num_train_epochs": 3}) for name in ("short", "soup-2", "soup-3", "soup-4")]
+    two = joint_groups(jobs, cfg, workers=2)
+    assert [u.name for u in two if isinstance(u, Job)] == ["l2", "vanilla"]
+    assert sorted(len(u.jobs) for u in two if isinstance(u, JointGroup)) == [4, 4]
+    one = joint_groups(jobs, cfg, workers=1)
+    assert [len(u.jobs) for u in one if isinstance(u, JointGroup)] == [8]
