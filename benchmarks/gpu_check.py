@@ -46,14 +46,14 @@ class Extra:
 
     name: str
     script: str  # relative to the repository root; skipped (and said so) when absent
-    args: tuple[str, ...]
+    args: tuple[str, ...]  # {device} and {out} (the --out directory) are filled in
     min_s: float  # do not start it with less time left than this
     cap_s: float  # stop it after this long
 
 
 # The one place to add checks from other branches (each runs only if its script exists).
 EXTRA_CHECKS: tuple[Extra, ...] = (
-    Extra("bench_joint", "benchmarks/bench_joint.py", ("--device", "{device}", "--quick"), min_s=60, cap_s=150),
+    Extra("bench_joint", "benchmarks/bench_joint.py", ("--device", "{device}", "--quick", "--out", "{out}"), min_s=60, cap_s=150),
 )
 
 # Sizes: the scaled-up lab model on a GPU; the shipped shape and a few steps for the CPU dry run.
@@ -315,7 +315,7 @@ def main() -> int:
                 continue
             if fits(extra.name, extra.min_s):
                 say(rec, f"{extra.name}: {extra.script} ...")
-                argv = [sys.executable, str(ROOT / extra.script), *(x.format(device=a.device) for x in extra.args)]
+                argv = [sys.executable, str(ROOT / extra.script), *(x.format(device=a.device, out=out) for x in extra.args)]
                 rec.check(extra.name, run_process(rec, extra.name, argv, cap_s=extra.cap_s, log_dir=out / "logs", env=env))
         rec.data["finished"] = True
     except Exception as e:  # noqa: BLE001 - never end without the JSON
