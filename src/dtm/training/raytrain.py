@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +62,10 @@ def train_data_parallel(train_here: Callable[..., None], job: Any, config: Any, 
         raise TrainingError("train.workers_per_model > 1 trains with Ray Train: pip install 'disperse-then-merge[ray]'") from None
     t = config.train
     storage = Path(job.out) / RAY_TRAIN_DIR
-    with ray_session(t.ray_address) as ray:
-        gpu = t.num_gpus_per_model > 0 and ray.cluster_resources().get("GPU", 0) > 0
+    from dtm import cluster
+
+    with cluster.connected(t.ray_address):  # the run's session, else a local Ray started (and stopped) here
+        gpu = t.num_gpus_per_model > 0 and cluster.cluster_has_gpus()
         cpus = max(1.0, t.num_cpus_per_model / t.workers_per_model) if not gpu else t.num_cpus_per_model
         trainer = TorchTrainer(
             _worker_loop,
@@ -85,19 +86,3 @@ def train_data_parallel(train_here: Callable[..., None], job: Any, config: Any, 
             raise
         finally:
             shutil.rmtree(storage, ignore_errors=True)  # Ray Train's run records; the model has its own checkpoints
-
-
-@contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
-    """The `ray` module, connected: to the running instance, else to `ray.init(address)` (None
-    starts a local one), which is shut down again at the end."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, log_to_driver=True)
-    try:
-        yield ray
-    finally:
-        if started_here:
-            ray.shutdown()
