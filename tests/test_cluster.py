@@ -57,12 +57,13 @@ def ray_cluster(nodes_cwd):
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    """The reference: the same run with the local executor, one torch thread like a Ray task."""
+    """The reference: the same run with the local executor (not the default joint one, whose
+    summation order differs in the last bits), one torch thread like a Ray task."""
     out = tmp_path_factory.mktemp("local") / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run(load_config(LAB_CONFIG, [*REDUCED, f"output_dir={out}"]), report=False)
+        return run(load_config(LAB_CONFIG, [*REDUCED, "train.executor=local", f"output_dir={out}"]), report=False)
     finally:
         torch.set_num_threads(threads)
 
