@@ -354,7 +354,9 @@ def test_collect_run_nests_the_no_bias_control(tmp_path):
     assert data.title == "Disperse-Then-Merge: results" and data.notes[0].startswith("seeds: [1, 2] ")
     [control] = data.controls
     assert control.title.startswith("No-bias control") and control.notes[0].startswith("seeds: [1] (one seed")
-    assert control.table == ["base", "vanilla", "vanilla (best checkpoint)", "sub-models (mean)", "DTM"]
+    # no vanilla snapshots here: no "best checkpoint" row (it would repeat vanilla's), nor its note
+    assert control.table == ["base", "vanilla", "sub-models (mean)", "DTM"]
+    assert not any("best checkpoint" in n for n in control.notes)
     md, page = render_report(data, tmp_path)
     md_titles, html_titles = section_titles(md.read_text(), page.read_text())
     assert md_titles == html_titles and md_titles.count("Wall time and compute per method") == 2

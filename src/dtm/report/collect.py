@@ -206,6 +206,10 @@ def seed_error_sets(results: dict[str, dict[str, dict[str, Any]]], k: int) -> di
 
 
 def _best_checkpoint(scores: Scores, column: str) -> dict[str, float] | None:
+    """Vanilla's best snapshot (the end included) on `column`; None without snapshots, where the
+    row would only repeat vanilla's."""
+    if not any(rundir.is_snapshot(m) for m in scores):
+        return None
     candidates = [s for m, s in scores.items() if (rundir.is_snapshot(m) or m == rundir.VANILLA) and column in s]
     return max(candidates, key=lambda s: s[column]) if candidates else None
 
@@ -299,7 +303,8 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
         notes.append("benchmarks (items; standard error of the first model's score): "
                      + ", ".join(f"{t} {n}" + (f" (se {se:.3f})" if se is not None else "") for t, (n, se) in sizes.items())
                      + "; a difference smaller than its standard error is not shown as a win")
-    notes.append(f"{BEST_CHECKPOINT} is picked on the test benchmark itself: an optimistic bound for vanilla")
+    if BEST_CHECKPOINT in shown:
+        notes.append(f"{BEST_CHECKPOINT} is picked on the test benchmark itself: an optimistic bound for vanilla")
     table = [m for m in shown if not (rundir.is_snapshot(m) or rundir.is_sub_model(m))]
     # At a glance: every task's main metric, and the splits of the knowledge column only.
     headline = headline_columns(columns, k_col)
