@@ -199,6 +199,31 @@ def test_cli_eval(lab, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dup.jsonl:2: field 'id': duplicate id '1'" in err and "Traceback" not in err
     assert main(["eval", str(lab / "m1"), str(lab / "m2"), "--ensemble", "--task", str(lab / "mc.jsonl")]) == 0
+    capsys.readouterr()
+
+
+def test_cli_eval_in_bfloat16_prints_its_peak_memory(lab, tmp_path, capsys):
+    """`--dtype bfloat16` loads the weights in bf16 (on CPU too) and scores like fp32 up to bf16
+    rounding; every `dtm eval` ends with the process's peak resident memory."""
+    from dtm.cli import main
+    from dtm.evaluation.harness import load_scorer
+
+    assert next(load_scorer(lab / "m1", device="cpu", dtype="bfloat16").models[0].parameters()).dtype == torch.bfloat16
+    assert next(load_scorer(lab / "m1", device="cpu").models[0].parameters()).dtype == torch.float32
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", str(lab / "m1"), "--task", str(lab / "mc.jsonl"), "--out", str(out), "--dtype", dtype]) == 0
+        printed = capsys.readouterr().out
+        assert "peak memory (RSS) of this process:" in printed and " GiB" in printed
+        results[dtype] = json.loads(out.read_text())["mc"]["metrics"]["acc"]
+    assert abs(results["bfloat16"] - results["float32"]) <= 2 / 24  # 24 items: at most two flip at bf16 resolution
+    # a result scored in another dtype is not reused from the same file: the dtype is part of its key
+    same = tmp_path / "float32.json"
+    fp32_key = json.loads(same.read_text())["mc"]["run_key"]
+    assert main(["eval", str(lab / "m1"), "--task", str(lab / "mc.jsonl"), "--out", str(same), "--dtype", "bfloat16"]) == 0
+    rescored = json.loads(same.read_text())["mc"]
+    assert rescored["run_key"] != fp32_key and rescored["metrics"]["acc"] == results["bfloat16"]
 
 
 # ---------------------------------------------------------------- code tasks

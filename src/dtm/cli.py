@@ -251,6 +251,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation length for tasks whose spec sets none (default 64)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights' dtype while scoring (default: float32 on CPU, the checkpoint's own on a GPU); bfloat16 halves memory")
     p.add_argument("--data-dir", default=None, help="where the paper benchmarks' files are (default $DTM_EVAL_DATA or ~/.cache/dtm/eval)")
     p.add_argument("--allow-code-execution", action="store_true", help="run model-written code for HumanEval/MBPP (sandboxed subprocess)")
     p.add_argument("--log-samples", action="store_true", help="also write per-item outputs next to the results")
@@ -258,17 +260,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm-eval-include", default=None, help="directory of extra lm-eval task YAMLs")
 
     def run(a: argparse.Namespace) -> None:
-        from dtm.evaluation.runner import evaluate_models, summary_lines
+        from dtm.evaluation.runner import evaluate_models, peak_memory_line, summary_lines
 
         by_model = evaluate_models(
             a.model, a.task + a.suite, a.out, ensemble=a.ensemble, adapter=a.adapter,
             lm_eval_tasks=a.lm_eval_tasks.split(",") if a.lm_eval_tasks else (), lm_eval_include=a.lm_eval_include,
-            batch_size=a.batch_size, limit=a.limit, max_new_tokens=a.max_new_tokens, device=a.device, data_dir=a.data_dir,
-            allow_code_execution=a.allow_code_execution, log_samples=a.log_samples)
+            batch_size=a.batch_size, limit=a.limit, max_new_tokens=a.max_new_tokens, device=a.device, dtype=a.dtype,
+            data_dir=a.data_dir, allow_code_execution=a.allow_code_execution, log_samples=a.log_samples)
         for name, results in by_model.items():
             if len(by_model) > 1:
                 print(f"== {name}")
             print("\n".join(summary_lines(results)))
+        print(peak_memory_line())
 
     p.set_defaults(func=run)
 

@@ -288,25 +288,28 @@ def _model_fingerprint(paths: Sequence[ModelRef]) -> list[str]:
     return out
 
 
-def run_key(task: Task, models: Sequence[ModelRef], adapter: ModelRef | None, limit: int | None, max_new_tokens: int | None) -> str:
+def run_key(task: Task, models: Sequence[ModelRef], adapter: ModelRef | None, limit: int | None, max_new_tokens: int | None,
+            dtype: str | None = None) -> str:
     payload = {
         "task": task.spec_hash, "models": _model_fingerprint(models),
         "adapter": _model_fingerprint([adapter])[0] if adapter else None,
         "limit": limit, "max_new_tokens": max_new_tokens if task.type in ("generate", "code") else None,
     }
+    if dtype:  # only when asked for, so the keys of results scored at the default stay valid
+        payload["dtype"] = dtype
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _run_tasks(
     scorer_factory, model_paths: list[ModelRef], task_list: list[Task], store: ResultStore, *, adapter, batch_size, limit,
-    max_new_tokens, allow_code_execution, progress, log_samples,
+    max_new_tokens, allow_code_execution, progress, log_samples, dtype=None,
 ) -> dict[str, Any]:
     done = store.load()
     results: dict[str, Any] = {}
     failures: list[str] = []
     scorer: Scorer | None = None
     for task in task_list:
-        key = run_key(task, model_paths, adapter, limit, max_new_tokens)
+        key = run_key(task, model_paths, adapter, limit, max_new_tokens, dtype)
         prior = done.get(task.name)
         if isinstance(prior, dict) and prior.get("run_key") == key:
             log.info("%s: already evaluated (%s), skipped", task.name, store.path)
@@ -384,7 +387,18 @@ def evaluate(
 
     return _run_tasks(factory, paths, task_list, store, adapter=adapter, batch_size=batch_size, limit=limit,
                       max_new_tokens=max_new_tokens, allow_code_execution=allow_code_execution, progress=progress,
-                      log_samples=log_samples)
+                      log_samples=log_samples, dtype=dtype)
+
+
+def peak_memory_line() -> str:
+    """This process's peak resident memory (Linux/macOS `getrusage`), for `dtm eval` to print:
+    the number a user sizes a machine by (models, activations and the tokenizer together)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    gib = peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+    return f"peak memory (RSS) of this process: {gib:.2f} GiB"
 
 
 def check_limit(limit: int | None) -> None:
@@ -456,7 +470,7 @@ def evaluate_many(
 
         results[name] = _run_tasks(factory, entry["paths"], task_list, store, adapter=entry["adapter"], batch_size=batch_size,
                                    limit=limit, max_new_tokens=max_new_tokens, allow_code_execution=allow_code,
-                                   progress=progress, log_samples=log_samples)
+                                   progress=progress, log_samples=log_samples, dtype=opts.get("dtype"))
     return results
 
 
