@@ -16,6 +16,7 @@ handled (`model_parts`); anything else keeps the plain path, and says why once.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dtm.data.template import IGNORE_INDEX
 
-CHUNK_ROWS = 1024  # labelled positions per chunk: their logits are [CHUNK_ROWS, vocab] at most
+CHUNK_ROWS = 256  # labelled positions per chunk: their logits are [CHUNK_ROWS, vocab] at most (50 MB fp32 at 49k;
+# on SmolLM2 LoRA, 256 saved 4x more peak RSS than 1024 and 64 no more than 256, at equal speed: bench_train_memory.json)
 ENV_SWITCH = "DTM_CHUNKED_LOSS"  # "0": always the plain (transformers) loss, for comparison and as an escape hatch
 
 # model types whose causal-LM head is a plain `lm_head(last_hidden_state)`: no logit scaling or
@@ -60,7 +62,7 @@ def model_parts(model: torch.nn.Module) -> Parts | str:
     return Parts(decoder, head)
 
 
-def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # fp32 logits, as transformers' ForCausalLMLoss upcasts them
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
@@ -73,15 +75,21 @@ def labelled_hidden(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return hidden[keep], targets[keep]
 
 
-def chunked_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-               num_items_in_batch: torch.Tensor | int | None = None, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """Cross-entropy of `head(hidden)` against `targets` (rows with a label only), `chunk_rows` rows
-    at a time; normalised as `ForCausalLMLoss`: summed over `num_items_in_batch`, else the mean."""
+def summed_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+              chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `targets` (rows with a label only), `chunk_rows` rows at a time."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, max(hidden.shape[0], 1), chunk_rows):  # once at least: no label still gives a loss with a graph
         h, t = hidden[i : i + chunk_rows], targets[i : i + chunk_rows]
         # non-reentrant checkpoint: backward recomputes this chunk's logits instead of keeping them
         total = total + (checkpoint(_chunk_ce, head, h, t, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce(head, h, t))
+    return total
+
+
+def chunked_ce(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+               num_items_in_batch: torch.Tensor | int | None = None, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """`summed_ce` normalised as `ForCausalLMLoss`: over `num_items_in_batch`, else the mean."""
+    total = summed_ce(head, hidden, targets, chunk_rows)
     if num_items_in_batch is None:
         return total / hidden.shape[0]  # nan for no labelled position, as cross_entropy's mean
     if torch.is_tensor(num_items_in_batch):
@@ -90,10 +98,11 @@ def chunked_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 
 def causal_lm_loss(parts: Parts, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None,
-                   chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """The model's training loss on a batch (`inputs` with `labels`), as its own forward would give it."""
+                   chunk_rows: int | None = None) -> torch.Tensor:
+    """The model's training loss on a batch (`inputs` with `labels`), as its own forward would give it
+    (`chunk_rows` None: `CHUNK_ROWS`, read at call time so a benchmark can vary it)."""
     batch = dict(inputs)
     labels = batch.pop("labels")
     hidden = parts.decoder(**batch).last_hidden_state
     h, targets = labelled_hidden(hidden, labels.to(hidden.device))
-    return chunked_ce(parts.lm_head, h, targets, num_items_in_batch, chunk_rows)
+    return chunked_ce(parts.lm_head, h, targets, num_items_in_batch, chunk_rows or CHUNK_ROWS)
