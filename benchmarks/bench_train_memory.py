@@ -8,12 +8,13 @@ the training loop's wall time), the training loss of each (they must agree) and 
 
 Needs the converted model (`python benchmarks/real_model.py`, cached under ~/.cache/dtm/).
 
-    python benchmarks/bench_train_memory.py [--steps 3] [--repeats 1] [--chunk-rows 1024 256] [--out ...json]
+    python benchmarks/bench_train_memory.py [--steps 3] [--repeats 1] [--shapes 4x256 8x512] [--chunk-rows 256 1024]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -30,25 +31,27 @@ from dtm.training.chunked_loss import CHUNK_ROWS, ENV_SWITCH
 MODEL = Path.home() / ".cache" / "dtm" / "smollm2-135m"
 
 
-def one_run(mode: str, steps: int, model: Path) -> dict:
+def one_run(mode: str, steps: int, model: Path, batch: int, cutoff: int) -> dict:
     """Train in this process with the given loss path ("plain", or "chunked-<rows per chunk>"); its numbers."""
     from dtm.training import chunked_loss, train_model
 
     if mode != "plain":
         chunked_loss.CHUNK_ROWS = int(mode.split("-")[1])
 
-    cfg = bench_config(finetuning_type="lora", per_device_train_batch_size=4, max_steps=steps, logging_steps=1,
+    cfg = bench_config(finetuning_type="lora", per_device_train_batch_size=batch, max_steps=steps, logging_steps=1,
                        learning_rate=1e-4)
-    cfg.data.cutoff_len = 256
+    cfg.data.cutoff_len = cutoff
     cfg.train.lora.r, cfg.train.lora.lora_alpha, cfg.train.lora.lora_dropout = 16, 32, 0.0
     cfg.train.lora.target_modules = ["gate_proj", "up_proj", "down_proj"]
-    data = synthetic_data(4 * steps, seed=0, mean_words=250, spread=0.2, max_words=400)  # cut at 256 tokens
+    data = synthetic_data(batch * steps, seed=0, mean_words=cutoff, spread=0.2, max_words=2 * cutoff)  # cut at `cutoff` tokens
     timer = TrainTimer()
     with tempfile.TemporaryDirectory(prefix="bench_train_memory_") as tmp:
         out = train_model(model, data, Path(tmp) / mode, cfg, progress=False, callbacks=[timer])
         summary = json.loads((out / "training_complete.json").read_text())
     return {
         "mode": mode,
+        "batch": batch,
+        "cutoff_len": cutoff,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "tokens": summary["trained_tokens"],
         "seconds": round(timer.seconds, 2),
@@ -65,24 +68,27 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--out", type=Path, default=RESULTS / "bench_train_memory.json")
     p.add_argument("--chunk-rows", type=int, nargs="+", default=[CHUNK_ROWS], help="chunk sizes to measure (rows per chunk)")
+    p.add_argument("--shapes", nargs="+", default=["4x256"], help="batch x cutoff_len of the runs (e.g. 4x256 8x512)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(one_run(a.child, a.steps, a.model)))
+        batch, cutoff = map(int, a.shapes[0].split("x"))
+        print(json.dumps(one_run(a.child, a.steps, a.model, batch, cutoff)))
         return
     if not (a.model / "config.json").exists():
         sys.exit(f"{a.model}: no converted SmolLM2-135M here; run `python benchmarks/real_model.py` first")
     runs = []
-    for _ in range(a.repeats):
-        for mode in ["plain"] + [f"chunked-{n}" for n in a.chunk_rows]:
-            env = os.environ | {ENV_SWITCH: "0" if mode == "plain" else "1"}
-            done = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps), "--model", str(a.model)],
-                                  env=env, capture_output=True, text=True, check=True)
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(runs[-1], flush=True)
+    modes = ["plain"] + [f"chunked-{n}" for n in a.chunk_rows]
+    for shape, _, mode in itertools.product(a.shapes, range(a.repeats), modes):  # modes alternate within a repeat
+        env = os.environ | {ENV_SWITCH: "0" if mode == "plain" else "1"}
+        done = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps), "--model", str(a.model),
+                               "--shapes", shape], env=env, capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(runs[-1], flush=True)
     result = {
         "benchmark": "training memory: LM head and loss at labelled positions in chunks vs at every position",
-        "model": "SmolLM2-135M (vocab 49152), LoRA r=16 on gate/up/down_proj, batch 4, cutoff 256, fp32 CPU",
+        "model": "SmolLM2-135M (vocab 49152), LoRA r=16 on gate/up/down_proj, fp32 CPU, response-only labels",
+        "shapes_batch_x_cutoff": a.shapes,
         "default_chunk_rows": CHUNK_ROWS,
         "steps": a.steps,
         "machine": machine(),

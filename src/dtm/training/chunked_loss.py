@@ -25,8 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from dtm.data.template import IGNORE_INDEX
 
-CHUNK_ROWS = 256  # labelled positions per chunk: their logits are [CHUNK_ROWS, vocab] at most (50 MB fp32 at 49k;
-# on SmolLM2 LoRA, 256 saved 4x more peak RSS than 1024 and 64 no more than 256, at equal speed: bench_train_memory.json)
+CHUNK_ROWS = 256  # labelled positions per chunk: their logits are [CHUNK_ROWS, vocab] at most (50 MB fp32 at 49k);
+# on SmolLM2 LoRA, 256 saved 3.6x (batch 4 x 256) and 1.3x (8 x 512) the peak RSS 1024 saved, at the same speed
+# within the noise (benchmarks/results/bench_train_memory.json)
 ENV_SWITCH = "DTM_CHUNKED_LOSS"  # "0": always the plain (transformers) loss, for comparison and as an escape hatch
 
 # model types whose causal-LM head is a plain `lm_head(last_hidden_state)`: no logit scaling or
