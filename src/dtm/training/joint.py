@@ -29,6 +29,7 @@ trained weights with the Trainer's.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from dtm.errors import TrainingError
 from dtm.io import atomic_directory, atomic_write_json, make_dirs
 from dtm.rundir import CHECKPOINT_DIR, LOG_FILE, is_complete, joint_checkpoint_dir, joint_checkpoints
 from dtm.training.batches import REAL_TOKENS, Example, make_collator
+from dtm.training.chunked_loss import labelled_hidden, summed_ce
 from dtm.training.sft import (
     FractionCallback,
     JsonlLogCallback,
@@ -228,9 +230,10 @@ def _proj(x: torch.Tensor, params: dict[str, torch.Tensor], name: str, lora: Lor
     return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), params[name + ".lora_B"].transpose(1, 2)) * lora.scale
 
 
-def llama_logits(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+def llama_hidden(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  segments: torch.Tensor, lora: Lora | None = None) -> torch.Tensor:
-    """Logits [K, B*T, V] of K Llama models on their own batches (input_ids [K, B, T]).
+    """Final hidden states [K, B*T, H] of K Llama models on their own batches (input_ids [K, B, T]);
+    the LM head is applied by `token_losses`, only where labels are.
 
     Every weight in `params` is stacked [K, ...] (trained) or shared (frozen, held once);
     `<layer>.lora_A` [K, r, in] and `<layer>.lora_B` [K, out, r] are the K models' adapters
@@ -264,8 +267,12 @@ def llama_logits(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Ten
         x = _rms_norm(h, params[p + "post_attention_layernorm.weight"], eps)
         gate = _proj(x, params, p + "mlp.gate_proj", lora)
         h = h + _proj(F.silu(gate) * _proj(x, params, p + "mlp.up_proj", lora), params, p + "mlp.down_proj", lora)
-    h = _rms_norm(h, params["model.norm.weight"], eps)
-    return _linear(h, params.get("lm_head.weight", emb))
+    return _rms_norm(h, params["model.norm.weight"], eps)
+
+
+def lm_head_weight(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The output layer's weight, stacked [K, V, H] or shared [V, H] (the embedding when tied)."""
+    return params.get("lm_head.weight", params["model.embed_tokens.weight"])
 
 
 def stack_batches(batches: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -292,13 +299,17 @@ def stack_batches(batches: Sequence[dict[str, Any]], pad_id: int) -> dict[str, t
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": seg}
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy per model ([K]), labels [K, B, T] shifted as transformers does."""
-    k = labels.shape[0]
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(k, -1)
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
-                         reduction="none")
-    return ce.view(k, -1).sum(1)
+def token_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy per model ([K]) of hidden states [K, B*T, H] through the head
+    (stacked [K, V, H] or shared), labels [K, B, T] shifted as transformers does. The logits exist
+    only for labelled positions, a chunk at a time (`chunked_loss.summed_ce`)."""
+    k, b, t = labels.shape
+    out = []
+    for i in range(k):
+        h, targets = labelled_hidden(hidden[i].view(b, t, -1), labels[i])  # shifted within each row
+        w = head[i] if head.dim() == 3 else head
+        out.append(summed_ce(functools.partial(F.linear, weight=w), h, targets))
+    return torch.stack(out)
 
 
 # ---------------------------------------------------------------- the K models' weights and AdamW
@@ -323,7 +334,7 @@ class Stack:
     layout: dict[str, tuple[int, int, torch.Size]]  # trained weight -> (start, end, shape) in a row
     shared: dict[str, torch.Tensor]  # frozen weights, held once
     decay: torch.Tensor  # [P]: 1 where weight decay applies (not biases and norms, as the Trainer)
-    names: dict[str, str]  # a trained weight's name in the carrier -> its name in `llama_logits`
+    names: dict[str, str]  # a trained weight's name in the carrier -> its name in `llama_hidden`
     leaves: dict[str, torch.Tensor] = field(default_factory=dict)  # forward name -> [K, ...] view of `flat`
 
     def __post_init__(self) -> None:
@@ -349,7 +360,7 @@ class Stack:
                    {n: forward_name(n) for n in layout})
 
     def weights(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Every weight by name for `llama_logits`: trained ones [k, ...] for the rows (models) given."""
+        """Every weight by name for `llama_hidden`: trained ones [k, ...] for the rows (models) given."""
         # contiguous copies (a few MiB for the lab): batched matmuls on rows P apart ran 2x slower
         return self.shared | {n: (leaf.contiguous() if rows is None else leaf[rows]) for n, leaf in self.leaves.items()}
 
@@ -369,7 +380,7 @@ class Stack:
 
 
 def forward_name(name: str) -> str:
-    """A carrier parameter's name in `llama_logits`: PEFT's `base_model.model.X.base_layer.weight`
+    """A carrier parameter's name in `llama_hidden`: PEFT's `base_model.model.X.base_layer.weight`
     is X.weight, `X.lora_A.default.weight` is X.lora_A."""
     name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     for part in ("lora_A", "lora_B"):
@@ -604,8 +615,8 @@ def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: in
         rows = [i for i in active if j < len(micro[i])]
         batch = {n: v.to(device) for n, v in stack_batches([collated[i][j] for i in rows], pad_id).items()}
         weights = stack.weights(None if rows == everyone else torch.tensor(rows, device=device))
-        logits = llama_logits(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"], lora)
-        losses = token_losses(logits, batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
+        hidden = llama_hidden(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"], lora)
+        losses = token_losses(hidden, lm_head_weight(weights), batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
         values = losses.detach().tolist()
         bad = [members[i].job.name for i, x in zip(rows, values) if not math.isfinite(x)]
         if bad:

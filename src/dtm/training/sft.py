@@ -75,6 +75,7 @@ from dtm.rundir import (
     is_complete,
 )
 from dtm.training.batches import REAL_TOKENS, Example, ExampleDataset, make_collator, mean_loss
+from dtm.training.chunked_loss import ENV_SWITCH, Parts, causal_lm_loss, chunked_loss_enabled, model_parts
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +275,9 @@ class Totals:
 
 
 class DtmTrainer(Trainer):
-    """`Trainer` plus an optional weight penalty (L2/EWC), a finite-loss check, token counts, and
-    totals over resumed segments saved in each checkpoint."""
+    """`Trainer` plus the loss computed only at labelled positions in chunks (`chunked_loss`, where the
+    model's structure is known), an optional weight penalty (L2/EWC), a finite-loss check, token counts,
+    and totals over resumed segments saved in each checkpoint."""
 
     def __init__(self, *args: Any, penalty: Penalty | None = None, prior: Totals | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -286,10 +288,18 @@ class DtmTrainer(Trainer):
         self._penalty_n = 0
         self._window_tokens = 0
         self._window_start = time.perf_counter()
+        self._parts: Parts | str | None = None  # chunked loss: the model's parts, or why it is not used (decided once)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         self._window_tokens += inputs.pop(REAL_TOKENS)
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        parts = None if return_outputs else self._chunked_parts(model)
+        if parts is not None:
+            # the LM head only where labels are, in chunks (`chunked_loss`); the Trainer's normalisation:
+            # num_items_in_batch reaches the loss only when the model accepts loss kwargs
+            with self.accelerator.autocast():
+                result = causal_lm_loss(parts, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if not torch.isfinite(loss.detach()).item():
             raise TrainingError(
@@ -306,6 +316,23 @@ class DtmTrainer(Trainer):
             self._penalty_sum += float(penalty.detach())
             self._penalty_n += 1
         return (loss, result[1]) if return_outputs else loss
+
+    def _chunked_parts(self, model: torch.nn.Module) -> Parts | None:
+        """The model's decoder and LM head when the chunked loss applies to this trainer, else None
+        (the reason logged once)."""
+        if self._parts is None:
+            if not chunked_loss_enabled():
+                why: Parts | str = f"{ENV_SWITCH}=0"
+            elif self.accelerator.unwrap_model(model) is not model or self.args.n_gpu > 1 or self.accelerator.num_processes > 1:
+                why = "the model is wrapped for data-parallel training (its forward must run through the wrapper)"
+            elif self.label_smoother is not None or self.compute_loss_func is not None:
+                why = "a label smoother or custom loss function is set"
+            else:
+                why = model_parts(model)
+            if isinstance(why, str):
+                log.info("training loss: the plain path (logits at every position): %s", why)
+            self._parts = why
+        return self._parts if isinstance(self._parts, Parts) else None
 
     def totals(self) -> Totals:
         """The totals up to now. The loss sum is the Trainer's own accounting (`_total_loss_scalar` plus the
