@@ -72,6 +72,7 @@ class Recorder:
 
     def __init__(self, out: Path, budget_s: float):
         self.path = out / "gpu_check.json"
+        self.out = str(out)
         self.started = time.monotonic()
         self.budget_s = budget_s
         self.data: dict = {"budget_s": budget_s, "finished": False, "checks": {}}
@@ -90,8 +91,9 @@ class Recorder:
     def save(self) -> None:
         self.data["elapsed_s"] = self.elapsed()
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".gpu_check.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f, indent=2, default=str)
+        text = json.dumps(self.data, indent=2, default=str)
+        with os.fdopen(fd, "w") as f:  # paths under --out as $OUT/...: the file names no machine's directory
+            f.write(text.replace(self.out, "$OUT"))
         os.replace(tmp, self.path)
 
 
