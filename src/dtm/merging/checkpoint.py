@@ -326,6 +326,7 @@ class ShardWriter:
         self.file = file
         self.plan = list(plan)
         self._next = 0
+        self._written = 0  # elements of plan[_next] written so far
         header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for t in self.plan:
@@ -337,24 +338,29 @@ class ShardWriter:
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one whole tensor."""
         expected = self.plan[self._next]
         if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
             raise RuntimeError(f"writer expected {expected}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        self._append(tensor)
-        self._next += 1
+        self.append(name, tensor.reshape(-1))
+        self.end(name)
 
-    def write_chunks(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
-        """Write one tensor given as consecutive flat pieces (the chunked elementwise merge)."""
+    def append(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next flat piece of tensor `name` (the merge's writer thread calls this per chunk)."""
         expected = self.plan[self._next]
-        written = 0
-        for c in chunks:
-            if c.dtype != expected.dtype:
-                raise RuntimeError(f"writer expected {expected.dtype} for {name}, got {c.dtype}")
-            self._append(c)
-            written += c.numel()
-        if name != expected.name or written != math.prod(expected.shape):
-            raise RuntimeError(f"writer expected {expected}, got {name} with {written} elements")
+        if name != expected.name or chunk.dtype != expected.dtype or self._written + chunk.numel() > math.prod(expected.shape):
+            raise RuntimeError(f"writer expected {expected} ({self._written} elements written), got {name} "
+                               f"{chunk.numel()} elements {chunk.dtype}")
+        self._append(chunk)
+        self._written += chunk.numel()
+
+    def end(self, name: str) -> None:
+        """Tensor `name` is complete: check its size and move on to the next in the plan."""
+        expected = self.plan[self._next]
+        if name != expected.name or self._written != math.prod(expected.shape):
+            raise RuntimeError(f"writer expected {expected}, got {name} with {self._written} elements")
         self._next += 1
+        self._written = 0
 
     def _append(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()

@@ -22,6 +22,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ from dtm.merging.lora import (
     open_adapter,
     svd_truncate,
 )
+from dtm.merging.overlap import Ahead, Behind
 
 log = logging.getLogger("dtm.merging")
 
@@ -120,6 +122,7 @@ def merge(
     allow_pickle: bool = False,
     score_fn: Callable[[Path], float] | None = None,
     progress: bool = True,
+    overlap: bool = True,
 ) -> Path:
     """Merge `models` (save_pretrained dirs or PEFT LoRA adapter dirs) into `out`; return `out`.
 
@@ -132,6 +135,7 @@ def merge(
     dtype       computation dtype; out_dtype: output dtype (default: each input tensor's dtype)
     lora_merge  adapters only: `full` (dense model), `concat` (exact adapter of rank K*r), `svd`
     score_fn    greedy soup only: higher is better, called on a model directory
+    overlap     read ahead and write behind on two threads (the same bytes; False: one thread)
     """
     models = [Path(m) for m in models]
     out = Path(out)
@@ -185,7 +189,7 @@ def merge(
         stats = merge_streaming(
             sources, tmp, spec, weights, fn_params, base=base_source, compute=compute, output=output,
             fishers=fishers, seed=int(parameters.get("seed", 0)),
-            max_shard_bytes=parse_size(parameters.get("max_shard_size", "5GB")), progress=progress,
+            max_shard_bytes=parse_size(parameters.get("max_shard_size", "5GB")), progress=progress, overlap=overlap,
         )
         carry_files(sources[0], adapters, base_source, tmp, output, stats["untied"])
         atomic_write_json(tmp / RECORD, {**record, **{k: v for k, v in stats.items() if k != "untied"}})
@@ -320,8 +324,14 @@ def merge_streaming(
     sources: Sequence[Source], out_dir: Path, spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
     *, base: Checkpoint | None, compute: torch.dtype, output: torch.dtype | None,
     fishers: Sequence[Checkpoint] | None = None, seed: int = 0, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
+    overlap: bool = True,
 ) -> dict[str, Any]:
-    """Merge tensor by tensor into sharded safetensors in `out_dir`; return stats for the record."""
+    """Merge tensor by tensor into sharded safetensors in `out_dir`; return stats for the record.
+
+    With `overlap`, a reader thread reads the chunks ahead of the compute (`ChunkFeed`) and a
+    writer thread writes the merged chunks behind it (`overlap.Behind`); the output is the same
+    bytes either way (tests/test_merge_overlap.py).
+    """
     names = output_names(sources)
     infos = [sources[0].info(n) for n in names]
     plan = [PlannedTensor(n, i.shape, output if (output and i.dtype.is_floating_point) else i.dtype)
@@ -331,30 +341,39 @@ def merge_streaming(
     total = sum(t.nbytes for t in plan)
     weight_map = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress, delay=1.0)  # no bar for a merge that takes under a second
-    reader = ChunkReader()
+    reads = (r for t in plan for r in tensor_reads(t.name, sources, spec, fn_params, base, fishers))
+    feed = ChunkFeed(reads, compute, threaded=overlap)
+    writes = Behind(WRITE_BEHIND, threaded=overlap)
+    writers: list[ShardWriter] = []
     # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
     # and on a busy machine one descheduled OpenMP worker stalls every op (docs/architecture.md,
     # "Merging"). Every registered method is elementwise (given its per-model state).
-    with torch_threads(1) if spec.elementwise else contextlib.nullcontext():
-        for shard, file in zip(shards, files):
-            writer = ShardWriter(out_dir / file, shard)
-            try:
+    try:
+        with torch_threads(1) if spec.elementwise else contextlib.nullcontext():
+            for shard, file in zip(shards, files):
+                writer = ShardWriter(out_dir / file, shard)
+                writers.append(writer)
                 for t in shard:
                     if spec.elementwise and sources[0].info(t.name).dtype.is_floating_point:  # type: ignore[union-attr]
-                        writer.write_chunks(t.name, merge_tensor_chunks(
-                            t.name, sources, spec, weights, fn_params, base, compute, fishers, t.dtype, reader, seed=seed))
+                        for c in merge_tensor_chunks(t.name, sources, spec, weights, fn_params, base, compute, fishers,
+                                                     t.dtype, feed, seed=seed):
+                            writes.submit(writer.append, t.name, c)
+                        writes.submit(writer.end, t.name)
                     else:
                         merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
-                        writer.write(t.name, finite_or_refuse(t.name, merged, t.dtype))
+                        writes.submit(writer.write, t.name, finite_or_refuse(t.name, merged, t.dtype))
                         del merged
                     weight_map[t.name] = file
                     bar.update(t.nbytes)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                reader.close()
+                writes.submit(writer.close)
+        writes.finish()
+    except BaseException:
+        writes.abort()
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        feed.close()
     bar.close()
     if len(files) > 1:
         atomic_write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -372,7 +391,13 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per model: K + 2 such buffers stay in the CPU cache
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per model: a chunk group of K + 1 inputs stays in the CPU cache
+# Queue depths of the reader and writer threads (module `overlap`). In flight at once, at most
+# READ_AHEAD + 2 chunk groups of inputs (K models + base + Fishers, one chunk each: 30 MiB for
+# K=4 in fp32), and WRITE_BEHIND + 1 merged outputs (chunks; whole tensors only for what is not
+# streamed: adapters, integer buffers). Deeper queues gain nothing once the disk is kept busy.
+READ_AHEAD = 4
+WRITE_BEHIND = 2
 
 
 def chunkable(name: str, sources: Sequence[Source], spec: M.MergeMethod, base: Checkpoint | None,
@@ -384,81 +409,145 @@ def chunkable(name: str, sources: Sequence[Source], spec: M.MergeMethod, base: C
     """
     if not spec.elementwise:
         return False
-    readers = [*sources, *([base] if spec.needs_base and base is not None else []), *(fishers or [])]
-    infos = [r.info(name) if isinstance(r, Checkpoint) else None for r in readers]
+    infos = [r.info(name) if isinstance(r, Checkpoint) else None for r in tensor_inputs(sources, spec, base, fishers)]
     return all(i is not None and i.offset >= 0 and i.dtype.is_floating_point for i in infos)
 
 
-class _Input:
-    """One input of one tensor, handed out as consecutive flat chunks in the compute dtype:
-    read from the file into a reused buffer, or sliced from a tensor computed whole."""
+def tensor_inputs(sources: Sequence[Source], spec: M.MergeMethod, base: Checkpoint | None,
+                  fishers: Sequence[Checkpoint] | None) -> list[Any]:
+    """Every input of a tensor, in the order a chunk group lists them: the K models, the base
+    (if the method uses it), the Fishers."""
+    return [*sources, *([base] if spec.needs_base and base is not None else []), *(fishers or [])]
 
-    def __init__(self, source: Any, name: str, compute: torch.dtype, reader: ChunkReader, chunk: int, stream: bool):
-        self.info = source.info(name)
-        self.compute, self.reader = compute, reader
-        if stream:
-            self.whole = None
-            self.buf = torch.empty(min(chunk, self.info.numel), dtype=self.info.dtype)
-        else:
-            self.whole = source.get(name, compute).reshape(-1)
 
-    def part(self, start: int, m: int) -> torch.Tensor:
-        if self.whole is not None:
-            return self.whole[start:start + m]
-        return self.reader.read(self.info, start, self.buf[:m]).to(self.compute)
+def trim_densities(spec: M.MergeMethod, fn_params: dict[str, Any], n: int, k: int) -> list[float] | None:
+    """TIES-style methods: each model's density, when some model keeps fewer than all n entries
+    (then a first pass over the tensor finds the thresholds); else None (no first pass)."""
+    if not spec.trims:
+        return None
+    densities = M.per_model(fn_params.get("density", 1.0), k)
+    return None if all(M.keep_count(n, d) >= n for d in densities) else densities
+
+
+Step = tuple[str, str, int, int]  # (tensor, pass "trim" or "merge", model index or -1, first element)
+
+
+@dataclass(frozen=True)
+class ChunkRead:
+    """One step of the read schedule: elements [start, start + size) of some inputs of a tensor
+    (pass "trim": model k and the base; pass "merge": every input of `tensor_inputs`)."""
+
+    key: Step
+    infos: tuple[TensorInfo, ...]
+    start: int
+    size: int
+
+
+def tensor_reads(name: str, sources: Sequence[Source], spec: M.MergeMethod, fn_params: dict[str, Any],
+                 base: Checkpoint | None, fishers: Sequence[Checkpoint] | None) -> Iterator[ChunkRead]:
+    """The chunk reads of one tensor, in the order `merge_tensor_chunks` takes them (none for a
+    tensor merged or read whole). Pure: the reader thread walks it ahead of the compute."""
+    first = sources[0].info(name)
+    if first is None or not first.dtype.is_floating_point or not chunkable(name, sources, spec, base, fishers):
+        return
+    infos = tuple(i.info(name) for i in tensor_inputs(sources, spec, base, fishers))
+    k, n, chunk = len(sources), first.numel, CHUNK_ELEMENTS
+    if trim_densities(spec, fn_params, n, k) is not None:
+        for i in range(k):
+            for start in range(0, n, chunk):
+                yield ChunkRead((name, "trim", i, start), (infos[i], infos[k]), start, min(chunk, n - start))
+    for start in range(0, n, chunk):
+        yield ChunkRead((name, "merge", -1, start), infos, start, min(chunk, n - start))
+
+
+class ChunkFeed:
+    """The chunk reads of a whole merge, read up to `READ_AHEAD` groups ahead of the compute by a
+    thread (`overlap.Ahead`) and taken in the same order. `take` checks each step's key, so a
+    schedule that disagreed with the compute would stop the merge at once, never merge wrong data.
+
+    Each read goes into a fresh buffer (not a reused one): the compute may still hold earlier
+    chunks, and a merged chunk may be a view of an input while the writer thread writes it.
+    """
+
+    def __init__(self, reads: Iterator[ChunkRead], compute: torch.dtype, threaded: bool = True):
+        self._reader = ChunkReader()
+        self._compute = compute
+        self._ahead = Ahead(self._read(reads), READ_AHEAD, threaded)
+
+    def _read(self, reads: Iterator[ChunkRead]) -> Iterator[tuple[Step, list[torch.Tensor]]]:
+        for r in reads:
+            yield r.key, [self._reader.read(i, r.start, torch.empty(r.size, dtype=i.dtype)).to(self._compute)
+                          for i in r.infos]
+
+    def take(self, key: Step) -> list[torch.Tensor]:
+        """The chunks of step `key`, which must be the next one read."""
+        got, parts = next(self._ahead, (None, []))
+        if got != key:
+            raise RuntimeError(f"merge read schedule out of step: the compute wants {key}, the reader read {got}")
+        return parts
+
+    def close(self) -> None:
+        """Stop the reader thread, then close the files (the thread no longer uses them)."""
+        self._ahead.close()
+        self._reader.close()
 
 
 def merge_tensor_chunks(
     name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
     base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, out_dtype: torch.dtype,
-    reader: ChunkReader, chunk: int | None = None, seed: int = 0,
+    feed: ChunkFeed, seed: int = 0,
 ) -> Iterator[torch.Tensor]:
     """The merged tensor as consecutive flat chunks (every method is elementwise given its state).
 
     Each chunk is the method's own per-tensor function applied to the same element range of
-    every input, so the result is exactly the whole-tensor result, with memory of K + 2 chunks
-    instead of a few tensors times K. State that needs the whole tensor comes first:
+    every input, so the result is exactly the whole-tensor result, with memory of a few chunk
+    groups instead of a few tensors times K. Inputs in plain safetensors come from `feed` (read
+    ahead, in `tensor_reads`' order); the others (an adapter on its base) are computed whole
+    here and sliced. State that needs the whole tensor comes first:
       * TIES: each model's magnitude threshold, from |x_k - base| written chunk by chunk into
         one scratch tensor (reused for the K models), selected in place (`magnitude_trim`);
       * DARE: one random stream per model, drawn in flat order (the same mask whatever the chunks).
-    Peak memory for a tensor of n elements: one n-element scratch (TIES only) + (K + 2) chunks.
+    Peak memory for a tensor of n elements: one n-element scratch (TIES only) + the chunk groups.
     """
-    chunk = chunk or CHUNK_ELEMENTS
+    chunk = CHUNK_ELEMENTS
     for f in fishers or []:
         if f.info(name) is None:
             raise MergeError(f"{f.path}: has no Fisher tensor for {name!r}; recompute it for this model")
-    stream = chunkable(name, sources, spec, base, fishers)
+    inputs = tensor_inputs(sources, spec, base, fishers)
+    wholes = None if chunkable(name, sources, spec, base, fishers) else [i.get(name, compute).reshape(-1) for i in inputs]
+
+    def take(key: Step, which: Sequence[int], start: int, m: int) -> list[torch.Tensor]:
+        return feed.take(key) if wholes is None else [wholes[i][start:start + m] for i in which]
+
     k = len(sources)
-    inputs = [_Input(s, name, compute, reader, chunk, stream) for s in sources]
-    base_in = _Input(base, name, compute, reader, chunk, stream) if spec.needs_base and base is not None else None
-    fisher_ins = [_Input(f, name, compute, reader, chunk, stream) for f in fishers or []]
-    n = inputs[0].info.numel
+    n = sources[0].info(name).numel  # type: ignore[union-attr]
     state: dict[str, Any] = {}
     if spec.random:
         state["generators"] = M.model_generators(seed, name, k)
-    if spec.trims:
-        assert base_in is not None
-        densities = M.per_model(fn_params.get("density", 1.0), k)
-        if all(M.keep_count(n, d) >= n for d in densities):
-            state["trims"] = [M.Trim(0.0, keep_all=True)] * k
-        else:
-            scratch = torch.empty(n, dtype=compute)
-            trims = []
-            for x, d in zip(inputs, densities):
-                for start in range(0, n, chunk):
-                    m = min(chunk, n - start)
-                    torch.sub(x.part(start, m), base_in.part(start, m), out=scratch[start:start + m]).abs_()
-                trims.append(M.magnitude_trim(scratch, d))
-            state["trims"] = trims
-            del scratch
+    densities = trim_densities(spec, fn_params, n, k)
+    if spec.trims and densities is None:
+        state["trims"] = [M.Trim(0.0, keep_all=True)] * k
+    elif densities is not None:
+        scratch = torch.empty(n, dtype=compute)
+        trims = []
+        for i, d in enumerate(densities):
+            for start in range(0, n, chunk):
+                m = min(chunk, n - start)
+                x, b = take((name, "trim", i, start), (i, k), start, m)
+                torch.sub(x, b, out=scratch[start:start + m]).abs_()
+            trims.append(M.magnitude_trim(scratch, d))
+        state["trims"] = trims
+        del scratch
+    has_base = int(spec.needs_base and base is not None)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
+        parts = take((name, "merge", -1, start), range(len(inputs)), start, m)
         kwargs = {**fn_params, **state}
-        if base_in is not None:
-            kwargs["base"] = base_in.part(start, m)
-        if fisher_ins:
-            kwargs["fishers"] = [f.part(start, m) for f in fisher_ins]
-        merged = spec.fn([x.part(start, m) for x in inputs], weights, **kwargs)
+        if has_base:
+            kwargs["base"] = parts[k]
+        if fishers:
+            kwargs["fishers"] = parts[k + has_base:]
+        merged = spec.fn(parts[:k], weights, **kwargs)
         yield finite_or_refuse(name, merged, out_dtype)
 
 
