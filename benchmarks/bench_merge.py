@@ -14,8 +14,11 @@ bf16 models: `dtype: float32, out_dtype: bfloat16` (both tools accumulate in fp3
 Every output tensor is compared (max abs difference, how many are bitwise equal; DARE draws its
 random masks with different generators in the two tools, so there only the size of the
 difference is informative: tests/test_merge_mergekit.py checks DARE's kept fraction and rescale).
-The disk-bound limit is `cat` of the method's inputs (warm page cache) plus a `dd` of the output
-size to the same disk. The issue's targets are checked and written beside the numbers.
+`--one-thread` also times `dtm merge --no-overlap` (no reader/writer threads) in the rotation
+and checks that it writes the same bytes. The disk-bound limit is `cat` of the method's inputs
+(warm page cache) plus a `dd` of the output size to the same disk. The issue's targets are
+checked and written beside the numbers, and peak RSS flat in model size (within 1.25x from
+125M to 500M parameters).
 mergekit lives in its own venv ($DTM_MERGEKIT_VENV, default ~/.cache/dtm/venvs/mergekit, torch==2.13.0 first), created if missing.
 Numbers go to stdout and benchmarks/results/bench_merge.json, with the machine's cores and load.
 """
@@ -178,36 +181,49 @@ def compare(ours: Path, theirs: Path) -> dict[str, float | int]:
     return {"tensors": len(a), "max_abs_diff": worst, "bitwise_equal_tensors": equal}
 
 
+def files_equal(a: Path, b: Path) -> bool:
+    """The two outputs' safetensors files hold the same bytes."""
+    names = sorted(f.name for f in a.glob("*.safetensors"))
+    return names == sorted(f.name for f in b.glob("*.safetensors")) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
 def machine() -> dict:
     mem = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()[:3])
     return {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "cpu": platform.processor() or platform.machine(),
             "mem_total": mem["MemTotal"].strip(), "mem_available": mem["MemAvailable"].strip(), "python": platform.python_version()}
 
 
-def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: Path, mergekit: Path, runs: int) -> dict:
-    """One method: both tools alternately, `runs` times each; outputs compared; disk limit of its inputs."""
+def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: Path, mergekit: Path, runs: int,
+                 one_thread: bool = False) -> dict:
+    """One method: the tools in turn (the first one rotates every round), `runs` times each;
+    outputs compared; disk limit of its inputs. `one_thread` adds `dtm merge --no-overlap`."""
     tag = f"{work.name}/{method}"
     path = work / f"{method}.yaml"
     path.write_text(json.dumps(recipe(method, dtype, base, models)))  # JSON is YAML
     ours_out, mk_out = work / f"{method}-ours", work / f"{method}-mergekit"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    cmds = {"ours": [str(ROOT / ".venv" / "bin" / "dtm"), "merge", "--config", str(path), "--overwrite", "--out", str(ours_out)],
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT / "src")}  # this checkout's dtm
+    dtm_merge = [sys.executable, "-m", "dtm.cli", "merge", "--config", str(path), "--overwrite"]
+    cmds = {"ours": [*dtm_merge, "--out", str(ours_out)],
             "mergekit": [str(mergekit), str(path), str(mk_out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]}
     outs = {"ours": ours_out, "mergekit": mk_out}
+    if one_thread:
+        cmds["ours_one_thread"] = [*dtm_merge, "--no-overlap", "--out", str(work / f"{method}-one-thread")]
+        outs["ours_one_thread"] = work / f"{method}-one-thread"
     inputs = models + ([base] if METHODS[method][0] else [])
     out_bytes = dir_bytes(models[0])
     disk_limit(inputs, out_bytes, work)  # untimed: warms the page cache
     limit = disk_limit(inputs, out_bytes, work)
-    results: dict[str, list] = {"ours": [], "mergekit": []}
+    tools = list(cmds)
+    results: dict[str, list] = {t: [] for t in tools}
     for r in range(runs):
-        order = ("ours", "mergekit") if r % 2 == 0 else ("mergekit", "ours")
-        for tool in order:
+        for tool in tools[r % len(tools):] + tools[:r % len(tools)]:
             shutil.rmtree(outs[tool], ignore_errors=True)
             load = os.getloadavg()[0]
             res = timed(cmds[tool], env)
             res["load1_before"] = round(load, 2)
             results[tool].append(res)
-            print(f"[{tag}] run {r + 1} {tool:8s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  (load {load:.2f})", flush=True)
+            print(f"[{tag}] run {r + 1} {tool:15s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  (load {load:.2f})", flush=True)
     diff = compare(ours_out, mk_out)
     best = {t: min(x["wall_s"] for x in v) for t, v in results.items()}
     rss = {t: max(x["peak_rss_mib"] for x in v) for t, v in results.items()}
@@ -216,6 +232,11 @@ def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: 
            "rss_ratio_ours_over_mergekit": round(rss["ours"] / rss["mergekit"], 3),
            "disk_bound": limit, "ours_over_disk_bound": round(best["ours"] / limit["limit_s"], 2),
            "compare": {**diff, "random_masks_differ": method in RANDOM_METHODS}}
+    if one_thread:
+        out["overlap_speedup"] = round(best["ours_one_thread"] / best["ours"], 3)  # > 1: the threads help
+        out["one_thread_bitwise_equal"] = files_equal(ours_out, outs["ours_one_thread"])
+        print(f"[{tag}] one thread / overlapped: {out['overlap_speedup']}, same bytes: {out['one_thread_bitwise_equal']}", flush=True)
+        shutil.rmtree(outs["ours_one_thread"], ignore_errors=True)
     print(f"[{tag}] ours/mergekit wall {out['wall_ratio_ours_over_mergekit']}, RSS {out['rss_ratio_ours_over_mergekit']}, "
           f"max |diff| {diff['max_abs_diff']:.3g} ({diff['bitwise_equal_tensors']}/{diff['tensors']} tensors bitwise equal), "
           f"disk-bound {limit['limit_s']} s -> ours x{out['ours_over_disk_bound']}", flush=True)
@@ -243,20 +264,33 @@ def targets(methods: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def bench_size(size: str, dtype: str, k: int, work: Path, mergekit: Path, runs: int, methods: list[str]) -> dict:
+def bench_size(size: str, dtype: str, k: int, work: Path, mergekit: Path, runs: int, methods: list[str],
+               one_thread: bool = False) -> dict:
     print(f"[{size}-{dtype}] building the base and {k} models", flush=True)
     base, models, n_params, largest = build_models(size, dtype, k, work)
     print(f"[{size}-{dtype}] {n_params / 1e6:.1f}M parameters, {dir_bytes(models[0]) / 1e9:.2f} GB per model, "
           f"largest tensor {largest / 2**20:.0f} MiB (fp32)", flush=True)
-    res = {name: bench_method(name, dtype, base, models, base.parent, mergekit, runs) for name in methods}
+    res = {name: bench_method(name, dtype, base, models, base.parent, mergekit, runs, one_thread) for name in methods}
     return {"parameters": n_params, "k": k, "dtype": dtype, "bytes_per_model": dir_bytes(models[0]),
             "largest_tensor_fp32_bytes": largest, "methods": res, "targets": targets(res)}
 
 
+FLAT_RSS = 1.25  # "flat in model size": our peak RSS at the largest size within this factor of the smallest
+
+
+def memory_scaling(cells: dict[str, dict], methods: list[str]) -> dict:
+    """Peak RSS per method at each size (one dtype), and whether ours stays flat as the model grows."""
+    ours = {m: [c["methods"][m]["peak_rss_mib"]["ours"] for c in cells.values()] for m in methods}
+    return {"cells": list(cells), "parameters": [c["parameters"] for c in cells.values()],
+            "ours_peak_rss_mib": ours,
+            "mergekit_peak_rss_mib": {m: [c["methods"][m]["peak_rss_mib"]["mergekit"] for c in cells.values()] for m in methods},
+            "ours_flat": {m: {"max_over_min": round(max(v) / min(v), 3), "met": max(v) <= FLAT_RSS * min(v)} for m, v in ours.items()}}
+
+
 def import_floor() -> dict[str, float]:
     """Wall time and peak RSS of a process that only imports what `dtm merge` imports (its floor)."""
-    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-c", "import torch, safetensors, tqdm, dtm.merging, dtm.cli"]
-    runs = [timed(cmd, dict(os.environ)) for _ in range(3)]
+    cmd = [sys.executable, "-c", "import torch, safetensors, tqdm, dtm.merging, dtm.cli"]
+    runs = [timed(cmd, {**os.environ, "PYTHONPATH": str(ROOT / "src")}) for _ in range(3)]
     return {"wall_s": min(r["wall_s"] for r in runs), "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
 
 
@@ -269,6 +303,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per tool and method (best of)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "dtm" / "bench_merge"), help="scratch directory for the models (outside the repo; default in the user's cache dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--one-thread", action="store_true", help="also time `dtm merge --no-overlap` (the reader/writer threads' gain)")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     methods = a.methods.split(",")
@@ -282,7 +317,7 @@ def main() -> None:
     report["import_floor"] = import_floor()
     for size in a.sizes.split(","):
         for dtype in a.dtypes.split(","):
-            report["results"][f"{size}-{dtype}"] = bench_size(size, dtype, a.k, work, mergekit, a.runs, methods)
+            report["results"][f"{size}-{dtype}"] = bench_size(size, dtype, a.k, work, mergekit, a.runs, methods, a.one_thread)
             if not a.keep:
                 shutil.rmtree(work / f"{size}-{dtype}", ignore_errors=True)
     report["machine_after"] = machine()
@@ -290,11 +325,7 @@ def main() -> None:
     by_dtype: dict[str, dict] = {}
     for key, r in report["results"].items():
         by_dtype.setdefault(r["dtype"], {})[key] = r
-    report["memory_scaling"] = {
-        dtype: {"cells": list(cells), "parameters": [c["parameters"] for c in cells.values()],
-                "ours_peak_rss_mib": {m: [c["methods"][m]["peak_rss_mib"]["ours"] for c in cells.values()] for m in methods},
-                "mergekit_peak_rss_mib": {m: [c["methods"][m]["peak_rss_mib"]["mergekit"] for c in cells.values()] for m in methods}}
-        for dtype, cells in by_dtype.items() if len(cells) >= 2}
+    report["memory_scaling"] = {dtype: memory_scaling(cells, methods) for dtype, cells in by_dtype.items() if len(cells) >= 2}
     print("targets:", json.dumps({k: r["targets"] for k, r in report["results"].items()}), flush=True)
     print("memory scaling:", json.dumps(report["memory_scaling"]), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,13 @@ def test_behind_runs_in_order_and_drops_the_calls_after_a_failure():
     behind.abort()
     assert done[:20] == list(range(20)) and len(done) == 20
     assert no_merge_threads()
+
+
+def test_cli_no_overlap_writes_the_same_model(models, tmp_path):
+    from dtm.cli import main
+
+    base, dirs, _ = models["bfloat16"]
+    args = ["merge", *map(str, dirs), "--base", str(base), "--method", "ties", "--param", "density=0.5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--no-overlap", "--out", str(tmp_path / "b")]) == 0
+    assert files_bytes(tmp_path / "a") == files_bytes(tmp_path / "b")

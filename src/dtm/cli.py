@@ -181,6 +181,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code: only for trusted files")
+    p.add_argument("--no-overlap", action="store_true", help="read, merge and write in one thread (the same output; "
+                   "by default a reader thread runs ahead and a writer thread behind)")
 
     def run(a: argparse.Namespace) -> None:
         import yaml
@@ -204,7 +206,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
             parameters["max_shard_size"] = a.max_shard_size
         out = merge_with_recipe(a.config, a.out, a.models, parameters, weights=weights, method=a.method, base=a.base,
                                 dtype=a.dtype, out_dtype=a.out_dtype, lora_merge=a.lora_merge, overwrite=a.overwrite,
-                                allow_pickle=a.allow_pickle)
+                                allow_pickle=a.allow_pickle, overlap=not a.no_overlap)
         print(f"merged into {out}")
 
     p.set_defaults(func=run)
