@@ -1,6 +1,6 @@
 """Reading model directories lazily and writing safetensors shards as a stream.
 
-The merge reads element ranges with `ChunkReader` (`os.preadv` into reused buffers). Whole
+The merge reads element ranges with `ChunkReader` (`os.preadv` into chunk buffers). Whole
 tensors (LoRA deltas, integer buffers, adapter files) use `safetensors.safe_open`, which
 memory-maps the file; a file is opened per tensor and closed right after, so the pages of
 tensors already merged leave this process.
@@ -120,11 +120,11 @@ def read_tensor(info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Ten
 
 
 class ChunkReader:
-    """Reads element ranges of tensors into reusable buffers with `os.preadv` (no mmap).
+    """Reads element ranges of tensors into given buffers with `os.preadv` (no mmap).
 
     Why not the memory map here: an elementwise merge visits each input element once, so a
-    small buffer per model that stays in the CPU cache replaces whole-tensor temporaries, the
-    mapped pages never count toward our resident memory, and there are no page faults.
+    small chunk buffer per model replaces whole-tensor temporaries, and the mapped pages never
+    count toward our resident memory. Not thread-safe: one thread (the merge's reader) uses it.
     """
 
     def __init__(self) -> None:
