@@ -31,7 +31,7 @@ from dtm.data.formats import load_conversations
 from dtm.data.template import conversation
 from dtm.errors import TrainingError
 from dtm.rundir import COMPLETE_FILE, LOG_FILE, fraction_dirs, fractions_file, is_complete, joint_checkpoints
-from dtm.training.joint import JointJob, batch_order, check_memory, train_joint
+from dtm.training.joint import JointJob, batch_order, check_memory, length_grouped_order, train_joint
 from dtm.training.sft import train_model
 
 torch.set_num_threads(1)
@@ -112,7 +112,27 @@ def test_batch_order_is_the_trainers(tmp_path):
         assert [b["index"] for b in loader] == batch_order(37, 8, 11, epoch)
 
 
-@pytest.mark.parametrize("kind", ["lab", pytest.param("pico", marks=pytest.mark.slow), "lora"])
+def test_length_grouped_order_is_the_trainers(tmp_path):
+    """`length_grouped_order` against the batches of a real Trainer's dataloader under
+    `group_by_length` (megabatches of batch x gradient accumulation), epoch by epoch."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from dtm.training.batches import ExampleDataset
+
+    lengths = [(7 * i) % 23 + 1 for i in range(53)]
+    data = ExampleDataset([{"index": i, "input_ids": [0] * n} for i, n in enumerate(lengths)])
+    args = TrainingArguments(output_dir=str(tmp_path), seed=5, data_seed=5, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                             use_cpu=True, report_to=[], remove_unused_columns=False, train_sampling_strategy="group_by_length")
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(LAB_BASE), args=args, train_dataset=data,
+                      data_collator=lambda batch: {"index": [b["index"] for b in batch]})
+    loader = trainer.get_train_dataloader()  # prepared by accelerate, as the Trainer trains with it
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert [b["index"] for b in loader] == length_grouped_order(lengths, 3, 2, 5, epoch)
+    assert length_grouped_order(lengths, 3, 2, 5, 0) != length_grouped_order(lengths, 3, 2, 5, 1)
+
+
+@pytest.mark.parametrize("kind", ["lab", pytest.param("pico", marks=pytest.mark.slow), "lora", "lora-grouped"])
 def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, tmp_path):
     """K=3 models of unequal portions: the same weights, steps, losses and files as three
     `train_model` runs; the shortest one stops first while the others go on. LoRA: one base,
@@ -124,8 +144,9 @@ def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, t
         base, portions, cfg = LAB_BASE, lab_portions, lab_config(save_fractions=[0.5])
     else:
         base, portions, cfg = base_dir, [qa(24, 0), qa(20, 30), qa(14, 60)], pico_config(save_fractions=[0.5])
-    if kind == "lora":
+    if kind.startswith("lora"):
         cfg.train.finetuning_type, cfg.train.weight_decay = "lora", 0.0
+        cfg.train.group_by_length = kind == "lora-grouped"  # the config default: the Trainer's length-grouped sampler
         cfg.train.lora.r, cfg.train.lora.lora_dropout = 4, 0.0
         cfg.train.lora.target_modules = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
     separate = [train_model(base, p, tmp_path / f"separate-{i}", cfg, progress=False, name=f"m-{i}") for i, p in enumerate(portions)]
@@ -146,7 +167,7 @@ def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, t
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert max_difference(s, j) < TOLERANCE
         assert moved(j, Path(base)) > 100 * TOLERANCE
-        assert (j / "adapter_config.json").exists() == (kind == "lora")
+        assert (j / "adapter_config.json").exists() == kind.startswith("lora")
         rows_a = [json.loads(x) for x in (s / LOG_FILE).read_text().splitlines()]
         rows_b = [json.loads(x) for x in (j / LOG_FILE).read_text().splitlines()]
         assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]

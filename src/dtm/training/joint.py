@@ -90,13 +90,12 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def joinable(config: ExperimentConfig, baseline: str | None) -> bool:
     """A job can join a joint job: plain SFT (a sub-model, vanilla, short, a soup ingredient),
-    full fine-tuning or LoRA on the layers' projections, random batches. Penalties (L2/EWC),
-    replay and curation keep the Trainer. On a GPU the Trainer trains in mixed precision and
-    the joint step in fp32 only, so there a job joins only with `train.bf16: false`."""
+    full fine-tuning or LoRA on the layers' projections, random or length-grouped batches.
+    Penalties (L2/EWC), replay and curation keep the Trainer. On a GPU the Trainer trains in mixed
+    precision and the joint step in fp32 only, so there a job joins only with `train.bf16: false`."""
     t = config.train
     shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
-    plain = (baseline in (None, "vanilla") and shape_ok and not t.group_by_length and not t.gradient_checkpointing
-             and t.workers_per_model <= 1)
+    plain = baseline in (None, "vanilla") and shape_ok and not t.gradient_checkpointing and t.workers_per_model <= 1
     return plain and (not torch.cuda.is_available() or (t.bf16 is False and not t.fp16))
 
 
@@ -128,7 +127,7 @@ def supported_model(model_config: Any) -> str | None:
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The example indices of each batch of `epoch`, as the HF Trainer draws them.
+    """The example indices of each batch of `epoch`, as the HF Trainer draws them (random sampler).
 
     The Trainer's dataloader goes through accelerate, which replaces the `RandomSampler` by a
     `SeedableRandomSampler(data_seed=seed)` whose generator is reseeded with seed + epoch at
@@ -137,7 +136,37 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     against a real Trainer's dataloader.
     """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return _batches(order, batch_size)
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, ga: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each batch of `epoch` under `train.group_by_length`, as the Trainer draws them.
+
+    The Trainer's `LengthGroupedSampler` (megabatches of batch x gradient-accumulation examples,
+    each sorted longest first, transformers' `get_length_grouped_indices`) draws its permutation
+    from torch's global generator, which `Trainer.__init__` seeds with the seed. Each epoch makes
+    two draws from it: the DataLoader's iterator first draws its workers' base seed (one int64),
+    then the sampler its permutation; nothing else draws while training without dropout. We
+    replay those draws on a private generator, so the joint step's own random draws (LoRA
+    dropout) cannot shift them. With dropout > 0 the Trainer's later epochs also depend on its
+    dropout draws; there the joint order is the same sampler's order without them (the dropout
+    masks differ anyway). `test_length_grouped_order_is_the_trainers` checks it against a real
+    Trainer's dataloader, and `test_joint_training_equals_separate_training[lora-grouped]` the weights.
+    """
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    generator = torch.Generator().manual_seed(seed)
+    for e in range(epoch + 1):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader iterator's base seed
+        if e < epoch:
+            torch.randperm(len(lengths), generator=generator)  # an earlier epoch's permutation
+    order = get_length_grouped_indices(list(lengths), batch_size * ga, generator=generator)
+    return _batches(order, batch_size)
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive slices of `batch_size` (the last one short), as the Trainer's `BatchSampler` cuts them."""
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @dataclass
@@ -481,7 +510,11 @@ class Member:
         """The example indices of each micro-batch of this model's next optimizer step."""
         epoch, which = self.sched.micro_batches(self.step, self.t.gradient_accumulation_steps)
         if self._order[0] != epoch:
-            self._order = (epoch, batch_order(len(self.examples), self.t.per_device_train_batch_size, self.job.seed, epoch))
+            t, seed = self.t, self.job.seed
+            order = (length_grouped_order([len(e["input_ids"]) for e in self.examples], t.per_device_train_batch_size,
+                                          t.gradient_accumulation_steps, seed, epoch) if t.group_by_length
+                     else batch_order(len(self.examples), t.per_device_train_batch_size, seed, epoch))
+            self._order = (epoch, order)
         return [self._order[1][i] for i in which]
 
 
