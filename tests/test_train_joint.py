@@ -253,3 +253,52 @@ def test_joint_groups_split_the_demo_jobs_over_the_workers(tmp_path):
     assert sorted(len(u.jobs) for u in two if isinstance(u, JointGroup)) == [4, 4]
     one = joint_groups(jobs, cfg, workers=1)
     assert [len(u.jobs) for u in one if isinstance(u, JointGroup)] == [8]
+
+
+def test_joint_groups_follow_models_per_job_and_leave_jobs_alone_with_one(tmp_path):
+    from dtm.training.executors import Job, JointGroup, joint_groups
+
+    cfg = lab_config()
+    portion = tmp_path / "portion.jsonl"
+    portion.write_text("x" * 1000)
+    jobs = [Job(f"sub-{i}", portion, tmp_path / f"sub-{i}", 3) for i in range(1, 9)]
+    cfg.train.models_per_job = 3
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=1)] == [3, 3, 2]
+    cfg.train.models_per_job = 1
+    assert all(isinstance(u, Job) for u in joint_groups(jobs, cfg, workers=2))
+    cfg.train.models_per_job = None
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2) if isinstance(u, JointGroup)] == [4, 4]
+
+
+@pytest.mark.slow  # a local Ray instance and two task processes: about 30 s
+def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp_path):
+    """K=4 LoRA sub-models on a local Ray of 2 CPUs (a task per CPU): two joint jobs of two,
+    whose adapters equal one local joint job of four within the tolerance."""
+    ray = pytest.importorskip("ray")
+    from dtm.training.executors import train_jobs
+
+    cfg = pico_config(finetuning_type="lora", weight_decay=0.0, max_steps=4, num_train_epochs=1, gradient_accumulation_steps=1)
+    cfg.train.lora.r, cfg.train.lora.lora_dropout = 4, 0.0
+    jobs = {}
+    for i in range(4):
+        path = tmp_path / f"portion-{i}.jsonl"
+        path.write_text("".join(json.dumps(c.to_record()) + "\n" for c in qa(16, 20 * i)))
+        jobs[f"sub-{i + 1}"] = {"data": str(path), "seed": cfg.seed}
+    cfg.train.executor, cfg.train.num_workers = "joint", 1
+    train_jobs(cfg, base_dir, jobs, tmp_path / "local")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg.train.executor, cfg.train.num_cpus_per_model, cfg.train.num_gpus_per_model = "ray", 1, 0
+        train_jobs(cfg, base_dir, jobs, tmp_path / "ray")
+    finally:
+        ray.shutdown()
+    groups = set()
+    for name in jobs:
+        a, b = tmp_path / "local" / name, tmp_path / "ray" / name
+        summary = json.loads((b / COMPLETE_FILE).read_text())
+        assert summary["executor"] == "joint"
+        groups.add(tuple(sorted([name, *summary["joint_with"]])))
+        assert len(json.loads((a / COMPLETE_FILE).read_text())["joint_with"]) == 3  # local: one job of four
+        assert max_difference(a, b) < TOLERANCE
+        assert moved(b, base_dir) > 100 * TOLERANCE
+    assert sorted(len(g) for g in groups) == [2, 2] and set().union(*groups) == set(jobs)

@@ -88,15 +88,17 @@ class JointJob:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the batched forward's adapters
 
 
-def joinable(config: ExperimentConfig, baseline: str | None) -> bool:
+def joinable(config: ExperimentConfig, baseline: str | None, on_gpu: bool | None = None) -> bool:
     """A job can join a joint job: plain SFT (a sub-model, vanilla, short, a soup ingredient),
     full fine-tuning or LoRA on the layers' projections, random or length-grouped batches.
     Penalties (L2/EWC), replay and curation keep the Trainer. On a GPU the Trainer trains in mixed
-    precision and the joint step in fp32 only, so there a job joins only with `train.bf16: false`."""
+    precision and the joint step in fp32 only, so there a job joins only with `train.bf16: false`
+    (`on_gpu`: where it will train; None: on this machine's GPU if it has one)."""
     t = config.train
     shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
     plain = baseline in (None, "vanilla") and shape_ok and not t.gradient_checkpointing and t.workers_per_model <= 1
-    return plain and (not torch.cuda.is_available() or (t.bf16 is False and not t.fp16))
+    gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    return plain and (not gpu or (t.bf16 is False and not t.fp16))
 
 
 def shape_key(config: ExperimentConfig) -> tuple:
