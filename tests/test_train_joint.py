@@ -171,13 +171,41 @@ def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, t
         rows_a = [json.loads(x) for x in (s / LOG_FILE).read_text().splitlines()]
         rows_b = [json.loads(x) for x in (j / LOG_FILE).read_text().splitlines()]
         assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-        assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=1e-5)
+        for key in ("loss", "lr", "grad_norm", "epoch"):
+            assert [r[key] for r in rows_b] == pytest.approx([r[key] for r in rows_a], rel=1e-5), key
         assert [label for label, _ in fraction_dirs(j)] == ["0.50"]
         assert max_difference(fraction_dirs(s)[0][1], fraction_dirs(j)[0][1]) < TOLERANCE
         assert [r["step"] for r in json.loads(fractions_file(j).read_text())] == [0, a["steps"] // 2]
         assert not (j / "checkpoints").exists()
         steps.append(b["steps"])
     assert steps[2] < steps[0]  # unequal portions: the smallest stopped earlier
+
+
+def test_data_baselines_join_and_equal_their_separate_training(base_dir, tmp_path):
+    """Replay (plain text mixed in) and curation (the base-loss top half) change only the data:
+    in one joint job they train as `train_baseline` trains each alone (LoRA, length-grouped)."""
+    from dtm.training.executors import train_jobs
+
+    cfg = pico_config(finetuning_type="lora", weight_decay=0.0, group_by_length=True, num_train_epochs=1)
+    cfg.train.lora.r, cfg.train.lora.lora_dropout = 4, 0.0
+    corpus = tmp_path / "replay.txt"
+    corpus.write_text("".join(f"the cat sat on the mat {i} times.\n" for i in range(30)))
+    cfg.baselines.replay_path, cfg.baselines.curation_fraction = str(corpus), 0.5
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(c.to_record()) + "\n" for c in qa(24, 0)))
+    jobs = {name: {"data": str(data), "seed": cfg.seed, "baseline": name} for name in ("replay", "curation")}
+    cfg.train.executor = "local"
+    train_jobs(cfg, base_dir, jobs, tmp_path / "separate")
+    cfg.train.executor = "joint"
+    train_jobs(cfg, base_dir, jobs, tmp_path / "joint")
+    for name in jobs:
+        a, b = (json.loads((tmp_path / mode / name / COMPLETE_FILE).read_text()) for mode in ("separate", "joint"))
+        assert b["executor"] == "joint" and b["joint_with"] == [n for n in jobs if n != name]
+        assert (a["steps"], a["examples"], a["replay_examples"]) == (b["steps"], b["examples"], b["replay_examples"])
+        assert max_difference(tmp_path / "separate" / name, tmp_path / "joint" / name) < TOLERANCE
+        assert moved(tmp_path / "joint" / name, base_dir) > 100 * TOLERANCE
+    separate = [json.loads((tmp_path / "separate" / n / COMPLETE_FILE).read_text()) for n in jobs]
+    assert (separate[0]["replay_examples"], separate[1]["examples"]) == (24, 12)  # the hooks did act
 
 
 KILLED_JOINT_RUN = textwrap.dedent(
@@ -199,7 +227,8 @@ KILLED_JOINT_RUN = textwrap.dedent(
 
 
 def killed_jobs(root: str) -> list[JointJob]:
-    cfg = pico_config(num_train_epochs=6, gradient_accumulation_steps=1, per_device_train_batch_size=8, save_steps=5)
+    cfg = pico_config(num_train_epochs=6, gradient_accumulation_steps=1, per_device_train_batch_size=8, save_steps=5,
+                      checkpoint_minutes=None)  # checkpoints by steps only, whatever the machine's speed
     portions = [qa(24, 0), qa(20, 30), qa(8, 60)]  # 3, 3 and 1 steps per epoch
     return [JointJob(f"m-{i}", p, Path(root) / f"m-{i}", cfg.seed, cfg) for i, p in enumerate(portions)]
 
@@ -227,8 +256,35 @@ def test_killed_joint_job_resumes_to_the_same_weights(base_dir, tmp_path):
     assert steps == list(range(1, 19))  # the killed run's row of step 11 was dropped, not duplicated
 
 
+def test_joint_checkpoints_at_least_every_checkpoint_minutes(base_dir, tmp_path):
+    """As the Trainer's run (`sft.CheckpointClock`): a model shorter than save_steps still
+    checkpoints by time (here: after every step), so a kill loses under checkpoint_minutes of work."""
+    cfg = pico_config(num_train_epochs=1, gradient_accumulation_steps=1, save_steps=100, checkpoint_minutes=1e-9,
+                      save_total_limit=10, keep_checkpoints=True)
+    out = train_joint(base_dir, [JointJob(f"m-{i}", qa(12, 20 * i), tmp_path / f"m-{i}", cfg.seed, cfg) for i in range(2)],
+                      progress=False)
+    for d in out:
+        assert [s for s, _ in joint_checkpoints(d)] == [1, 2]  # 3 steps: every one but the last (the model itself)
+
+
+def test_memory_model_on_hand_computed_numbers():
+    """2 layers of hidden 10 and MLP 20, vocabulary 100; K=3 models of 50 trained weights each,
+    micro-batches of 5 tokens, fp32 (the coefficients are bench_joint_memory.py's fit)."""
+    from types import SimpleNamespace
+
+    from dtm.training.joint import memory_plan
+
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=10, intermediate_size=20, vocab_size=100)
+    assert memory_plan(1000, 50, 3, 5, cfg) == {
+        "base": 1000 * 4,
+        "trained": 3 * 50 * 8 * 4,  # weight, gradient, 2 moments, the forward's copy, 3 update temporaries
+        "activations": 3 * 5 * 2 * (13 * 10 + 11 * 20) * 4,  # 13 hidden + 11 MLP widths per token and layer
+        "loss": 3 * 256 * 100 * 4,  # one chunk of 256 rows: fp32 logits, softmax, gradient
+    }
+
+
 def test_memory_model_refuses_a_job_that_will_not_fit_and_suggests_a_micro_batch():
-    plan = {"base": 100 << 20, "trained": 4 * (50 << 20), "activations": 16 * (10 << 20)}
+    plan = {"base": 100 << 20, "trained": 4 * (40 << 20), "activations": 16 * (10 << 20), "loss": 40 << 20}
     assert "fit" not in check_memory(plan, 10 << 30, 16, ["a", "b", "c", "d"])
     with pytest.raises(TrainingError, match=r"will not fit; set train.per_device_train_batch_size to 6 "):
         check_memory(plan, 400 << 20, 16, ["a", "b", "c", "d"])  # 0.9 x 400 - 300 = 60 MiB: 6 examples of 10 MiB

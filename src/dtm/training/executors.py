@@ -127,7 +127,7 @@ def run_job(job: Job | JointGroup, config: ExperimentConfig, base: str, threads:
             import torch
 
             torch.set_num_threads(threads)
-        train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data)
+        train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data, j.baseline)
                            for j in job.jobs], progress=progress)
         return sum(training_seconds(j.out) for j in job.jobs)
     if config.train.workers_per_model > 1:
