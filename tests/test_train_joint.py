@@ -288,7 +288,7 @@ def test_memory_model_refuses_a_job_that_will_not_fit_and_suggests_a_micro_batch
     assert "fit" not in check_memory(plan, 10 << 30, 16, ["a", "b", "c", "d"])
     with pytest.raises(TrainingError, match=r"will not fit; set train.per_device_train_batch_size to 6 "):
         check_memory(plan, 400 << 20, 16, ["a", "b", "c", "d"])  # 0.9 x 400 - 300 = 60 MiB: 6 examples of 10 MiB
-    with pytest.raises(TrainingError, match="train fewer models per joint job"):
+    with pytest.raises(TrainingError, match=r"train fewer models per joint job \(train.models_per_job: 2\)"):
         check_memory(plan, 200 << 20, 16, ["a", "b", "c", "d"])
 
 

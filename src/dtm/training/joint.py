@@ -8,9 +8,13 @@ and one backward gives every model its own gradient (the K losses are summed; mo
 depends only on row k of each stacked weight). Frozen weights (the lab's embeddings) are held
 once.
 
+LoRA (the paper's setting) is the same step with one frozen base held once and K stacked
+adapters: the base's matmul runs once over all K micro-batches, each adapter on its own rows.
+
 Each model keeps exactly the semantics of its separate training by `sft.train_model` (the HF
-`Trainer`): its own portion, in the order the Trainer's sampler gives it (`batch_order`: the
-seeded `SeedableRandomSampler` accelerate installs, reseeded with seed + epoch), its own batches
+`Trainer`): its own portion (after a data baseline's hooks: replay, curation), in the order
+the Trainer's sampler gives it (`batch_order`: the seeded `SeedableRandomSampler` accelerate
+installs, reseeded with seed + epoch; `length_grouped_order` under `group_by_length`), its own batches
 from the same collator, the Trainer's loss normalisation (summed token loss over the labelled
 tokens of the whole optimizer step), its own gradient-norm clipping, its own AdamW state and
 learning-rate schedule (`transformers.get_scheduler`, warmup as `TrainingArguments` computes
@@ -502,7 +506,7 @@ def check_memory(plan: dict[str, int], free: int, batch_size: int, names: Sequen
         per_example = plan["activations"] / max(batch_size, 1)
         fits = int((0.9 * free - fixed) // per_example) if per_example else 0
         hint = (f"set train.per_device_train_batch_size to {fits} (and raise gradient_accumulation_steps to keep the batch)"
-                if fits >= 1 else "train fewer models per joint job or use train.executor: local")
+                if fits >= 1 else f"train fewer models per joint job (train.models_per_job: {max(1, len(names) // 2)}) or use train.executor: local")
         raise TrainingError(f"{line}: it will not fit; {hint}")
     return line
 
