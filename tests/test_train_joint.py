@@ -267,6 +267,16 @@ def test_joint_checkpoints_at_least_every_checkpoint_minutes(base_dir, tmp_path)
         assert [s for s, _ in joint_checkpoints(d)] == [1, 2]  # 3 steps: every one but the last (the model itself)
 
 
+def test_a_joint_job_refuses_models_of_other_shapes_and_lora_with_frozen_modules(base_dir, tmp_path):
+    lora, full = pico_config(finetuning_type="lora"), pico_config()
+    with pytest.raises(TrainingError, match="only models of one shape train together"):
+        train_joint(base_dir, [JointJob("a", qa(4, 0), tmp_path / "a", 7, lora), JointJob("b", qa(4, 0), tmp_path / "b", 7, full)],
+                    progress=False)
+    lora.train.freeze_modules = ["embed_tokens"]
+    with pytest.raises(TrainingError, match="freeze_modules applies to full fine-tuning"):
+        train_joint(base_dir, [JointJob("a", qa(4, 0), tmp_path / "a", 7, lora)], progress=False)
+
+
 def test_memory_model_on_hand_computed_numbers():
     """2 layers of hidden 10 and MLP 20, vocabulary 100; K=3 models of 50 trained weights each,
     micro-batches of 5 tokens, fp32 (the coefficients are bench_joint_memory.py's fit)."""

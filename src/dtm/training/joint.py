@@ -63,6 +63,7 @@ from dtm.training.sft import (
     JsonlLogCallback,
     apply_lora,
     as_conversations,
+    check_freeze_modules,
     choose_precision,
     fraction_sample,
     fraction_steps,
@@ -563,6 +564,11 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     if not jobs:
         return every
     cfg0 = jobs[0].config
+    shapes = {j.name: shape_key(j.config) for j in jobs}
+    if len(set(shapes.values())) > 1:  # the stack holds one shape, and the first job's LoRA scale is used for all
+        raise TrainingError(f"joint job {', '.join(shapes)}: the models differ in base, fine-tuning type, frozen modules or "
+                            "LoRA settings; only models of one shape train together (executors.joint_groups groups them)")
+    check_freeze_modules(cfg0)
     from transformers import Trainer, set_seed
 
     set_seed(jobs[0].seed)  # as train_model: the carrier's LoRA initialisation is the first job's

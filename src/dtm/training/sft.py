@@ -150,6 +150,12 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(name).exists()
 
 
+def check_freeze_modules(config: ExperimentConfig) -> None:
+    """`train.freeze_modules` with LoRA is an error: the base is frozen anyway, and silently ignoring it would hide a mistake."""
+    if config.train.freeze_modules and config.train.finetuning_type == "lora":
+        raise TrainingError("train.freeze_modules applies to full fine-tuning; with LoRA only the adapters train")
+
+
 def freeze_modules(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
     """Stop gradients for parameters whose dotted name contains a pattern as whole components.
 
@@ -568,8 +574,7 @@ def train_model(
         return out
     seed = config.seed if seed is None else seed
     t = config.train
-    if t.freeze_modules and t.finetuning_type == "lora":
-        raise TrainingError("train.freeze_modules applies to full fine-tuning; with LoRA only the adapters train")
+    check_freeze_modules(config)
     from transformers import set_seed
 
     set_seed(seed)
