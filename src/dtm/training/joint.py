@@ -72,6 +72,7 @@ from dtm.training.sft import (
     save_final,
     sft_examples,
     training_arguments,
+    training_record,
 )
 
 log = logging.getLogger(__name__)
@@ -793,17 +794,11 @@ def _finish(m: Member, i: int, base: str | Path, carrier: torch.nn.Module, token
     """Save model i as `train_model` would: weights, tokenizer, then the completion marker."""
     _load_row(carrier, stack, i)
     t = m.t
-    tokens_per_epoch = sum(len(e["input_ids"]) for e in m.examples)
     epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
-    summary = {
-        "name": m.job.name, "base": str(base), "finetuning_type": t.finetuning_type, "seed": m.job.seed,
-        "examples": m.n_sft, "replay_examples": len(m.examples) - m.n_sft, "regularizer": None, "steps": m.step,
-        "tokens_per_epoch": tokens_per_epoch, "trained_tokens": round(tokens_per_epoch * epoch),
-        "train_loss": m.loss_sum / max(m.step, 1), "seconds": round(m.seconds, 2), "segments": m.segments,
-        "resumed_from_step": m.resumed_from, "config": t.model_dump(mode="json"),
-        "device": "cuda:0" if stack.flat.is_cuda else "cpu", "precision": "fp32", "workers": 1,
-        "executor": "joint", "joint_with": [n for n in group if n != m.job.name],
-    }
+    summary = training_record(m.job.name, base, m.job.config, m.job.seed, m.examples, m.n_sft, m.step, epoch,
+                              m.loss_sum / max(m.step, 1), m.seconds, m.segments, m.resumed_from)
+    summary |= {"device": "cuda:0" if stack.flat.is_cuda else "cpu", "precision": "fp32", "workers": 1,
+                "executor": "joint", "joint_with": [n for n in group if n != m.job.name]}
     save_final(carrier, tokenizer, m.job.out, summary)
     if not t.keep_checkpoints:
         shutil.rmtree(m.job.out / CHECKPOINT_DIR, ignore_errors=True)
