@@ -25,7 +25,8 @@ def tiny_config(base: Path, **train_keys) -> ExperimentConfig:
     cfg = ExperimentConfig(seed=5)
     cfg.model.model_name_or_path = str(base)
     cfg.data.cutoff_len = 64
-    settings = {"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-2, "logging_steps": 2, "save_steps": 100}
+    # the executors under test run every model alone (the joint executor, the default, has tests of its own)
+    settings = {"executor": "local", "max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-2, "logging_steps": 2, "save_steps": 100}
     for k, v in (settings | train_keys).items():
         setattr(cfg.train, k, v)
     return cfg

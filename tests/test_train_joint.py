@@ -31,7 +31,7 @@ from dtm.data.formats import load_conversations
 from dtm.data.template import conversation
 from dtm.errors import TrainingError
 from dtm.rundir import COMPLETE_FILE, LOG_FILE, fraction_dirs, fractions_file, is_complete, joint_checkpoints
-from dtm.training.joint import JointJob, batch_order, check_memory, train_joint
+from dtm.training.joint import JointJob, batch_order, check_memory, length_grouped_order, train_joint
 from dtm.training.sft import train_model
 
 torch.set_num_threads(1)
@@ -112,7 +112,27 @@ def test_batch_order_is_the_trainers(tmp_path):
         assert [b["index"] for b in loader] == batch_order(37, 8, 11, epoch)
 
 
-@pytest.mark.parametrize("kind", ["lab", pytest.param("pico", marks=pytest.mark.slow), "lora"])
+def test_length_grouped_order_is_the_trainers(tmp_path):
+    """`length_grouped_order` against the batches of a real Trainer's dataloader under
+    `group_by_length` (megabatches of batch x gradient accumulation), epoch by epoch."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from dtm.training.batches import ExampleDataset
+
+    lengths = [(7 * i) % 23 + 1 for i in range(53)]
+    data = ExampleDataset([{"index": i, "input_ids": [0] * n} for i, n in enumerate(lengths)])
+    args = TrainingArguments(output_dir=str(tmp_path), seed=5, data_seed=5, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                             use_cpu=True, report_to=[], remove_unused_columns=False, train_sampling_strategy="group_by_length")
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(LAB_BASE), args=args, train_dataset=data,
+                      data_collator=lambda batch: {"index": [b["index"] for b in batch]})
+    loader = trainer.get_train_dataloader()  # prepared by accelerate, as the Trainer trains with it
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert [b["index"] for b in loader] == length_grouped_order(lengths, 3, 2, 5, epoch)
+    assert length_grouped_order(lengths, 3, 2, 5, 0) != length_grouped_order(lengths, 3, 2, 5, 1)
+
+
+@pytest.mark.parametrize("kind", ["lab", pytest.param("pico", marks=pytest.mark.slow), "lora", "lora-grouped"])
 def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, tmp_path):
     """K=3 models of unequal portions: the same weights, steps, losses and files as three
     `train_model` runs; the shortest one stops first while the others go on. LoRA: one base,
@@ -124,8 +144,9 @@ def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, t
         base, portions, cfg = LAB_BASE, lab_portions, lab_config(save_fractions=[0.5])
     else:
         base, portions, cfg = base_dir, [qa(24, 0), qa(20, 30), qa(14, 60)], pico_config(save_fractions=[0.5])
-    if kind == "lora":
+    if kind.startswith("lora"):
         cfg.train.finetuning_type, cfg.train.weight_decay = "lora", 0.0
+        cfg.train.group_by_length = kind == "lora-grouped"  # the config default: the Trainer's length-grouped sampler
         cfg.train.lora.r, cfg.train.lora.lora_dropout = 4, 0.0
         cfg.train.lora.target_modules = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
     separate = [train_model(base, p, tmp_path / f"separate-{i}", cfg, progress=False, name=f"m-{i}") for i, p in enumerate(portions)]
@@ -146,17 +167,45 @@ def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, t
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert max_difference(s, j) < TOLERANCE
         assert moved(j, Path(base)) > 100 * TOLERANCE
-        assert (j / "adapter_config.json").exists() == (kind == "lora")
+        assert (j / "adapter_config.json").exists() == kind.startswith("lora")
         rows_a = [json.loads(x) for x in (s / LOG_FILE).read_text().splitlines()]
         rows_b = [json.loads(x) for x in (j / LOG_FILE).read_text().splitlines()]
         assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-        assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], rel=1e-5)
+        for key in ("loss", "lr", "grad_norm", "epoch"):
+            assert [r[key] for r in rows_b] == pytest.approx([r[key] for r in rows_a], rel=1e-5), key
         assert [label for label, _ in fraction_dirs(j)] == ["0.50"]
         assert max_difference(fraction_dirs(s)[0][1], fraction_dirs(j)[0][1]) < TOLERANCE
         assert [r["step"] for r in json.loads(fractions_file(j).read_text())] == [0, a["steps"] // 2]
         assert not (j / "checkpoints").exists()
         steps.append(b["steps"])
     assert steps[2] < steps[0]  # unequal portions: the smallest stopped earlier
+
+
+def test_data_baselines_join_and_equal_their_separate_training(base_dir, tmp_path):
+    """Replay (plain text mixed in) and curation (the base-loss top half) change only the data:
+    in one joint job they train as `train_baseline` trains each alone (LoRA, length-grouped)."""
+    from dtm.training.executors import train_jobs
+
+    cfg = pico_config(finetuning_type="lora", weight_decay=0.0, group_by_length=True, num_train_epochs=1)
+    cfg.train.lora.r, cfg.train.lora.lora_dropout = 4, 0.0
+    corpus = tmp_path / "replay.txt"
+    corpus.write_text("".join(f"the cat sat on the mat {i} times.\n" for i in range(30)))
+    cfg.baselines.replay_path, cfg.baselines.curation_fraction = str(corpus), 0.5
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(c.to_record()) + "\n" for c in qa(24, 0)))
+    jobs = {name: {"data": str(data), "seed": cfg.seed, "baseline": name} for name in ("replay", "curation")}
+    cfg.train.executor = "local"
+    train_jobs(cfg, base_dir, jobs, tmp_path / "separate")
+    cfg.train.executor = "joint"
+    train_jobs(cfg, base_dir, jobs, tmp_path / "joint")
+    for name in jobs:
+        a, b = (json.loads((tmp_path / mode / name / COMPLETE_FILE).read_text()) for mode in ("separate", "joint"))
+        assert b["executor"] == "joint" and b["joint_with"] == [n for n in jobs if n != name]
+        assert (a["steps"], a["examples"], a["replay_examples"]) == (b["steps"], b["examples"], b["replay_examples"])
+        assert max_difference(tmp_path / "separate" / name, tmp_path / "joint" / name) < TOLERANCE
+        assert moved(tmp_path / "joint" / name, base_dir) > 100 * TOLERANCE
+    separate = [json.loads((tmp_path / "separate" / n / COMPLETE_FILE).read_text()) for n in jobs]
+    assert (separate[0]["replay_examples"], separate[1]["examples"]) == (24, 12)  # the hooks did act
 
 
 KILLED_JOINT_RUN = textwrap.dedent(
@@ -178,7 +227,8 @@ KILLED_JOINT_RUN = textwrap.dedent(
 
 
 def killed_jobs(root: str) -> list[JointJob]:
-    cfg = pico_config(num_train_epochs=6, gradient_accumulation_steps=1, per_device_train_batch_size=8, save_steps=5)
+    cfg = pico_config(num_train_epochs=6, gradient_accumulation_steps=1, per_device_train_batch_size=8, save_steps=5,
+                      checkpoint_minutes=None)  # checkpoints by steps only, whatever the machine's speed
     portions = [qa(24, 0), qa(20, 30), qa(8, 60)]  # 3, 3 and 1 steps per epoch
     return [JointJob(f"m-{i}", p, Path(root) / f"m-{i}", cfg.seed, cfg) for i, p in enumerate(portions)]
 
@@ -206,12 +256,49 @@ def test_killed_joint_job_resumes_to_the_same_weights(base_dir, tmp_path):
     assert steps == list(range(1, 19))  # the killed run's row of step 11 was dropped, not duplicated
 
 
+def test_joint_checkpoints_at_least_every_checkpoint_minutes(base_dir, tmp_path):
+    """As the Trainer's run (`sft.CheckpointClock`): a model shorter than save_steps still
+    checkpoints by time (here: after every step), so a kill loses under checkpoint_minutes of work."""
+    cfg = pico_config(num_train_epochs=1, gradient_accumulation_steps=1, save_steps=100, checkpoint_minutes=1e-9,
+                      save_total_limit=10, keep_checkpoints=True)
+    out = train_joint(base_dir, [JointJob(f"m-{i}", qa(12, 20 * i), tmp_path / f"m-{i}", cfg.seed, cfg) for i in range(2)],
+                      progress=False)
+    for d in out:
+        assert [s for s, _ in joint_checkpoints(d)] == [1, 2]  # 3 steps: every one but the last (the model itself)
+
+
+def test_a_joint_job_refuses_models_of_other_shapes_and_lora_with_frozen_modules(base_dir, tmp_path):
+    lora, full = pico_config(finetuning_type="lora"), pico_config()
+    with pytest.raises(TrainingError, match="only models of one shape train together"):
+        train_joint(base_dir, [JointJob("a", qa(4, 0), tmp_path / "a", 7, lora), JointJob("b", qa(4, 0), tmp_path / "b", 7, full)],
+                    progress=False)
+    lora.train.freeze_modules = ["embed_tokens"]
+    with pytest.raises(TrainingError, match="freeze_modules applies to full fine-tuning"):
+        train_joint(base_dir, [JointJob("a", qa(4, 0), tmp_path / "a", 7, lora)], progress=False)
+
+
+def test_memory_model_on_hand_computed_numbers():
+    """2 layers of hidden 10 and MLP 20, vocabulary 100; K=3 models of 50 trained weights each,
+    micro-batches of 5 tokens, fp32 (the coefficients are bench_joint_memory.py's fit)."""
+    from types import SimpleNamespace
+
+    from dtm.training.joint import memory_plan
+
+    cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=10, intermediate_size=20, vocab_size=100)
+    assert memory_plan(1000, 50, 3, 5, cfg) == {
+        "base": 1000 * 4,
+        "trained": 3 * 50 * 8 * 4,  # weight, gradient, 2 moments, the forward's copy, 3 update temporaries
+        "activations": 3 * 5 * 2 * (13 * 10 + 11 * 20) * 4,  # 13 hidden + 11 MLP widths per token and layer
+        "loss": 3 * 256 * 100 * 4,  # one chunk of 256 rows: fp32 logits, softmax, gradient
+    }
+
+
 def test_memory_model_refuses_a_job_that_will_not_fit_and_suggests_a_micro_batch():
-    plan = {"base": 100 << 20, "trained": 4 * (50 << 20), "activations": 16 * (10 << 20)}
+    plan = {"base": 100 << 20, "trained": 4 * (40 << 20), "activations": 16 * (10 << 20), "loss": 40 << 20}
     assert "fit" not in check_memory(plan, 10 << 30, 16, ["a", "b", "c", "d"])
     with pytest.raises(TrainingError, match=r"will not fit; set train.per_device_train_batch_size to 6 "):
         check_memory(plan, 400 << 20, 16, ["a", "b", "c", "d"])  # 0.9 x 400 - 300 = 60 MiB: 6 examples of 10 MiB
-    with pytest.raises(TrainingError, match="train fewer models per joint job"):
+    with pytest.raises(TrainingError, match=r"train fewer models per joint job \(train.models_per_job: 2\)"):
         check_memory(plan, 200 << 20, 16, ["a", "b", "c", "d"])
 
 
@@ -232,3 +319,52 @@ def test_joint_groups_split_the_demo_jobs_over_the_workers(tmp_path):
     assert sorted(len(u.jobs) for u in two if isinstance(u, JointGroup)) == [4, 4]
     one = joint_groups(jobs, cfg, workers=1)
     assert [len(u.jobs) for u in one if isinstance(u, JointGroup)] == [8]
+
+
+def test_joint_groups_follow_models_per_job_and_leave_jobs_alone_with_one(tmp_path):
+    from dtm.training.executors import Job, JointGroup, joint_groups
+
+    cfg = lab_config()
+    portion = tmp_path / "portion.jsonl"
+    portion.write_text("x" * 1000)
+    jobs = [Job(f"sub-{i}", portion, tmp_path / f"sub-{i}", 3) for i in range(1, 9)]
+    cfg.train.models_per_job = 3
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=1)] == [3, 3, 2]
+    cfg.train.models_per_job = 1
+    assert all(isinstance(u, Job) for u in joint_groups(jobs, cfg, workers=2))
+    cfg.train.models_per_job = None
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2) if isinstance(u, JointGroup)] == [4, 4]
+
+
+@pytest.mark.slow  # a local Ray instance and two task processes: about 30 s
+def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp_path):
+    """K=4 LoRA sub-models on a local Ray of 2 CPUs (a task per CPU): two joint jobs of two,
+    whose adapters equal one local joint job of four within the tolerance."""
+    ray = pytest.importorskip("ray")
+    from dtm.training.executors import train_jobs
+
+    cfg = pico_config(finetuning_type="lora", weight_decay=0.0, max_steps=4, num_train_epochs=1, gradient_accumulation_steps=1)
+    cfg.train.lora.r, cfg.train.lora.lora_dropout = 4, 0.0
+    jobs = {}
+    for i in range(4):
+        path = tmp_path / f"portion-{i}.jsonl"
+        path.write_text("".join(json.dumps(c.to_record()) + "\n" for c in qa(16, 20 * i)))
+        jobs[f"sub-{i + 1}"] = {"data": str(path), "seed": cfg.seed}
+    cfg.train.executor, cfg.train.num_workers = "joint", 1
+    train_jobs(cfg, base_dir, jobs, tmp_path / "local")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg.train.executor, cfg.train.num_cpus_per_model, cfg.train.num_gpus_per_model = "ray", 1, 0
+        train_jobs(cfg, base_dir, jobs, tmp_path / "ray")
+    finally:
+        ray.shutdown()
+    groups = set()
+    for name in jobs:
+        a, b = tmp_path / "local" / name, tmp_path / "ray" / name
+        summary = json.loads((b / COMPLETE_FILE).read_text())
+        assert summary["executor"] == "joint"
+        groups.add(tuple(sorted([name, *summary["joint_with"]])))
+        assert len(json.loads((a / COMPLETE_FILE).read_text())["joint_with"]) == 3  # local: one job of four
+        assert max_difference(a, b) < TOLERANCE
+        assert moved(b, base_dir) > 100 * TOLERANCE
+    assert sorted(len(g) for g in groups) == [2, 2] and set().union(*groups) == set(jobs)

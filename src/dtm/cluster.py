@@ -189,6 +189,14 @@ def stage_resources(cfg: Any, stage: str) -> Resources:
     return Resources(cpus=t.num_cpus_per_model, gpus=gpus, memory=memory)
 
 
+def task_slots(resources: Resources) -> int:
+    """How many tasks declaring `resources` the cluster runs at once (by GPUs when they declare any, else CPUs)."""
+    total = _ray().cluster_resources()
+    if resources.gpus:
+        return max(1, int(total.get("GPU", 0) // resources.gpus))
+    return max(1, int(total.get("CPU", 1) // resources.cpus))
+
+
 def threads_for(resources: Resources) -> int:
     """Torch threads of a task: its declared CPUs (more threads than cores slow small steps badly)."""
     return max(1, int(resources.cpus))

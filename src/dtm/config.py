@@ -129,6 +129,12 @@ class TrainConfig(Section):
     num_cpus_per_model: float = Field(1.0, gt=0)
     memory_per_model: float = Field(0.0, ge=0, description="Ray executor: GiB of host memory each task (training, Fisher, merge, evaluation) declares, so a node gets no more tasks than its memory holds; 0 = not declared.")
     retries: int = Field(1, ge=0, description="Times a failed sub-model is retried (it resumes from its last checkpoint).")
+    models_per_job: int | None = Field(
+        None, ge=1,
+        description="joint and ray executors: models of one shape per joint job (one process, one GPU); None = split "
+        "them evenly over what runs at once (joint: num_workers; ray: the cluster's GPUs / num_gpus_per_model, else its "
+        "CPUs / num_cpus_per_model); 1 = no joint jobs.",
+    )
     workers_per_model: int = Field(
         1, ge=1, description="Train each model data-parallel on this many Ray Train workers (DDP; the global batch is workers x "
         "per_device_train_batch_size x gradient_accumulation_steps); 1 = one process per model.",

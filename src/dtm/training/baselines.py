@@ -126,6 +126,30 @@ def replay_mix_in(config: ExperimentConfig, seed: int) -> MixIn:
     return mix_in
 
 
+# The baselines that change only the training data, not the training step: they can join a joint
+# job (`dtm.training.joint`), which applies the same `data_hooks` as `train_baseline` does.
+DATA_BASELINES = ("replay", "curation")
+Select = Callable[[list[Conversation]], list[Conversation]]
+
+
+def data_hooks(method: str, config: ExperimentConfig, base: str | Path, seed: int) -> tuple[Select | None, MixIn | None]:
+    """What a data baseline does to the training data: (a selection of the conversations, applied
+    before tokenising; a mix-in of other examples, applied after), each None when it does not."""
+    b = config.baselines
+    if method == "replay":
+        if b.replay_path is None:
+            raise TrainingError("baseline replay: set baselines.replay_path to a plain-text corpus (.txt lines or JSONL with `text`)")
+        return None, replay_mix_in(config, seed)
+    if method == "curation":
+        def select(conversations: list[Conversation]) -> list[Conversation]:
+            kept = curate(conversations, b.curation_fraction, b.curation_scorer, {"config": config, "base": base})
+            log.info("curation: kept %d of %d examples by %s", len(kept), len(conversations), b.curation_scorer)
+            return kept
+
+        return select, None
+    return None, None
+
+
 def penalty_factory(kind: str, config: ExperimentConfig) -> PenaltyFactory:
     """`train_model`'s `penalty` for L2 or EWC; EWC's Fisher is estimated on the replay corpus
     when there is one (base-model text), else on the SFT texts."""
@@ -159,23 +183,16 @@ def train_baseline(method: str, config: ExperimentConfig, data: str | Path | lis
     """
     base = base or config.base_model()
     out = Path(out)
-    b = config.baselines
     if method == "vanilla":
         return train_model(base, data, out, config, **kwargs)
     if method in ("l2", "ewc"):
         return train_model(base, data, out, config, penalty=penalty_factory(method, config), **kwargs)
     if method == "lora_moe":
         return train_model(base, data, out, config, form=lora_moe_form(config, base), **kwargs)
-    if method == "replay":
-        if b.replay_path is None:
-            raise TrainingError("baseline replay: set baselines.replay_path to a plain-text corpus (.txt lines or JSONL with `text`)")
+    if method in DATA_BASELINES:
         seed = kwargs.get("seed")
-        return train_model(base, data, out, config, mix_in=replay_mix_in(config, config.seed if seed is None else seed), **kwargs)
-    if method == "curation":
-        conversations = as_conversations(data, config)
-        kept = curate(conversations, b.curation_fraction, b.curation_scorer, {"config": config, "base": base})
-        log.info("curation: kept %d of %d examples by %s", len(kept), len(conversations), b.curation_scorer)
-        return train_model(base, kept, out, config, **kwargs)
+        select, mix_in = data_hooks(method, config, base, config.seed if seed is None else seed)
+        return train_model(base, select(as_conversations(data, config)) if select else data, out, config, mix_in=mix_in, **kwargs)
     if method == "soup":
         first_seed = kwargs.pop("seed", None)
         kwargs.pop("name", None)

@@ -127,7 +127,7 @@ def run_job(job: Job | JointGroup, config: ExperimentConfig, base: str, threads:
             import torch
 
             torch.set_num_threads(threads)
-        train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data)
+        train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data, j.baseline)
                            for j in job.jobs], progress=progress)
         return sum(training_seconds(j.out) for j in job.jobs)
     if config.train.workers_per_model > 1:
@@ -400,17 +400,19 @@ def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str)
     return retries.failures
 
 
-def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int) -> list[Job | JointGroup]:
-    """The jobs as the joint executor runs them: joinable jobs (`joint.joinable`) of one shape
-    and of similar length (at least half the longest: vanilla does not hold up the quarter-length jobs)
-    in groups, split over the `workers` processes; the others alone."""
+def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu: bool | None = None) -> list[Job | JointGroup]:
+    """The jobs as a joint job runs them: joinable jobs (`joint.joinable`) of one shape and of
+    similar length (at least half the longest: vanilla does not hold up the quarter-length jobs)
+    in groups of `train.models_per_job`, or (None) split evenly over the `workers` that run at
+    once; the others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
     from dtm.training.joint import joinable, shape_key
 
+    per_job = config.train.models_per_job
     runs: dict[tuple, list[Job]] = {}
     units: list[Job | JointGroup] = []
     for job in jobs:
         cfg = job_config(config, job.train_overrides)
-        if joinable(cfg, job.baseline):
+        if per_job != 1 and joinable(cfg, job.baseline, on_gpu):
             runs.setdefault(shape_key(cfg), []).append(job)
         else:
             units.append(job)
@@ -420,7 +422,7 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int) -> lis
             longest = expected_cost(same_shape[0], config)
             similar = [j for j in same_shape if expected_cost(j, config) * 2 >= longest]
             same_shape = same_shape[len(similar):]
-            size = -(-len(similar) // max(1, workers))
+            size = per_job or -(-len(similar) // max(1, workers))
             for c in range(0, len(similar), size):
                 chunk = similar[c : c + size]
                 units.append(chunk[0] if len(chunk) == 1 else JointGroup("+".join(j.name for j in chunk), chunk))
@@ -434,8 +436,8 @@ def run_joint(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str,
 
 
 def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:
-    """Each model a Ray task with `num_cpus_per_model` / `num_gpus_per_model` (`dtm.cluster`),
-    longest first. Within `dtm run` the run's Ray session is used (its storage already
+    """Each model, or joint group of models (`joint_groups`, `train.models_per_job`), a Ray task
+    with `num_cpus_per_model` / `num_gpus_per_model` (`dtm.cluster`), longest first. Within `dtm run` the run's Ray session is used (its storage already
     checked); alone (`dtm train`), Ray is connected here and the models directory checked to be
     visible on every node. A task lost with its node is rerun by Ray on another node and resumes
     from its last checkpoint; an exception it raised is judged by `Retries`."""
@@ -446,7 +448,9 @@ def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, s
             cluster.check_shared_storage(Path(jobs[0].out).parent)
         resources = cluster.stage_resources(config, "train")
         retries = Retries(config.train.retries)
-        longest_first = sorted(jobs, key=lambda j: -expected_cost(j, config))
+        # models of one shape as joint jobs, one per task slot (a GPU, or num_cpus_per_model CPUs): K=8 on 2 GPUs is 2 jobs of 4
+        units = joint_groups(jobs, config, cluster.task_slots(resources), on_gpu=bool(resources.gpus))
+        longest_first = sorted(units, key=lambda j: -expected_cost(j, config))
         calls = {j.name: (j, config, base, None, False) for j in longest_first}
         cluster.run_tasks(run_job, calls, resources, retries, "train")
         return retries.failures

@@ -8,9 +8,13 @@ and one backward gives every model its own gradient (the K losses are summed; mo
 depends only on row k of each stacked weight). Frozen weights (the lab's embeddings) are held
 once.
 
+LoRA (the paper's setting) is the same step with one frozen base held once and K stacked
+adapters: the base's matmul runs once over all K micro-batches, each adapter on its own rows.
+
 Each model keeps exactly the semantics of its separate training by `sft.train_model` (the HF
-`Trainer`): its own portion, in the order the Trainer's sampler gives it (`batch_order`: the
-seeded `SeedableRandomSampler` accelerate installs, reseeded with seed + epoch), its own batches
+`Trainer`): its own portion (after a data baseline's hooks: replay, curation), in the order
+the Trainer's sampler gives it (`batch_order`: the seeded `SeedableRandomSampler` accelerate
+installs, reseeded with seed + epoch; `length_grouped_order` under `group_by_length`), its own batches
 from the same collator, the Trainer's loss normalisation (summed token loss over the labelled
 tokens of the whole optimizer step), its own gradient-norm clipping, its own AdamW state and
 learning-rate schedule (`transformers.get_scheduler`, warmup as `TrainingArguments` computes
@@ -51,20 +55,24 @@ from dtm.data.template import IGNORE_INDEX
 from dtm.errors import TrainingError
 from dtm.io import atomic_directory, atomic_write_json, make_dirs
 from dtm.rundir import CHECKPOINT_DIR, LOG_FILE, is_complete, joint_checkpoint_dir, joint_checkpoints
+from dtm.training.baselines import DATA_BASELINES, data_hooks
 from dtm.training.batches import REAL_TOKENS, Example, make_collator
-from dtm.training.chunked_loss import labelled_hidden, summed_ce
+from dtm.training.chunked_loss import CHUNK_ROWS, labelled_hidden, summed_ce
 from dtm.training.sft import (
     FractionCallback,
     JsonlLogCallback,
     apply_lora,
     as_conversations,
+    check_freeze_modules,
     choose_precision,
     fraction_sample,
+    fraction_steps,
     freeze_modules,
     load_base,
     save_final,
     sft_examples,
     training_arguments,
+    training_record,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,7 @@ class JointJob:
     seed: int
     config: ExperimentConfig  # the job's config (its `train` overrides applied)
     val_data: str | Path | None = None
+    baseline: str | None = None  # None or vanilla: plain SFT; a data baseline (`baselines.DATA_BASELINES`) changes the data
 
 
 # ---------------------------------------------------------------- which models may join
@@ -88,16 +97,20 @@ class JointJob:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the batched forward's adapters
 
 
-def joinable(config: ExperimentConfig, baseline: str | None) -> bool:
+def joinable(config: ExperimentConfig, baseline: str | None, on_gpu: bool | None = None) -> bool:
     """A job can join a joint job: plain SFT (a sub-model, vanilla, short, a soup ingredient),
-    full fine-tuning or LoRA on the layers' projections, random batches. Penalties (L2/EWC),
-    replay and curation keep the Trainer. On a GPU the Trainer trains in mixed precision and
-    the joint step in fp32 only, so there a job joins only with `train.bf16: false`."""
+    full fine-tuning or LoRA on the layers' projections, random or length-grouped batches; and
+    the baselines that change only the data (replay, curation: the same `baselines.data_hooks`).
+    Weight penalties (L2/EWC) keep the Trainer: they are functions of an `nn.Module`'s parameters
+    (`regularizers.WeightPenalty`), which the stacked step does not have. On a GPU the Trainer trains in mixed
+    precision and the joint step in fp32 only, so there a job joins only with `train.bf16: false`
+    (`on_gpu`: where it will train; None: on this machine's GPU if it has one)."""
     t = config.train
     shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
-    plain = (baseline in (None, "vanilla") and shape_ok and not t.group_by_length and not t.gradient_checkpointing
+    plain = (baseline in (None, "vanilla", *DATA_BASELINES) and shape_ok and not t.gradient_checkpointing
              and t.workers_per_model <= 1)
-    return plain and (not torch.cuda.is_available() or (t.bf16 is False and not t.fp16))
+    gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    return plain and (not gpu or (t.bf16 is False and not t.fp16))
 
 
 def shape_key(config: ExperimentConfig) -> tuple:
@@ -128,7 +141,7 @@ def supported_model(model_config: Any) -> str | None:
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The example indices of each batch of `epoch`, as the HF Trainer draws them.
+    """The example indices of each batch of `epoch`, as the HF Trainer draws them (random sampler).
 
     The Trainer's dataloader goes through accelerate, which replaces the `RandomSampler` by a
     `SeedableRandomSampler(data_seed=seed)` whose generator is reseeded with seed + epoch at
@@ -137,7 +150,37 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     against a real Trainer's dataloader.
     """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return _batches(order, batch_size)
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, ga: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each batch of `epoch` under `train.group_by_length`, as the Trainer draws them.
+
+    The Trainer's `LengthGroupedSampler` (megabatches of batch x gradient-accumulation examples,
+    each sorted longest first, transformers' `get_length_grouped_indices`) draws its permutation
+    from torch's global generator, which `Trainer.__init__` seeds with the seed. Each epoch makes
+    two draws from it: the DataLoader's iterator first draws its workers' base seed (one int64),
+    then the sampler its permutation; nothing else draws while training without dropout. We
+    replay those draws on a private generator, so the joint step's own random draws (LoRA
+    dropout) cannot shift them. With dropout > 0 the Trainer's later epochs also depend on its
+    dropout draws; there the joint order is the same sampler's order without them (the dropout
+    masks differ anyway). `test_length_grouped_order_is_the_trainers` checks it against a real
+    Trainer's dataloader, and `test_joint_training_equals_separate_training[lora-grouped]` the weights.
+    """
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    generator = torch.Generator().manual_seed(seed)
+    for e in range(epoch + 1):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader iterator's base seed
+        if e < epoch:
+            torch.randperm(len(lengths), generator=generator)  # an earlier epoch's permutation
+    order = get_length_grouped_indices(list(lengths), batch_size * ga, generator=generator)
+    return _batches(order, batch_size)
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive slices of `batch_size` (the last one short), as the Trainer's `BatchSampler` cuts them."""
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @dataclass
@@ -414,14 +457,31 @@ def adamw_rows(s: Stack, rows: torch.Tensor | None, grad: torch.Tensor, lr: Sequ
 # ---------------------------------------------------------------- memory model
 
 
+# The memory model's coefficients, fitted to the peak RSS of joint LoRA jobs on CPU (fp32; K=4,
+# `benchmarks/bench_joint_memory.py`, results in benchmarks/results/bench_joint_memory.json):
+# growing the layers, the hidden size or the MLP width of a small Llama one at a time, the
+# peak grew by about 13 hidden + 11 MLP widths per token and layer (the tensors autograd saves
+# are about 5.5 hidden + 4 MLP widths; the rest is the backward's gradients and what the
+# allocator keeps of them), and by nothing measurable per token outside the layers.
+HIDDEN_PER_LAYER = 13  # hidden widths per token and layer
+MLP_PER_LAYER = 11  # MLP (intermediate) widths per token and layer
+# Per trained weight: the weight, its gradient, AdamW's two moments, the forward's contiguous copy
+# of the stacked rows, and about three weight-sized temporaries of clipping and the AdamW update
+# (full fine-tuning of the small Llama: 8 fits its peak; LoRA's adapters are too small to tell).
+COPIES_PER_TRAINED = 8
+LOGIT_COPIES = 3  # a chunk's fp32 logits, their softmax and their gradient (`chunked_loss`), one chunk alive at a time
+
+
 def memory_plan(n_params: int, trainable: int, k: int, tokens: int, model_config: Any, bytes_per: int = 4) -> dict[str, int]:
-    """Bytes a joint job needs: the base once, K x (trained weights + gradient + AdamW's two
-    moments), and activations for K micro-batches of `tokens` tokens (the saved tensors of
-    each layer, about 16 hidden + 4 MLP widths per token, plus logits and their gradient)."""
+    """Bytes a joint job needs at its peak: the base once, K x the trained weights' state
+    (`COPIES_PER_TRAINED`), the activations of K micro-batches of `tokens` tokens alive together
+    (`HIDDEN_PER_LAYER`, `MLP_PER_LAYER`), and the logits of one chunk of the chunked loss (fp32,
+    whatever the model's dtype). Not counted: the interpreter, torch and the data (the process's
+    memory before the job starts)."""
     c = model_config
-    per_token = c.num_hidden_layers * (16 * c.hidden_size + 4 * c.intermediate_size) + 3 * c.vocab_size
-    return {"base": n_params * bytes_per, "trained": k * trainable * 4 * bytes_per,
-            "activations": k * tokens * per_token * bytes_per}
+    per_token = c.num_hidden_layers * (HIDDEN_PER_LAYER * c.hidden_size + MLP_PER_LAYER * c.intermediate_size)
+    return {"base": n_params * bytes_per, "trained": k * trainable * COPIES_PER_TRAINED * bytes_per,
+            "activations": k * tokens * per_token * bytes_per, "loss": LOGIT_COPIES * CHUNK_ROWS * c.vocab_size * 4}
 
 
 def available_memory(device: torch.device) -> int:
@@ -442,13 +502,13 @@ def check_memory(plan: dict[str, int], free: int, batch_size: int, names: Sequen
     total = sum(plan.values())
     line = (f"joint job {', '.join(names)}: memory {total / 2**20:.0f} MiB = base {plan['base'] / 2**20:.0f} + "
             f"{len(names)} x trained state {plan['trained'] / len(names) / 2**20:.0f} + activations "
-            f"{plan['activations'] / 2**20:.0f} MiB (free {free / 2**20:.0f} MiB)")
+            f"{plan['activations'] / 2**20:.0f} + loss {plan.get('loss', 0) / 2**20:.0f} MiB (free {free / 2**20:.0f} MiB)")
     if total > 0.9 * free:
-        fixed = plan["base"] + plan["trained"]
+        fixed = total - plan["activations"]  # what a smaller micro-batch does not shrink
         per_example = plan["activations"] / max(batch_size, 1)
         fits = int((0.9 * free - fixed) // per_example) if per_example else 0
         hint = (f"set train.per_device_train_batch_size to {fits} (and raise gradient_accumulation_steps to keep the batch)"
-                if fits >= 1 else "train fewer models per joint job or use train.executor: local")
+                if fits >= 1 else f"train fewer models per joint job (train.models_per_job: {max(1, len(names) // 2)}) or use train.executor: local")
         raise TrainingError(f"{line}: it will not fit; {hint}")
     return line
 
@@ -471,6 +531,7 @@ class Member:
     loss_sum: float = 0.0  # summed step losses since step 0 (train_loss = loss_sum / steps)
     seconds: float = 0.0  # its share of the joint job's time (an iteration's time split over its models)
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0})
+    last_save: float = field(default_factory=time.monotonic)  # when it last checkpointed (or started)
     _order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches), drawn once per epoch
 
     @property
@@ -481,7 +542,11 @@ class Member:
         """The example indices of each micro-batch of this model's next optimizer step."""
         epoch, which = self.sched.micro_batches(self.step, self.t.gradient_accumulation_steps)
         if self._order[0] != epoch:
-            self._order = (epoch, batch_order(len(self.examples), self.t.per_device_train_batch_size, self.job.seed, epoch))
+            t, seed = self.t, self.job.seed
+            order = (length_grouped_order([len(e["input_ids"]) for e in self.examples], t.per_device_train_batch_size,
+                                          t.gradient_accumulation_steps, seed, epoch) if t.group_by_length
+                     else batch_order(len(self.examples), t.per_device_train_batch_size, seed, epoch))
+            self._order = (epoch, order)
         return [self._order[1][i] for i in which]
 
 
@@ -500,6 +565,11 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     if not jobs:
         return every
     cfg0 = jobs[0].config
+    shapes = {j.name: shape_key(j.config) for j in jobs}
+    if len(set(shapes.values())) > 1:  # the stack holds one shape, and the first job's LoRA scale is used for all
+        raise TrainingError(f"joint job {', '.join(shapes)}: the models differ in base, fine-tuning type, frozen modules or "
+                            "LoRA settings; only models of one shape train together (executors.joint_groups groups them)")
+    check_freeze_modules(cfg0)
     from transformers import Trainer, set_seed
 
     set_seed(jobs[0].seed)  # as train_model: the carrier's LoRA initialisation is the first job's
@@ -514,7 +584,7 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     elif t0.freeze_modules:
         freeze_modules(carrier, t0.freeze_modules)
     carrier.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    members = [_member(j, tokenizer) for j in jobs]
+    members = [_member(j, tokenizer, base) for j in jobs]
     starts = {jobs[0].seed: _trained(carrier)}
     for j in jobs:  # LoRA jobs with another seed (soup ingredients) start from their own adapters
         if j.seed not in starts:
@@ -585,20 +655,24 @@ def _bar(members: list[Member], progress: bool):
     return tqdm(total=left, desc=f"joint x{len(members)}", unit="step")
 
 
-def _member(job: JointJob, tokenizer: Any) -> Member:
-    """A job's data, schedule and output bookkeeping (the same as `train_model` builds)."""
+def _member(job: JointJob, tokenizer: Any, base: str | Path) -> Member:
+    """A job's data, schedule and output bookkeeping (the same as `train_model` builds, with a
+    data baseline's hooks as `baselines.train_baseline` applies them)."""
     cfg = job.config
-    examples = sft_examples(as_conversations(job.data, cfg), tokenizer, cfg, name=f"{job.name} ({job.data})")
+    select, mix_in = data_hooks(job.baseline, cfg, base, job.seed) if job.baseline else (None, None)
+    conversations = as_conversations(job.data, cfg)
+    sft = sft_examples(select(conversations) if select else conversations, tokenizer, cfg, name=f"{job.name} ({job.data})")
+    examples = mix_in(sft, tokenizer) if mix_in else sft
     val = sft_examples(as_conversations(job.val_data, cfg), tokenizer, cfg, name="validation data") if job.val_data else None
     make_dirs(job.out, "creating the model's output directory")
     t = cfg.train
     fractions = None
     if t.save_fractions:
-        fractions = FractionCallback(job.out, t.save_fractions, tokenizer, fraction_sample(examples, job.seed, t.fraction_eval_samples),
+        fractions = FractionCallback(job.out, t.save_fractions, tokenizer, fraction_sample(sft, job.seed, t.fraction_eval_samples),
                                      val, tokenizer.pad_token_id)
     resume = _last_checkpoint(job.out)
     logger = JsonlLogCallback(job.out / LOG_FILE, resume[0] if resume else 0)
-    return Member(job, examples, len(examples), schedule(len(examples), cfg, job.out, job.seed),
+    return Member(job, examples, len(sft), schedule(len(examples), cfg, job.out, job.seed),
                   make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
 
 
@@ -618,10 +692,10 @@ def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: in
         hidden = llama_hidden(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"], lora)
         losses = token_losses(hidden, lm_head_weight(weights), batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
         values = losses.detach().tolist()
-        bad = [members[i].job.name for i, x in zip(rows, values) if not math.isfinite(x)]
-        if bad:
-            raise TrainingError(f"{', '.join(bad)}: loss is not finite at step {members[rows[0]].step + 1}; lower "
-                                "train.learning_rate, or check the base model's weights for NaN/inf")
+        bad = [f"{members[i].job.name} (step {members[i].step + 1})" for i, x in zip(rows, values) if not math.isfinite(x)]
+        if bad:  # each at its own step: resumed models need not be at the same one
+            raise TrainingError(f"{', '.join(bad)}: loss is not finite; lower train.learning_rate, "
+                                "or check the base model's weights for NaN/inf")
         losses.sum().backward()
         for i, x in zip(rows, values):
             step_loss[i] += x
@@ -665,8 +739,13 @@ def _after_step(m: Member, i: int, norm: float, carrier: torch.nn.Module, stack:
     if m.fractions is not None and m.step in m.fractions.targets:
         _load_row(carrier, stack, i)
         m.fractions.on_step_end(None, SimpleNamespace(global_step=m.step), None, model=carrier)
-    if m.step % t.save_steps == 0 and m.step < m.sched.total_steps:
+    # when the Trainer's run would checkpoint (`sft.CheckpointClock`): every save_steps, at each
+    # save_fractions step, and at least every checkpoint_minutes
+    due = (m.step % t.save_steps == 0 or m.step in fraction_steps(t.save_fractions, m.sched.total_steps)
+           or (t.checkpoint_minutes is not None and time.monotonic() - m.last_save >= 60 * t.checkpoint_minutes))
+    if due and m.step < m.sched.total_steps:
         _checkpoint(m, i, stack)
+        m.last_save = time.monotonic()
 
 
 def _checkpoint(m: Member, i: int, stack: Stack) -> None:
@@ -715,17 +794,11 @@ def _finish(m: Member, i: int, base: str | Path, carrier: torch.nn.Module, token
     """Save model i as `train_model` would: weights, tokenizer, then the completion marker."""
     _load_row(carrier, stack, i)
     t = m.t
-    tokens_per_epoch = sum(len(e["input_ids"]) for e in m.examples)
     epoch = m.sched.epoch_after(m.step, t.gradient_accumulation_steps)
-    summary = {
-        "name": m.job.name, "base": str(base), "finetuning_type": t.finetuning_type, "seed": m.job.seed,
-        "examples": m.n_sft, "replay_examples": 0, "regularizer": None, "steps": m.step,
-        "tokens_per_epoch": tokens_per_epoch, "trained_tokens": round(tokens_per_epoch * epoch),
-        "train_loss": m.loss_sum / max(m.step, 1), "seconds": round(m.seconds, 2), "segments": m.segments,
-        "resumed_from_step": m.resumed_from, "config": t.model_dump(mode="json"),
-        "device": "cuda:0" if stack.flat.is_cuda else "cpu", "precision": "fp32", "workers": 1,
-        "executor": "joint", "joint_with": [n for n in group if n != m.job.name],
-    }
+    summary = training_record(m.job.name, base, m.job.config, m.job.seed, m.examples, m.n_sft, m.step, epoch,
+                              m.loss_sum / max(m.step, 1), m.seconds, m.segments, m.resumed_from)
+    summary |= {"device": "cuda:0" if stack.flat.is_cuda else "cpu", "precision": "fp32", "workers": 1,
+                "executor": "joint", "joint_with": [n for n in group if n != m.job.name]}
     save_final(carrier, tokenizer, m.job.out, summary)
     if not t.keep_checkpoints:
         shutil.rmtree(m.job.out / CHECKPOINT_DIR, ignore_errors=True)

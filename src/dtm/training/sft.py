@@ -150,6 +150,12 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(name).exists()
 
 
+def check_freeze_modules(config: ExperimentConfig) -> None:
+    """`train.freeze_modules` with LoRA is an error: the base is frozen anyway, and silently ignoring it would hide a mistake."""
+    if config.train.freeze_modules and config.train.finetuning_type == "lora":
+        raise TrainingError("train.freeze_modules applies to full fine-tuning; with LoRA only the adapters train")
+
+
 def freeze_modules(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
     """Stop gradients for parameters whose dotted name contains a pattern as whole components.
 
@@ -568,8 +574,7 @@ def train_model(
         return out
     seed = config.seed if seed is None else seed
     t = config.train
-    if t.freeze_modules and t.finetuning_type == "lora":
-        raise TrainingError("train.freeze_modules applies to full fine-tuning; with LoRA only the adapters train")
+    check_freeze_modules(config)
     from transformers import set_seed
 
     set_seed(seed)
@@ -635,26 +640,13 @@ def train_model(
         prior, loss_steps = Totals(segments=1), segment_steps
     else:
         loss_steps = steps
-    tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
-    summary = {
-        "name": name,
-        "base": str(base),
-        "finetuning_type": t.finetuning_type,
-        "seed": seed,
-        "examples": n_sft,
-        "replay_examples": len(examples) - n_sft,
-        "regularizer": weight_penalty.kind if weight_penalty is not None else None,
-        "steps": steps,
-        # compute, in real tokens (padding excluded): what the report's cost table sums
-        "tokens_per_epoch": tokens_per_epoch,
-        "trained_tokens": round(tokens_per_epoch * (trainer.state.epoch or 0.0)),
+    summary = training_record(
+        name, base, config, seed, examples, n_sft, steps, trainer.state.epoch or 0.0,
         # over every segment of a resumed training: the mean loss of all its steps, its seconds summed
-        "train_loss": (prior.loss_sum + result.training_loss * segment_steps) / max(loss_steps, 1),
-        "seconds": round(prior.seconds + time.perf_counter() - trainer.segment_start, 2),
-        "segments": prior.segments + 1,
-        "resumed_from_step": resume_step,
-        "config": config.train.model_dump(mode="json"),
-    }
+        (prior.loss_sum + result.training_loss * segment_steps) / max(loss_steps, 1),
+        prior.seconds + time.perf_counter() - trainer.segment_start, prior.segments + 1, resume_step,
+    )
+    summary["regularizer"] = weight_penalty.kind if weight_penalty is not None else None
     if weight_penalty is not None:
         summary["penalty_coef"] = weight_penalty.coef
     # where and how it trained (a GPU run under autocast says so; `workers` > 1: data-parallel)
@@ -667,6 +659,21 @@ def train_model(
     trainer.accelerator.wait_for_everyone()  # no worker returns before the model is saved
     del trainer, model
     return out
+
+
+def training_record(name: str, base: str | Path, config: ExperimentConfig, seed: int, examples: Sequence[Example], n_sft: int,
+                    steps: int, epoch: float, train_loss: float, seconds: float, segments: int, resumed_from: int) -> dict[str, Any]:
+    """The common part of `training_complete.json` (the joint executor writes the same): what trained on
+    what, for how long. `examples` are all it trained on, of which the first-listed `n_sft` SFT examples."""
+    tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
+    return {
+        "name": name, "base": str(base), "finetuning_type": config.train.finetuning_type, "seed": seed,
+        "examples": n_sft, "replay_examples": len(examples) - n_sft, "regularizer": None, "steps": steps,
+        # compute, in real tokens (padding excluded): what the report's cost table sums
+        "tokens_per_epoch": tokens_per_epoch, "trained_tokens": round(tokens_per_epoch * epoch),
+        "train_loss": train_loss, "seconds": round(seconds, 2), "segments": segments, "resumed_from_step": resumed_from,
+        "config": config.train.model_dump(mode="json"),
+    }
 
 
 def _tensorboard_callback(log_dir: Path) -> TrainerCallback:
