@@ -17,7 +17,7 @@ from dtm import rundir as rd
 from dtm.cli import main
 from dtm.config import load_config
 from dtm.errors import ConfigError
-from dtm.sweep import plan_sweep, run, status, trainings
+from dtm.sweep import evaluations, plan_sweep, run, status, trainings
 
 
 def write_config(path, text):
@@ -225,3 +225,17 @@ def test_the_analyses_config_plans_every_axis_around_the_lab_config():
     assert [p["method"] for p in points["merge"]] == ["average", "fisher", "task_arithmetic", "ties", "dare_ties"]
     assert sweep.cells[-6].name == "merge.method=dare_ties,merge.parameters.density=0.5,merge.parameters.normalize=True"
     assert len(sweep.cells) == 1 + 3 + 4 + 4 + 1 + 4  # center + each axis's other values
+
+
+def test_a_result_whose_model_and_tasks_are_unchanged_is_linked_not_scored_again(swept):
+    """Evaluation reuse: the ties cell scores only its merge, the K=1 cell its own models."""
+    root, cfg, _, _ = swept
+    center, ties, k1 = (cell_run(root, n) for n in ("center", "merge.method=ties", "disperse.k=1"))
+    same = {name: os.path.samefile(ties.eval_result(name), center.eval_result(name)) for name in center.outputs("eval")["models"]}
+    assert same == {rd.BASE: True, rd.VANILLA: True, "sub-1": True, "sub-2": True, rd.DTM: False}
+    assert os.path.samefile(k1.eval_result(rd.VANILLA), center.eval_result(rd.VANILLA))
+    assert not os.path.samefile(k1.eval_result("sub-1"), center.eval_result("sub-1"))
+    assert json.loads(ties.eval_result(rd.DTM).read_text())["mc"]["run_key"] != json.loads(center.eval_result(rd.DTM).read_text())["mc"]["run_key"]
+    # center 5 scored; ties 4 of 5 linked; K=1 (base, vanilla, sub-1, DTM) base and vanilla linked
+    assert evaluations(plan_sweep(cfg)) == {"planned": 14, "linked": 6, "scored": 8}
+    assert "14 results; 6 are a sibling cell's result" in (root / "report.md").read_text()

@@ -117,6 +117,10 @@ def sweep_page(sweep: Any, scores: SweepScores, trainings: dict[str, int], plots
         f"trainings: the cells' train stages list {trainings['planned']} models; {trainings['linked']} were linked from a "
         f"sibling cell that had trained the same job, {trainings['trained']} were trained",
     ]
+    if "evaluations" in trainings:
+        ev = trainings["evaluations"]
+        notes.append(f"evaluations: the cells' eval stages list {ev['planned']} results; {ev['linked']} are a sibling cell's "
+                     f"result for the same model files and tasks, linked, {ev['scored']} were scored")
     warning = f"PARTIAL: cells not finished: {', '.join(scores.missing)}" if scores.missing else ""
     page = Page(f"Sweep: {', '.join(a.key for a in sweep.axes)}", notes, 1, warning=warning)
     models = scores.models()
