@@ -239,3 +239,19 @@ def test_a_result_whose_model_and_tasks_are_unchanged_is_linked_not_scored_again
     # center 5 scored; ties 4 of 5 linked; K=1 (base, vanilla, sub-1, DTM) base and vanilla linked
     assert evaluations(plan_sweep(cfg)) == {"planned": 14, "linked": 6, "scored": 8}
     assert "14 results; 6 are a sibling cell's result" in (root / "report.md").read_text()
+
+
+def test_a_stage_redone_on_request_is_never_linked_from_a_cell_not_yet_redone(swept, tmp_path):
+    """`dtm run --from eval` on a sweep rescores the first cell (its siblings' results, current but
+    not redone, are not linked back), and later cells link the fresh results."""
+    root, _, _, _ = swept
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)  # copy2: the same mtimes, so the copy's results are current
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["output_dir"] = str(copy)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    old = {n: cell_run(copy, n).eval_result(rd.BASE).stat().st_ino for n in ("center", "merge.method=ties")}
+    run(pipeline.load_run_config(copy), from_stage="eval")
+    center, ties = cell_run(copy, "center"), cell_run(copy, "merge.method=ties")
+    assert center.eval_result(rd.BASE).stat().st_ino not in old.values()  # scored again
+    assert os.path.samefile(ties.eval_result(rd.BASE), center.eval_result(rd.BASE))  # then linked

@@ -175,8 +175,9 @@ def _record(run: Run, linked: dict[str, str]) -> None:
 class Reuser:
     """The `pipeline.Reuse` hook of one cell: links finished work of its siblings (see the module doc)."""
 
-    def __init__(self, sweep: Sweep, cell: Cell) -> None:
-        self.siblings = [c for c in sweep.cells if c.name != cell.name]
+    def __init__(self, sweep: Sweep, cell: Cell, among: list[Cell] | None = None) -> None:
+        """`among`: the only cells to link from (default: every other cell)."""
+        self.siblings = [c for c in (sweep.cells if among is None else among) if c.name != cell.name]
         self.digests: dict[str, str] = {}
 
     def sibling_runs(self, run: Run) -> list[Run]:
@@ -300,9 +301,12 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     root = rd.RunDir(Path(cfg.output_dir))
     make_dirs(root.root, "creating the run directory (output_dir)")
     atomic_write_json(root.config_file, cfg.model_dump(mode="json"))
-    for cell in sweep.cells:
-        print(f"== sweep cell {cell.name} ({sweep.cells.index(cell) + 1}/{len(sweep.cells)})", flush=True)
-        run_plain(cell.cfg, from_stage=from_stage, report=report, reuse=Reuser(sweep, cell))
+    for i, cell in enumerate(sweep.cells):
+        print(f"== sweep cell {cell.name} ({i + 1}/{len(sweep.cells)})", flush=True)
+        # A stage redone on request (`from_stage`) is linked only from cells that redid it in this
+        # call: a sibling not yet redone holds exactly the outputs the request discards.
+        among = sweep.cells[:i] if from_stage else None
+        run_plain(cell.cfg, from_stage=from_stage, report=report, reuse=Reuser(sweep, cell, among))
     if report:
         write_sweep_report(sweep)
     return root.root
