@@ -255,3 +255,16 @@ def test_a_stage_redone_on_request_is_never_linked_from_a_cell_not_yet_redone(sw
     center, ties = cell_run(copy, "center"), cell_run(copy, "merge.method=ties")
     assert center.eval_result(rd.BASE).stat().st_ino not in old.values()  # scored again
     assert os.path.samefile(ties.eval_result(rd.BASE), center.eval_result(rd.BASE))  # then linked
+
+
+def test_each_axis_gets_one_sentence_and_no_clear_effect_where_the_spread_covers_it():
+    from dtm.report.sweep import axis_summary
+
+    points = [("1", {"knowledge": [0.80, 0.82, 0.81], "format": [0.90, 0.99, 0.84], "mc": [0.5]}),
+              ("4", {"knowledge": [0.97, 0.98, 0.975], "format": [0.93, 0.88, 0.90], "mc": [0.6]})]
+    said = axis_summary("disperse.k", points, ["knowledge", "format", "mc"])
+    assert said.startswith("Along disperse.k: DTM's knowledge is highest at 4 (0.975) and lowest at 1 (0.810; 0.165 apart, seed spread 0.010)")
+    assert "DTM's mc is highest at 4 (0.600) and lowest at 1 (0.500; one seed, no spread to judge by)" in said
+    assert said.endswith("; no clear effect on DTM's format (the differences are within the seed spread).")
+    assert said.count(". ") == 0  # one sentence
+    assert axis_summary("merge.method", points[:1], ["knowledge"]) == "Along merge.method: fewer than two finished values."
