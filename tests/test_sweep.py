@@ -268,3 +268,5 @@ def test_each_axis_gets_one_sentence_and_no_clear_effect_where_the_spread_covers
     assert said.endswith("; no clear effect on DTM's format (the differences are within the seed spread).")
     assert said.count(". ") == 0  # one sentence
     assert axis_summary("merge.method", points[:1], ["knowledge"]) == "Along merge.method: fewer than two finished values."
+    one_seed = axis_summary("lab.scale", [("1.0", {"k": [0.9]}), ("0.357", {"k": [0.5]})], ["k"])
+    assert one_seed == "Along lab.scale (one seed, so no spread to judge by): DTM's k is highest at 1.0 (0.900) and lowest at 0.357 (0.500)."

@@ -84,22 +84,22 @@ def axis_summary(key: str, points: list[tuple[str, dict[str, list[float]]]], col
     """One sentence on what DTM's numbers show along an axis: for each column where the highest
     and lowest values differ by more than the seed spread, where they are; the columns where the
     spread covers the difference together as "no clear effect"."""
+    verdicts = {c: column_verdict([(label, scores.get(c, [])) for label, scores in points]) for c in columns}
+    verdicts = {c: v for c, v in verdicts.items() if v is not None}
+    one_seed = bool(verdicts) and all(v[0] == "one seed" for v in verdicts.values())  # said once, not per column
     clauses, flat = [], []
-    for column in columns:
-        judged = column_verdict([(label, scores.get(column, [])) for label, scores in points])
-        if judged is None:
-            continue
-        verdict, hi, hi_mean, lo, lo_mean, spread = judged
+    for column, (verdict, hi, hi_mean, lo, lo_mean, spread) in verdicts.items():
         if verdict == "flat":
             flat.append(column)
             continue
-        judge = "one seed, no spread to judge by" if verdict == "one seed" else f"{hi_mean - lo_mean:.3f} apart, seed spread {spread:.3f}"
-        clauses.append(f"DTM's {column} is highest at {hi} ({hi_mean:.3f}) and lowest at {lo} ({lo_mean:.3f}; {judge})")
+        judge = "" if one_seed else ("; one seed, no spread to judge by" if verdict == "one seed"
+                                     else f"; {hi_mean - lo_mean:.3f} apart, seed spread {spread:.3f}")
+        clauses.append(f"DTM's {column} is highest at {hi} ({hi_mean:.3f}) and lowest at {lo} ({lo_mean:.3f}{judge})")
     if flat:
         clauses.append(f"no clear effect on DTM's {', '.join(flat)} (the differences are within the seed spread)")
     if not clauses:
         return f"Along {key}: fewer than two finished values."
-    return f"Along {key}: " + "; ".join(clauses) + "."
+    return f"Along {key}{' (one seed, so no spread to judge by)' if one_seed else ''}: " + "; ".join(clauses) + "."
 
 
 def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[float]]] | None], columns: list[str],
