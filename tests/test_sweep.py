@@ -17,7 +17,7 @@ from dtm import rundir as rd
 from dtm.cli import main
 from dtm.config import load_config
 from dtm.errors import ConfigError
-from dtm.sweep import plan_sweep, run, status, trainings
+from dtm.sweep import evaluations, plan_sweep, run, status, trainings
 
 
 def write_config(path, text):
@@ -225,3 +225,48 @@ def test_the_analyses_config_plans_every_axis_around_the_lab_config():
     assert [p["method"] for p in points["merge"]] == ["average", "fisher", "task_arithmetic", "ties", "dare_ties"]
     assert sweep.cells[-6].name == "merge.method=dare_ties,merge.parameters.density=0.5,merge.parameters.normalize=True"
     assert len(sweep.cells) == 1 + 3 + 4 + 4 + 1 + 4  # center + each axis's other values
+
+
+def test_a_result_whose_model_and_tasks_are_unchanged_is_linked_not_scored_again(swept):
+    """Evaluation reuse: the ties cell scores only its merge, the K=1 cell its own models."""
+    root, cfg, _, _ = swept
+    center, ties, k1 = (cell_run(root, n) for n in ("center", "merge.method=ties", "disperse.k=1"))
+    same = {name: os.path.samefile(ties.eval_result(name), center.eval_result(name)) for name in center.outputs("eval")["models"]}
+    assert same == {rd.BASE: True, rd.VANILLA: True, "sub-1": True, "sub-2": True, rd.DTM: False}
+    assert os.path.samefile(k1.eval_result(rd.VANILLA), center.eval_result(rd.VANILLA))
+    assert not os.path.samefile(k1.eval_result("sub-1"), center.eval_result("sub-1"))
+    assert json.loads(ties.eval_result(rd.DTM).read_text())["mc"]["run_key"] != json.loads(center.eval_result(rd.DTM).read_text())["mc"]["run_key"]
+    # center 5 scored; ties 4 of 5 linked; K=1 (base, vanilla, sub-1, DTM) base and vanilla linked
+    assert evaluations(plan_sweep(cfg)) == {"planned": 14, "linked": 6, "scored": 8}
+    assert "14 results; 6 are a sibling cell's result" in (root / "report.md").read_text()
+
+
+def test_a_stage_redone_on_request_is_never_linked_from_a_cell_not_yet_redone(swept, tmp_path):
+    """`dtm run --from eval` on a sweep rescores the first cell (its siblings' results, current but
+    not redone, are not linked back), and later cells link the fresh results."""
+    root, _, _, _ = swept
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)  # copy2: the same mtimes, so the copy's results are current
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["output_dir"] = str(copy)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    old = {n: cell_run(copy, n).eval_result(rd.BASE).stat().st_ino for n in ("center", "merge.method=ties")}
+    run(pipeline.load_run_config(copy), from_stage="eval")
+    center, ties = cell_run(copy, "center"), cell_run(copy, "merge.method=ties")
+    assert center.eval_result(rd.BASE).stat().st_ino not in old.values()  # scored again
+    assert os.path.samefile(ties.eval_result(rd.BASE), center.eval_result(rd.BASE))  # then linked
+
+
+def test_each_axis_gets_one_sentence_and_no_clear_effect_where_the_spread_covers_it():
+    from dtm.report.sweep import axis_summary
+
+    points = [("1", {"knowledge": [0.80, 0.82, 0.81], "format": [0.90, 0.99, 0.84], "mc": [0.5]}),
+              ("4", {"knowledge": [0.97, 0.98, 0.975], "format": [0.93, 0.88, 0.90], "mc": [0.6]})]
+    said = axis_summary("disperse.k", points, ["knowledge", "format", "mc"])
+    assert said.startswith("Along disperse.k: DTM's knowledge is highest at 4 (0.975) and lowest at 1 (0.810; 0.165 apart, seed spread 0.010)")
+    assert "DTM's mc is highest at 4 (0.600) and lowest at 1 (0.500; one seed, no spread to judge by)" in said
+    assert said.endswith("; no clear effect on DTM's format (the differences are within the seed spread).")
+    assert said.count(". ") == 0  # one sentence
+    assert axis_summary("merge.method", points[:1], ["knowledge"]) == "Along merge.method: fewer than two finished values."
+    one_seed = axis_summary("lab.scale", [("1.0", {"k": [0.9]}), ("0.357", {"k": [0.5]})], ["k"])
+    assert one_seed == "Along lab.scale (one seed, so no spread to judge by): DTM's k is highest at 1.0 (0.900) and lowest at 0.357 (0.500)."

@@ -11,8 +11,11 @@ does a stage, a sibling cell's run of the same seed whose manifest has the same 
 in (hard links, a copy across file systems: the files are never written again, only replaced
 by atomic renames), and in the train stage each model whose training job is the same (same data
 bytes, train and baselines sections, seed, base) is linked from the sibling that trained it. So
-a merge-method axis trains nothing new, and a K axis trains vanilla once. What was linked is
-recorded in each seed run's `reused.json`, which the sweep report counts.
+a merge-method axis trains nothing new, and a K axis trains vanilla once. In the eval stage,
+each model's result file is linked from a sibling whose result for that model is current here
+(`evaluation.runner.is_current`: the same model files and task contents, so the evaluator
+skips it): a merge-method cell evaluates only its merge. What was linked is recorded in each
+seed run's `reused.json`, which the sweep report counts.
 
 `run`, `status` and `write_report` here take plain runs too (and hand them to `dtm.pipeline`):
 the CLI calls these.
@@ -20,11 +23,13 @@ the CLI calls these.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +38,14 @@ from dtm import plan
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config, with_settings
 from dtm.errors import ConfigError
-from dtm.io import atomic_directory, atomic_write_json, make_dirs
-from dtm.pipeline import Run, check_runnable, load_run_config, seed_runs, stage_hashes, status_of
+from dtm.io import atomic_directory, atomic_write_json, make_dirs, temp_prefix
+from dtm.pipeline import Run, check_runnable, load_run_config, seed_runs, stage_hashes, status_of, task_list
 from dtm.pipeline import run as run_plain
 from dtm.pipeline import write_report as write_plain_report
 
-LINKED_STAGES = ("data", "disperse", "train", "merge")  # eval results name their model's path: never linked
+LINKED_STAGES = ("data", "disperse", "train", "merge")  # whole stages; eval results are linked model by model
+EVAL = "eval:"  # `reused.json` key prefix of a linked evaluation result (then the model's name)
+STAGE = "stage:"  # ... of a linked stage (then the stage's name); a bare model name: a linked trained model
 
 
 @dataclass(frozen=True)
@@ -109,17 +116,29 @@ def plan_sweep(cfg: ExperimentConfig) -> Sweep:
 # ---------------------------------------------------------------- reuse across cells
 
 
+def _link(a: str | Path, b: str | Path) -> None:
+    """`b` becomes a hard link to `a` (a copy with its mtime across file systems)."""
+    try:
+        os.link(a, b)
+    except OSError:  # another file system: a copy
+        shutil.copy2(a, b)
+
+
 def _link_tree(src: Path, dst: Path) -> None:
     """`dst` becomes a copy of `src` made of hard links (copies where links fail), atomically;
     whatever was at `dst` (an unfinished attempt) is replaced."""
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:  # another file system: a copy
-            shutil.copy2(a, b)
-
     with atomic_directory(dst, overwrite=True) as tmp:
-        shutil.copytree(src, tmp, copy_function=link, dirs_exist_ok=True)
+        shutil.copytree(src, tmp, copy_function=_link, dirs_exist_ok=True)
+
+
+def _link_file(src: Path, dst: Path) -> None:
+    """`dst` becomes a hard link to `src`, atomically (linked beside it under a temporary name,
+    then renamed over it): a reader never sees a half-copied manifest or result."""
+    make_dirs(dst.parent, f"linking {dst.name}")
+    tmp = dst.with_name(temp_prefix(dst.name) + "link")
+    tmp.unlink(missing_ok=True)
+    _link(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _file_digest(path: str, cache: dict[str, str]) -> str:
@@ -156,8 +175,9 @@ def _record(run: Run, linked: dict[str, str]) -> None:
 class Reuser:
     """The `pipeline.Reuse` hook of one cell: links finished work of its siblings (see the module doc)."""
 
-    def __init__(self, sweep: Sweep, cell: Cell) -> None:
-        self.siblings = [c for c in sweep.cells if c.name != cell.name]
+    def __init__(self, sweep: Sweep, cell: Cell, among: list[Cell] | None = None) -> None:
+        """`among`: the only cells to link from (default: every other cell)."""
+        self.siblings = [c for c in (sweep.cells if among is None else among) if c.name != cell.name]
         self.digests: dict[str, str] = {}
 
     def sibling_runs(self, run: Run) -> list[Run]:
@@ -165,10 +185,13 @@ class Reuser:
         return [r for c in self.siblings for r in seed_runs(c.cfg) if r.dir.label == run.dir.label]
 
     def __call__(self, run: Run, stage: str, hash: str) -> bool:
+        if stage in ("train", "eval"):
+            self.forget(run, stage)
+        if stage == "eval":
+            self.link_evaluations(run)
+            return False  # the stage runs: the evaluator skips the linked results as current
         if stage not in LINKED_STAGES:
             return False
-        if stage == "train":
-            self.forget_training(run)
         for sibling in self.sibling_runs(run):
             manifest = sibling.dir.manifest(stage)
             if manifest and manifest["hash"] == hash:
@@ -178,11 +201,16 @@ class Reuser:
             self.link_models(run)
         return False
 
-    def forget_training(self, run: Run) -> None:
-        """Drop the train stage's records: it is about to be done (again) and records what it links."""
-        kept = {k: v for k, v in run.dir.reused().items() if k.startswith("stage:") and k != "stage:train"}
+    def forget(self, run: Run, stage: str) -> None:
+        """Drop the records of what `stage` linked: it is about to be done (again) and records
+        what it links now. A train stage's records are its models'; an eval stage's, its results'."""
+        def kept(key: str) -> bool:
+            if stage == "eval":
+                return not key.startswith(EVAL)
+            return key.startswith((STAGE, EVAL)) and key != STAGE + "train"
+
         if run.dir.reused_file.is_file():
-            atomic_write_json(run.dir.reused_file, kept)
+            atomic_write_json(run.dir.reused_file, {k: v for k, v in run.dir.reused().items() if kept(k)})
 
     def stage_paths(self, run: Run, stage: str) -> list[Path]:
         """What `stage` made in `run` (models by the plan's names: `models/` holds every stage's)."""
@@ -198,9 +226,8 @@ class Reuser:
         for src in self.stage_paths(sibling, stage):
             if src.is_dir():
                 _link_tree(src, run.dir.root / src.relative_to(sibling.dir.root))
-        make_dirs(run.dir.manifest_path(stage).parent, "linking a stage's manifest")
-        shutil.copy2(sibling.dir.manifest_path(stage), run.dir.manifest_path(stage))
-        linked = {f"stage:{stage}": str(sibling.dir.root)}
+        _link_file(sibling.dir.manifest_path(stage), run.dir.manifest_path(stage))
+        linked = {STAGE + stage: str(sibling.dir.root)}
         if stage == "train":
             linked |= {p.name: str(p) for p in self.stage_paths(sibling, stage)}
         _record(run, linked)
@@ -227,6 +254,34 @@ class Reuser:
         _record(run, linked)
 
 
+    def link_evaluations(self, run: Run) -> None:
+        """Each of this run's evaluation results that a sibling (same seed) has and that is current
+        here (the same model files and task contents), so the evaluator does not score it again."""
+        from dtm.evaluation.runner import is_current
+        from dtm.evaluation.tasks import resolve_tasks
+
+        full, cfg = _with_info(run), run.cfg
+        if full is None or cfg.eval.lm_eval_tasks:  # lm-eval's results go into the same files
+            return
+        tasks = resolve_tasks(task_list(full), data_dir=cfg.eval.data_dir)
+        linked = {}
+        for name, ref in plan.evaluated_models(full.cfg, full.dir, full.inputs).items():
+            dst = run.dir.eval_result(name)
+            current = functools.partial(is_current, model=ref, tasks=tasks, limit=cfg.eval.limit, max_new_tokens=cfg.eval.max_new_tokens)
+            sources = [s.dir.eval_result(name) for s in self.sibling_runs(run)]
+            src = next((p for p in sources if p.is_file() and current(p)), None)
+            if src is None or (dst.is_file() and current(dst) and not os.path.samefile(src, dst)):
+                continue  # nothing to link, or evaluated here already
+            for task in tasks:  # the per-question samples (`eval.log_samples`) first, the result last
+                samples = src.with_name(f"{name}.{task.name}.samples.jsonl")
+                if samples.is_file():
+                    _link_file(samples, dst.with_name(samples.name))
+            if not (dst.is_file() and os.path.samefile(src, dst)):
+                _link_file(src, dst)
+            linked[EVAL + name] = str(src)
+        _record(run, linked)
+
+
 # ---------------------------------------------------------------- running, status, report
 
 
@@ -246,9 +301,12 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
     root = rd.RunDir(Path(cfg.output_dir))
     make_dirs(root.root, "creating the run directory (output_dir)")
     atomic_write_json(root.config_file, cfg.model_dump(mode="json"))
-    for cell in sweep.cells:
-        print(f"== sweep cell {cell.name} ({sweep.cells.index(cell) + 1}/{len(sweep.cells)})", flush=True)
-        run_plain(cell.cfg, from_stage=from_stage, report=report, reuse=Reuser(sweep, cell))
+    for i, cell in enumerate(sweep.cells):
+        print(f"== sweep cell {cell.name} ({i + 1}/{len(sweep.cells)})", flush=True)
+        # A stage redone on request (`from_stage`) is linked only from cells that redid it in this
+        # call: a sibling not yet redone holds exactly the outputs the request discards.
+        among = sweep.cells[:i] if from_stage else None
+        run_plain(cell.cfg, from_stage=from_stage, report=report, reuse=Reuser(sweep, cell, among))
     if report:
         write_sweep_report(sweep)
     return root.root
@@ -256,12 +314,10 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
 
 def write_sweep_report(sweep: Sweep) -> tuple[Path, Path]:
     """The sweep's report.md/report.html over every cell, then its manifest (`status` reads it)."""
-    import time
-
     from dtm.report.sweep import write_sweep_report as write
 
     t0 = time.perf_counter()
-    md, page = write(sweep, trainings(sweep))
+    md, page = write(sweep, trainings(sweep) | {"evaluations": evaluations(sweep)})
     rd.RunDir(Path(sweep.cfg.output_dir)).write_manifest("report", sweep_report_hash(sweep), time.perf_counter() - t0,
                                                          {"markdown": str(md), "html": str(page), "cells": [c.name for c in sweep.cells]})
     print(f"sweep report: {md}  {page}")
@@ -316,3 +372,17 @@ def trainings(sweep: Sweep) -> dict[str, int]:
             linked += sum(1 for m in models if m in reused)
     return {"planned": planned, "linked": linked, "trained": planned - linked}
 
+
+
+def evaluations(sweep: Sweep) -> dict[str, int]:
+    """How many evaluation results the cells' finished eval stages list, and how many of them are
+    a sibling's result file linked in (checked on disk: still the same file), the rest scored."""
+    planned = linked = 0
+    for cell in sweep.cells:
+        for seed_run in seed_runs(cell.cfg):
+            models = seed_run.dir.outputs("eval").get("models", [])
+            reused = seed_run.dir.reused()
+            planned += len(models)
+            linked += sum(1 for m in models if EVAL + m in reused and seed_run.dir.eval_result(m).is_file()
+                          and Path(reused[EVAL + m]).is_file() and os.path.samefile(reused[EVAL + m], seed_run.dir.eval_result(m)))
+    return {"planned": planned, "linked": linked, "scored": planned - linked}

@@ -274,17 +274,19 @@ def run_task(
 
 
 def _model_fingerprint(paths: Sequence[ModelRef]) -> list[str]:
-    """Path + sizes and mtimes of the weight/config files: a retrained checkpoint is re-evaluated."""
+    """Names, sizes and mtimes of a model directory's weight/config files (a retrained checkpoint
+    is re-evaluated), not its path: a hard link or `copy2` of the same files elsewhere (a sweep's
+    cells share models so) keeps its results. A hub id or a file is its path."""
     out = []
     for p in paths:
         p = Path(p).resolve()
-        parts = [str(p)]
+        parts = []
         if p.is_dir():
             for f in sorted(p.iterdir()):
                 if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
                     st = f.stat()
                     parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-        out.append("|".join(parts))
+        out.append("|".join(parts) or str(p))
     return out
 
 
@@ -298,6 +300,18 @@ def run_key(task: Task, models: Sequence[ModelRef], adapter: ModelRef | None, li
     if dtype:  # only when asked for, so the keys of results scored at the default stay valid
         payload["dtype"] = dtype
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_current(result_file: str | os.PathLike, model: Any, tasks: Sequence[Task], limit: int | None = None,
+               max_new_tokens: int | None = None, dtype: str | None = None) -> bool:
+    """Whether `evaluate_many` would score none of `tasks` again for `model` (a model reference as
+    it takes them) given `result_file`: every task's result is there under its current run key.
+    A sweep links a sibling cell's result file when it is current here."""
+    entry = _model_entries({"model": model})["model"]
+    done = ResultStore(result_file).load()
+    return all(isinstance(done.get(t.name), dict)
+               and done[t.name].get("run_key") == run_key(t, entry["paths"], entry["adapter"], limit, max_new_tokens, dtype)
+               for t in tasks)
 
 
 def _run_tasks(

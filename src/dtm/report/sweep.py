@@ -3,8 +3,8 @@
 Each cell is an ordinary run read by `collect_seeds` (so a cell's numbers are the ones its own
 report shows); this page puts DTM, the ensemble (where run) and vanilla of every cell side by side (mean ± sample std over
 seeds), draws each axis (every headline task against the key's values, seed spread as error
-bars), and says per axis what the numbers show, "no clear effect" where the seed spread covers
-the differences. The sweep (`dtm.sweep.Sweep`: cells, axes) is read by attribute: this package
+bars), and says in one sentence per axis what the numbers show, "no clear effect" where the
+seed spread covers the differences. The sweep (`dtm.sweep.Sweep`: cells, axes) is read by attribute: this package
 does not import the module that runs it.
 """
 
@@ -62,24 +62,44 @@ def point_label(key: str, value: Any) -> str:
                     for part in name.split(","))
 
 
-def axis_summary(key: str, points: list[tuple[str, list[float]]], column: str) -> str:
-    """One sentence on DTM's `column` along an axis: where it is highest and lowest, or no clear
-    effect when that difference is within the larger of the two points' seed spreads."""
+def column_verdict(points: list[tuple[str, list[float]]]) -> tuple[str, str, float, str, float, float] | None:
+    """(verdict, highest label, its mean, lowest label, its mean, seed spread) of one column along an
+    axis; verdict "flat" where the difference is within the larger of the two points' seed spreads
+    (or there is none), "one seed" where a point has a single seed, else "clear"; None below two points."""
     stats = [(label, *mean_std(values), len(values)) for label, values in points if values]
     if len(stats) < 2:
-        return f"{column}: fewer than two finished values of {key}."
-    hi = max(stats, key=lambda s: s[1])
-    lo = min(stats, key=lambda s: s[1])
+        return None
+    hi, lo = max(stats, key=lambda s: s[1]), min(stats, key=lambda s: s[1])
     spread = max(hi[2], lo[2])
     if hi[1] == lo[1]:
-        return f"DTM's {column} is the same ({hi[1]:.3f}) at every value of {key}."
-    if min(hi[3], lo[3]) < 2:
-        verdict = "one seed, so no spread to judge it by"
-    elif hi[1] - lo[1] <= spread:
-        verdict = f"no clear effect (the difference, {hi[1] - lo[1]:.3f}, is within the seed spread {spread:.3f})"
+        verdict = "flat"
+    elif min(hi[3], lo[3]) < 2:
+        verdict = "one seed"
     else:
-        verdict = f"a difference of {hi[1] - lo[1]:.3f}, larger than the seed spread {spread:.3f}"
-    return f"DTM's {column} is highest at {key} = {hi[0]} ({hi[1]:.3f}) and lowest at {lo[0]} ({lo[1]:.3f}): {verdict}."
+        verdict = "flat" if hi[1] - lo[1] <= spread else "clear"
+    return verdict, hi[0], hi[1], lo[0], lo[1], spread
+
+
+def axis_summary(key: str, points: list[tuple[str, dict[str, list[float]]]], columns: list[str]) -> str:
+    """One sentence on what DTM's numbers show along an axis: for each column where the highest
+    and lowest values differ by more than the seed spread, where they are; the columns where the
+    spread covers the difference together as "no clear effect"."""
+    verdicts = {c: column_verdict([(label, scores.get(c, [])) for label, scores in points]) for c in columns}
+    verdicts = {c: v for c, v in verdicts.items() if v is not None}
+    one_seed = bool(verdicts) and all(v[0] == "one seed" for v in verdicts.values())  # said once, not per column
+    clauses, flat = [], []
+    for column, (verdict, hi, hi_mean, lo, lo_mean, spread) in verdicts.items():
+        if verdict == "flat":
+            flat.append(column)
+            continue
+        judge = "" if one_seed else ("; one seed, no spread to judge by" if verdict == "one seed"
+                                     else f"; {hi_mean - lo_mean:.3f} apart, seed spread {spread:.3f}")
+        clauses.append(f"DTM's {column} is highest at {hi} ({hi_mean:.3f}) and lowest at {lo} ({lo_mean:.3f}{judge})")
+    if flat:
+        clauses.append(f"no clear effect on DTM's {', '.join(flat)} (the differences are within the seed spread)")
+    if not clauses:
+        return f"Along {key}: fewer than two finished values."
+    return f"Along {key}{' (one seed, so no spread to judge by)' if one_seed else ''}: " + "; ".join(clauses) + "."
 
 
 def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[float]]] | None], columns: list[str],
@@ -117,6 +137,10 @@ def sweep_page(sweep: Any, scores: SweepScores, trainings: dict[str, int], plots
         f"trainings: the cells' train stages list {trainings['planned']} models; {trainings['linked']} were linked from a "
         f"sibling cell that had trained the same job, {trainings['trained']} were trained",
     ]
+    if "evaluations" in trainings:
+        ev = trainings["evaluations"]
+        notes.append(f"evaluations: the cells' eval stages list {ev['planned']} results; {ev['linked']} are a sibling cell's "
+                     f"result for the same model files and tasks, linked, {ev['scored']} were scored")
     warning = f"PARTIAL: cells not finished: {', '.join(scores.missing)}" if scores.missing else ""
     page = Page(f"Sweep: {', '.join(a.key for a in sweep.axes)}", notes, 1, warning=warning)
     models = scores.models()
@@ -130,7 +154,7 @@ def sweep_page(sweep: Any, scores: SweepScores, trainings: dict[str, int], plots
         if axis.key not in plots:
             continue
         points = [(point_label(axis.key, v), scores.cells.get(name, {}).get(rundir.DTM, {})) for v, name in axis.points]
-        said = " ".join(axis_summary(axis.key, [(label, s.get(c, [])) for label, s in points], c) for c in scores.columns)
+        said = axis_summary(axis.key, points, scores.columns)
         page.blocks.append(Block("plot", "sweep-axis", PLOT_PREFIX + _slug(axis.key), f"Sweep over {axis.key}",
                                  "DTM (solid), the ensemble (dotted, where run) and vanilla (dashed) at each value; "
                                  "error bars: seed std.", plots[axis.key], said))
