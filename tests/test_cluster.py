@@ -20,7 +20,7 @@ from conftest import read_all
 from dtm import cluster as dtm_cluster
 from dtm.config import load_config
 from dtm.pipeline import LAB_CONFIG, run
-from dtm.rundir import RunDir, attempts_file, shared_storage_marker, train_log
+from dtm.rundir import RunDir, attempts_file, shared_storage_marker, train_log, training_summary
 from dtm.training.sft import last_checkpoint
 
 ray = pytest.importorskip("ray")
@@ -129,6 +129,42 @@ def test_every_stage_runs_on_several_nodes_with_the_local_results(ray_cluster, l
     assert manifest["outputs"]["redone_steps"] == {}  # nothing lost, nothing redone
 
 
+def test_ray_executor_with_two_workers_per_model_equals_one_local_worker(ray_cluster, base_dir, tmp_path):
+    """A model trained by a Ray task that launches 2 Ray Train workers (gloo DDP), with
+    `num_cpus_per_model: 2`, so 1 CPU per worker: on the 1-CPU nodes, its two workers sit on two
+    nodes. The task itself declares no CPU (`stage_resources`): were it to hold the model's 2 CPUs,
+    only 1 of the cluster's 3 would be left for the 2 workers, and they could never start. The
+    model equals its local, single-process training with the same global batch (16 examples:
+    2 x 8 against 1 x 16, every step the whole data set, as in `tests/test_raytrain.py`) within
+    rtol 1e-4."""
+    from safetensors.torch import load_file
+
+    from dtm.config import ExperimentConfig
+    from dtm.training import train_model
+    from dtm.training.executors import train_jobs
+
+    def config(per_device: int, workers: int, executor: str) -> ExperimentConfig:
+        cfg = ExperimentConfig(seed=3)
+        cfg.data.cutoff_len = 64
+        for k, v in {"finetuning_type": "full", "max_steps": 2, "per_device_train_batch_size": per_device,
+                     "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-3, "logging_steps": 1,
+                     "save_steps": 100, "group_by_length": False, "workers_per_model": workers, "executor": executor,
+                     "num_cpus_per_model": 2, "num_gpus_per_model": 0}.items():
+            setattr(cfg.train, k, v)
+        return cfg
+
+    data = tmp_path / "data.jsonl"  # lengths differ, so the workers' halves hold different token counts
+    data.write_text("".join(json.dumps({"instruction": f"What is {i} * {i}?", "output": f"{i * i}." + " Yes." * (i % 3)}) + "\n"
+                            for i in range(16)))
+    seconds = train_jobs(config(8, 2, "ray"), base_dir, {"m": {"data": str(data), "seed": 3}}, tmp_path / "ray")
+    assert list(seconds) == ["m"] and training_summary(tmp_path / "ray" / "m")["workers"] == 2
+    one = train_model(base_dir, data, tmp_path / "local", config(16, 1, "local"), seed=3, progress=False)
+    a, b = load_file(one / "model.safetensors"), load_file(tmp_path / "ray" / "m" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
 def test_a_node_removed_during_training_is_survived_with_identical_results(ray_cluster, nodes_cwd, local_run, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(LAB_CONFIG, [*REDUCED, *ON_RAY, f"output_dir={out}"])
@@ -195,6 +231,51 @@ def test_a_run_directory_a_node_cannot_see_is_refused(ray_cluster, nodes_cwd, tm
     finally:
         ray_cluster.remove_node(blind)
     dtm_cluster.check_shared_storage(tmp_path / "visible")  # every remaining node sees an absolute path
+    dtm_cluster.forget_checks()
+
+
+def test_a_node_that_joins_later_is_checked_before_the_next_wave(ray_cluster, nodes_cwd, tmp_path):
+    """After the run's check, a node joins: before the next wave of tasks (`run_tasks`), a task on
+    it (Ray's state API shows it there) reads the marker; the nodes checked before are not checked
+    again. A node joining with another view of the run directory (as in the test above: a relative
+    path and another working directory, since one host has one file system) is refused by name
+    before any task of the wave runs. What this does not prove: a real second file system."""
+    from ray.util.state import list_tasks
+
+    from dtm.training.executors import Retries
+
+    def tally(path: str) -> str:  # nested: shipped by value
+        with open(path, "a") as f:
+            f.write("x")
+        return path
+
+    def checks_on(node_id: str) -> int:
+        return sum(t.node_id == node_id for t in list_tasks(filters=[("name", "=", "storage_check")], limit=10_000,
+                                                              raise_on_missing_output=False))
+
+    relative, added = Path(f"late-{os.getpid()}"), []
+    try:
+        with working_directory(nodes_cwd):
+            dtm_cluster.check_shared_storage(relative)  # the run's check: every node so far sees it
+            first = next(iter(ray_cluster.worker_nodes)).node_id
+            checked_first = checks_on(first)
+            added.append(ray_cluster.add_node(num_cpus=1))  # joins with the same view
+            ray_cluster.wait_for_nodes()
+            assert checks_on(added[0].node_id) == 0
+            done = dtm_cluster.run_tasks(tally, {"a": (str(tmp_path / "a"),)}, dtm_cluster.Resources(cpus=1), Retries(0), "late")
+            assert done == {"a": str(tmp_path / "a")}
+            assert checks_on(added[0].node_id) == 1 and checks_on(first) == checked_first  # only the new node was checked
+            with working_directory(tmp_path):
+                added.append(ray_cluster.add_node(num_cpus=1))  # joins with another view: its relative path is elsewhere
+            ray_cluster.wait_for_nodes()
+            with pytest.raises(dtm_cluster.StorageError) as e:
+                dtm_cluster.run_tasks(tally, {"b": (str(tmp_path / "b"),)}, dtm_cluster.Resources(cpus=1), Retries(0), "late")
+        named = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"][:12] in str(e.value)]
+        assert named == [added[1].node_id] and not (tmp_path / "b").exists()  # refused by name, before the wave ran
+    finally:
+        dtm_cluster.forget_checks()
+        for node in added:
+            ray_cluster.remove_node(node)
 
 
 def test_a_task_that_raises_is_retried_by_our_policy_only(ray_cluster, tmp_path):

@@ -48,6 +48,12 @@ def first_cause(error: BaseException) -> BaseException:
     return getattr(error, "controller_failure", None) or error
 
 
+def worker_resources(cpus: float, memory_gib: float) -> dict[str, float]:
+    """What each Ray Train worker declares besides its GPU: its CPUs, and `train.memory_per_model`
+    (each DDP worker holds a whole copy of the model; the task that launched them declares nothing)."""
+    return {"CPU": cpus} | ({"memory": memory_gib * 2**30} if memory_gib else {})
+
+
 def check_fsdp_has_gpus(config: Any, gpu: bool) -> None:
     """Refuse `train.fsdp` where the workers get no GPU. accelerate builds FSDP only for GPU-type
     devices: on CPU its Trainer would quietly fall back to DDP (every worker holding the whole
@@ -86,7 +92,7 @@ def train_data_parallel(train_here: Callable[..., None], job: Any, config: Any, 
             _worker_loop,
             train_loop_config={"train_here": train_here, "job": job, "config": config, "base": base, "threads": threads or max(1, int(cpus))},
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=t.workers_per_model, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
+            scaling_config=ScalingConfig(num_workers=t.workers_per_model, use_gpu=gpu, resources_per_worker=worker_resources(cpus, t.memory_per_model)),
             # max_failures=0: `executors.Retries` is the only retry loop, as for Ray tasks
             run_config=RunConfig(name=job.name, storage_path=str(storage.resolve()), failure_config=FailureConfig(max_failures=0)),
         )
