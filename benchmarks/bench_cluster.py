@@ -23,7 +23,8 @@ the load average when it started. Also timed once: the cluster's start (head + 3
 `ray.init`), the shared-storage check, and 30 empty tasks. Whether the Ray runs' weights equal the
 local run's (bit for bit) is recorded.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--config reduced|demo] [--steps 64] [--repeats 3] [--arms local,ray] [--work DIR]
+    .venv/bin/python benchmarks/bench_cluster.py [--config reduced|demo] [--steps 64] [--repeats 3] [--arms local,ray]
+                                                 [--work DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of alternating arms; the best is reported")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default: results/bench_cluster.json, or bench_cluster_demo.json for --config demo)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -147,8 +150,8 @@ def main() -> None:
     result["best_seconds"] = {a: min(x["seconds"] for x in result["runs"][a]) for a in arms}
     result["over_local"] = {a: round(s / result["best_seconds"]["local"], 2) for a, s in result["best_seconds"].items()}
     result["machine_after"] = machine()
-    name = "bench_cluster.json" if args.config == "reduced" else "bench_cluster_demo.json"
-    atomic_write_json(RESULTS / name, result)
+    out = args.out or RESULTS / ("bench_cluster.json" if args.config == "reduced" else "bench_cluster_demo.json")
+    atomic_write_json(out, result)
     print({k: result[k] for k in ("best_seconds", "over_local", "overhead_seconds")}, result.get("ray_weights_equal_local"))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
