@@ -234,12 +234,13 @@ def test_a_run_directory_a_node_cannot_see_is_refused(ray_cluster, nodes_cwd, tm
     dtm_cluster.forget_checks()
 
 
-def test_a_node_that_joins_later_is_checked_before_the_next_wave(ray_cluster, nodes_cwd, tmp_path):
-    """After the run's check, a node joins: before the next wave of tasks (`run_tasks`), a task on
-    it (Ray's state API shows it there) reads the marker; the nodes checked before are not checked
-    again. A node joining with another view of the run directory (as in the test above: a relative
-    path and another working directory, since one host has one file system) is refused by name
-    before any task of the wave runs. What this does not prove: a real second file system."""
+def test_a_node_that_joins_later_is_checked_before_the_next_wave(ray_cluster, nodes_cwd, tmp_path, monkeypatch):
+    """After the run's check, a node joins: before the next wave of tasks (`run_tasks`) it alone is
+    checked (the nodes the real check is asked about are recorded on the way through), and Ray's
+    state API shows the check's task on it; a later wave checks nothing. A node joining with
+    another view of the run directory (as in the test above: a relative path and another working
+    directory, since one host has one file system) is refused by name before any task of the wave
+    runs. What this does not prove: a real second file system."""
     from ray.util.state import list_tasks
 
     from dtm.training.executors import Retries
@@ -249,29 +250,43 @@ def test_a_node_that_joins_later_is_checked_before_the_next_wave(ray_cluster, no
             f.write("x")
         return path
 
-    def checks_on(node_id: str) -> int:
-        return sum(t.node_id == node_id for t in list_tasks(filters=[("name", "=", "storage_check")], limit=10_000,
-                                                              raise_on_missing_output=False))
+    def checks_on(node_id: str, expected: int, timeout: float = 30) -> int:
+        """The storage_check tasks Ray's state API lists on the node, waited for until `expected`
+        (up to `timeout`): workers report task events to the GCS in batches, about every second."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = sum(t.node_id == node_id for t in list_tasks(filters=[("name", "=", "storage_check")], limit=10_000,
+                                                               raise_on_missing_output=False))
+            if n == expected or time.monotonic() > deadline:
+                return n
+            time.sleep(0.5)
+
+    asked: list[list[str]] = []  # the node ids each storage check was run on
+    real = dtm_cluster.nodes_not_seeing
+    monkeypatch.setattr(dtm_cluster, "nodes_not_seeing",
+                        lambda path, token, nodes, **kw: asked.append([n["NodeID"] for n in nodes]) or real(path, token, nodes, **kw))
+
+    def wave(name: str) -> dict:
+        return dtm_cluster.run_tasks(tally, {name: (str(tmp_path / name),)}, dtm_cluster.Resources(cpus=1), Retries(0), "late")
 
     relative, added = Path(f"late-{os.getpid()}"), []
     try:
         with working_directory(nodes_cwd):
             dtm_cluster.check_shared_storage(relative)  # the run's check: every node so far sees it
-            first = next(iter(ray_cluster.worker_nodes)).node_id
-            checked_first = checks_on(first)
+            assert sorted(asked[0]) == sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
             added.append(ray_cluster.add_node(num_cpus=1))  # joins with the same view
             ray_cluster.wait_for_nodes()
-            assert checks_on(added[0].node_id) == 0
-            done = dtm_cluster.run_tasks(tally, {"a": (str(tmp_path / "a"),)}, dtm_cluster.Resources(cpus=1), Retries(0), "late")
-            assert done == {"a": str(tmp_path / "a")}
-            assert checks_on(added[0].node_id) == 1 and checks_on(first) == checked_first  # only the new node was checked
+            assert wave("a") == {"a": str(tmp_path / "a")}
+            assert asked[1:] == [[added[0].node_id]] and checks_on(added[0].node_id, expected=1) == 1  # it alone, on it
+            assert wave("b") == {"b": str(tmp_path / "b")} and len(asked) == 2  # no new node: nothing checked
             with working_directory(tmp_path):
                 added.append(ray_cluster.add_node(num_cpus=1))  # joins with another view: its relative path is elsewhere
             ray_cluster.wait_for_nodes()
             with pytest.raises(dtm_cluster.StorageError) as e:
-                dtm_cluster.run_tasks(tally, {"b": (str(tmp_path / "b"),)}, dtm_cluster.Resources(cpus=1), Retries(0), "late")
+                wave("c")
         named = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"][:12] in str(e.value)]
-        assert named == [added[1].node_id] and not (tmp_path / "b").exists()  # refused by name, before the wave ran
+        assert asked[2:] == [[added[1].node_id]] and named == [added[1].node_id]  # refused by name,
+        assert not (tmp_path / "c").exists()  # before the wave ran
     finally:
         dtm_cluster.forget_checks()
         for node in added:
