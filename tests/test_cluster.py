@@ -19,7 +19,7 @@ from conftest import read_all
 
 from dtm import cluster as dtm_cluster
 from dtm.config import load_config
-from dtm.pipeline import LAB_CONFIG, run
+from dtm.pipeline import LAB_CONFIG, run, status
 from dtm.rundir import RunDir, attempts_file, shared_storage_marker, train_log, training_summary
 from dtm.training.sft import last_checkpoint
 
@@ -191,6 +191,8 @@ def test_a_node_removed_during_training_is_survived_with_identical_results(ray_c
     redone = RunDir(out).seed_run(1).manifest("train")["outputs"]["redone_steps"]
     print(f"node removed with vanilla at logged step {reached} (checkpoint {checkpoint}); attempts {attempts}; train manifest redone_steps {redone}")
     assert redone["vanilla"] == sum(a["redone_steps"] for a in attempts) >= reached - attempts[0]["resumed_from_step"]
+    train_row = next(r for r in status(out) if r["run"] == "seed-1" and r["stage"] == "train")
+    assert train_row["redone"] == {m: n for m, n in redone.items() if n} and train_row["state"] == "done"  # `dtm status` shows them
     with working_directory(nodes_cwd):
         ray_cluster.add_node(num_cpus=1)  # back to three workers for the other tests
     ray_cluster.wait_for_nodes()
