@@ -1,26 +1,36 @@
-"""Wall time of a reduced lab run on a 3-node Ray cluster against the local executor, and Ray's
-start-up overhead.
+"""Wall time of the lab on a 3-node Ray cluster against the local executors, and Ray's start-up
+overhead.
 
 The cluster is `ray.cluster_utils.Cluster` on this host: a zero-CPU head (the driver's) and three
-worker nodes of one CPU each, real raylets and object stores. Arms, on the same reduced lab
-config (one seed, no control, `--steps` optimizer steps for DTM, short and WiSE-FT baselines,
-Fisher merging, `eval.limit`):
+worker nodes of one CPU each, real raylets and object stores. The config (`--config`):
+
+- `reduced` (default): the lab demo reduced as the cluster tests do: one seed, no control, lab
+  scale 0.1, `--steps` optimizer steps for DTM (vanilla as many), short and WiSE-FT baselines,
+  Fisher merging (so every parallel stage runs), `eval.limit=16`;
+- `demo`: the lab demo config itself (`dtm demo`: 3 seeds, the no-bias control, every baseline).
+
+Arms, each a whole `dtm run` (report off) into a fresh directory:
 
 - `local`: `train.executor: local` in this process, one torch thread, models in turn;
-- `local_2_workers`: the local executor with two one-thread processes (`train.num_workers: 2`);
-- `ray_first`: `train.executor: ray` on the fresh cluster (its workers start and import torch);
-- `ray_warm`: the same again into a new directory (the workers are reused).
+- `local_3_workers`: the local executor with three one-thread processes (the cluster's 3 CPUs);
+- `joint_3_workers`: the default executor (models of one shape trained together), 3 processes;
+- `ray`: `train.executor: ray` on the cluster. Its first run (`ray_first`, in round 1) also pays
+  for the workers' start and imports; later runs reuse the workers.
 
-Also timed: the cluster's start (head + 3 nodes + `ray.init`), the shared-storage check, and
-the round trip of 30 empty tasks. Whether the Ray runs' weights equal the local run's is
-recorded. On a shared machine, the load average is recorded with the numbers.
+The arms alternate, `--repeats` rounds (the order reversed every other round), so drifts in the
+machine's load hit them alike; the best of the rounds is reported, with every run's seconds and
+the load average when it started. Also timed once: the cluster's start (head + 3 nodes +
+`ray.init`), the shared-storage check, and 30 empty tasks. Whether the Ray runs' weights equal the
+local run's (bit for bit) is recorded.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--steps 64] [--work DIR]
+    .venv/bin/python benchmarks/bench_cluster.py [--config reduced|demo] [--steps 64] [--repeats 3] [--arms local,ray]
+                                                 [--work DIR] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -36,45 +46,50 @@ from dtm.io import atomic_write_json
 from dtm.pipeline import LAB_CONFIG, run
 from dtm.rundir import RunDir
 
+ARMS = {
+    "local": ["train.executor=local", "train.num_workers=1"],
+    "local_3_workers": ["train.executor=local", "train.num_workers=3"],
+    "joint_3_workers": ["train.executor=joint", "train.num_workers=3"],
+    "ray": ["train.executor=ray", "train.num_cpus_per_model=1", "train.num_gpus_per_model=0"],
+}
+STAGES = ("data", "disperse", "train", "merge", "eval")
 
-def reduced(steps: int, out: Path, *extra: str):
-    return load_config(LAB_CONFIG, [
-        "seeds=[1]", "lab.control=false", "lab.scale=0.1", f"train.max_steps={steps}", "train.save_fractions=[]",
-        "train.num_workers=1", "baselines.methods=[short,wise_ft]", "baselines.wise_ft_alphas=[0.5]",
-        "merge.method=fisher", "merge.fisher_samples=16", "eval.limit=16", f"output_dir={out}", *extra])
+
+def settings(config: str, steps: int) -> list[str]:
+    """The overrides of `--config` on top of the lab demo config."""
+    if config == "demo":
+        return []
+    return ["seeds=[1]", "lab.control=false", "lab.scale=0.1", f"train.max_steps={steps}", "train.save_fractions=[]",
+            "baselines.methods=[short,wise_ft]", "baselines.wise_ft_alphas=[0.5]", "merge.method=fisher",
+            "merge.fisher_samples=16", "eval.limit=16"]
 
 
-def timed_run(cfg) -> tuple[float, dict]:
+def timed_run(overrides: list[str], out: Path) -> dict:
+    """One `dtm run`: its seconds, the load average at its start, and the first seed's stage seconds."""
+    load = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
-    out = run(cfg, report=False)
+    run(load_config(LAB_CONFIG, [*overrides, f"output_dir={out}"]), report=False)
     seconds = time.perf_counter() - t0
-    stages = RunDir(out).seed_run(1)
-    return seconds, {stage: round(stages.manifest(stage)["seconds"], 2) for stage in ("data", "disperse", "train", "merge", "eval")}
+    first = RunDir(out).seed_run(1)  # both configs have seed 1
+    return {"seconds": round(seconds, 2), "load_1m_at_start": load, "stages": {s: round(first.manifest(s)["seconds"], 2) for s in STAGES}}
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    models_a, models_b = RunDir(a).seed_run(1).models, RunDir(b).seed_run(1).models
-    for f in sorted(models_a.glob("*/model.safetensors")):
-        ta, tb = load_file(str(f)), load_file(str(models_b / f.parent.name / f.name))
+    """Every trained or merged model of every seed run, bit for bit."""
+    found = False
+    for fa in sorted(a.glob("**/models/*/model.safetensors")):
+        fb = b / fa.relative_to(a)
+        ta, tb = load_file(str(fa)), load_file(str(fb)) if fb.is_file() else {}
         if ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta):
             return False
-    return True
+        found = True
+    return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=64, help="train.max_steps (DTM's total)")
-    parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    args = parser.parse_args()
+def start_cluster():
+    """Head (0 CPU) + 3 one-CPU nodes, connected: (cluster, seconds it took)."""
     import ray
     from ray.cluster_utils import Cluster
-
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_cluster-"))
-    torch.set_num_threads(1)
-    result: dict = {"machine": machine(), "steps": args.steps, "nodes": "head (0 CPU, the driver) + 3 workers x 1 CPU", "seconds": {}}
-    secs = result["seconds"]
-    secs["local"], result["local_stages"] = timed_run(reduced(args.steps, work / "local"))
-    secs["local_2_workers"], _ = timed_run(reduced(args.steps, work / "local2", "train.num_workers=2"))
 
     t0 = time.perf_counter()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -82,28 +97,62 @@ def main() -> None:
         c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
-    secs["cluster_start"] = time.perf_counter() - t0
+    return c, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=("reduced", "demo"), default="reduced")
+    parser.add_argument("--steps", type=int, default=64, help="reduced config: train.max_steps (DTM's total)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of alternating arms; the best is reported")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default: results/bench_cluster.json, or bench_cluster_demo.json for --config demo)")
+    args = parser.parse_args()
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or "local" not in arms:
+        parser.error(f"--arms: unknown {unknown}" if unknown else "--arms: `local` is the reference; include it")
+    import ray
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_cluster-"))
+    torch.set_num_threads(1)
+    base = settings(args.config, args.steps)
+    from dtm.lab import base_model_dir
+
+    base_model_dir()  # the lab base exists before any timing (a rebuild would be pretrained here, untimed)
+    result: dict = {"machine": machine(), "config": args.config, "overrides": base, "repeats": args.repeats, "arms": arms,
+                    "nodes": "head (0 CPU, the driver) + 3 workers x 1 CPU", "overhead_seconds": {}, "runs": {a: [] for a in arms}}
+    c, result["overhead_seconds"]["cluster_start"] = start_cluster()
     try:
         t0 = time.perf_counter()
         cluster.check_shared_storage(work / "check")
-        secs["shared_storage_check"] = time.perf_counter() - t0
-        ray_args = ("train.executor=ray", "train.num_cpus_per_model=1", "train.num_gpus_per_model=0")
-        secs["ray_first"], result["ray_first_stages"] = timed_run(reduced(args.steps, work / "ray1", *ray_args))
-        secs["ray_warm"], result["ray_warm_stages"] = timed_run(reduced(args.steps, work / "ray2", *ray_args))
-
+        result["overhead_seconds"]["shared_storage_check"] = time.perf_counter() - t0
+        cluster.forget_checks()
+        for r in range(args.repeats):
+            for arm in arms if r % 2 == 0 else arms[::-1]:  # alternate; reversed every other round
+                out = work / f"{arm}-{r}"
+                result["runs"][arm].append(timed_run([*base, *ARMS[arm]], out))
+                print(arm, r, result["runs"][arm][-1], flush=True)
+                if r == 0 and arm == "ray":
+                    result["ray_first"] = result["runs"]["ray"][0]
+        if "ray" in arms:
+            result["ray_weights_equal_local"] = all(same_weights(work / "local-0", work / f"ray-{r}") for r in range(args.repeats))
         empty = ray.remote(num_cpus=1)(lambda: None)
         t0 = time.perf_counter()
         ray.get([empty.remote() for _ in range(30)])
-        secs["30_empty_tasks"] = time.perf_counter() - t0
-        result["ray_weights_equal_local"] = same_weights(work / "local", work / "ray1") and same_weights(work / "local", work / "ray2")
+        result["overhead_seconds"]["30_empty_tasks"] = time.perf_counter() - t0
     finally:
         ray.shutdown()
         c.shutdown()
-    result["seconds"] = {k: round(v, 2) for k, v in secs.items()}
-    result["ray_over_local"] = round(secs["ray_warm"] / secs["local"], 2)
+    result["overhead_seconds"] = {k: round(v, 2) for k, v in result["overhead_seconds"].items()}
+    result["best_seconds"] = {a: min(x["seconds"] for x in result["runs"][a]) for a in arms}
+    result["over_local"] = {a: round(s / result["best_seconds"]["local"], 2) for a, s in result["best_seconds"].items()}
     result["machine_after"] = machine()
-    atomic_write_json(RESULTS / "bench_cluster.json", result)
-    print(result)
+    out = args.out or RESULTS / ("bench_cluster.json" if args.config == "reduced" else "bench_cluster_demo.json")
+    atomic_write_json(out, result)
+    print({k: result[k] for k in ("best_seconds", "over_local", "overhead_seconds")}, result.get("ray_weights_equal_local"))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

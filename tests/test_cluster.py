@@ -19,8 +19,8 @@ from conftest import read_all
 
 from dtm import cluster as dtm_cluster
 from dtm.config import load_config
-from dtm.pipeline import LAB_CONFIG, run
-from dtm.rundir import RunDir, attempts_file, shared_storage_marker, train_log
+from dtm.pipeline import LAB_CONFIG, run, status
+from dtm.rundir import RunDir, attempts_file, shared_storage_marker, train_log, training_summary
 from dtm.training.sft import last_checkpoint
 
 ray = pytest.importorskip("ray")
@@ -132,6 +132,42 @@ def test_every_stage_runs_on_several_nodes_with_the_local_results(ray_cluster, l
     assert manifest["outputs"]["redone_steps"] == {}  # nothing lost, nothing redone
 
 
+def test_ray_executor_with_two_workers_per_model_equals_one_local_worker(ray_cluster, base_dir, tmp_path):
+    """A model trained by a Ray task that launches 2 Ray Train workers (gloo DDP), with
+    `num_cpus_per_model: 2`, so 1 CPU per worker: on the 1-CPU nodes, its two workers sit on two
+    nodes. The task itself declares no CPU (`stage_resources`): were it to hold the model's 2 CPUs,
+    only 1 of the cluster's 3 would be left for the 2 workers, and they could never start. The
+    model equals its local, single-process training with the same global batch (16 examples:
+    2 x 8 against 1 x 16, every step the whole data set, as in `tests/test_raytrain.py`) within
+    rtol 1e-4."""
+    from safetensors.torch import load_file
+
+    from dtm.config import ExperimentConfig
+    from dtm.training import train_model
+    from dtm.training.executors import train_jobs
+
+    def config(per_device: int, workers: int, executor: str) -> ExperimentConfig:
+        cfg = ExperimentConfig(seed=3)
+        cfg.data.cutoff_len = 64
+        for k, v in {"finetuning_type": "full", "max_steps": 2, "per_device_train_batch_size": per_device,
+                     "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-3, "logging_steps": 1,
+                     "save_steps": 100, "group_by_length": False, "workers_per_model": workers, "executor": executor,
+                     "num_cpus_per_model": 2, "num_gpus_per_model": 0}.items():
+            setattr(cfg.train, k, v)
+        return cfg
+
+    data = tmp_path / "data.jsonl"  # lengths differ, so the workers' halves hold different token counts
+    data.write_text("".join(json.dumps({"instruction": f"What is {i} * {i}?", "output": f"{i * i}." + " Yes." * (i % 3)}) + "\n"
+                            for i in range(16)))
+    seconds = train_jobs(config(8, 2, "ray"), base_dir, {"m": {"data": str(data), "seed": 3}}, tmp_path / "ray")
+    assert list(seconds) == ["m"] and training_summary(tmp_path / "ray" / "m")["workers"] == 2
+    one = train_model(base_dir, data, tmp_path / "local", config(16, 1, "local"), seed=3, progress=False)
+    a, b = load_file(one / "model.safetensors"), load_file(tmp_path / "ray" / "m" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
 def test_a_node_removed_during_training_is_survived_with_identical_results(ray_cluster, nodes_cwd, local_run, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(LAB_CONFIG, [*REDUCED, *ON_RAY, f"output_dir={out}"])
@@ -158,6 +194,8 @@ def test_a_node_removed_during_training_is_survived_with_identical_results(ray_c
     redone = RunDir(out).seed_run(1).manifest("train")["outputs"]["redone_steps"]
     print(f"node removed with vanilla at logged step {reached} (checkpoint {checkpoint}); attempts {attempts}; train manifest redone_steps {redone}")
     assert redone["vanilla"] == sum(a["redone_steps"] for a in attempts) >= reached - attempts[0]["resumed_from_step"]
+    train_row = next(r for r in status(out) if r["run"] == "seed-1" and r["stage"] == "train")
+    assert train_row["redone"] == {m: n for m, n in redone.items() if n} and train_row["state"] == "done"  # `dtm status` shows them
     with working_directory(nodes_cwd):
         ray_cluster.add_node(num_cpus=1)  # back to three workers for the other tests
     ray_cluster.wait_for_nodes()
@@ -198,6 +236,66 @@ def test_a_run_directory_a_node_cannot_see_is_refused(ray_cluster, nodes_cwd, tm
     finally:
         ray_cluster.remove_node(blind)
     dtm_cluster.check_shared_storage(tmp_path / "visible")  # every remaining node sees an absolute path
+    dtm_cluster.forget_checks()
+
+
+def test_a_node_that_joins_later_is_checked_before_the_next_wave(ray_cluster, nodes_cwd, tmp_path, monkeypatch):
+    """After the run's check, a node joins: before the next wave of tasks (`run_tasks`) it alone is
+    checked (the nodes the real check is asked about are recorded on the way through), and Ray's
+    state API shows the check's task on it; a later wave checks nothing. A node joining with
+    another view of the run directory (as in the test above: a relative path and another working
+    directory, since one host has one file system) is refused by name before any task of the wave
+    runs. What this does not prove: a real second file system."""
+    from ray.util.state import list_tasks
+
+    from dtm.training.executors import Retries
+
+    def tally(path: str) -> str:  # nested: shipped by value
+        with open(path, "a") as f:
+            f.write("x")
+        return path
+
+    def checks_on(node_id: str, expected: int, timeout: float = 30) -> int:
+        """The storage_check tasks Ray's state API lists on the node, waited for until `expected`
+        (up to `timeout`): workers report task events to the GCS in batches, about every second."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = sum(t.node_id == node_id for t in list_tasks(filters=[("name", "=", "storage_check")], limit=10_000,
+                                                               raise_on_missing_output=False))
+            if n == expected or time.monotonic() > deadline:
+                return n
+            time.sleep(0.5)
+
+    asked: list[list[str]] = []  # the node ids each storage check was run on
+    real = dtm_cluster.nodes_not_seeing
+    monkeypatch.setattr(dtm_cluster, "nodes_not_seeing",
+                        lambda path, token, nodes, **kw: asked.append([n["NodeID"] for n in nodes]) or real(path, token, nodes, **kw))
+
+    def wave(name: str) -> dict:
+        return dtm_cluster.run_tasks(tally, {name: (str(tmp_path / name),)}, dtm_cluster.Resources(cpus=1), Retries(0), "late")
+
+    relative, added = Path(f"late-{os.getpid()}"), []
+    try:
+        with working_directory(nodes_cwd):
+            dtm_cluster.check_shared_storage(relative)  # the run's check: every node so far sees it
+            assert sorted(asked[0]) == sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+            added.append(ray_cluster.add_node(num_cpus=1))  # joins with the same view
+            ray_cluster.wait_for_nodes()
+            assert wave("a") == {"a": str(tmp_path / "a")}
+            assert asked[1:] == [[added[0].node_id]] and checks_on(added[0].node_id, expected=1) == 1  # it alone, on it
+            assert wave("b") == {"b": str(tmp_path / "b")} and len(asked) == 2  # no new node: nothing checked
+            with working_directory(tmp_path):
+                added.append(ray_cluster.add_node(num_cpus=1))  # joins with another view: its relative path is elsewhere
+            ray_cluster.wait_for_nodes()
+            with pytest.raises(dtm_cluster.StorageError) as e:
+                wave("c")
+        named = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"][:12] in str(e.value)]
+        assert asked[2:] == [[added[1].node_id]] and named == [added[1].node_id]  # refused by name,
+        assert not (tmp_path / "c").exists()  # before the wave ran
+    finally:
+        dtm_cluster.forget_checks()
+        for node in added:
+            ray_cluster.remove_node(node)
 
 
 def test_a_task_that_raises_is_retried_by_our_policy_only(ray_cluster, tmp_path):

@@ -235,3 +235,35 @@ def test_report_names_a_missing_result_file_of_a_finished_eval(finished, tmp_pat
         write_report(root)
     assert main(["report", "--partial", str(root)]) == 0
     assert (root / "report.md").read_text().startswith("**PARTIAL REPORT: missing seed-1: no evaluation result for sub-2")
+
+
+def test_redone_steps_are_shown_in_status_and_the_report_only_when_some(finished, tmp_path, capsys, monkeypatch):
+    """A run with nothing redone shows no `redone` column and no line; one whose vanilla (seed 1)
+    resumed from step 4 after an interrupted attempt had reached step 7 (its attempts file, and the
+    train manifest's sum, as `stage_train` writes them) shows 3 steps on that stage's row and one
+    line under the report's compute table."""
+    from dtm.io import atomic_write_json, atomic_write_jsonl
+    from dtm.pipeline import write_report
+    from dtm.rundir import attempts_file
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps a table to 80 columns when not on a terminal
+    root, _ = own_copy(finished, tmp_path)
+    assert all(not r.get("redone") for r in status(root))
+    assert main(["status", str(root)]) == 0
+    assert "redone" not in next(line for line in capsys.readouterr().out.splitlines() if "┃ run" in line)  # the header
+    assert "Redone" not in write_report(root)[0].read_text()
+
+    atomic_write_jsonl(attempts_file(root / "seed-1" / "models" / "vanilla"),
+                       [{"resumed_from_step": 4, "redone_steps": 3, "host": "node-2", "time": 0.0}])
+    manifest_file = root / "seed-1" / "manifests" / "train.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["outputs"]["redone_steps"] = {"vanilla": 3}
+    atomic_write_json(manifest_file, manifest)
+    rows = {(r["run"], r["stage"]): r for r in status(root)}
+    assert rows[("seed-1", "train")]["redone"] == {"vanilla": 3} and rows[("seed-2", "train")]["redone"] == {}
+    assert rows[("seed-1", "train")]["state"] == "done"
+    assert main(["status", str(root)]) == 0 and "3 steps (vanilla 3)" in capsys.readouterr().out
+    md, page = write_report(root)
+    lines = [line for line in md.read_text().splitlines() if line.startswith("Redone")]
+    assert lines == ["Redone after interrupted attempts (lost nodes, killed runs), seed 1, train: 3 steps (vanilla 3)."]
+    assert "seed 1, train: 3 steps (vanilla 3)" in page.read_text()

@@ -46,6 +46,63 @@ def test_a_workers_user_error_is_raised_as_itself():
     assert isinstance(first_cause(WorkerGroupError("1 worker failed", {1: crash})), RuntimeError)
 
 
+def test_fsdp_needs_workers_to_shard_over_and_gpus(tmp_path):
+    """`train.fsdp` alone (one worker) is refused at load time naming the key; on workers without a
+    GPU it is refused before training (accelerate would quietly run DDP on CPU), naming where it was set."""
+    from dtm.config import load_config
+    from dtm.errors import ConfigError, TrainingError
+    from dtm.training.raytrain import check_fsdp_has_gpus
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  max_steps: 3\n  fsdp: full_shard\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: train\.fsdp: .*workers_per_model to 2"):
+        load_config(yaml_file)
+    with pytest.raises(ConfigError, match=r"train\.fsdp: Input should be False, 'full_shard' or 'shard_grad_op'"):
+        load_config(None, ["train.fsdp=zero3", "train.workers_per_model=2"])
+    cfg = load_config(yaml_file, ["train.workers_per_model=2"])
+    with pytest.raises(TrainingError, match=r"c\.yaml:3: train\.fsdp: full_shard needs GPUs.*train\.fsdp: false"):
+        check_fsdp_has_gpus(cfg, gpu=False)
+    check_fsdp_has_gpus(cfg, gpu=True)
+    check_fsdp_has_gpus(load_config(None, ["train.workers_per_model=2"]), gpu=False)  # DDP on CPU is fine
+
+
+def test_fsdp_arguments_reach_the_trainers_fsdp_plugin(tmp_path):
+    """What `train.fsdp` turns into: the Trainer's FSDP2 plugin, sharding as named, saving whole weights."""
+    from dtm.training.sft import choose_precision, training_arguments
+
+    cfg = config(8, 2)
+    assert training_arguments(cfg, tmp_path, 3, choose_precision(cfg), False).fsdp_plugin_args is None  # DDP
+    for fsdp, reshard in (("full_shard", True), ("shard_grad_op", False)):
+        cfg.train.fsdp = fsdp
+        plugin = training_arguments(cfg, tmp_path, 3, choose_precision(cfg), False).fsdp_plugin_args
+        assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is reshard
+        assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_gathered_weights_are_saved_as_an_ordinary_model(tmp_path, tokenizer):
+    """A sharded model is saved from its gathered state dict (what every FSDP worker helps build):
+    those weights, not the wrapper's, are written, checked for non-finite values first."""
+    from conftest import make_llama
+    from transformers import AutoModelForCausalLM
+
+    from dtm.errors import TrainingError
+    from dtm.rundir import is_complete
+    from dtm.training.sft import save_final
+
+    model = make_llama(seed=0)
+    expected = {k: v + 1.0 for k, v in make_llama(seed=1).state_dict().items()}
+    out = tmp_path / "m"
+    out.mkdir()
+    save_final(model, tokenizer, out, {"name": "m"}, state_dict=dict(expected))  # save_pretrained empties the dict it is given
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert is_complete(out) and saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in expected)
+    gathered = dict(expected)
+    gathered["lm_head.weight"][0, 0] = float("inf")
+    (tmp_path / "n").mkdir()
+    with pytest.raises(TrainingError, match=r"lm_head\.weight.*non-finite"):
+        save_final(model, tokenizer, tmp_path / "n", {"name": "n"}, state_dict=gathered)
+
+
 @pytest.mark.slow  # starts Ray and two training processes: 1.5-2 minutes on 2 busy cores
 def test_two_workers_equal_one_worker_with_the_same_global_batch(base_dir, tmp_path):
     """16 examples, global batch 16 (1 x 16 against 2 x 8): every step sees the whole data set

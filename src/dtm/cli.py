@@ -347,15 +347,19 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from dtm.report.stats import redone_text
         from dtm.sweep import status
 
+        rows = status(a.run_dir)
+        redone = any(row.get("redone") for row in rows)  # the column only when some stage redid work
         table = Table(title=a.run_dir)
-        for col in ("run", "stage", "state", "seconds", "finished"):
+        for col in ("run", "stage", "state", "seconds", "finished", *(["redone"] if redone else [])):
             table.add_column(col)
-        for row in status(a.run_dir):
+        for row in rows:
             color = {"done": "green", "stale": "yellow", "pending": "dim"}.get(row["state"], "cyan")  # partial: cyan
             state = f"{row['state']} {row['progress']}" if row.get("progress") else row["state"]
-            table.add_row(row["run"], row["stage"], f"[{color}]{state}[/]", str(row["seconds"] or ""), row["finished"] or "")
+            extra = [redone_text(row["redone"]) if row.get("redone") else ""] if redone else []
+            table.add_row(row["run"], row["stage"], f"[{color}]{state}[/]", str(row["seconds"] or ""), row["finished"] or "", *extra)
         Console().print(table)
 
     p.set_defaults(func=run)

@@ -7,7 +7,9 @@ driver (`dtm run`) only plans, waits and writes manifests. The stages never impo
 
 - `session(cfg, root)`: connect (`train.ray_address`, else `RAY_ADDRESS`, else the running
   instance, else a new local one: `ray.init`'s own rule) once for the whole run, and check that
-  every node sees the run directory (`check_shared_storage`), before any work is placed.
+  every node sees the run directory (`check_shared_storage`), before any work is placed. A node
+  that joins later (an autoscaler's, a replaced one) is checked before the next wave of tasks
+  (`check_new_nodes`, called by `run_tasks`).
 - Retries: a task lost with its node or worker (a system failure) is retried by Ray itself, up to
   `LOST_TASK_RETRIES` times, on another node; the job resumes from what it left on the shared
   run directory (a training job from its last checkpoint; Fisher files, merges and results are
@@ -89,6 +91,7 @@ def connected(address: str | None) -> Iterator[bool]:
         yield started
     finally:
         if started:
+            forget_checks()  # the nodes checked were this instance's
             ray.shutdown()
 
 
@@ -103,11 +106,36 @@ def session(cfg: Any, root: str | Path):
 @contextmanager
 def _session(address: str | None, root: Path) -> Iterator[None]:
     with connected(address):
-        check_shared_storage(root)
-        yield
+        try:
+            check_shared_storage(root)
+            yield
+        finally:
+            forget_checks()
 
 
 # ---------------------------------------------------------------- shared storage
+
+
+@dataclass
+class _Checked:
+    """The run directory whose visibility was checked, and the nodes (ids) that passed."""
+
+    root: Path
+    nodes: set[str]
+
+
+_CHECKED: _Checked | None = None  # this process's current check (one run directory at a time)
+
+
+def forget_checks() -> None:
+    """End of a session: no node is known to see any run directory."""
+    global _CHECKED
+    _CHECKED = None
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """`ray.nodes()` entries of the nodes that are up."""
+    return [n for n in _ray().nodes() if n.get("Alive")]
 
 
 def _read_marker(path: str, token: str) -> tuple[str, bool]:
@@ -121,16 +149,16 @@ def _read_marker(path: str, token: str) -> tuple[str, bool]:
     return ray.util.get_node_ip_address(), seen
 
 
-def nodes_not_seeing(path: Path, token: str, timeout: float = MARKER_TIMEOUT_S) -> list[str]:
-    """The alive nodes on which a task cannot read `token` from `path` ("ip (node id)"), each
-    checked by a task pinned to it. A node where no task could start in `timeout` is listed too."""
+def nodes_not_seeing(path: Path, token: str, nodes: list[dict[str, Any]], timeout: float = MARKER_TIMEOUT_S) -> list[str]:
+    """Those of `nodes` (`ray.nodes()` entries) on which a task cannot read `token` from `path`
+    ("ip (node id)"), each checked by a task pinned to it (named `storage_check`, as Ray's state
+    API lists it). A node where no task could start in `timeout` is listed too."""
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(path), token):
-            f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n in nodes}
+    refs = {read.options(name="storage_check", scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(str(path), token): f"{n['NodeManagerAddress']} (node {n['NodeID'][:12]})" for n in nodes}
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
     missing = []
     for ref, label in refs.items():
@@ -143,19 +171,22 @@ def nodes_not_seeing(path: Path, token: str, timeout: float = MARKER_TIMEOUT_S) 
     return missing
 
 
-def check_shared_storage(root: str | Path) -> None:
-    """Refuse a run directory that some node of the cluster cannot see: the driver writes a
-    marker file with a fresh token into it, and a task on every node must read that token back.
-    Without this, a task on such a node would train into its own local disk and the driver would
-    wait for outputs that never appear (or find another node's stale ones)."""
+def check_shared_storage(root: str | Path, nodes: list[dict[str, Any]] | None = None) -> None:
+    """Refuse a run directory that some node of the cluster (of `nodes`; default: every alive
+    one) cannot see: the driver writes a marker file with a fresh token into it, and a task on
+    every node must read that token back. Without this, a task on such a node would train into
+    its own local disk and the driver would wait for outputs that never appear (or find another
+    node's stale ones). The nodes that passed are remembered (`check_new_nodes`)."""
+    global _CHECKED
     from dtm.io import atomic_write_text, make_dirs
 
     root = Path(root)
+    nodes = alive_nodes() if nodes is None else nodes
     make_dirs(root, "creating the run directory (output_dir)")
     marker, token = rundir.shared_storage_marker(root), uuid.uuid4().hex
     atomic_write_text(marker, token)
     try:
-        missing = nodes_not_seeing(marker, token)
+        missing = nodes_not_seeing(marker, token, nodes)
     finally:
         marker.unlink(missing_ok=True)
     if missing:
@@ -164,7 +195,22 @@ def check_shared_storage(root: str | Path) -> None:
             f"{', '.join(missing)} could not read the marker file {marker} the driver wrote. Put output_dir on storage "
             "every node mounts at the same absolute path (NFS, a cluster file system), or use train.executor: local"
         )
-    log.info("ray: %s is visible on every node", root)
+    if _CHECKED is None or _CHECKED.root != root:
+        _CHECKED = _Checked(root, set())
+    _CHECKED.nodes |= {n["NodeID"] for n in nodes}
+    log.info("ray: %s is visible on the %d node(s) checked", root, len(nodes))
+
+
+def check_new_nodes() -> None:
+    """Check the nodes that joined the cluster since the run directory was checked (an
+    autoscaler's, a replacement for a lost one), before tasks may be placed on them; a no-op
+    outside a checked session. A node that cannot see the run directory is refused by name."""
+    if _CHECKED is None:
+        return
+    new = [n for n in alive_nodes() if n["NodeID"] not in _CHECKED.nodes]
+    if new:
+        log.info("ray: %d node(s) joined the cluster; checking that they see %s", len(new), _CHECKED.root)
+        check_shared_storage(_CHECKED.root, new)
 
 
 # ---------------------------------------------------------------- resources
@@ -178,9 +224,15 @@ def stage_resources(cfg: Any, stage: str) -> Resources:
     """What a task of `stage` declares. Training, Fisher and evaluation run a model's forward (and
     backward) passes: `num_cpus_per_model` and `num_gpus_per_model` (GPUs only if the cluster has
     any). A merge streams tensors from disk on the CPU: one CPU, no GPU. Memory: `train.memory_per_model` GiB
-    (0 = not declared: Ray then places by CPUs and GPUs alone)."""
+    (0 = not declared: Ray then places by CPUs and GPUs alone). A model trained data-parallel
+    (`train.workers_per_model` > 1): nothing, its Ray Train workers declare the resources."""
     t = cfg.train
     memory = int(t.memory_per_model * 2**30)
+    if stage == "train" and t.workers_per_model > 1:
+        # the task only launches the model's Ray Train workers and waits for them; they declare the
+        # model's CPUs and GPUs. Were the task to hold them too, tasks waiting for their workers
+        # could take every CPU and leave none for any worker: a deadlock.
+        return Resources(cpus=0.0, gpus=0.0, memory=0)
     if stage == "merge":
         return Resources(cpus=1.0, gpus=0.0, memory=memory)
     gpus = t.num_gpus_per_model if t.num_gpus_per_model and cluster_has_gpus() else 0.0
@@ -229,6 +281,7 @@ def run_tasks(fn: Callable[..., Any], calls: Mapping[str, tuple], resources: Res
         return ref
 
     results: dict[str, Any] = {}
+    check_new_nodes()  # a node that joined since the last wave sees the run directory, or nothing runs
     waiting = [submit(name) for name in calls]
     while waiting:  # a failed call that may be retried is resubmitted at once, not after the others
         done, waiting = ray.wait(waiting, num_returns=1)
@@ -243,6 +296,7 @@ def run_tasks(fn: Callable[..., Any], calls: Mapping[str, tuple], resources: Res
             retries.succeeded(name)
             continue
         if again:
+            check_new_nodes()  # a retry may land on a node that replaced a lost one
             waiting.append(submit(name))
     return results
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dtm.errors import ConfigError
 
@@ -139,6 +139,11 @@ class TrainConfig(Section):
         1, ge=1, description="Train each model data-parallel on this many Ray Train workers (DDP; the global batch is workers x "
         "per_device_train_batch_size x gradient_accumulation_steps); 1 = one process per model.",
     )
+    fsdp: Literal[False, "full_shard", "shard_grad_op"] = Field(
+        False, description="With workers_per_model > 1: shard the model over the workers with FSDP (the Trainer's FSDP2 via "
+        "accelerate) instead of DDP. full_shard: parameters, gradients and optimizer state sharded; shard_grad_op: parameters "
+        "kept whole between forward and backward. Needs GPUs (accelerate runs FSDP on GPUs only); false = DDP.",
+    )
 
     @model_validator(mode="after")
     def _one_half_precision(self) -> TrainConfig:
@@ -146,6 +151,16 @@ class TrainConfig(Section):
         if self.fp16 and self.bf16:
             raise ValueError("train.bf16 and train.fp16 are both true; choose one (bf16 where the GPU has it)")
         return self
+
+    @field_validator("fsdp")
+    @classmethod
+    def _fsdp_shards_over_workers(cls, v: str | bool, info: ValidationInfo) -> str | bool:
+        """FSDP shards one model over its data-parallel workers: alone, there is nothing to shard over.
+        (A field validator, so the error names train.fsdp's line; workers_per_model is declared before it.)"""
+        if v and info.data.get("workers_per_model", 1) < 2:
+            raise ValueError("shards a model over its Ray Train workers; set train.workers_per_model to 2 or more "
+                             "(one per GPU), or train.fsdp: false")
+        return v
 
     @field_validator("save_fractions")
     @classmethod

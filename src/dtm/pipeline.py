@@ -614,6 +614,15 @@ def stage_progress(run: Run, stage: str) -> tuple[int, int] | None:
     return len(run.dir.finished(stage, planned, tasks)), len(planned)
 
 
+def redone_so_far(models: Path) -> dict[str, int]:
+    """Model -> training steps redone after interrupted attempts (only models with any), from the
+    models' attempts files: so `dtm status` shows them while the stage still runs, too."""
+    from dtm.training.executors import redone_steps
+
+    outs = sorted(p for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
+    return {name: steps for name, steps in redone_steps(outs).items() if steps}
+
+
 def status(run_dir: str | Path) -> list[dict[str, Any]]:
     """Where a run stands: one row per seed run and stage (done / stale / pending, or partial with
     its progress, e.g. `6/10 models`, for a stage that has begun; the report is partial when it
@@ -639,6 +648,7 @@ def status_of(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         if data and data.get("hash") == hashes["data"]:
             seed_run.info = data.get("outputs", {})
         rows += [row(seed_run.dir.label, stage, seed_run.dir.manifest(stage), hashes[stage], stage_progress(seed_run, stage))
+                 | ({"redone": redone_so_far(seed_run.dir.models)} if stage == "train" else {})
                  for stage in STAGES]
     report = rd.RunDir(Path(cfg.output_dir)).manifest("report")
     rows.append(row(".", "report", report, report_hash(cfg)))

@@ -254,6 +254,7 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     curve: dict[str, dict[float, list[float]]] = {}
     compute: dict[str, dict[str, list[float]]] = {}
     compute_parts: dict[str, str] = {}
+    redone_by_stage: dict[str, dict[str, int]] = {}
     losses: dict[float, list[tuple[float, float]]] = {}
     sub_names = [rundir.sub_model_name(i) for i in range(cfg.disperse.k)]
     for run, scores in per_seed:
@@ -274,6 +275,9 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
                 for c, v in cols.items():
                     if "/" not in c and "(format)" not in c:
                         curve.setdefault(c, {}).setdefault(frac, []).append(v)
+        redone = {m: n for m, n in run.outputs("train").get("redone_steps", {}).items() if n}
+        if redone:
+            redone_by_stage[f"seed {run.seed}, train"] = redone
         for method, (what, cost) in run_costs(run, list(scores)).items():
             compute_parts[method] = what
             for key, value in cost.items():
@@ -320,7 +324,7 @@ def collect_seeds(cfg: Any, runs: list[rundir.SeedRun], title: str) -> ReportDat
     token_losses = [{"seed": run.seed} | json.loads(run.token_losses_file.read_text()) for run in runs if run.token_losses_file.is_file()]
     return ReportData(
         title=title, scores=shown, columns=headline, detail_columns=detail if headline != detail else [],
-        group_tables=group_tables, compute_parts=compute_parts,
+        group_tables=group_tables, compute_parts=compute_parts, redone=redone_by_stage,
         notes=notes, tax_curve=curve, table=table, losses=losses,
         tradeoff_axes=(k_col, i_col) if k_col and i_col else None, groups={m: group_of(m) for m in shown},
         portions=first.outputs("disperse").get("stats", []),

@@ -53,6 +53,8 @@ class ReportData:
     # method -> {steps, examples, seconds} (COMPUTE_COLUMNS keys), mean over seeds of its parts' sum
     compute: dict[str, dict[str, float]] = field(default_factory=dict)
     compute_parts: dict[str, str] = field(default_factory=dict)  # method -> what its numbers sum
+    # "seed 1, train" -> model -> training steps redone after interrupted attempts (lost nodes, killed runs); only stages with any
+    redone: dict[str, dict[str, int]] = field(default_factory=dict)
     group_tables: list[GroupTable] = field(default_factory=list)  # a generation task's metric per group
     controls: list[ReportData] = field(default_factory=list)  # e.g. the no-bias lab
     table: list[str] | None = None  # models in the headline table (None = all); the rest only in plots

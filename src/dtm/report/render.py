@@ -24,6 +24,7 @@ from dtm.report.stats import (
     early_late,
     error_set_summary,
     fmt,
+    redone_text,
     token_rank_summary,
     tradeoff_summary,
 )
@@ -134,6 +135,15 @@ def compute_table(data: ReportData) -> Table:
         cells = [f"{v[k]:.{COMPUTE_COLUMNS.get(k, (k, 1))[1]}f}" if k in v else "–" for k in keys]
         rows.append([Cell(c) for c in (model, data.compute_parts.get(model, model), *cells)])
     return Table(header, rows, left=frozenset({0, 1}))
+
+
+def redone_summary(redone: dict[str, dict[str, int]]) -> str | None:
+    """One line per stage that trained steps twice after an interrupted attempt (none: nothing shown).
+    They are compute the run spent beyond the table's, and a sign of lost nodes or kills worth knowing."""
+    if not redone:
+        return None
+    return "  \n".join(f"Redone after interrupted attempts (lost nodes, killed runs), {stage}: {redone_text(models)}."
+                        for stage, models in redone.items())
 
 
 def portions_table(portions: list[dict[str, Any]]) -> Table:
@@ -284,7 +294,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("portions", "Portions", "table",
             lambda d, p, lv: [Item(portions_table(d.portions), _own_id("portions", d, lv))] if d.portions else []),
     Section("compute", "Wall time and compute per method", "table",
-            lambda d, p, lv: [Item(compute_table(d), "compute-" + _slug(d.title))] if d.compute else [],
+            lambda d, p, lv: [Item(compute_table(d), "compute-" + _slug(d.title), after=redone_summary(d.redone))] if d.compute else [],
             note=COMPUTE_NOTE),
     # A nested report (the no-bias control) shows its tables; the plot files beside report.md are the main report's.
     Section("control", "{title}", "report",

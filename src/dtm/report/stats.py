@@ -82,6 +82,13 @@ def frontier_gap(point: tuple[float, float], reference: list[tuple[float, float]
     raise AssertionError("unreachable")
 
 
+def redone_text(redone: dict[str, int]) -> str:
+    """`{"vanilla": 3, "sub-2": 1}` -> "4 steps (sub-2 1, vanilla 3)": the training steps a stage
+    did twice because an attempt was interrupted (a lost node, a killed run), in all and by model."""
+    total = sum(redone.values())
+    return f"{total} step{'s' if total != 1 else ''} ({', '.join(f'{m} {n}' for m, n in sorted(redone.items()))})"
+
+
 def fmt(values: list[float], digits: int = 3, se: float | None = None) -> str:
     """mean ± std (just the mean for one value, – for none), then the standard error if given."""
     mean, std = mean_std(values)

@@ -7,7 +7,9 @@ Hugging Face Trainer reads (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`). Each worker the
 very same job function as a single-process run (`executors.train_job_here`, hence
 `sft.train_model`): the Trainer sees the process group and wraps the model in DDP, shards
 each global batch over the workers and averages the gradients; only the first worker writes
-the model directory (`train_model`). So there is no second training loop here, only the
+the model directory (`train_model`). With `train.fsdp` (GPUs only) the Trainer shards the model
+over the workers instead (FSDP2 via accelerate), and every worker takes part in gathering the
+whole weights that the first one saves. So there is no second training loop here, only the
 launch. The global batch is `workers_per_model x per_device_train_batch_size x
 gradient_accumulation_steps`.
 
@@ -46,6 +48,24 @@ def first_cause(error: BaseException) -> BaseException:
     return getattr(error, "controller_failure", None) or error
 
 
+def worker_resources(cpus: float, memory_gib: float) -> dict[str, float]:
+    """What each Ray Train worker declares besides its GPU: its CPUs, and `train.memory_per_model`
+    (each DDP worker holds a whole copy of the model; the task that launched them declares nothing)."""
+    return {"CPU": cpus} | ({"memory": memory_gib * 2**30} if memory_gib else {})
+
+
+def check_fsdp_has_gpus(config: Any, gpu: bool) -> None:
+    """Refuse `train.fsdp` where the workers get no GPU. accelerate builds FSDP only for GPU-type
+    devices: on CPU its Trainer would quietly fall back to DDP (every worker holding the whole
+    model), so a model sized for sharding would not fit where the config says it does."""
+    if config.train.fsdp and not gpu:
+        raise TrainingError(
+            f"{config.where('train.fsdp')}: train.fsdp: {config.train.fsdp} needs GPUs (one per worker) and this Ray cluster "
+            "gives the workers none (no GPU, or train.num_gpus_per_model: 0); accelerate runs FSDP on GPUs only. "
+            "Use train.fsdp: false to train data-parallel (DDP) on CPUs"
+        )
+
+
 def train_data_parallel(train_here: Callable[..., None], job: Any, config: Any, base: str, threads: int | None = None) -> None:
     """Run `train_here(job, config, base, threads=, progress=)` (`executors.train_job_here`, given
     by the caller so that this module needs nothing from the executors) on each of
@@ -66,12 +86,13 @@ def train_data_parallel(train_here: Callable[..., None], job: Any, config: Any, 
 
     with cluster.connected(t.ray_address):  # the run's session, else a local Ray started (and stopped) here
         gpu = t.num_gpus_per_model > 0 and cluster.cluster_has_gpus()
+        check_fsdp_has_gpus(config, gpu)
         cpus = max(1.0, t.num_cpus_per_model / t.workers_per_model) if not gpu else t.num_cpus_per_model
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"train_here": train_here, "job": job, "config": config, "base": base, "threads": threads or max(1, int(cpus))},
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=t.workers_per_model, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
+            scaling_config=ScalingConfig(num_workers=t.workers_per_model, use_gpu=gpu, resources_per_worker=worker_resources(cpus, t.memory_per_model)),
             # max_failures=0: `executors.Retries` is the only retry loop, as for Ray tasks
             run_config=RunConfig(name=job.name, storage_path=str(storage.resolve()), failure_config=FailureConfig(max_failures=0)),
         )

@@ -537,7 +537,18 @@ def training_arguments(config: ExperimentConfig, out: Path, seed: int, precision
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        **fsdp_arguments(t.fsdp),
     )
+
+
+def fsdp_arguments(fsdp: str | bool) -> dict[str, Any]:
+    """The Trainer's FSDP arguments for `train.fsdp` (none for DDP). FULL_STATE_DICT: the
+    checkpoints and the final model hold the whole weights (gathered from the shards), so a model
+    trained sharded is an ordinary `save_pretrained` directory like any other."""
+    if not fsdp:
+        return {}
+    return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": fsdp == "full_shard",
+                                          "state_dict_type": "FULL_STATE_DICT"}}
 
 
 # ---------------------------------------------------------------- the entry point
@@ -587,6 +598,9 @@ def train_model(
         examples = mix_in(examples, tokenizer)
     val_examples = sft_examples(as_conversations(val_data, config), tokenizer, config, name="validation data") if val_data is not None else None
 
+    if form is not None and t.fsdp:
+        raise TrainingError(f"{config.where('train.fsdp')}: train.fsdp: {name} trains a model of its own form, which is saved "
+                            "from whole weights; set train.fsdp: false for it (DDP)")
     if form is not None:  # its own trainable parameters (the rest frozen)
         form.wrap(model)
     elif t.finetuning_type == "lora":
@@ -652,8 +666,12 @@ def train_model(
     # where and how it trained (a GPU run under autocast says so; `workers` > 1: data-parallel)
     summary |= {"device": str(args.device), "precision": "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32",
                 "workers": args.world_size}
+    # FSDP: each worker holds a shard; gathering the whole weights is collective (every worker
+    # takes part) and only the first worker receives them, to write
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if main:
-        save_final(trainer.model, tokenizer, out, summary, form.save if form is not None else None)
+        model_out = trainer.accelerator.unwrap_model(trainer.model) if state_dict is not None else trainer.model
+        save_final(model_out, tokenizer, out, summary, form.save if form is not None else None, state_dict=state_dict)
         if not t.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()  # no worker returns before the model is saved
@@ -693,16 +711,17 @@ def _disk_error(e: BaseException, out: Path, what: str) -> TrainingError:
 
 
 def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict,
-               save: Callable[[torch.nn.Module, Path], Any] | None = None) -> None:
+               save: Callable[[torch.nn.Module, Path], Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the model files into `out` (`save_pretrained`, or `save`), then the completion marker, last and atomically.
 
-    A model with a non-finite weight is refused before anything is written.
+    A model with a non-finite weight is refused before anything is written. `state_dict`: the
+    weights to write instead of the model's own (a sharded model's, gathered).
 
     Files are written into a staging directory first and moved in only when all of them are
     complete, so a full disk never leaves a half-written model in `out` (at most a stale
     staging directory, removed here on failure).
     """
-    for name, param in model.named_parameters():
+    for name, param in state_dict.items() if state_dict is not None else model.named_parameters():
         if not torch.isfinite(param.detach()).all():
             raise TrainingError(f"{out}: trained weight {name} holds non-finite values (nan/inf); not marked complete. "
                                 "Lower train.learning_rate or train.max_grad_norm, then retrain (delete the directory to start afresh)")
@@ -714,7 +733,7 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out: Path, summary: dict,
         if save is not None:
             save(model, staging)
         else:
-            model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
