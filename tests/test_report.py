@@ -148,7 +148,6 @@ def test_tradeoff_summary_places_dtm_against_the_frontier():
     assert "as much knowledge and instruction as DTM: L2." in tradeoff_summary(data)
 
 
-
 def test_tradeoff_names_only_the_reference_groups_the_run_has():
     text = tradeoff_summary(sample_report())
     assert "traced by the base, vanilla, vanilla checkpoints and WiSE-FT interpolations:" in text
