@@ -198,6 +198,11 @@ def summary(runs: list[dict], tokens: int) -> dict:
             "loadavg_1min_after_each": [r["loadavg"] for r in runs]}
 
 
+def losses_agree(losses: list[float | None]) -> bool:
+    """Every run's first loss logged and all within 1e-4: the same first batch and labels in every mode."""
+    return None not in losses and max(losses) - min(losses) < 1e-4
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=64, help="conversations trained on, one pass (a multiple of --batch)")
@@ -246,7 +251,7 @@ def main() -> None:
                        "peak_rss_vs_trl": round(table[m]["peak_rss_mb_max"] / trl["peak_rss_mb_max"], 2),
                        "met (>= 1x tokens/s, <= 0.5x RSS)": table[m]["tokens_per_s_best"] >= trl["tokens_per_s_best"]
                        and table[m]["peak_rss_mb_max"] <= 0.5 * trl["peak_rss_mb_max"]} for m in table if m.startswith("dtm")},
-        "first_step_losses_agree": max(t["first_step_loss"] for t in table.values()) - min(t["first_step_loss"] for t in table.values()) < 1e-4,
+        "first_step_losses_agree": losses_agree([t["first_step_loss"] for t in table.values()]),
         "machine": machine() | {"loadavg_before": [round(x, 2) for x in load_before], "minutes": round((time.time() - started) / 60, 1)},
     }
     print(json.dumps(result, indent=1))
