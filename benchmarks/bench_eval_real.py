@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_eval_real.py                 # the full run (idle machine: see --help)
     .venv/bin/python benchmarks/bench_eval_real.py --mmlu5 70 --mmlu0 70 --arc 10 --gsm8k 10 --gen-tokens 64 --repeats 1
+    .venv/bin/python benchmarks/bench_eval_real.py --mmlu5 308 --mmlu0 140 --jobs 8   # the issue's sizes in ~20 min, 8+ idle cores
 
 The model is SmolLM2-135M-Instruct converted by `benchmarks/real_model.py` (float32, CPU, one
 thread); the questions are the public samples in data/real/ (MIT, see its README). Four tasks,
@@ -12,16 +13,18 @@ each written once as a dtm task spec and once as an lm-eval task YAML over the s
                task per subject (as its own mmlu group does); --mmlu5 questions, spread evenly
                over the 14 subjects;
   mmlu_0shot   the same questions without examples;
-  arc_25shot   ARC format (lm-eval's `arc_challenge` template: "Question: ..\\nAnswer:", full-text
+  arc_25shot   ARC-Challenge (lm-eval's `arc_challenge` template: "Question: ..\\nAnswer:", full-text
                choices, acc and acc_norm) with 25 examples (first_n, so every question shares
-               them) from the MMLU dev split; data/real has no ARC rows (see its README), so the
-               questions are MMLU's in ARC's format;
+               them): the --arc first questions of data/real/arc_challenge.jsonl (40 there), the
+               examples from arc_challenge_fewshot.jsonl;
   gsm8k_8shot  GSM8K format (lm-eval's `gsm8k` template "Question: ..\\nAnswer:"), 8 worked
                examples (first_n) from the train split, greedy generation up to --gen-tokens,
                stops "Question:", "</s>", "<|im_end|>".
 
 Each (task, tool) runs in a child process (one thread), the two tools alternating, --repeats
-times; a time is the scoring call only (lm-eval: its HFLM.loglikelihood / generate_until
+times; --jobs N runs N children at once (each one thread: give it N idle cores, and the load
+average after each run shows whether they had them; one repeat of the issue's sizes is about
+45 CPU-minutes, most of it lm-eval's 8-shot GSM8K and 25-shot ARC); a time is the scoring call only (lm-eval: its HFLM.loglikelihood / generate_until
 calls; dtm: run_task), wall and CPU seconds, best of the repeats; items/s = questions / best
 wall seconds. Agreement: questions whose acc (acc_norm) differ, the largest |log-likelihood
 difference|, generations that differ (must be 0). The load average is recorded before and after.
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,11 +190,12 @@ def build_tasks(work: Path, args: argparse.Namespace) -> dict[str, dict]:
         add(name, "mc", len(rows), dtm_spec(name, test, kind="multiple_choice", text=MMLU_TEXT, letters=True, description=MMLU_DESCRIPTION,
                                             train=DATA / "mmlu_dev.jsonl" if shots else None, shots=shots, same_group=True), lm)
     if args.arc:
-        test = write_jsonl(work / "arc.jsonl", spread(mmlu, args.arc, "subject"))
-        add("arc_25shot", "mc", args.arc,
-            dtm_spec("arc_25shot", test, kind="multiple_choice", text=ARC_TEXT, train=DATA / "mmlu_dev.jsonl", shots=25),
+        rows = read_jsonl(DATA / "arc_challenge.jsonl")[: args.arc]
+        test, shots = write_jsonl(work / "arc.jsonl", rows), DATA / "arc_challenge_fewshot.jsonl"
+        add("arc_25shot", "mc", len(rows),
+            dtm_spec("arc_25shot", test, kind="multiple_choice", text=ARC_TEXT, train=shots, shots=25),
             {"arc_25shot": lmeval_yaml("arc_25shot", test, kind="multiple_choice", text=ARC_TEXT, choices="{{choices}}",
-                                       train=DATA / "mmlu_dev.jsonl", shots=25)})
+                                       train=shots, shots=25)})
     if args.gsm8k:
         test = write_jsonl(work / "gsm8k.jsonl", read_jsonl(DATA / "gsm8k.jsonl")[: args.gsm8k])
         add("gsm8k_8shot", "gen", args.gsm8k,
@@ -222,15 +227,39 @@ def agreement(kind: str, ours: list[dict], ref: list[dict]) -> dict:
             "max_abs_loglikelihood_diff": max(abs(x - y) for a, b in zip(ours, ref, strict=True) for x, y in zip(a["lls"], b["lls"], strict=True))}
 
 
+def run_all(tasks: dict[str, dict], args: argparse.Namespace, work: Path) -> dict[str, dict[str, list[dict]]]:
+    """{task: {tool: [each repeat's child output]}}: every (task, repeat, tool) child, task by task, the
+    tools alternating (load drifts hit both alike), --jobs of them at once (in that order)."""
+    order = [(name, tool) for name in tasks for rep in range(args.repeats)
+             for tool in (("lm_eval", "dtm") if rep % 2 == 0 else ("dtm", "lm_eval"))]
+
+    def one(name: str, tool: str) -> dict:
+        t = tasks[name]
+        if tool == "lm_eval":
+            out = child(LMEVAL_CHILD, [str(args.model), str(work / "lmeval"), str(args.batch_size), ",".join(t["lmeval"])])
+        else:
+            out = child(DTM_CHILD, [str(args.model), str(t["dtm"]), str(args.batch_size)])
+        out["loadavg"] = os.getloadavg()[0]
+        print(f"{name} {tool}: {out['wall_s']:.1f}s wall, {out['cpu_s']:.1f}s cpu, load {out['loadavg']:.1f}", flush=True)
+        return out
+
+    runs: dict[str, dict[str, list[dict]]] = {name: {"lm_eval": [], "dtm": []} for name in tasks}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the child processes
+        for (name, tool), out in zip(order, pool.map(lambda job: one(*job), order), strict=True):
+            runs[name][tool].append(out)
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mmlu5", type=int, default=350, help="5-shot MMLU questions (0 = skip)")
     ap.add_argument("--mmlu0", type=int, default=350, help="0-shot MMLU questions (0 = skip)")
-    ap.add_argument("--arc", type=int, default=40, help="25-shot ARC-format questions (0 = skip; lm-eval scores ~2,000 tokens per choice)")
+    ap.add_argument("--arc", type=int, default=40, help="25-shot ARC-Challenge questions, at most 40 (0 = skip; lm-eval scores ~1,500 tokens per choice)")
     ap.add_argument("--gsm8k", type=int, default=40, help="8-shot GSM8K-format generations (0 = skip)")
     ap.add_argument("--gen-tokens", type=int, default=256, help="max new tokens (lm-eval's gsm8k: 256)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="children run at once, one thread each (needs that many idle cores)")
     ap.add_argument("--model", type=Path, default=None, help="default: the converted SmolLM2-135M (benchmarks/real_model.py)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
@@ -245,24 +274,14 @@ def main() -> None:
     started = time.time()
     report: dict = {"what": "evaluation speed and agreement, dtm vs lm_eval --model hf, same rows, model and batch size",
                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": str(args.model.name),
-                    "batch_size": args.batch_size, "repeats": args.repeats, "tasks": {}}
+                    "batch_size": args.batch_size, "repeats": args.repeats, "jobs": args.jobs, "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="bench-eval-real-") as tmp:
         work = Path(tmp)
         tasks = build_tasks(work, args)
+        runs = run_all(tasks, args, work)
         for name, t in tasks.items():
-            runs: dict[str, list[dict]] = {"lm_eval": [], "dtm": []}
-            for rep in range(args.repeats):  # alternate: load drifts hit both alike
-                order = ("lm_eval", "dtm") if rep % 2 == 0 else ("dtm", "lm_eval")
-                for tool in order:
-                    if tool == "lm_eval":
-                        out = child(LMEVAL_CHILD, [str(args.model), str(work / "lmeval"), str(args.batch_size), ",".join(t["lmeval"])])
-                    else:
-                        out = child(DTM_CHILD, [str(args.model), str(t["dtm"]), str(args.batch_size)])
-                    out["loadavg"] = os.getloadavg()[0]
-                    runs[tool].append(out)
-                    print(f"{name} {tool} repeat {rep + 1}: {out['wall_s']:.1f}s wall, {out['cpu_s']:.1f}s cpu, load {out['loadavg']:.1f}", flush=True)
             entry: dict = {"questions": t["n"], "kind": t["kind"]}
-            for tool, rs in runs.items():
+            for tool, rs in runs[name].items():
                 best = min(r["wall_s"] for r in rs)
                 entry[tool] = {"items_per_s": round(t["n"] / best, 3), "wall_s_best": round(best, 2),
                                "cpu_s_best": round(min(r["cpu_s"] for r in rs), 2), "wall_s_all": [round(r["wall_s"], 2) for r in rs],
@@ -270,9 +289,9 @@ def main() -> None:
                                "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs))}
             entry["speedup_wall"] = round(entry["lm_eval"]["wall_s_best"] / entry["dtm"]["wall_s_best"], 2)
             entry["speedup_cpu"] = round(entry["lm_eval"]["cpu_s_best"] / entry["dtm"]["cpu_s_best"], 2)
-            entry["agreement"] = agreement(t["kind"], runs["dtm"][0]["items"], runs["lm_eval"][0]["items"])
+            entry["agreement"] = agreement(t["kind"], runs[name]["dtm"][0]["items"], runs[name]["lm_eval"][0]["items"])
             report["tasks"][name] = entry
-            report["lm_eval_version"] = runs["lm_eval"][0].get("version")
+            report["lm_eval_version"] = runs[name]["lm_eval"][0].get("version")
     report["machine"] = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                          "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "minutes": round((time.time() - started) / 60, 1)}
     print(json.dumps(report, indent=2))

@@ -30,6 +30,7 @@ from dtm.report.collect import (
     task_columns,
     task_stderrs,
 )
+from dtm.report.stats import frontier_stderr
 
 
 def test_mean_std_hand_computed():
@@ -146,6 +147,39 @@ def test_tradeoff_summary_places_dtm_against_the_frontier():
     data.scores["L2"] = {"knowledge": [0.97], "instruction": [0.70]}
     assert "as much knowledge and instruction as DTM: L2." in tradeoff_summary(data)
 
+
+def test_tradeoff_names_only_the_reference_groups_the_run_has():
+    text = tradeoff_summary(sample_report())
+    assert "traced by the base, vanilla, vanilla checkpoints and WiSE-FT interpolations:" in text
+    data = sample_report()
+    for m in ("vanilla @ 0.5", "WiSE-FT 0.5"):
+        del data.scores[m]
+    text = tradeoff_summary(data)
+    assert "traced by the base and vanilla:" in text
+    assert "checkpoints" not in text and "WiSE-FT" not in text
+
+
+def test_tradeoff_claims_no_side_of_the_frontier_within_the_standard_error():
+    # a real run's case: 40 questions, DTM one question (0.025) above vanilla at the same instruction score
+    scores = {"base": {"mmlu": [0.30], "gsm8k": [0.0]}, "vanilla": {"mmlu": [0.300], "gsm8k": [0.10]},
+              "DTM": {"mmlu": [0.325], "gsm8k": [0.10]}}
+    data = ReportData("real", scores, ["mmlu", "gsm8k"], groups={"base": "base", "vanilla": "vanilla", "DTM": "dtm"},
+                      tradeoff_axes=("mmlu", "gsm8k"))
+    assert tradeoff_summary(data).startswith("DTM lies above the frontier traced by the base and vanilla: +0.025 mmlu")
+    data.stderr = {"base": {"mmlu": [0.043]}, "vanilla": {"mmlu": [0.043]}, "DTM": {"mmlu": [0.043]}}
+    text = tradeoff_summary(data)  # 0.025 < hypot(0.043, 0.043) = 0.061
+    assert text.startswith("DTM lies on the frontier traced by the base and vanilla (within its standard error 0.061): +0.025 mmlu")
+    data.scores["DTM"]["mmlu"] = [0.40]  # 0.100 > 0.061: a difference worth naming
+    assert tradeoff_summary(data).startswith("DTM lies above the frontier")
+    data.scores["DTM"]["mmlu"] = [0.20]
+    assert tradeoff_summary(data).startswith("DTM lies below the frontier")
+
+
+def test_frontier_stderr_is_the_larger_of_the_chord_ends():
+    ref = {(0.0, 0.9): 0.01, (0.5, 0.8): 0.03, (1.0, 0.5): 0.02, (0.4, 0.7): 0.5}  # (0.4, 0.7) is dominated: never used
+    assert frontier_stderr(0.25, ref) == 0.03  # chord (0.0, 0.9)-(0.5, 0.8)
+    assert frontier_stderr(0.75, ref) == 0.03  # chord (0.5, 0.8)-(1.0, 0.5)
+    assert frontier_stderr(-1.0, ref) == 0.01 and frontier_stderr(2.0, ref) == 0.02  # beyond the ends: the end's
 
 def test_write_report_files(tmp_path):
     md, page = render_report(sample_report(), tmp_path)

@@ -1,6 +1,6 @@
 """Rebuild the files of data/real/ from git clones of the source repositories (see README.md).
 
-    python data/real/make_data.py HENDRYCKS_TEST_GIT GRADE_SCHOOL_MATH_GIT BIG_BENCH_HARD_GIT
+    python data/real/make_data.py HENDRYCKS_TEST_GIT GRADE_SCHOOL_MATH_GIT BIG_BENCH_HARD_GIT LLM_FOUNDRY_GIT
 
 Each argument is a repository's git directory (a clone's .git, or a bare clone). The
 selection is fixed (subjects, first rows), so the output is the same bytes every time.
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPOS = dict(zip(("mmlu", "gsm8k", "bbh"), sys.argv[1:4], strict=True))
+REPOS = dict(zip(("mmlu", "gsm8k", "bbh", "foundry"), sys.argv[1:5], strict=True))
 out = Path(__file__).resolve().parent
 
 
@@ -109,4 +109,16 @@ for r in bbh:
     r["description"] = next(s["description"] for s in shots if s["subtask"] == r["subtask"])
 open(f"{out}/bbh.jsonl", "w").write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in bbh))
 open(f"{out}/bbh_fewshot.jsonl", "w").write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in shots))
-print(len(test), len(dev), len(gt), len(bbh), len(shots))
+# ARC-Challenge (CC BY-SA 4.0) and HellaSwag (MIT) as mosaicml/llm-foundry ships them (rows {query, choices, gold};
+# HellaSwag's query already lm-eval's preprocessed "activity_label: ctx"): the shape dtm's built-ins read.
+F = "8c8dd48f72168c5d51e2f7b151595892a8fba43d"
+arc = [json.loads(line) for line in show("foundry", f"{F}:scripts/eval/local_data/world_knowledge/arc_challenge.jsonl").splitlines()]
+assert all(r["query"].startswith("Question: ") for r in arc)
+arc = [{"id": f"arc_challenge-test-{i}", "question": r["query"][len("Question: "):], "choices": r["choices"], "answer": r["gold"]}
+       for i, r in enumerate(arc[:65])]
+open(f"{out}/arc_challenge.jsonl", "w").write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in arc[:40]))
+open(f"{out}/arc_challenge_fewshot.jsonl", "w").write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in arc[40:]))
+hs = [json.loads(line) for line in show("foundry", f"{F}:tests/eval/local_data/hellaswag_small.jsonl").splitlines()]
+hs = [{"id": f"hellaswag-{i}", "question": r["query"], "choices": r["choices"], "answer": r["gold"]} for i, r in enumerate(hs)]
+open(f"{out}/hellaswag.jsonl", "w").write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in hs))
+print(len(test), len(dev), len(gt), len(bbh), len(shots), len(arc), len(hs))

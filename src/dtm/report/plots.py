@@ -8,7 +8,7 @@ from typing import Any
 
 from dtm import rundir
 from dtm.report.model import REFERENCE_GROUPS, ReportData
-from dtm.report.stats import ERROR_CATEGORIES, early_late, mean_std, pareto_frontier
+from dtm.report.stats import ERROR_CATEGORIES, early_late, mean_std, pareto_frontier, reference_phrase
 
 
 def _png(fig: Any) -> bytes:
@@ -113,7 +113,7 @@ def plot_tradeoff(data: ReportData) -> bytes | None:
             ax.annotate(model, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if len(reference) >= 2:
         front = pareto_frontier(reference)
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="frontier (base/vanilla/WiSE-FT)")
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label=f"frontier ({reference_phrase(sorted(seen_groups & REFERENCE_GROUPS))})")
     ax.set_xlabel(i_col)
     ax.set_ylabel(k_col)
     ax.set_title("Knowledge vs instruction following")

@@ -98,21 +98,51 @@ def fmt(values: list[float], digits: int = 3, se: float | None = None) -> str:
     return text + (f" (se {se:.{digits}f})" if se else "")
 
 
+# How the sentence names each reference group, in the order it lists them.
+GROUP_PHRASES = {"base": "the base", "vanilla": "vanilla", "vanilla checkpoints": "vanilla checkpoints",
+                 "wise-ft": "WiSE-FT interpolations"}
+
+
+def reference_phrase(groups: list[str]) -> str:
+    """'the base, vanilla and WiSE-FT interpolations': only the groups a run has, so the sentence
+    never names checkpoints or interpolations that were not made."""
+    names = [GROUP_PHRASES[g] for g in GROUP_PHRASES if g in groups]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def frontier_stderr(x: float, reference: dict[tuple[float, float], float]) -> float:
+    """The standard error of the frontier's y at `x`: the larger of the two front points the chord
+    at x joins (one point left or right of the front). A chord mixes its ends, so its error is
+    at most the larger of theirs; `reference` maps each point to its se (0 where unknown)."""
+    front = pareto_frontier(list(reference))
+    if x <= front[0][0]:
+        return reference[front[0]]
+    if x >= front[-1][0]:
+        return reference[front[-1]]
+    return next(max(reference[a], reference[b]) for a, b in zip(front, front[1:]) if a[0] <= x <= b[0])
+
+
 def tradeoff_summary(data: ReportData, subject: str = rundir.DTM) -> str | None:
-    """One sentence: where `subject` lies against the frontier of base/vanilla/WiSE-FT models."""
+    """One sentence: where `subject` lies against the frontier of the run's base/vanilla/WiSE-FT
+    models. Above or below only when the gap exceeds its standard error, hypot(subject's se,
+    the frontier's se) in the knowledge column, as the headline's bold does; else "on ... within
+    its standard error"."""
     if not data.tradeoff_axes or subject not in data.scores:
         return None
     k_col, i_col = data.tradeoff_axes
-    reference = [
-        (mean_std(s[i_col])[0], mean_std(s[k_col])[0])
-        for m, s in data.scores.items()
-        if data.groups.get(m) in REFERENCE_GROUPS and s.get(i_col) and s.get(k_col)
-    ]
-    if not reference:
+    members = [m for m, s in data.scores.items() if data.groups.get(m) in REFERENCE_GROUPS and s.get(i_col) and s.get(k_col)]
+    if not members:
         return None
+    reference: dict[tuple[float, float], float] = {}
+    for m in members:
+        point = (mean_std(data.scores[m][i_col])[0], mean_std(data.scores[m][k_col])[0])
+        reference[point] = max(reference.get(point, 0.0), column_stderr(data.stderr, m, k_col))
     point = (mean_std(data.scores[subject][i_col])[0], mean_std(data.scores[subject][k_col])[0])
-    gap = frontier_gap(point, reference)
-    where = "above" if gap > 0 else "below" if gap < 0 else "on"
+    gap = frontier_gap(point, list(reference))
+    margin = math.hypot(column_stderr(data.stderr, subject, k_col), frontier_stderr(point[0], reference))
+    where = "above" if gap > margin else "below" if gap < -margin else "on"
+    within = f" (within its standard error {margin:.3f})" if where == "on" and gap != 0 else ""
+    traced = reference_phrase([data.groups[m] for m in members])
     dominating = [
         m for m, s in data.scores.items()
         if m != subject and s.get(i_col) and s.get(k_col)
@@ -121,8 +151,8 @@ def tradeoff_summary(data: ReportData, subject: str = rundir.DTM) -> str | None:
     others = (f" Models with at least as much {k_col} and {i_col} as {subject}: {', '.join(dominating)}." if dominating
               else f" No other model has both at least as much {k_col} and as much {i_col}.")
     return (
-        f"{subject} lies {where} the frontier traced by the base, vanilla checkpoints and WiSE-FT "
-        f"interpolations: {gap:+.3f} {k_col} at its {i_col} of {point[0]:.3f}." + others
+        f"{subject} lies {where} the frontier traced by {traced}{within}: "
+        f"{gap:+.3f} {k_col} at its {i_col} of {point[0]:.3f}." + others
     )
 
 
