@@ -30,3 +30,18 @@ def test_run_with_token_losses_error_sets_and_lora_moe(experiment, tmp_path):  #
     assert "| lora_moe |" in report
     assert "## Which tokens' training loss fell most (vanilla SFT, early vs late)" in report
     assert "## Error sets: the questions the sub-models get wrong, and the merge" in report and "| mc | acc | 12 |" in report
+
+
+@pytest.mark.slow
+def test_token_losses_run_while_the_worker_pool_evaluates(experiment, tmp_path):  # noqa: F811
+    """With `train.num_workers` 2 the diagnostic runs in the driver while the pool evaluates:
+    the same file and manifest entry, and every model still evaluated."""
+    overrides = [f"output_dir={tmp_path / 'run'}", "seeds=[1]", "eval.token_losses=true", "eval.token_loss_min_count=1",
+                 "train.num_workers=2"]
+    root = run(load_config(experiment / "exp.yaml", overrides))
+    seed = root / "seed-1"
+    token = json.loads((seed / "diagnostics" / "token_losses.json").read_text())
+    assert token["fractions"] == [0.0, 0.5, 1.0]
+    manifest = json.loads((seed / "manifests" / "eval.json").read_text())["outputs"]
+    assert manifest["token_losses"]["file"] == "diagnostics/token_losses.json"
+    assert all((seed / "eval" / f"{name}.json").is_file() for name in manifest["models"])

@@ -372,6 +372,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
     import torch
 
     workers = 1 if torch.cuda.is_available() else min(cfg.train.num_workers, len(models))
+    diagnostic = None  # the token-loss diagnostic, when computed while the pool evaluates
     if tasks and cluster.enabled(cfg):  # each model a task on the cluster
         each(cfg, "eval", _evaluate_group, {name: ({name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False})
                                            for name, spec in models.items()})
@@ -383,13 +384,23 @@ def stage_eval(run: Run) -> dict[str, Any]:
         pool = worker_pool(cfg.train.num_workers)  # the training workers, already started
         futures = {pool.submit(_evaluate_group, {name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
                    for name, spec in models.items()}
+        if cfg.eval.token_losses:
+            # here while the workers evaluate: after them, it ran on one core with the other idle
+            # (7 s a lab seed; benchmarks/results/profile_demo.md), on one thread, since the
+            # workers hold the other cores
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                diagnostic = token_losses(run, models)
+            finally:
+                torch.set_num_threads(threads)
         for future in finished_in_turn(futures, "eval"):
             future.result()
     if cfg.eval.lm_eval_tasks:
         lm_eval_models(run, models)
     outputs = {"models": sorted(models), "tasks": tasks, "lm_eval_tasks": list(cfg.eval.lm_eval_tasks)}
     if cfg.eval.token_losses:
-        outputs["token_losses"] = token_losses(run, models)
+        outputs["token_losses"] = diagnostic if diagnostic is not None else token_losses(run, models)
     return outputs
 
 
