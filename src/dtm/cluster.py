@@ -242,11 +242,13 @@ def stage_resources(cfg: Any, stage: str) -> Resources:
 
 
 def task_slots(resources: Resources) -> int:
-    """How many tasks declaring `resources` the cluster runs at once (by GPUs when they declare any, else CPUs)."""
+    """How many tasks declaring `resources` the cluster runs at once (by GPUs when they declare
+    any, else CPUs; a task that declares neither, such as a launcher of Ray Train workers, counts
+    as one CPU: its workers hold the CPUs)."""
     total = _ray().cluster_resources()
     if resources.gpus:
         return max(1, int(total.get("GPU", 0) // resources.gpus))
-    return max(1, int(total.get("CPU", 1) // resources.cpus))
+    return max(1, int(total.get("CPU", 1) // (resources.cpus or 1.0)))
 
 
 def threads_for(resources: Resources) -> int:
