@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,29 +361,34 @@ def write_report(run_dir: str | Path, console: Any = None, partial: bool = False
     return write_sweep_report(sweep)
 
 
-def trainings(sweep: Sweep) -> dict[str, int]:
-    """How many models the cells' train stages list, and how many of them were linked from a sibling
-    (the rest were trained), over every cell and seed run that finished its train stage."""
+def _linked_counts(sweep: Sweep, stage: str, linked_in: Callable[[Any, str, dict[str, str]], bool]) -> tuple[int, int]:
+    """(models `stage`'s finished manifests list, how many of them `linked_in(seed_run, model,
+    reused)` says were linked from a sibling), over every cell and seed run."""
     planned = linked = 0
     for cell in sweep.cells:
         for seed_run in seed_runs(cell.cfg):
-            models = seed_run.dir.outputs("train").get("models", [])
+            models = seed_run.dir.outputs(stage).get("models", [])
             reused = seed_run.dir.reused()
             planned += len(models)
-            linked += sum(1 for m in models if m in reused)
+            linked += sum(1 for m in models if linked_in(seed_run, m, reused))
+    return planned, linked
+
+
+def trainings(sweep: Sweep) -> dict[str, int]:
+    """How many models the cells' train stages list, and how many of them were linked from a sibling
+    (the rest were trained), over every cell and seed run that finished its train stage."""
+    planned, linked = _linked_counts(sweep, "train", lambda seed_run, m, reused: m in reused)
     return {"planned": planned, "linked": linked, "trained": planned - linked}
 
+
+def _eval_result_linked(seed_run: Any, model: str, reused: dict[str, str]) -> bool:
+    """Whether the model's result file is still the sibling's it was linked from (the same file on disk)."""
+    ours, theirs = seed_run.dir.eval_result(model), reused.get(EVAL + model)
+    return theirs is not None and ours.is_file() and Path(theirs).is_file() and os.path.samefile(theirs, ours)
 
 
 def evaluations(sweep: Sweep) -> dict[str, int]:
     """How many evaluation results the cells' finished eval stages list, and how many of them are
     a sibling's result file linked in (checked on disk: still the same file), the rest scored."""
-    planned = linked = 0
-    for cell in sweep.cells:
-        for seed_run in seed_runs(cell.cfg):
-            models = seed_run.dir.outputs("eval").get("models", [])
-            reused = seed_run.dir.reused()
-            planned += len(models)
-            linked += sum(1 for m in models if EVAL + m in reused and seed_run.dir.eval_result(m).is_file()
-                          and Path(reused[EVAL + m]).is_file() and os.path.samefile(reused[EVAL + m], seed_run.dir.eval_result(m)))
+    planned, linked = _linked_counts(sweep, "eval", _eval_result_linked)
     return {"planned": planned, "linked": linked, "scored": planned - linked}
