@@ -7,12 +7,17 @@ the same tokens; only the training loop is timed (train begin to train end). Arm
 interleaved and repeated, and the best time of each is compared (a shared machine's load
 only ever slows a run down).
 
-    .venv/bin/python benchmarks/bench_train_throughput.py [--steps 12] [--repeats 2]
+    .venv/bin/python benchmarks/bench_train_throughput.py [--steps 12] [--repeats 2] [--no-trl]
+
+TRL runs in this process, so it must be importable here (`pip install trl`); the project's venv
+does not carry it. `--no-trl` keeps only dtm's arms (padding-free against padded batches).
+`bench_train_trl.py` is the comparison with TRL on the real model, in TRL's own venv.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import statistics
 import tempfile
@@ -78,7 +83,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-trl", action="store_true", help="skip TRL's arms (TRL is not installed here)")
     a = ap.parse_args()
+    if not a.no_trl and importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed in this Python: `pip install trl` here, or run with --no-trl "
+                         "(dtm's arms only); benchmarks/bench_train_trl.py compares with TRL in TRL's own venv.")
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     base, n_params = save_base(tmp / "base", hidden=512, layers=6, vocab=4096, intermediate=1536, heads=8)
@@ -101,6 +110,8 @@ def main() -> None:
         "dtm_full_length_grouped": lambda out: run_dtm(base, data, out, "full", a.steps, group_by_length=True, packing=False),
         "dtm_full_padding_free": lambda out: run_dtm(base, data, out, "full", a.steps, group_by_length=False, packing=True),
     }
+    if a.no_trl:
+        arms = {k: v for k, v in arms.items() if not k.startswith("trl_")}
     seconds: dict[str, list[float]] = {k: [] for k in arms}
     first_loss: dict[str, float | None] = {}
     for r in range(a.repeats):
@@ -123,8 +134,9 @@ def main() -> None:
         "seconds_median": {k: statistics.median(v) for k, v in seconds.items()},
         "tokens_per_second_best": tps,
         "first_logged_loss": first_loss,
-        "ratio_dtm_over_trl_lora": round(tps["dtm_lora"] / tps["trl_lora"], 3),
-        "ratio_dtm_over_trl_full": round(tps["dtm_full"] / tps["trl_full"], 3),
+        **({} if a.no_trl else {
+            "ratio_dtm_over_trl_lora": round(tps["dtm_lora"] / tps["trl_lora"], 3),
+            "ratio_dtm_over_trl_full": round(tps["dtm_full"] / tps["trl_full"], 3)}),
         "padding_free_gain_over_padded": round(tps["dtm_full_padding_free"] / tps["dtm_full_padded_random"], 3),
         "length_grouped_gain_over_padded": round(tps["dtm_full_length_grouped"] / tps["dtm_full_padded_random"], 3),
         "note": ("tokens/s counts real (non-padding) tokens; the same tokens in every arm (one epoch of the same data). "
@@ -135,7 +147,8 @@ def main() -> None:
     atomic_write_json(RESULTS / "bench_train_throughput.json", result)
     shutil.rmtree(tmp, ignore_errors=True)  # trained models: hundreds of MB
     for k in ("ratio_dtm_over_trl_lora", "ratio_dtm_over_trl_full", "padding_free_gain_over_padded", "length_grouped_gain_over_padded"):
-        print(f"{k}: {result[k]}")
+        if k in result:
+            print(f"{k}: {result[k]}")
 
 
 if __name__ == "__main__":
