@@ -30,7 +30,17 @@ from dtm.config import ExperimentConfig
 from dtm.data.formats import load_conversations
 from dtm.data.template import conversation
 from dtm.errors import TrainingError
-from dtm.rundir import COMPLETE_FILE, LOG_FILE, fraction_dirs, fractions_file, is_complete, joint_checkpoints
+from dtm.rundir import (
+    COMPLETE_FILE,
+    LOG_FILE,
+    TENSORBOARD_DIR,
+    attempts_file,
+    fraction_dirs,
+    fractions_file,
+    is_complete,
+    joint_checkpoints,
+)
+from dtm.training.executors import Job, JointGroup, redone_steps, run_job
 from dtm.training.joint import JointJob, batch_order, check_memory, length_grouped_order, train_joint
 from dtm.training.sft import train_model
 
@@ -87,6 +97,20 @@ def moved(d: Path, base: Path) -> float:
         return max(float(v.abs().max()) for n, v in w.items() if "lora_B" in n)
     start = load_file(base / "model.safetensors")
     return max(float((w[n] - start[n]).abs().max()) for n in w)
+
+
+def scalars(model_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a model's TensorBoard events (`logs/`), tag -> [(step, value)], read by
+    TensorBoard's own reader (which hides what a restart marker purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(model_dir / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def event_files(model_dir: Path) -> list[Path]:
+    return sorted((model_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -173,6 +197,14 @@ def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, t
         assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
         for key in ("loss", "lr", "grad_norm", "epoch"):
             assert [r[key] for r in rows_b] == pytest.approx([r[key] for r in rows_a], rel=1e-5), key
+        # TensorBoard: one event file per model, the Trainer's tags (but its FLOP estimate), the same values per step
+        assert len(event_files(j)) == 1
+        tb_a, tb_b = scalars(s), scalars(j)
+        assert set(tb_b) == set(tb_a) - {"train/total_flos"}
+        for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/train_loss"):
+            assert [step for step, _ in tb_b[tag]] == [step for step, _ in tb_a[tag]], tag
+            assert [v for _, v in tb_b[tag]] == pytest.approx([v for _, v in tb_a[tag]], rel=1e-5), tag
+        assert [step for step, _ in tb_b["train/loss"]] == [r["step"] for r in rows_b]
         assert [label for label, _ in fraction_dirs(j)] == ["0.50"]
         assert max_difference(fraction_dirs(s)[0][1], fraction_dirs(j)[0][1]) < TOLERANCE
         assert [r["step"] for r in json.loads(fractions_file(j).read_text())] == [0, a["steps"] // 2]
@@ -247,13 +279,28 @@ def test_killed_joint_job_resumes_to_the_same_weights(base_dir, tmp_path):
     proc.wait()
     assert [is_complete(root / f"m-{i}") for i in range(3)] == [False, False, True]
     assert [s for s, _ in joint_checkpoints(root / "m-0")] == [5, 10]
-    resumed = train_joint(base_dir, killed_jobs(str(root)), progress=False)
+    assert [s for s, _ in scalars(root / "m-0")["train/loss"]] == list(range(1, 12))  # logged up to the kill
+    # resumed as the executors run a joint group, which records the attempt and its redone steps
+    jobs = killed_jobs(str(root))
+    run_job(JointGroup("m-0+m-1+m-2", [Job(j.name, j.data, j.out, j.seed) for j in jobs]), jobs[0].config, str(base_dir), progress=False)
+    resumed = [j.out for j in jobs]
     straight = train_joint(base_dir, killed_jobs(str(tmp_path / "straight")), progress=False)
     for a, b in zip(resumed, straight):
         assert max_difference(a, b) == 0.0, f"{a.name}: the resumed run differs from the uninterrupted one"
     assert json.loads((root / "m-0" / COMPLETE_FILE).read_text())["resumed_from_step"] == 10
     steps = [json.loads(line)["step"] for line in (root / "m-0" / LOG_FILE).read_text().splitlines()]
     assert steps == list(range(1, 19))  # the killed run's row of step 11 was dropped, not duplicated
+    # TensorBoard alike: two event files (one per attempt), the killed one's step 11 purged by the restart marker
+    assert len(event_files(root / "m-0")) == 2
+    tb, tb_straight = scalars(root / "m-0"), scalars(tmp_path / "straight" / "m-0")
+    assert [s for s, _ in tb["train/loss"]] == list(range(1, 19))
+    assert [v for _, v in tb["train/loss"]] == [v for _, v in tb_straight["train/loss"]]  # the resumed run's values, bitwise
+    # the work lost: m-0 had logged step 11 past its checkpoint at 10, m-1 nothing past 10; m-2 had finished
+    rows = {j.name: [json.loads(x) for x in attempts_file(j.out).read_text().splitlines()] for j in jobs[:2]}
+    assert [(r["resumed_from_step"], r["redone_steps"]) for r in rows["m-0"]] == [(10, 1)]
+    assert [(r["resumed_from_step"], r["redone_steps"]) for r in rows["m-1"]] == [(10, 0)]
+    assert not attempts_file(jobs[2].out).exists()
+    assert redone_steps(resumed) == {"m-0": 1, "m-1": 0}  # what the train stage's manifest, `dtm status` and the report show
 
 
 def test_joint_checkpoints_at_least_every_checkpoint_minutes(base_dir, tmp_path):

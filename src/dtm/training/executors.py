@@ -127,6 +127,8 @@ def run_job(job: Job | JointGroup, config: ExperimentConfig, base: str, threads:
             import torch
 
             torch.set_num_threads(threads)
+        for j in job.jobs:
+            record_resumed_attempt(j.out, joint=True)
         train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data, j.baseline)
                            for j in job.jobs], progress=progress)
         return sum(training_seconds(j.out) for j in job.jobs)
@@ -153,14 +155,21 @@ def train_job_here(job: Job, config: ExperimentConfig, base: str, threads: int |
                    name=job.name, val_data=job.val_data)
 
 
-def steps_to_redo(out: Path) -> tuple[int, int]:
+def steps_to_redo(out: Path, joint: bool = False) -> tuple[int, int]:
     """(checkpoint step this attempt resumes from, steps an interrupted earlier attempt trained past
     it): those steps are lost and trained again. Read from the train log before the trainer drops
-    its rows past the checkpoint, so exact to within `train.logging_steps`."""
-    from dtm.training.sft import last_checkpoint
+    its rows past the checkpoint, so exact to within `train.logging_steps`. `joint`: the attempt
+    trains in a joint job, which resumes from its own checkpoints (`checkpoints/joint-<step>/`)."""
+    if joint:
+        from dtm.training.joint import last_joint_checkpoint
 
-    checkpoint = last_checkpoint(out)
-    resume = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+        found = last_joint_checkpoint(out)
+        resume = found[0] if found else 0
+    else:
+        from dtm.training.sft import last_checkpoint
+
+        checkpoint = last_checkpoint(out)
+        resume = int(checkpoint.name.split("-")[1]) if checkpoint else 0
     try:
         lines = train_log(out).read_text(encoding="utf-8").splitlines()
         reached = max((int(json.loads(line).get("step", 0)) for line in lines if line.strip()), default=0)
@@ -169,12 +178,13 @@ def steps_to_redo(out: Path) -> tuple[int, int]:
     return resume, max(0, reached - resume)
 
 
-def record_resumed_attempt(out: Path) -> None:
+def record_resumed_attempt(out: Path, joint: bool = False) -> None:
     """Append this attempt to the model's attempts file if it resumes an interrupted one (its node
-    lost, its run killed), with the steps it redoes, so the run can report the work lost."""
+    lost, its run killed), with the steps it redoes, so the run can report the work lost.
+    `joint`: the attempt trains in a joint job (`steps_to_redo`)."""
     if is_complete(out):
         return
-    resume, redo = steps_to_redo(out)
+    resume, redo = steps_to_redo(out, joint)
     if resume or redo:
         import socket
 
