@@ -383,6 +383,29 @@ def test_joint_groups_follow_models_per_job_and_leave_jobs_alone_with_one(tmp_pa
     assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2) if isinstance(u, JointGroup)] == [4, 4]
 
 
+def test_a_ray_joint_group_declares_the_memory_of_its_models_and_fits_a_node(tmp_path):
+    """A joint group of n models is one Ray task: n x `memory_per_model`, one model's CPUs and
+    GPU (the models share the process and its device); no group asks for more memory than the
+    largest node has, which Ray would leave pending for ever."""
+    from dtm.cluster import Resources, models_per_node
+    from dtm.training.executors import joint_groups, task_resources
+
+    portion = tmp_path / "portion.jsonl"
+    portion.write_text("x" * 1000)
+    jobs = [Job(f"sub-{i}", portion, tmp_path / f"sub-{i}", 3) for i in range(1, 9)]
+    per_model = Resources(cpus=2.0, gpus=1.0, memory=3 << 30)
+    assert task_resources(JointGroup("g", jobs[:3]), per_model).options() == {"num_cpus": 2.0, "num_gpus": 1.0, "memory": 9 << 30}
+    assert task_resources(jobs[0], per_model).options() == {"num_cpus": 2.0, "num_gpus": 1.0, "memory": 3 << 30}
+    assert task_resources(JointGroup("g", jobs[:3]), Resources(cpus=1.0)).options() == {"num_cpus": 1.0, "num_gpus": 0.0}
+    nodes = [{"NodeID": "a", "Resources": {"CPU": 8.0, "memory": 10 << 30}}, {"NodeID": "b", "Resources": {"CPU": 8.0, "memory": 7 << 30}}]
+    assert models_per_node(per_model, nodes) == 3  # 10 GiB / 3 GiB
+    assert models_per_node(Resources(memory=20 << 30), nodes) == 1  # one model alone: Ray's own placement decides
+    assert models_per_node(Resources(cpus=2.0), nodes) is None  # no memory declared: no limit
+    cfg = lab_config()
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2)] == [4, 4]
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2, most=3)] == [3, 3, 2]
+
+
 @pytest.mark.slow  # a local Ray instance and two task processes: about 30 s
 def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp_path):
     """K=4 LoRA sub-models on a local Ray of 2 CPUs (a task per CPU): two joint jobs of two,
@@ -402,6 +425,7 @@ def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cfg.train.executor, cfg.train.num_cpus_per_model, cfg.train.num_gpus_per_model = "ray", 1, 0
+        cfg.train.memory_per_model = 0.25  # each group declares 0.5 GiB (`task_resources`)
         train_jobs(cfg, base_dir, jobs, tmp_path / "ray")
     finally:
         ray.shutdown()

@@ -22,13 +22,16 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtm import plan
 from dtm.config import ExperimentConfig
 from dtm.dispersal import portion_path
 from dtm.errors import DtmError, TrainingError
 from dtm.rundir import RunDir, attempts_file, is_complete, sub_model_name, train_log, training_summary
+
+if TYPE_CHECKING:
+    from dtm.cluster import Resources
 
 log = logging.getLogger(__name__)
 
@@ -410,11 +413,13 @@ def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str)
     return retries.failures
 
 
-def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu: bool | None = None) -> list[Job | JointGroup]:
+def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu: bool | None = None,
+                 most: int | None = None) -> list[Job | JointGroup]:
     """The jobs as a joint job runs them: joinable jobs (`joint.joinable`) of one shape and of
     similar length (at least half the longest: vanilla does not hold up the quarter-length jobs)
     in groups of `train.models_per_job`, or (None) split evenly over the `workers` that run at
-    once; the others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
+    once, never more than `most` (what one node's memory holds, `cluster.models_per_node`); the
+    others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
     from dtm.training.joint import joinable, shape_key
 
     per_job = config.train.models_per_job
@@ -432,7 +437,7 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu
             longest = expected_cost(same_shape[0], config)
             similar = [j for j in same_shape if expected_cost(j, config) * 2 >= longest]
             same_shape = same_shape[len(similar):]
-            size = per_job or -(-len(similar) // max(1, workers))
+            size = min(per_job or -(-len(similar) // max(1, workers)), most or len(similar))
             for c in range(0, len(similar), size):
                 chunk = similar[c : c + size]
                 units.append(chunk[0] if len(chunk) == 1 else JointGroup("+".join(j.name for j in chunk), chunk))
@@ -459,8 +464,16 @@ def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, s
         resources = cluster.stage_resources(config, "train")
         retries = Retries(config.train.retries)
         # models of one shape as joint jobs, one per task slot (a GPU, or num_cpus_per_model CPUs): K=8 on 2 GPUs is 2 jobs of 4
-        units = joint_groups(jobs, config, cluster.task_slots(resources), on_gpu=bool(resources.gpus))
+        units = joint_groups(jobs, config, cluster.task_slots(resources), on_gpu=bool(resources.gpus),
+                             most=cluster.models_per_node(resources))
         longest_first = sorted(units, key=lambda j: -expected_cost(j, config))
         calls = {j.name: (j, config, base, None, False) for j in longest_first}
-        cluster.run_tasks(run_job, calls, resources, retries, "train")
+        cluster.run_tasks(run_job, calls, {j.name: task_resources(j, resources) for j in units}, retries, "train")
         return retries.failures
+
+
+def task_resources(unit: Job | JointGroup, per_model: Resources) -> Resources:
+    """What the Ray task of one model, or of a joint group of n models, declares (`cluster.for_models`)."""
+    from dtm import cluster
+
+    return cluster.for_models(per_model, len(unit.jobs) if isinstance(unit, JointGroup) else 1)
