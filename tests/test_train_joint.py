@@ -40,7 +40,7 @@ from dtm.rundir import (
     is_complete,
     joint_checkpoints,
 )
-from dtm.training.executors import Job, JointGroup, redone_steps, run_job
+from dtm.training.executors import Job, JointGroup, joint_groups, redone_steps, run_job
 from dtm.training.joint import JointJob, batch_order, check_memory, length_grouped_order, train_joint
 from dtm.training.sft import train_model
 
@@ -381,6 +381,30 @@ def test_joint_groups_follow_models_per_job_and_leave_jobs_alone_with_one(tmp_pa
     assert all(isinstance(u, Job) for u in joint_groups(jobs, cfg, workers=2))
     cfg.train.models_per_job = None
     assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2) if isinstance(u, JointGroup)] == [4, 4]
+
+
+def test_mixed_precision_keeps_jobs_out_of_joint_groups_and_says_so(tmp_path, caplog):
+    """On a GPU the Trainer trains under bf16/fp16 autocast (the default there) and the joint step
+    in fp32 only: such jobs train one at a time with the Trainer, with a warning that names them
+    and the key to set; with train.bf16: false (or on CPU) they join."""
+    from dtm.training.joint import mixed_precision
+
+    portion = tmp_path / "portion.jsonl"
+    portion.write_text("x" * 1000)
+    jobs = [Job(f"sub-{i}", portion, tmp_path / f"sub-{i}", 3) for i in range(1, 5)]
+    cfg = lab_config()
+    for bf16, fp16, key in ((None, False, "train.bf16 unset"), (True, False, "train.bf16: true"), (False, True, "train.fp16: true")):
+        cfg.train.bf16, cfg.train.fp16 = bf16, fp16
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dtm.training.executors"):
+            assert all(isinstance(u, Job) for u in joint_groups(jobs, cfg, workers=1, on_gpu=True))
+        assert f"sub-1, sub-2, sub-3, sub-4: {key}" in caplog.text and "set train.bf16: false" in caplog.text
+        assert mixed_precision(cfg, on_gpu=False) is None  # on CPU the Trainer trains in fp32 too
+    cfg.train.bf16, cfg.train.fp16 = False, False
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dtm.training.executors"):
+        assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=1, on_gpu=True)] == [4]
+    assert caplog.text == ""
 
 
 def test_a_ray_joint_group_declares_the_memory_of_its_models_and_fits_a_node(tmp_path):

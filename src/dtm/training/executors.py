@@ -420,17 +420,22 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu
     in groups of `train.models_per_job`, or (None) split evenly over the `workers` that run at
     once, never more than `most` (what one node's memory holds, `cluster.models_per_node`); the
     others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
-    from dtm.training.joint import joinable, shape_key
+    from dtm.training.joint import joinable, mixed_precision, shape_key
 
     per_job = config.train.models_per_job
     runs: dict[tuple, list[Job]] = {}
     units: list[Job | JointGroup] = []
+    mixed: dict[str, str] = {}  # jobs that would join in fp32: kept out by mixed precision alone
     for job in jobs:
         cfg = job_config(config, job.train_overrides)
         if per_job != 1 and joinable(cfg, job.baseline, on_gpu):
             runs.setdefault(shape_key(cfg), []).append(job)
         else:
+            if per_job != 1 and joinable(cfg, job.baseline, on_gpu=False):
+                mixed[job.name] = mixed_precision(cfg, on_gpu) or ""
             units.append(job)
+    if mixed:
+        log.warning("%s: %s", ", ".join(mixed), next(iter(mixed.values())))
     for same_shape in runs.values():
         same_shape.sort(key=lambda j: -expected_cost(j, config))
         while same_shape:

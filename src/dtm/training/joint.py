@@ -103,15 +103,27 @@ def joinable(config: ExperimentConfig, baseline: str | None, on_gpu: bool | None
     full fine-tuning or LoRA on the layers' projections, random or length-grouped batches; and
     the baselines that change only the data (replay, curation: the same `baselines.data_hooks`).
     Weight penalties (L2/EWC) keep the Trainer: they are functions of an `nn.Module`'s parameters
-    (`regularizers.WeightPenalty`), which the stacked step does not have. On a GPU the Trainer trains in mixed
-    precision and the joint step in fp32 only, so there a job joins only with `train.bf16: false`
-    (`on_gpu`: where it will train; None: on this machine's GPU if it has one)."""
+    (`regularizers.WeightPenalty`), which the stacked step does not have. And only in fp32
+    (`mixed_precision`; `on_gpu`: where it will train; None: on this machine's GPU if it has one)."""
     t = config.train
     shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
     plain = (baseline in (None, "vanilla", *DATA_BASELINES) and shape_ok and not t.gradient_checkpointing
              and t.workers_per_model <= 1)
+    return plain and mixed_precision(config, on_gpu) is None
+
+
+def mixed_precision(config: ExperimentConfig, on_gpu: bool | None = None) -> str | None:
+    """Why a job cannot train in a joint job: on a GPU the Trainer trains it under bf16/fp16
+    autocast (the default there) and the joint step runs in fp32 only (its batched forward has
+    no autocast path; a half-precision base would not give the Trainer's weights). None: it
+    trains in fp32 (on CPU, or with `train.bf16: false`). `on_gpu` as in `joinable`."""
+    t = config.train
     gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    return plain and (not gpu or (t.bf16 is False and not t.fp16))
+    if not gpu or (t.bf16 is False and not t.fp16):
+        return None
+    key = "train.fp16: true" if t.fp16 else "train.bf16: true" if t.bf16 else "train.bf16 unset (mixed precision on a GPU)"
+    return (f"{key}: the joint executor trains in fp32 only; set train.bf16: false to train these models together in "
+            "fp32, or keep mixed precision and they train one at a time with the Trainer")
 
 
 def shape_key(config: ExperimentConfig) -> tuple:
@@ -572,6 +584,9 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
         raise TrainingError(f"joint job {', '.join(shapes)}: the models differ in base, fine-tuning type, frozen modules or "
                             "LoRA settings; only models of one shape train together (executors.joint_groups groups them)")
     check_freeze_modules(cfg0)
+    mixed = {j.name: why for j in jobs if (why := mixed_precision(j.config))}
+    if mixed:  # `executors.joint_groups` leaves such jobs to the Trainer; a direct call is refused, not run in fp32 unasked
+        raise TrainingError(f"joint job {', '.join(mixed)}: {next(iter(mixed.values()))}")
     from transformers import Trainer, set_seed
 
     set_seed(jobs[0].seed)  # as train_model: the carrier's LoRA initialisation is the first job's
