@@ -20,7 +20,8 @@ tokens of the whole optimizer step), its own gradient-norm clipping, its own Ada
 learning-rate schedule (`transformers.get_scheduler`, warmup as `TrainingArguments` computes
 it). A model whose data ends earlier stops and is saved while the others go on. Outputs are
 the ordinary model directories (`save_pretrained`, tokenizer, `train_log.jsonl` and the
-TensorBoard events in `logs/` with the Trainer's tags, `fractions/`, `training_complete.json` last), so later stages read them unchanged. Each model checkpoints
+TensorBoard events in `logs/` with the Trainer's tags, `fractions/`, `training_complete.json`
+last), so later stages read them unchanged. Each model checkpoints
 into its own `checkpoints/joint-<step>/` (atomically), so a killed job resumes every model
 from its own last checkpoint, and the models need not be at the same step.
 
@@ -538,7 +539,7 @@ class Member:
     collate: Any
     fractions: FractionCallback | None
     logger: JsonlLogCallback
-    tensorboard: Any  # transformers' TensorBoardCallback, as the Trainer's run has it (`sft.tensorboard_callback`)
+    tensorboard: Any = None  # transformers' TensorBoardCallback as the Trainer's run has it, once training starts
     step: int = 0
     resumed_from: int = 0
     segments: int = 1  # training segments: 1 + the times it was resumed (as train_model counts them)
@@ -616,6 +617,9 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
         print(line, flush=True)
     for i, m in enumerate(members):
         _resume(m, i, stack)
+        # its event file only now that the job will train (a refused one leaves none); from the step resumed
+        # from, it hides what a killed run logged past it (`sft.tensorboard_callback`), as `m.logger` drops those rows
+        m.tensorboard = tensorboard_callback(m.job.out / TENSORBOARD_DIR, m.step)
         args = training_arguments(m.job.config, m.job.out, m.job.seed, choose_precision(m.job.config), progress=False)
         m.tensorboard.on_train_begin(args, _log_state(m), None, model=carrier)  # the Trainer's `args` and `model_config` texts
         if m.fractions is not None:
@@ -647,7 +651,8 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
         if bar is not None:
             bar.close()
         for m in members:  # the event files of models a failure left unfinished (a finished one's is closed)
-            m.tensorboard.on_train_end(None, None, None)
+            if m.tensorboard is not None:
+                m.tensorboard.on_train_end(None, None, None)
     return every
 
 
@@ -692,12 +697,9 @@ def _member(job: JointJob, tokenizer: Any, base: str | Path) -> Member:
         fractions = FractionCallback(job.out, t.save_fractions, tokenizer, fraction_sample(sft, job.seed, t.fraction_eval_samples),
                                      val, tokenizer.pad_token_id)
     resume = last_joint_checkpoint(job.out)
-    resume_step = resume[0] if resume else 0
-    # both drop what a killed run logged past the checkpoint resumed from, as the Trainer's run does
-    logger = JsonlLogCallback(job.out / LOG_FILE, resume_step)
-    tensorboard = tensorboard_callback(job.out / TENSORBOARD_DIR, resume_step)
+    logger = JsonlLogCallback(job.out / LOG_FILE, resume[0] if resume else 0)  # drops what a killed run logged past it
     return Member(job, examples, len(sft), schedule(len(examples), cfg, job.out, job.seed),
-                  make_collator(t.packing, tokenizer.pad_token_id), fractions, logger, tensorboard)
+                  make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
 
 
 def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: int, model_config: Any, lora: Lora | None) -> list[float]:
