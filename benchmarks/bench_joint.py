@@ -19,13 +19,16 @@ shape with random weights), `--steps` steps of batch 2 each, trained
 each in fresh processes: wall, tokens/s (real tokens trained / wall), peak RSS.
 
 GPU check (`--device cuda --quick`, under 2 minutes on one GPU): the same K=4 lab sub-models
-for 2 epochs, in turn with the Trainer and as one joint job, both in fp32 on the GPU: the
-largest weight difference (must stay under 1e-4) and both wall times. `gpu_check()` is the
-function a GPU script calls.
+for 2 epochs, and K=4 LoRA adapters (r=16 on gate/up/down) on a small Llama (random weights,
+about 30M parameters; `lora_pair`), each in turn with the Trainer and as one joint job, all
+in fp32 on the GPU (the joint step has no mixed precision): the largest weight difference
+(must stay under 1e-4), both wall times and (LoRA) tokens/s. `gpu_check()` is the function a
+GPU script calls; `--device cpu --quick` runs the same pairs at tiny sizes (a dry run).
 
     .venv/bin/python benchmarks/bench_joint.py lab [--epochs 12] [--repeats 3]
     .venv/bin/python benchmarks/bench_joint.py lora [--steps 4] [--repeats 2]
     .venv/bin/python benchmarks/bench_joint.py --device cuda --quick [--out DIR]
+    .venv/bin/python benchmarks/bench_joint.py --device cpu --quick [--out DIR]   (the dry run)
 """
 
 from __future__ import annotations
@@ -174,16 +177,15 @@ def bench_lora(steps: int, repeats: int) -> dict:
             "peak_rss_joint_vs_procs": round(best["joint"]["peak_rss_mib"] / best["procs"]["peak_rss_mib"], 2)}
 
 
-def gpu_check(out_dir: Path | None = None, epochs: float = 2.0) -> dict:
-    """K=4 lab sub-models in turn (Trainer) and as one joint job on the GPU, fp32: weight
-    difference and wall times. Raises AssertionError if they differ by 1e-4 or more."""
+GPU_TOLERANCE = 1e-4  # per weight; cuBLAS sums a batched matmul in another order than one model's (on CPU: about 1e-7)
+
+
+def separate_and_joint(cfg: ExperimentConfig, base: Path, portions: list[Path], work: Path) -> dict:
+    """The K models in turn with the Trainer, then as one joint job (on the device torch trains on):
+    both wall times, the real tokens trained and the largest difference of any trained weight."""
     from dtm.training.joint import JointJob, train_joint
     from dtm.training.sft import train_model
 
-    assert torch.cuda.is_available(), "gpu_check needs a CUDA device"
-    work = Path(tempfile.mkdtemp(prefix="gpu-joint-"))
-    cfg, base, portions = lab_setup(work, epochs)
-    cfg.train.bf16 = False  # the joint step is fp32; so is the reference
     started = time.perf_counter()
     separate = [train_model(base, p, work / f"separate-{i}", cfg, progress=False) for i, p in enumerate(portions)]
     separate_s = time.perf_counter() - started
@@ -193,17 +195,57 @@ def gpu_check(out_dir: Path | None = None, epochs: float = 2.0) -> dict:
     joint_s = time.perf_counter() - started
     diff = 0.0
     for a, b in zip(separate, joint, strict=True):
-        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        name = "adapter_model.safetensors" if (a / "adapter_model.safetensors").exists() else "model.safetensors"
+        wa, wb = load_file(a / name), load_file(b / name)
         diff = max(diff, *(float((wa[n] - wb[n]).abs().max()) for n in wa))
-    steps = sum(training_summary(j)["steps"] for j in joint)
-    result = {"device": torch.cuda.get_device_name(0), "k": K, "epochs": epochs, "steps": steps,
-              "separate_s": round(separate_s, 2), "joint_s": round(joint_s, 2), "speedup": round(separate_s / joint_s, 2),
-              "max_weight_difference": diff, "tolerance": 1e-4, "machine": machine()}
+    summaries = [training_summary(j) for j in joint]
+    return {"steps": sum(x["steps"] for x in summaries), "tokens": sum(x["trained_tokens"] for x in summaries),
+            "separate_s": round(separate_s, 2), "joint_s": round(joint_s, 2), "speedup": round(separate_s / joint_s, 2),
+            "max_weight_difference": diff}
+
+
+def lora_pair(work: Path, steps: int, small: bool = False) -> dict:
+    """K=4 LoRA adapters (r=16 on gate/up/down, dropout 0: PEFT's masks are draws the joint step
+    cannot repeat) on a small Llama with random weights, `steps` steps of batch 4 each, fp32:
+    `separate_and_joint` plus tokens/s. `small`: a pico Llama (the CPU dry run)."""
+    shape = dict(hidden=64, layers=2, vocab=512, heads=4) if small else dict(hidden=512, layers=8, vocab=8192, intermediate=1408, heads=8)
+    base, n_params = save_base(work / "lora-base", tie=True, **shape)
+    data = synthetic_data(K * steps * 4, seed=1, mean_words=24, spread=0.5, max_words=120)
+    disperse(data, k=K, out=work / "lora-portions", seed=0, progress=False)
+    cfg = lora_config(base, steps)
+    # lr 1e-3: a semantic slip then moves some weight by about 1e-3 a step, ten times the tolerance
+    cfg.train.per_device_train_batch_size, cfg.train.bf16, cfg.train.learning_rate = 4, False, 1e-3
+    cfg.train.lora.r, cfg.train.lora.lora_dropout, cfg.train.lora.target_modules = 16, 0.0, ["gate_proj", "up_proj", "down_proj"]
+    pair = separate_and_joint(cfg, base, [portion_path(work / "lora-portions", i) for i in range(K)], work / "lora")
+    return {"model": f"Llama, {n_params / 1e6:.1f}M parameters (random weights, {shape})", "k": K, "steps_per_model": steps,
+            "batch": 4, "lora": "r=16 on gate/up/down", **pair,
+            "tokens_per_s_separate": round(pair["tokens"] / pair["separate_s"], 1),
+            "tokens_per_s_joint": round(pair["tokens"] / pair["joint_s"], 1)}
+
+
+def gpu_check(out_dir: Path | None = None, epochs: float = 2.0, device: str = "cuda") -> dict:
+    """K=4 lab sub-models and K=4 LoRA adapters on a small Llama, each in turn (Trainer) and as one
+    joint job, in fp32 on the GPU: weight differences and wall times (`lab`, `lora`). Raises
+    AssertionError if a pair differs by `GPU_TOLERANCE` or more. `device: cpu`: the same at tiny
+    sizes, as a dry run of the script."""
+    assert device == "cpu" or torch.cuda.is_available(), "gpu_check needs a CUDA device"
+    dry = device == "cpu"
+    work = Path(tempfile.mkdtemp(prefix="gpu-joint-"))
+    cfg, base, portions = lab_setup(work, epochs)
+    cfg.train.bf16 = False  # the joint step is fp32; so is the reference
+    if dry:
+        cfg.train.max_steps = 2
+    result = {"device": torch.cuda.get_device_name(0) if not dry else "cpu", "tolerance": GPU_TOLERANCE,
+              "lab": {"k": K, "epochs": epochs, "max_steps": cfg.train.max_steps, **separate_and_joint(cfg, base, portions, work / "lab")}}
+    result["lora"] = lora_pair(work, steps=2 if dry else 30, small=dry)
+    result["machine"] = machine()
     shutil.rmtree(work, ignore_errors=True)
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "bench_joint_gpu.json", result)
     print(json.dumps(result), flush=True)
-    assert diff < 1e-4, f"joint and separate training differ by {diff} on the GPU"
+    for part in ("lab", "lora"):
+        diff = result[part]["max_weight_difference"]
+        assert diff < GPU_TOLERANCE, f"{part}: joint and separate training differ by {diff} on {result['device']}"
     return result
 
 
@@ -214,7 +256,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="lora: optimizer steps per adapter")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--quick", action="store_true", help="with --device cuda: the GPU check (2 epochs, under 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="the GPU check (2 epochs, under 2 minutes); with --device cpu its dry run")
     ap.add_argument("--out", type=Path, default=None, help="where the GPU check writes bench_joint_gpu.json")
     ap.add_argument("--child")
     ap.add_argument("--base", type=Path)
@@ -223,8 +265,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return lora_child(a.child, a.base, a.work, a.steps, a.index)
-    if a.device == "cuda":
-        gpu_check(a.out, epochs=2.0 if a.quick else a.epochs)
+    if a.device == "cuda" or a.quick:
+        gpu_check(a.out, epochs=2.0 if a.quick else a.epochs, device=a.device)
         return
     path = RESULTS / "bench_joint.json"
     result = json.loads(path.read_text()) if path.exists() else {}

@@ -30,7 +30,17 @@ from dtm.config import ExperimentConfig
 from dtm.data.formats import load_conversations
 from dtm.data.template import conversation
 from dtm.errors import TrainingError
-from dtm.rundir import COMPLETE_FILE, LOG_FILE, fraction_dirs, fractions_file, is_complete, joint_checkpoints
+from dtm.rundir import (
+    COMPLETE_FILE,
+    LOG_FILE,
+    TENSORBOARD_DIR,
+    attempts_file,
+    fraction_dirs,
+    fractions_file,
+    is_complete,
+    joint_checkpoints,
+)
+from dtm.training.executors import Job, JointGroup, joint_groups, redone_steps, run_job
 from dtm.training.joint import JointJob, batch_order, check_memory, length_grouped_order, train_joint
 from dtm.training.sft import train_model
 
@@ -87,6 +97,20 @@ def moved(d: Path, base: Path) -> float:
         return max(float(v.abs().max()) for n, v in w.items() if "lora_B" in n)
     start = load_file(base / "model.safetensors")
     return max(float((w[n] - start[n]).abs().max()) for n in w)
+
+
+def scalars(model_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a model's TensorBoard events (`logs/`), tag -> [(step, value)], read by
+    TensorBoard's own reader (which hides what a restart marker purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(model_dir / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def event_files(model_dir: Path) -> list[Path]:
+    return sorted((model_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -173,6 +197,14 @@ def test_joint_training_equals_separate_training(kind, lab_portions, base_dir, t
         assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
         for key in ("loss", "lr", "grad_norm", "epoch"):
             assert [r[key] for r in rows_b] == pytest.approx([r[key] for r in rows_a], rel=1e-5), key
+        # TensorBoard: one event file per model, the Trainer's tags (but its FLOP estimate), the same values per step
+        assert len(event_files(j)) == 1
+        tb_a, tb_b = scalars(s), scalars(j)
+        assert set(tb_b) == set(tb_a) - {"train/total_flos"}
+        for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/train_loss"):
+            assert [step for step, _ in tb_b[tag]] == [step for step, _ in tb_a[tag]], tag
+            assert [v for _, v in tb_b[tag]] == pytest.approx([v for _, v in tb_a[tag]], rel=1e-5), tag
+        assert [step for step, _ in tb_b["train/loss"]] == [r["step"] for r in rows_b]
         assert [label for label, _ in fraction_dirs(j)] == ["0.50"]
         assert max_difference(fraction_dirs(s)[0][1], fraction_dirs(j)[0][1]) < TOLERANCE
         assert [r["step"] for r in json.loads(fractions_file(j).read_text())] == [0, a["steps"] // 2]
@@ -247,13 +279,28 @@ def test_killed_joint_job_resumes_to_the_same_weights(base_dir, tmp_path):
     proc.wait()
     assert [is_complete(root / f"m-{i}") for i in range(3)] == [False, False, True]
     assert [s for s, _ in joint_checkpoints(root / "m-0")] == [5, 10]
-    resumed = train_joint(base_dir, killed_jobs(str(root)), progress=False)
+    assert [s for s, _ in scalars(root / "m-0")["train/loss"]] == list(range(1, 12))  # logged up to the kill
+    # resumed as the executors run a joint group, which records the attempt and its redone steps
+    jobs = killed_jobs(str(root))
+    run_job(JointGroup("m-0+m-1+m-2", [Job(j.name, j.data, j.out, j.seed) for j in jobs]), jobs[0].config, str(base_dir), progress=False)
+    resumed = [j.out for j in jobs]
     straight = train_joint(base_dir, killed_jobs(str(tmp_path / "straight")), progress=False)
     for a, b in zip(resumed, straight):
         assert max_difference(a, b) == 0.0, f"{a.name}: the resumed run differs from the uninterrupted one"
     assert json.loads((root / "m-0" / COMPLETE_FILE).read_text())["resumed_from_step"] == 10
     steps = [json.loads(line)["step"] for line in (root / "m-0" / LOG_FILE).read_text().splitlines()]
     assert steps == list(range(1, 19))  # the killed run's row of step 11 was dropped, not duplicated
+    # TensorBoard alike: two event files (one per attempt), the killed one's step 11 purged by the restart marker
+    assert len(event_files(root / "m-0")) == 2
+    tb, tb_straight = scalars(root / "m-0"), scalars(tmp_path / "straight" / "m-0")
+    assert [s for s, _ in tb["train/loss"]] == list(range(1, 19))
+    assert [v for _, v in tb["train/loss"]] == [v for _, v in tb_straight["train/loss"]]  # the resumed run's values, bitwise
+    # the work lost: m-0 had logged step 11 past its checkpoint at 10, m-1 nothing past 10; m-2 had finished
+    rows = {j.name: [json.loads(x) for x in attempts_file(j.out).read_text().splitlines()] for j in jobs[:2]}
+    assert [(r["resumed_from_step"], r["redone_steps"]) for r in rows["m-0"]] == [(10, 1)]
+    assert [(r["resumed_from_step"], r["redone_steps"]) for r in rows["m-1"]] == [(10, 0)]
+    assert not attempts_file(jobs[2].out).exists()
+    assert redone_steps(resumed) == {"m-0": 1, "m-1": 0}  # what the train stage's manifest, `dtm status` and the report show
 
 
 def test_joint_checkpoints_at_least_every_checkpoint_minutes(base_dir, tmp_path):
@@ -336,6 +383,53 @@ def test_joint_groups_follow_models_per_job_and_leave_jobs_alone_with_one(tmp_pa
     assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2) if isinstance(u, JointGroup)] == [4, 4]
 
 
+def test_mixed_precision_keeps_jobs_out_of_joint_groups_and_says_so(tmp_path, caplog):
+    """On a GPU the Trainer trains under bf16/fp16 autocast (the default there) and the joint step
+    in fp32 only: such jobs train one at a time with the Trainer, with a warning that names them
+    and the key to set; with train.bf16: false (or on CPU) they join."""
+    from dtm.training.joint import mixed_precision
+
+    portion = tmp_path / "portion.jsonl"
+    portion.write_text("x" * 1000)
+    jobs = [Job(f"sub-{i}", portion, tmp_path / f"sub-{i}", 3) for i in range(1, 5)]
+    cfg = lab_config()
+    for bf16, fp16, key in ((None, False, "train.bf16 unset"), (True, False, "train.bf16: true"), (False, True, "train.fp16: true")):
+        cfg.train.bf16, cfg.train.fp16 = bf16, fp16
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dtm.training.executors"):
+            assert all(isinstance(u, Job) for u in joint_groups(jobs, cfg, workers=1, on_gpu=True))
+        assert f"sub-1, sub-2, sub-3, sub-4: {key}" in caplog.text and "set train.bf16: false" in caplog.text
+        assert mixed_precision(cfg, on_gpu=False) is None  # on CPU the Trainer trains in fp32 too
+    cfg.train.bf16, cfg.train.fp16 = False, False
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dtm.training.executors"):
+        assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=1, on_gpu=True)] == [4]
+    assert caplog.text == ""
+
+
+def test_a_ray_joint_group_declares_the_memory_of_its_models_and_fits_a_node(tmp_path):
+    """A joint group of n models is one Ray task: n x `memory_per_model`, one model's CPUs and
+    GPU (the models share the process and its device); no group asks for more memory than the
+    largest node has, which Ray would leave pending for ever."""
+    from dtm.cluster import Resources, models_per_node
+    from dtm.training.executors import joint_groups, task_resources
+
+    portion = tmp_path / "portion.jsonl"
+    portion.write_text("x" * 1000)
+    jobs = [Job(f"sub-{i}", portion, tmp_path / f"sub-{i}", 3) for i in range(1, 9)]
+    per_model = Resources(cpus=2.0, gpus=1.0, memory=3 << 30)
+    assert task_resources(JointGroup("g", jobs[:3]), per_model).options() == {"num_cpus": 2.0, "num_gpus": 1.0, "memory": 9 << 30}
+    assert task_resources(jobs[0], per_model).options() == {"num_cpus": 2.0, "num_gpus": 1.0, "memory": 3 << 30}
+    assert task_resources(JointGroup("g", jobs[:3]), Resources(cpus=1.0)).options() == {"num_cpus": 1.0, "num_gpus": 0.0}
+    nodes = [{"NodeID": "a", "Resources": {"CPU": 8.0, "memory": 10 << 30}}, {"NodeID": "b", "Resources": {"CPU": 8.0, "memory": 7 << 30}}]
+    assert models_per_node(per_model, nodes) == 3  # 10 GiB / 3 GiB
+    assert models_per_node(Resources(memory=20 << 30), nodes) == 1  # one model alone: Ray's own placement decides
+    assert models_per_node(Resources(cpus=2.0), nodes) is None  # no memory declared: no limit
+    cfg = lab_config()
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2)] == [4, 4]
+    assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2, most=3)] == [3, 3, 2]
+
+
 @pytest.mark.slow  # a local Ray instance and two task processes: about 30 s
 def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp_path):
     """K=4 LoRA sub-models on a local Ray of 2 CPUs (a task per CPU): two joint jobs of two,
@@ -355,6 +449,7 @@ def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cfg.train.executor, cfg.train.num_cpus_per_model, cfg.train.num_gpus_per_model = "ray", 1, 0
+        cfg.train.memory_per_model = 0.25  # each group declares 0.5 GiB (`task_resources`)
         train_jobs(cfg, base_dir, jobs, tmp_path / "ray")
     finally:
         ray.shutdown()

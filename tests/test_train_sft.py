@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dtm.config import ExperimentConfig
 from dtm.data.template import conversation, tokenize_conversations
-from dtm.rundir import COMPLETE_FILE, LOG_FILE
+from dtm.rundir import COMPLETE_FILE, LOG_FILE, TENSORBOARD_DIR
 from dtm.training import TrainingError, fraction_dir, is_complete, train_model
 from dtm.training.batches import REAL_TOKENS, make_collator, pack_batch, packed_row_tokens, pad_batch
 from dtm.training.sft import freeze_modules, last_checkpoint
@@ -225,6 +225,13 @@ def test_killed_training_resumes_to_the_same_weights(base_dir, tmp_path):
     assert json.loads((resumed / COMPLETE_FILE).read_text())["resumed_from_step"] == 8
     steps = [json.loads(line)["step"] for line in (resumed / LOG_FILE).read_text().splitlines()]
     assert steps == sorted(set(steps))  # the killed run's rows after step 8 were replaced, not duplicated
+    # TensorBoard alike (by TensorBoard's own reader): the killed attempt's steps 9-11 hidden by the resumed one's restart marker
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(resumed / TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    assert len(list((resumed / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
+    assert [e.step for e in events.Scalars("train/loss")] == steps
 
 
 # ---------------------------------------------------------------- bad input and faults

@@ -24,7 +24,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -251,6 +251,25 @@ def task_slots(resources: Resources) -> int:
     return max(1, int(total.get("CPU", 1) // (resources.cpus or 1.0)))
 
 
+def for_models(per_model: Resources, models: int) -> Resources:
+    """What a task that trains `models` models in one process (a joint job) declares: `models` times
+    one model's host memory (each model's weights, optimizer state and batches are its own; the
+    base they share is counted in each, on the safe side), and one model's CPUs and GPUs: the
+    models share the process's threads and its device (one joint job per task slot, `task_slots`)."""
+    return replace(per_model, memory=per_model.memory * models)
+
+
+def models_per_node(per_model: Resources, nodes: list[dict[str, Any]] | None = None) -> int | None:
+    """The most models whose declared memory one node of the cluster (of `nodes`, `ray.nodes()`
+    entries; default: every alive one) holds, so that no joint job asks for more than any node
+    has (Ray would leave such a task pending for ever); None when no memory is declared."""
+    if not per_model.memory:
+        return None
+    nodes = alive_nodes() if nodes is None else nodes
+    largest = max((n.get("Resources", {}).get("memory", 0) for n in nodes), default=0)
+    return max(1, int(largest // per_model.memory))
+
+
 def threads_for(resources: Resources) -> int:
     """Torch threads of a task: its declared CPUs (more threads than cores slow small steps badly)."""
     return max(1, int(resources.cpus))
@@ -267,18 +286,19 @@ def _call_with_threads(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
     return fn(*args)
 
 
-def run_tasks(fn: Callable[..., Any], calls: Mapping[str, tuple], resources: Resources, retries: RetryPolicy,
-              what: str) -> dict[str, Any]:
+def run_tasks(fn: Callable[..., Any], calls: Mapping[str, tuple], resources: Resources | Mapping[str, Resources],
+              retries: RetryPolicy, what: str) -> dict[str, Any]:
     """Run `fn(*calls[name])` for every name as Ray tasks (named `what:name`, so the Ray dashboard
-    and state API show them); -> name -> result for those that succeeded. The failures are left
-    in `retries.failures` by name, after every other task has finished."""
+    and state API show them), each declaring `resources` (or `resources[name]`); -> name -> result
+    for those that succeeded. The failures are left in `retries.failures` by name, after every
+    other task has finished."""
     ray = _ray()
     task = ray.remote(max_retries=LOST_TASK_RETRIES, retry_exceptions=False)(_call_with_threads)
-    threads = threads_for(resources)
     names: dict[Any, str] = {}  # task ref -> call name
 
     def submit(name: str) -> Any:
-        ref = task.options(name=f"{what}:{name}", **resources.options()).remote(fn, threads, *calls[name])
+        declared = resources if isinstance(resources, Resources) else resources[name]
+        ref = task.options(name=f"{what}:{name}", **declared.options()).remote(fn, threads_for(declared), *calls[name])
         names[ref] = name
         return ref
 

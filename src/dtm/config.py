@@ -127,7 +127,7 @@ class TrainConfig(Section):
     ray_address: str | None = None
     num_gpus_per_model: float = Field(1.0, ge=0)
     num_cpus_per_model: float = Field(1.0, gt=0)
-    memory_per_model: float = Field(0.0, ge=0, description="Ray executor: GiB of host memory each task (training, Fisher, merge, evaluation) declares, so a node gets no more tasks than its memory holds; 0 = not declared.")
+    memory_per_model: float = Field(0.0, ge=0, description="Ray executor: GiB of host memory each task (training, Fisher, merge, evaluation) declares per model (a joint group of n models: n times), so a node gets no more tasks than its memory holds; 0 = not declared.")
     retries: int = Field(1, ge=0, description="Times a failed sub-model is retried (it resumes from its last checkpoint).")
     models_per_job: int | None = Field(
         None, ge=1,

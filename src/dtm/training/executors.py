@@ -22,13 +22,16 @@ from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtm import plan
 from dtm.config import ExperimentConfig
 from dtm.dispersal import portion_path
 from dtm.errors import DtmError, TrainingError
 from dtm.rundir import RunDir, attempts_file, is_complete, sub_model_name, train_log, training_summary
+
+if TYPE_CHECKING:
+    from dtm.cluster import Resources
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ def run_job(job: Job | JointGroup, config: ExperimentConfig, base: str, threads:
             import torch
 
             torch.set_num_threads(threads)
+        for j in job.jobs:
+            record_resumed_attempt(j.out, joint=True)
         train_joint(base, [JointJob(j.name, j.data, j.out, j.seed, job_config(config, j.train_overrides), j.val_data, j.baseline)
                            for j in job.jobs], progress=progress)
         return sum(training_seconds(j.out) for j in job.jobs)
@@ -153,14 +158,21 @@ def train_job_here(job: Job, config: ExperimentConfig, base: str, threads: int |
                    name=job.name, val_data=job.val_data)
 
 
-def steps_to_redo(out: Path) -> tuple[int, int]:
+def steps_to_redo(out: Path, joint: bool = False) -> tuple[int, int]:
     """(checkpoint step this attempt resumes from, steps an interrupted earlier attempt trained past
     it): those steps are lost and trained again. Read from the train log before the trainer drops
-    its rows past the checkpoint, so exact to within `train.logging_steps`."""
-    from dtm.training.sft import last_checkpoint
+    its rows past the checkpoint, so exact to within `train.logging_steps`. `joint`: the attempt
+    trains in a joint job, which resumes from its own checkpoints (`checkpoints/joint-<step>/`)."""
+    if joint:
+        from dtm.training.joint import last_joint_checkpoint
 
-    checkpoint = last_checkpoint(out)
-    resume = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+        found = last_joint_checkpoint(out)
+        resume = found[0] if found else 0
+    else:
+        from dtm.training.sft import last_checkpoint
+
+        checkpoint = last_checkpoint(out)
+        resume = int(checkpoint.name.split("-")[1]) if checkpoint else 0
     try:
         lines = train_log(out).read_text(encoding="utf-8").splitlines()
         reached = max((int(json.loads(line).get("step", 0)) for line in lines if line.strip()), default=0)
@@ -169,12 +181,13 @@ def steps_to_redo(out: Path) -> tuple[int, int]:
     return resume, max(0, reached - resume)
 
 
-def record_resumed_attempt(out: Path) -> None:
+def record_resumed_attempt(out: Path, joint: bool = False) -> None:
     """Append this attempt to the model's attempts file if it resumes an interrupted one (its node
-    lost, its run killed), with the steps it redoes, so the run can report the work lost."""
+    lost, its run killed), with the steps it redoes, so the run can report the work lost.
+    `joint`: the attempt trains in a joint job (`steps_to_redo`)."""
     if is_complete(out):
         return
-    resume, redo = steps_to_redo(out)
+    resume, redo = steps_to_redo(out, joint)
     if resume or redo:
         import socket
 
@@ -400,29 +413,36 @@ def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str)
     return retries.failures
 
 
-def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu: bool | None = None) -> list[Job | JointGroup]:
+def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu: bool | None = None,
+                 most: int | None = None) -> list[Job | JointGroup]:
     """The jobs as a joint job runs them: joinable jobs (`joint.joinable`) of one shape and of
     similar length (at least half the longest: vanilla does not hold up the quarter-length jobs)
     in groups of `train.models_per_job`, or (None) split evenly over the `workers` that run at
-    once; the others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
-    from dtm.training.joint import joinable, shape_key
+    once, never more than `most` (what one node's memory holds, `cluster.models_per_node`); the
+    others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
+    from dtm.training.joint import joinable, mixed_precision, shape_key
 
     per_job = config.train.models_per_job
     runs: dict[tuple, list[Job]] = {}
     units: list[Job | JointGroup] = []
+    mixed: dict[str, str] = {}  # jobs that would join in fp32: kept out by mixed precision alone
     for job in jobs:
         cfg = job_config(config, job.train_overrides)
         if per_job != 1 and joinable(cfg, job.baseline, on_gpu):
             runs.setdefault(shape_key(cfg), []).append(job)
         else:
+            if per_job != 1 and joinable(cfg, job.baseline, on_gpu=False):
+                mixed[job.name] = mixed_precision(cfg, on_gpu) or ""
             units.append(job)
+    if mixed:
+        log.warning("%s: %s", ", ".join(mixed), next(iter(mixed.values())))
     for same_shape in runs.values():
         same_shape.sort(key=lambda j: -expected_cost(j, config))
         while same_shape:
             longest = expected_cost(same_shape[0], config)
             similar = [j for j in same_shape if expected_cost(j, config) * 2 >= longest]
             same_shape = same_shape[len(similar):]
-            size = per_job or -(-len(similar) // max(1, workers))
+            size = min(per_job or -(-len(similar) // max(1, workers)), most or len(similar))
             for c in range(0, len(similar), size):
                 chunk = similar[c : c + size]
                 units.append(chunk[0] if len(chunk) == 1 else JointGroup("+".join(j.name for j in chunk), chunk))
@@ -449,8 +469,16 @@ def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, s
         resources = cluster.stage_resources(config, "train")
         retries = Retries(config.train.retries)
         # models of one shape as joint jobs, one per task slot (a GPU, or num_cpus_per_model CPUs): K=8 on 2 GPUs is 2 jobs of 4
-        units = joint_groups(jobs, config, cluster.task_slots(resources), on_gpu=bool(resources.gpus))
+        units = joint_groups(jobs, config, cluster.task_slots(resources), on_gpu=bool(resources.gpus),
+                             most=cluster.models_per_node(resources))
         longest_first = sorted(units, key=lambda j: -expected_cost(j, config))
         calls = {j.name: (j, config, base, None, False) for j in longest_first}
-        cluster.run_tasks(run_job, calls, resources, retries, "train")
+        cluster.run_tasks(run_job, calls, {j.name: task_resources(j, resources) for j in units}, retries, "train")
         return retries.failures
+
+
+def task_resources(unit: Job | JointGroup, per_model: Resources) -> Resources:
+    """What the Ray task of one model, or of a joint group of n models, declares (`cluster.for_models`)."""
+    from dtm import cluster
+
+    return cluster.for_models(per_model, len(unit.jobs) if isinstance(unit, JointGroup) else 1)

@@ -19,8 +19,9 @@ from the same collator, the Trainer's loss normalisation (summed token loss over
 tokens of the whole optimizer step), its own gradient-norm clipping, its own AdamW state and
 learning-rate schedule (`transformers.get_scheduler`, warmup as `TrainingArguments` computes
 it). A model whose data ends earlier stops and is saved while the others go on. Outputs are
-the ordinary model directories (`save_pretrained`, tokenizer, `train_log.jsonl`, `fractions/`,
-`training_complete.json` last), so later stages read them unchanged. Each model checkpoints
+the ordinary model directories (`save_pretrained`, tokenizer, `train_log.jsonl` and the
+TensorBoard events in `logs/` with the Trainer's tags, `fractions/`, `training_complete.json`
+last), so later stages read them unchanged. Each model checkpoints
 into its own `checkpoints/joint-<step>/` (atomically), so a killed job resumes every model
 from its own last checkpoint, and the models need not be at the same step.
 
@@ -54,7 +55,7 @@ from dtm.config import ExperimentConfig
 from dtm.data.template import IGNORE_INDEX
 from dtm.errors import TrainingError
 from dtm.io import atomic_directory, atomic_write_json, make_dirs
-from dtm.rundir import CHECKPOINT_DIR, LOG_FILE, is_complete, joint_checkpoint_dir, joint_checkpoints
+from dtm.rundir import CHECKPOINT_DIR, LOG_FILE, TENSORBOARD_DIR, is_complete, joint_checkpoint_dir, joint_checkpoints
 from dtm.training.baselines import DATA_BASELINES, data_hooks
 from dtm.training.batches import REAL_TOKENS, Example, make_collator
 from dtm.training.chunked_loss import CHUNK_ROWS, labelled_hidden, summed_ce
@@ -71,6 +72,7 @@ from dtm.training.sft import (
     load_base,
     save_final,
     sft_examples,
+    tensorboard_callback,
     training_arguments,
     training_record,
 )
@@ -102,15 +104,27 @@ def joinable(config: ExperimentConfig, baseline: str | None, on_gpu: bool | None
     full fine-tuning or LoRA on the layers' projections, random or length-grouped batches; and
     the baselines that change only the data (replay, curation: the same `baselines.data_hooks`).
     Weight penalties (L2/EWC) keep the Trainer: they are functions of an `nn.Module`'s parameters
-    (`regularizers.WeightPenalty`), which the stacked step does not have. On a GPU the Trainer trains in mixed
-    precision and the joint step in fp32 only, so there a job joins only with `train.bf16: false`
-    (`on_gpu`: where it will train; None: on this machine's GPU if it has one)."""
+    (`regularizers.WeightPenalty`), which the stacked step does not have. And only in fp32
+    (`mixed_precision`; `on_gpu`: where it will train; None: on this machine's GPU if it has one)."""
     t = config.train
     shape_ok = t.finetuning_type == "full" or set(t.lora.target_modules) <= set(LORA_TARGETS)
     plain = (baseline in (None, "vanilla", *DATA_BASELINES) and shape_ok and not t.gradient_checkpointing
              and t.workers_per_model <= 1)
+    return plain and mixed_precision(config, on_gpu) is None
+
+
+def mixed_precision(config: ExperimentConfig, on_gpu: bool | None = None) -> str | None:
+    """Why a job cannot train in a joint job: on a GPU the Trainer trains it under bf16/fp16
+    autocast (the default there) and the joint step runs in fp32 only (its batched forward has
+    no autocast path; a half-precision base would not give the Trainer's weights). None: it
+    trains in fp32 (on CPU, or with `train.bf16: false`). `on_gpu` as in `joinable`."""
+    t = config.train
     gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    return plain and (not gpu or (t.bf16 is False and not t.fp16))
+    if not gpu or (t.bf16 is False and not t.fp16):
+        return None
+    key = "train.fp16: true" if t.fp16 else "train.bf16: true" if t.bf16 else "train.bf16 unset (mixed precision on a GPU)"
+    return (f"{key}: the joint executor trains in fp32 only; set train.bf16: false to train these models together in "
+            "fp32, or keep mixed precision and they train one at a time with the Trainer")
 
 
 def shape_key(config: ExperimentConfig) -> tuple:
@@ -525,6 +539,7 @@ class Member:
     collate: Any
     fractions: FractionCallback | None
     logger: JsonlLogCallback
+    tensorboard: Any = None  # transformers' TensorBoardCallback as the Trainer's run has it, once training starts
     step: int = 0
     resumed_from: int = 0
     segments: int = 1  # training segments: 1 + the times it was resumed (as train_model counts them)
@@ -570,6 +585,9 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
         raise TrainingError(f"joint job {', '.join(shapes)}: the models differ in base, fine-tuning type, frozen modules or "
                             "LoRA settings; only models of one shape train together (executors.joint_groups groups them)")
     check_freeze_modules(cfg0)
+    mixed = {j.name: why for j in jobs if (why := mixed_precision(j.config))}
+    if mixed:  # `executors.joint_groups` leaves such jobs to the Trainer; a direct call is refused, not run in fp32 unasked
+        raise TrainingError(f"joint job {', '.join(mixed)}: {next(iter(mixed.values()))}")
     from transformers import Trainer, set_seed
 
     set_seed(jobs[0].seed)  # as train_model: the carrier's LoRA initialisation is the first job's
@@ -599,6 +617,11 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
         print(line, flush=True)
     for i, m in enumerate(members):
         _resume(m, i, stack)
+        # its event file only now that the job will train (a refused one leaves none); from the step resumed
+        # from, it hides what a killed run logged past it (`sft.tensorboard_callback`), as `m.logger` drops those rows
+        m.tensorboard = tensorboard_callback(m.job.out / TENSORBOARD_DIR, m.step)
+        args = training_arguments(m.job.config, m.job.out, m.job.seed, choose_precision(m.job.config), progress=False)
+        m.tensorboard.on_train_begin(args, _log_state(m), None, model=carrier)  # the Trainer's `args` and `model_config` texts
         if m.fractions is not None:
             _load_row(carrier, stack, i)
             m.fractions.on_train_begin(None, SimpleNamespace(max_steps=m.sched.total_steps, global_step=m.step), None, model=carrier)
@@ -627,6 +650,9 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     finally:
         if bar is not None:
             bar.close()
+        for m in members:  # the event files of models a failure left unfinished (a finished one's is closed)
+            if m.tensorboard is not None:
+                m.tensorboard.on_train_end(None, None, None)
     return every
 
 
@@ -670,8 +696,8 @@ def _member(job: JointJob, tokenizer: Any, base: str | Path) -> Member:
     if t.save_fractions:
         fractions = FractionCallback(job.out, t.save_fractions, tokenizer, fraction_sample(sft, job.seed, t.fraction_eval_samples),
                                      val, tokenizer.pad_token_id)
-    resume = _last_checkpoint(job.out)
-    logger = JsonlLogCallback(job.out / LOG_FILE, resume[0] if resume else 0)
+    resume = last_joint_checkpoint(job.out)
+    logger = JsonlLogCallback(job.out / LOG_FILE, resume[0] if resume else 0)  # drops what a killed run logged past it
     return Member(job, examples, len(sft), schedule(len(examples), cfg, job.out, job.seed),
                   make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
 
@@ -733,8 +759,8 @@ def _after_step(m: Member, i: int, norm: float, carrier: torch.nn.Module, stack:
     if m.step == 1 or m.step % t.logging_steps == 0:
         w = m.window
         logs = {"loss": w["loss"] / max(w["steps"], 1), "grad_norm": norm, "learning_rate": m.sched.lr[m.step - 1],
-                "tokens_per_second": round(w["tokens"] / max(w["seconds"], 1e-9), 1)}
-        m.logger.on_log(None, SimpleNamespace(global_step=m.step, epoch=epoch), None, logs=logs)
+                "tokens_per_second": round(w["tokens"] / max(w["seconds"], 1e-9), 1), "epoch": epoch}
+        _log(m, logs)
         m.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     if m.fractions is not None and m.step in m.fractions.targets:
         _load_row(carrier, stack, i)
@@ -746,6 +772,31 @@ def _after_step(m: Member, i: int, norm: float, carrier: torch.nn.Module, stack:
     if due and m.step < m.sched.total_steps:
         _checkpoint(m, i, stack)
         m.last_save = time.monotonic()
+
+
+def _log_state(m: Member) -> SimpleNamespace:
+    """The parts of the Trainer's `TrainerState` its logging callbacks read, for model m now."""
+    return SimpleNamespace(global_step=m.step, epoch=m.sched.epoch_after(m.step, m.t.gradient_accumulation_steps),
+                           is_world_process_zero=True, is_hyper_param_search=False)
+
+
+def _log(m: Member, logs: dict[str, float]) -> None:
+    """One log row of model m to its JSONL log and its TensorBoard events, as `Trainer.log` hands it to both."""
+    state = _log_state(m)
+    m.logger.on_log(None, state, None, logs=logs)
+    m.tensorboard.on_log(None, state, None, logs=logs)
+
+
+def _end_of_training_logs(m: Member) -> dict[str, float]:
+    """What the Trainer logs once training ends (its `speed_metrics` and `train_loss`), over every
+    segment of the model's training (the Trainer's: this segment's). Not `total_flos`: the
+    Trainer's estimate counts the padded tokens of each batch, which this loop does not keep."""
+    t, seconds = m.t, max(m.seconds, 1e-9)
+    samples = (m.sched.total_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps if t.max_steps > 0
+               else len(m.examples) * t.num_train_epochs)
+    return {"train_runtime": round(m.seconds, 4), "train_samples_per_second": round(samples / seconds, 3),
+            "train_steps_per_second": round(m.step / seconds, 3), "train_loss": m.loss_sum / max(m.step, 1),
+            "epoch": m.sched.epoch_after(m.step, t.gradient_accumulation_steps)}
 
 
 def _checkpoint(m: Member, i: int, stack: Stack) -> None:
@@ -760,7 +811,7 @@ def _checkpoint(m: Member, i: int, stack: Stack) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
+def last_joint_checkpoint(out: Path) -> tuple[int, Path] | None:
     """The newest joint checkpoint with a readable state.json (written inside the atomic dir)."""
     for step, d in reversed(joint_checkpoints(out)):
         try:
@@ -772,7 +823,7 @@ def _last_checkpoint(out: Path) -> tuple[int, Path] | None:
 
 
 def _resume(m: Member, i: int, stack: Stack) -> None:
-    found = _last_checkpoint(m.job.out)
+    found = last_joint_checkpoint(m.job.out)
     if found is None:
         return
     step, d = found
@@ -800,5 +851,7 @@ def _finish(m: Member, i: int, base: str | Path, carrier: torch.nn.Module, token
     summary |= {"device": "cuda:0" if stack.flat.is_cuda else "cpu", "precision": "fp32", "workers": 1,
                 "executor": "joint", "joint_with": [n for n in group if n != m.job.name]}
     save_final(carrier, tokenizer, m.job.out, summary)
+    _log(m, _end_of_training_logs(m))
+    m.tensorboard.on_train_end(None, None, None)
     if not t.keep_checkpoints:
         shutil.rmtree(m.job.out / CHECKPOINT_DIR, ignore_errors=True)

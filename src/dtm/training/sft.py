@@ -632,7 +632,7 @@ def train_model(
     trainer.add_callback(CheckpointClock(t.checkpoint_minutes, t.save_fractions))  # every worker: a save is collective
     if main:
         trainer.add_callback(JsonlLogCallback(out / LOG_FILE, resume_step))
-        trainer.add_callback(_tensorboard_callback(out / TENSORBOARD_DIR))
+        trainer.add_callback(tensorboard_callback(out / TENSORBOARD_DIR, resume_step))
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarCallback())
@@ -694,11 +694,18 @@ def training_record(name: str, base: str | Path, config: ExperimentConfig, seed:
     }
 
 
-def _tensorboard_callback(log_dir: Path) -> TrainerCallback:
+def tensorboard_callback(log_dir: Path, resume_step: int) -> TrainerCallback:
+    """transformers' own TensorBoard callback (its tags: `train/loss`, `train/learning_rate`, ...), writing
+    a new event file into `log_dir` (the joint executor calls it with the Trainer's arguments too).
+
+    `purge_step`: the file starts with TensorBoard's restart marker at the first step this run
+    trains, so TensorBoard (and `EventAccumulator`) drop what a killed run logged past the
+    checkpoint resumed from (this run logs those steps again), as `JsonlLogCallback` drops
+    those rows from the JSONL log; on a fresh start it hides nothing."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1))
 
 
 def _disk_error(e: BaseException, out: Path, what: str) -> TrainingError:
