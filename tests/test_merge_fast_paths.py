@@ -96,3 +96,16 @@ def test_negative_weight_takes_the_general_path():
     trims = [M.magnitude_trim(d.abs(), 0.6) for d in deltas]
     ws = [(d * t.mask(d)) * w for d, t, w in zip(deltas, trims, weights)]
     assert torch.equal(got, M.disjoint_mean(ws, weights, M.elect_sign(ws), True) + base)
+
+
+@FAST
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.01, 0.1, 0.3, 0.5, 0.9, 0.999, 1 / 3]), st.booleans())
+def test_dare_float_mask_is_the_bool_mask_bitwise(seed, density, rescale):
+    """`dare_drop` builds its keep mask in float ops; it is `rand < density` exactly."""
+    delta = torch.randn(4099, generator=torch.Generator().manual_seed(seed))
+    u = torch.rand(delta.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float32)
+    want = delta * (u < density).to(delta.dtype)
+    if rescale:
+        want = want.div_(density)
+    got = M.dare_drop(delta, density, torch.Generator().manual_seed(seed + 1), rescale=rescale)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -194,7 +194,11 @@ def dare_drop(delta: Tensor, density: float, generator: torch.Generator, rescale
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
+    u = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    # 1.0 where u < density, else 0.0, in float ops (a bool mask runs unvectorised, see
+    # `Trim.apply`): the rounded density - u is > 0 exactly when u < density (fp32 subtraction
+    # keeps the sign of the exact difference), so this is `(u < density).to(dtype)` bit for bit.
+    keep = torch.rsub(u, density).relu_().sign_()
     out = delta * keep.to(delta.dtype)
     return out.div_(density) if rescale else out
 
