@@ -349,6 +349,7 @@ def merge_streaming(
     feed = ChunkFeed(reads, compute, threaded=overlap)
     writes = Behind(WRITE_BEHIND, threaded=overlap)
     writers: list[ShardWriter] = []
+    scratch = Scratch()
     # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
     # and on a busy machine one descheduled OpenMP worker stalls every op (docs/architecture.md,
     # "Merging"). Every registered method is elementwise (given its per-model state).
@@ -360,7 +361,7 @@ def merge_streaming(
                 for t in shard:
                     if spec.elementwise and sources[0].info(t.name).dtype.is_floating_point:  # type: ignore[union-attr]
                         for c, release in merge_tensor_chunks(t.name, sources, spec, weights, fn_params, base, compute,
-                                                              fishers, t.dtype, feed, seed=seed):
+                                                              fishers, t.dtype, feed, seed=seed, scratch=scratch):
                             writes.submit(writer.append, t.name, c)
                             writes.submit(release)  # after the write: `c` may be a view of an input buffer
                         writes.submit(writer.end, t.name)
@@ -582,7 +583,7 @@ class BufferGroup:
 def merge_tensor_chunks(
     name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
     base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, out_dtype: torch.dtype,
-    feed: ChunkFeed, seed: int = 0,
+    feed: ChunkFeed, seed: int = 0, scratch: Scratch | None = None,
 ) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
     """The merged tensor as consecutive flat chunks (every method is elementwise given its state),
     each with the call that releases its input buffers (to make once the chunk is written).
@@ -616,17 +617,17 @@ def merge_tensor_chunks(
     if spec.trims and densities is None:
         state["trims"] = [M.Trim(0.0, keep_all=True)] * k
     elif densities is not None:
-        scratch = torch.empty(n, dtype=compute)
+        work = (scratch or Scratch()).get(n, compute)
         trims = []
         for i, d in enumerate(densities):
             for start in range(0, n, chunk):
                 m = min(chunk, n - start)
                 (x, b), release = take((name, "trim", i, start), (i, k), start, m)
-                torch.sub(x, b, out=scratch[start:start + m]).abs_()
+                torch.sub(x, b, out=work[start:start + m]).abs_()
                 release()
-            trims.append(M.magnitude_trim(scratch, d))
+            trims.append(M.magnitude_trim(work, d))
         state["trims"] = trims
-        del scratch
+        del work
     has_base = int(spec.needs_base and base is not None)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
@@ -670,6 +671,21 @@ def merge_tensor(
             fs.append(f.get(name, compute))
         kwargs["fishers"] = fs
     return spec.fn(tensors, weights, **kwargs)
+
+
+class Scratch:
+    """TIES' threshold work space, one buffer kept for the whole merge (grown to the largest
+    tensor that needs it): a new one per tensor was faulted in page by page each time. Peak
+    memory is the same (one largest tensor, as before)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def get(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < n or self._buf.dtype != dtype:
+            self._buf = None  # free the smaller one first
+            self._buf = torch.empty(n, dtype=dtype)
+        return self._buf[:n]
 
 
 def _nothing() -> None:

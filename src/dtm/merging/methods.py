@@ -77,6 +77,7 @@ class Trim:
     ties: int = 0
     keep_all: bool = False
     equal: int = 0
+    below: float | None = None  # the next float below `threshold` in the task vector's dtype
 
     def mask(self, delta: Tensor) -> Tensor:
         """Boolean mask of the kept entries of the next chunk of the (flat or whole) task vector."""
@@ -109,15 +110,17 @@ class Trim:
         """
         if self.keep_all:
             return delta
-        t = torch.tensor(self.threshold, dtype=delta.dtype)
-        below = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=delta.dtype)))
+        below = self.below
+        if below is None:
+            t = torch.tensor(self.threshold, dtype=delta.dtype)
+            below = self.below = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=delta.dtype)))
         a = delta.abs()
         if 0 < self.ties < self.equal:
-            kept = F.threshold(a, float(t), 0.0)
+            kept = F.threshold(a, self.threshold, 0.0)
             if not torch.equal(kept, F.threshold(a, below, 0.0)):  # an entry of this chunk sits at t
                 return delta * self.mask(delta)
         else:
-            kept = F.threshold(a, below if self.ties > 0 else float(t), 0.0)
+            kept = F.threshold(a, below if self.ties > 0 else self.threshold, 0.0)
         return torch.copysign(kept, delta)
 
 
@@ -137,7 +140,8 @@ def magnitude_trim(scratch: Tensor, density: float) -> Trim:
     arr.partition(n - k)  # arr[n - k] is the k-th largest; everything after it is >= it
     t = arr[n - k]
     greater = int(np.count_nonzero(arr[n - k + 1:] > t))
-    return Trim(float(t), ties=k - greater, equal=int(np.count_nonzero(arr == t)))
+    return Trim(float(t), ties=k - greater, equal=int(np.count_nonzero(arr == t)),
+                below=float(np.nextafter(t, t.dtype.type(-np.inf))))
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
@@ -238,7 +242,7 @@ def _signed_merge(deltas: list[Tensor], weights: Sequence[float], base: Tensor, 
 
 def _agreeing_mean(deltas: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
     """`disjoint_mean(deltas, weights, elect_sign(deltas), normalize)` bit for bit, in float ops
-    only, for positive weights (the caller checks).
+    only, for positive weights (the caller checks). Overwrites `deltas`.
 
     Why: `elect_sign` and `disjoint_mean` compare into bool tensors, which torch runs
     unvectorised on CPU (most of TIES' time). Here, with s the elected sign (+1 where the sum
@@ -256,7 +260,7 @@ def _agreeing_mean(deltas: Sequence[Tensor], weights: Sequence[float], normalize
     acc = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign) if normalize else None
     for d, w in zip(deltas, weights):
-        agreeing = torch.relu(d * sign)
+        agreeing = d.mul_(sign).relu_()  # the deltas are the caller's scratch: no copy
         acc.add_(agreeing)
         if divisor is not None:
             hit = torch.sign(agreeing)
