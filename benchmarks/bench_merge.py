@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_merge.py                    # 500M and 125M, fp32 and bf16, 4 methods, best of 3
     .venv/bin/python benchmarks/bench_merge.py --sizes tiny --runs 1   # a quick check of the script
     .venv/bin/python benchmarks/bench_merge.py --sizes 500m --dtypes float32 --methods ties,dare_ties
+    .venv/bin/python benchmarks/bench_merge.py --sizes 500m --peer-runs 1   # ~25 min: mergekit once per method
 
 For each size and dtype it builds a Llama-style base and K fine-tunes of it (base + small noise,
 like DTM's sub-models), saved as sharded safetensors with a different shard size each, so shard
@@ -195,9 +196,10 @@ def machine() -> dict:
 
 
 def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: Path, mergekit: Path, runs: int,
-                 one_thread: bool = False) -> dict:
-    """One method: the tools in turn (the first one rotates every round), `runs` times each;
-    outputs compared; disk limit of its inputs. `one_thread` adds `dtm merge --no-overlap`."""
+                 one_thread: bool = False, peer_runs: int | None = None) -> dict:
+    """One method: the tools in turn (the first one rotates every round), `runs` times each
+    (mergekit `peer_runs` times, default `runs`: its TIES takes minutes at 500M); outputs
+    compared; disk limit of its inputs. `one_thread` adds `dtm merge --no-overlap`."""
     tag = f"{work.name}/{method}"
     path = work / f"{method}.yaml"
     path.write_text(json.dumps(recipe(method, dtype, base, models)))  # JSON is YAML
@@ -216,8 +218,11 @@ def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: 
     limit = disk_limit(inputs, out_bytes, work)
     tools = list(cmds)
     results: dict[str, list] = {t: [] for t in tools}
+    peer_runs = runs if peer_runs is None else peer_runs
     for r in range(runs):
         for tool in tools[r % len(tools):] + tools[:r % len(tools)]:
+            if tool == "mergekit" and r >= peer_runs:
+                continue
             shutil.rmtree(outs[tool], ignore_errors=True)
             load = os.getloadavg()[0]
             res = timed(cmds[tool], env)
@@ -265,12 +270,12 @@ def targets(methods: dict[str, dict]) -> dict[str, dict]:
 
 
 def bench_size(size: str, dtype: str, k: int, work: Path, mergekit: Path, runs: int, methods: list[str],
-               one_thread: bool = False) -> dict:
+               one_thread: bool = False, peer_runs: int | None = None) -> dict:
     print(f"[{size}-{dtype}] building the base and {k} models", flush=True)
     base, models, n_params, largest = build_models(size, dtype, k, work)
     print(f"[{size}-{dtype}] {n_params / 1e6:.1f}M parameters, {dir_bytes(models[0]) / 1e9:.2f} GB per model, "
           f"largest tensor {largest / 2**20:.0f} MiB (fp32)", flush=True)
-    res = {name: bench_method(name, dtype, base, models, base.parent, mergekit, runs, one_thread) for name in methods}
+    res = {name: bench_method(name, dtype, base, models, base.parent, mergekit, runs, one_thread, peer_runs) for name in methods}
     return {"parameters": n_params, "k": k, "dtype": dtype, "bytes_per_model": dir_bytes(models[0]),
             "largest_tensor_fp32_bytes": largest, "methods": res, "targets": targets(res)}
 
@@ -301,6 +306,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3, help="runs per tool and method (best of)")
+    ap.add_argument("--peer-runs", type=int, default=None,
+                    help="mergekit's runs per method (default --runs; 1 fits the 500M fp32+bf16 run in ~25 min)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "dtm" / "bench_merge"), help="scratch directory for the models (outside the repo; default in the user's cache dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
     ap.add_argument("--one-thread", action="store_true", help="also time `dtm merge --no-overlap` (the reader/writer threads' gain)")
@@ -313,11 +320,13 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     mergekit = ensure_mergekit()
-    report = {"benchmark": "dtm merge --config vs mergekit-yaml 0.1.5, same YAML", "machine_before": machine(), "runs": a.runs, "results": {}}
+    report = {"benchmark": "dtm merge --config vs mergekit-yaml 0.1.5, same YAML", "machine_before": machine(), "runs": a.runs,
+              "peer_runs": a.peer_runs or a.runs, "results": {}}
     report["import_floor"] = import_floor()
     for size in a.sizes.split(","):
         for dtype in a.dtypes.split(","):
-            report["results"][f"{size}-{dtype}"] = bench_size(size, dtype, a.k, work, mergekit, a.runs, methods, a.one_thread)
+            report["results"][f"{size}-{dtype}"] = bench_size(size, dtype, a.k, work, mergekit, a.runs, methods, a.one_thread,
+                                                              a.peer_runs)
             if not a.keep:
                 shutil.rmtree(work / f"{size}-{dtype}", ignore_errors=True)
     report["machine_after"] = machine()

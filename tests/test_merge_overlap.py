@@ -180,3 +180,29 @@ def test_cli_no_overlap_writes_the_same_model(models, tmp_path):
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--no-overlap", "--out", str(tmp_path / "b")]) == 0
     assert files_bytes(tmp_path / "a") == files_bytes(tmp_path / "b")
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_every_pooled_buffer_group_is_handed_back_once(models, tmp_path, monkeypatch, overlap):
+    """The reader's reused buffer groups (`ChunkFeed`): however many chunks a merge reads (here
+    thousands, TIES' threshold pass included), it uses only the pool's groups, and by the end
+    each has come back exactly once (a lost one would starve the reader; one handed back twice
+    could be filled while still being written)."""
+    base, dirs, _ = models["float32"]
+    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 300)
+    made, free_at_close = [], []
+    real_group, real_close = E.BufferGroup, E.ChunkFeed.close
+
+    def counted_group():
+        made.append(real_group())
+        return made[-1]
+
+    def close(self):
+        free_at_close.append(self._free.qsize())
+        real_close(self)
+
+    monkeypatch.setattr(E, "BufferGroup", counted_group)
+    monkeypatch.setattr(E.ChunkFeed, "close", close)
+    dtm.merge(dirs, tmp_path / "m", method="ties", base=base, parameters={"density": 0.4}, overlap=overlap, progress=False)
+    assert len(made) == E.POOL_GROUPS and free_at_close == [E.POOL_GROUPS]
+    assert no_merge_threads()
