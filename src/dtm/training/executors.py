@@ -404,7 +404,10 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu
     """The jobs as a joint job runs them: joinable jobs (`joint.joinable`) of one shape and of
     similar length (at least half the longest: vanilla does not hold up the quarter-length jobs)
     in groups of `train.models_per_job`, or (None) split evenly over the `workers` that run at
-    once; the others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
+    once; the others alone. On a CPU a joinable job left alone is a group of one: the joint
+    step of one lab model costs less CPU than the Trainer's (`benchmarks/bench_lab_step.py`);
+    on a GPU it keeps the Trainer (unmeasured there). `on_gpu`: whether the groups train on a
+    GPU (None: this machine's)."""
     from dtm.training.joint import joinable, shape_key
 
     per_job = config.train.models_per_job
@@ -425,7 +428,8 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu
             size = per_job or -(-len(similar) // max(1, workers))
             for c in range(0, len(similar), size):
                 chunk = similar[c : c + size]
-                units.append(chunk[0] if len(chunk) == 1 else JointGroup("+".join(j.name for j in chunk), chunk))
+                alone = len(chunk) == 1 and (_cuda() if on_gpu is None else on_gpu)
+                units.append(chunk[0] if alone else JointGroup("+".join(j.name for j in chunk), chunk))
     return units
 
 

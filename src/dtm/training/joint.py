@@ -363,8 +363,8 @@ class Stack:
     """The trained weights of K models as one [K, P] buffer (one row per model), their
     gradients and AdamW's moments alike, and the frozen weights once.
 
-    One buffer, so that clipping and the AdamW update are a dozen operations per step over
-    all weights (as torch's fused AdamW does for one model), not a dozen per weight tensor.
+    One buffer, so that clipping and the AdamW update are a few calls per model and step over
+    all its weights (a row: `clip_rows`, `adamw_rows`), not a few per weight tensor.
     Autograd sees one leaf per weight, a view into the buffer whose `.grad` is a view into
     the gradient buffer: a flat leaf sliced in the forward would cost a buffer-sized zero
     fill and add per weight in the backward (measured: 60% of a lab step).
@@ -477,6 +477,8 @@ MLP_PER_LAYER = 11  # MLP (intermediate) widths per token and layer
 # Per trained weight: the weight, its gradient, AdamW's two moments, the forward's contiguous copy
 # of the stacked rows, and about three weight-sized temporaries of clipping and the AdamW update
 # (full fine-tuning of the small Llama: 8 fits its peak; LoRA's adapters are too small to tell).
+# Fitted before the AdamW update became fused and in place (`adamw_rows`): it has no temporaries
+# now, so 8 is on the safe side (not refitted).
 COPIES_PER_TRAINED = 8
 LOGIT_COPIES = 3  # a chunk's fp32 logits, their softmax and their gradient (`chunked_loss`), one chunk alive at a time
 
