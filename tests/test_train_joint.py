@@ -371,3 +371,40 @@ def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp
         assert max_difference(a, b) < TOLERANCE
         assert moved(b, base_dir) > 100 * TOLERANCE
     assert sorted(len(g) for g in groups) == [2, 2] and set().union(*groups) == set(jobs)
+
+
+def test_stacked_clip_and_adamw_equal_torch_per_model():
+    """`clip_rows` + `adamw_rows` on two stacked models, each with its own learning rate, step
+    count, max norm and weight decay (decay on weights, not biases), equal clip_grad_norm_ +
+    torch's fused AdamW (the Trainer's `adamw_torch_fused`) run on each model alone, over
+    three steps; model 1 (a small gradient) is not clipped, model 0 is. Tolerance 1e-6: the
+    same kernel, only the norm's summation order differs."""
+    from dtm.training.joint import Stack, adamw_rows, clip_rows
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    decayed = {n for n, _ in models[0].named_parameters() if n.endswith("weight")}
+    stack = Stack.of(models[0], [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models], decayed)
+    hyper = [dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, max_norm=1.0),
+             dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.0, max_norm=100.0)]
+    optims = [torch.optim.AdamW([{"params": [p for n, p in m.named_parameters() if n in decayed], "weight_decay": h["weight_decay"]},
+                                 {"params": [p for n, p in m.named_parameters() if n not in decayed], "weight_decay": 0.0}],
+                                lr=h["lr"], betas=h["betas"], eps=h["eps"], fused=True) for m, h in zip(models, hyper)]
+    for step in range(1, 4):
+        grads = [{n: torch.randn_like(p) * (3.0 if i == 0 else 0.01) for n, p in m.named_parameters()} for i, m in enumerate(models)]
+        for i, (m, opt) in enumerate(zip(models, optims)):
+            for n, p in m.named_parameters():
+                p.grad = grads[i][n].clone()
+            expected_norm = float(torch.nn.utils.clip_grad_norm_(m.parameters(), hyper[i]["max_norm"]))
+            opt.step()
+            for n, (a, b, _) in stack.layout.items():
+                stack.grad[i, a:b] = grads[i][n].reshape(-1)
+        norms = clip_rows(stack, [0, 1], [h["max_norm"] for h in hyper])
+        assert norms[0] > hyper[0]["max_norm"] and norms[1] < hyper[1]["max_norm"]
+        assert norms[1] == pytest.approx(expected_norm, rel=1e-6)
+        adamw_rows(stack, [0, 1], [h["lr"] for h in hyper], [step, step], [h["betas"][0] for h in hyper],
+                   [h["betas"][1] for h in hyper], [h["eps"] for h in hyper], [h["weight_decay"] for h in hyper])
+        stack.grad.zero_()
+        for i, m in enumerate(models):
+            for n, w in stack.row(i).items():
+                torch.testing.assert_close(w, dict(m.named_parameters())[n].detach(), rtol=0, atol=1e-6)
