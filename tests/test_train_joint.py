@@ -303,9 +303,9 @@ def test_memory_model_refuses_a_job_that_will_not_fit_and_suggests_a_micro_batch
 
 
 def test_joint_groups_split_the_demo_jobs_over_the_workers(tmp_path):
-    """The lab's jobs: vanilla alone (4x longer: a joint group of one on a CPU, the Trainer on a
-    GPU), L2 alone (a penalty, the Trainer), the eight quarter-length jobs in two groups of four
-    for two workers, one group for one worker."""
+    """The lab's jobs: vanilla alone (4x longer: a joint group of one where lone jobs join, as
+    `run_joint` on a CPU asks, else the Trainer), L2 alone (a penalty, the Trainer), the eight
+    quarter-length jobs in two groups of four for two workers, one group for one worker."""
     from dtm.training.executors import Job, JointGroup, joint_groups
 
     cfg = lab_config(num_train_epochs=12)
@@ -315,12 +315,11 @@ def test_joint_groups_split_the_demo_jobs_over_the_workers(tmp_path):
     jobs = [Job("vanilla", full, tmp_path / "vanilla", 3), Job("l2", full, tmp_path / "l2", 3, baseline="l2")]
     jobs += [Job(f"sub-{i}", quarter, tmp_path / f"sub-{i}", 3) for i in range(1, 5)]
     jobs += [Job(name, full, tmp_path / name, 3, {"num_train_epochs": 3}) for name in ("short", "soup-2", "soup-3", "soup-4")]
-    two = joint_groups(jobs, cfg, workers=2, on_gpu=False)
+    two = joint_groups(jobs, cfg, workers=2, on_gpu=False, lone_joins=True)
     assert [u.name for u in two if isinstance(u, Job)] == ["l2"]
     assert sorted(len(u.jobs) for u in two if isinstance(u, JointGroup)) == [1, 4, 4]
-    cfg.train.bf16 = False  # fp32, as the joint step trains on a GPU
-    assert [u.name for u in joint_groups(jobs, cfg, workers=2, on_gpu=True) if isinstance(u, Job)] == ["l2", "vanilla"]
-    one = joint_groups(jobs, cfg, workers=1, on_gpu=False)
+    assert [u.name for u in joint_groups(jobs, cfg, workers=2, on_gpu=False) if isinstance(u, Job)] == ["l2", "vanilla"]
+    one = joint_groups(jobs, cfg, workers=1, on_gpu=False, lone_joins=True)
     assert sorted(len(u.jobs) for u in one if isinstance(u, JointGroup)) == [1, 8]
 
 
