@@ -1,8 +1,8 @@
 """Train several models of one shape in one process: K stacked parameter sets stepped together.
 
-The lab's sub-models are tiny (0.24M parameters), so a training step costs mostly per-operation
-overhead (17.5 ms a step against about 4 ms of arithmetic, `benchmarks/bench_train_overhead.py`).
-K models stepped together pay that overhead once: every trainable weight is held as one tensor
+The lab's sub-models are tiny (0.24M parameters); K of them stepped together pay the per-operation
+overhead once (the step is mostly arithmetic all the same: `benchmarks/results/bench_lab_step.md`
+measures where it goes). Every trainable weight is held as one tensor
 of shape [K, ...], a forward pass is one batched matmul per layer over the K models' batches,
 and one backward gives every model its own gradient (the K losses are summed; model k's loss
 depends only on row k of each stacked weight). Frozen weights (the lab's embeddings) are held
