@@ -350,8 +350,9 @@ def test_memory_model_refuses_a_job_that_will_not_fit_and_suggests_a_micro_batch
 
 
 def test_joint_groups_split_the_demo_jobs_over_the_workers(tmp_path):
-    """The lab's jobs: vanilla alone (4x longer), L2 alone (a penalty), the eight quarter-length
-    jobs in two groups of four for two workers, one group for one worker."""
+    """The lab's jobs: vanilla alone (4x longer: a joint group of one where lone jobs join, as
+    `run_joint` on a CPU asks, else the Trainer), L2 alone (a penalty, the Trainer), the eight
+    quarter-length jobs in two groups of four for two workers, one group for one worker."""
     from dtm.training.executors import Job, JointGroup, joint_groups
 
     cfg = lab_config(num_train_epochs=12)
@@ -361,11 +362,12 @@ def test_joint_groups_split_the_demo_jobs_over_the_workers(tmp_path):
     jobs = [Job("vanilla", full, tmp_path / "vanilla", 3), Job("l2", full, tmp_path / "l2", 3, baseline="l2")]
     jobs += [Job(f"sub-{i}", quarter, tmp_path / f"sub-{i}", 3) for i in range(1, 5)]
     jobs += [Job(name, full, tmp_path / name, 3, {"num_train_epochs": 3}) for name in ("short", "soup-2", "soup-3", "soup-4")]
-    two = joint_groups(jobs, cfg, workers=2)
-    assert [u.name for u in two if isinstance(u, Job)] == ["l2", "vanilla"]
-    assert sorted(len(u.jobs) for u in two if isinstance(u, JointGroup)) == [4, 4]
-    one = joint_groups(jobs, cfg, workers=1)
-    assert [len(u.jobs) for u in one if isinstance(u, JointGroup)] == [8]
+    two = joint_groups(jobs, cfg, workers=2, on_gpu=False, lone_joins=True)
+    assert [u.name for u in two if isinstance(u, Job)] == ["l2"]
+    assert sorted(len(u.jobs) for u in two if isinstance(u, JointGroup)) == [1, 4, 4]
+    assert [u.name for u in joint_groups(jobs, cfg, workers=2, on_gpu=False) if isinstance(u, Job)] == ["l2", "vanilla"]
+    one = joint_groups(jobs, cfg, workers=1, on_gpu=False, lone_joins=True)
+    assert sorted(len(u.jobs) for u in one if isinstance(u, JointGroup)) == [1, 8]
 
 
 def test_joint_groups_follow_models_per_job_and_leave_jobs_alone_with_one(tmp_path):
@@ -463,3 +465,40 @@ def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp
         assert max_difference(a, b) < TOLERANCE
         assert moved(b, base_dir) > 100 * TOLERANCE
     assert sorted(len(g) for g in groups) == [2, 2] and set().union(*groups) == set(jobs)
+
+
+def test_stacked_clip_and_adamw_equal_torch_per_model():
+    """`clip_rows` + `adamw_rows` on two stacked models, each with its own learning rate, step
+    count, max norm and weight decay (decay on weights, not biases), equal clip_grad_norm_ +
+    torch's fused AdamW (the Trainer's `adamw_torch_fused`) run on each model alone, over
+    three steps; model 1 (a small gradient) is not clipped, model 0 is. Tolerance 1e-6: the
+    same kernel, only the norm's summation order differs."""
+    from dtm.training.joint import Stack, adamw_rows, clip_rows
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    decayed = {n for n, _ in models[0].named_parameters() if n.endswith("weight")}
+    stack = Stack.of(models[0], [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models], decayed)
+    hyper = [dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, max_norm=1.0),
+             dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.0, max_norm=100.0)]
+    optims = [torch.optim.AdamW([{"params": [p for n, p in m.named_parameters() if n in decayed], "weight_decay": h["weight_decay"]},
+                                 {"params": [p for n, p in m.named_parameters() if n not in decayed], "weight_decay": 0.0}],
+                                lr=h["lr"], betas=h["betas"], eps=h["eps"], fused=True) for m, h in zip(models, hyper)]
+    for step in range(1, 4):
+        grads = [{n: torch.randn_like(p) * (3.0 if i == 0 else 0.01) for n, p in m.named_parameters()} for i, m in enumerate(models)]
+        for i, (m, opt) in enumerate(zip(models, optims)):
+            for n, p in m.named_parameters():
+                p.grad = grads[i][n].clone()
+            expected_norm = float(torch.nn.utils.clip_grad_norm_(m.parameters(), hyper[i]["max_norm"]))
+            opt.step()
+            for n, (a, b, _) in stack.layout.items():
+                stack.grad[i, a:b] = grads[i][n].reshape(-1)
+        norms = clip_rows(stack, [0, 1], [h["max_norm"] for h in hyper])
+        assert norms[0] > hyper[0]["max_norm"] and norms[1] < hyper[1]["max_norm"]
+        assert norms[1] == pytest.approx(expected_norm, rel=1e-6)
+        adamw_rows(stack, [0, 1], [h["lr"] for h in hyper], [step, step], [h["betas"][0] for h in hyper],
+                   [h["betas"][1] for h in hyper], [h["eps"] for h in hyper], [h["weight_decay"] for h in hyper])
+        stack.grad.zero_()
+        for i, m in enumerate(models):
+            for n, w in stack.row(i).items():
+                torch.testing.assert_close(w, dict(m.named_parameters())[n].detach(), rtol=0, atol=1e-6)

@@ -414,12 +414,16 @@ def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str)
 
 
 def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu: bool | None = None,
-                 most: int | None = None) -> list[Job | JointGroup]:
+                 most: int | None = None, lone_joins: bool = False) -> list[Job | JointGroup]:
     """The jobs as a joint job runs them: joinable jobs (`joint.joinable`) of one shape and of
     similar length (at least half the longest: vanilla does not hold up the quarter-length jobs)
     in groups of `train.models_per_job`, or (None) split evenly over the `workers` that run at
     once, never more than `most` (what one node's memory holds, `cluster.models_per_node`); the
-    others alone. `on_gpu`: whether the groups train on a GPU (None: this machine's)."""
+    others alone. `lone_joins`: a joinable job left alone is a joint group of one
+    (`run_joint` on a CPU: the joint step of one lab model costs less CPU than the Trainer's,
+    `benchmarks/bench_lab_step.py`; else it trains with the Trainer, as `executor: local`
+    does, so that Ray's models equal local ones bitwise). `on_gpu`: whether the groups train
+    on a GPU (None: this machine's)."""
     from dtm.training.joint import joinable, mixed_precision, shape_key
 
     per_job = config.train.models_per_job
@@ -445,14 +449,15 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu
             size = min(per_job or -(-len(similar) // max(1, workers)), most or len(similar))
             for c in range(0, len(similar), size):
                 chunk = similar[c : c + size]
-                units.append(chunk[0] if len(chunk) == 1 else JointGroup("+".join(j.name for j in chunk), chunk))
+                alone = len(chunk) == 1 and not lone_joins
+                units.append(chunk[0] if alone else JointGroup("+".join(j.name for j in chunk), chunk))
     return units
 
 
 def run_joint(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:
     """Joinable jobs in joint groups, the rest alone, all scheduled as `run_local` does."""
     workers = 1 if _cuda() else min(config.train.num_workers, len(jobs))
-    return run_local(joint_groups(jobs, config, workers), config, base)
+    return run_local(joint_groups(jobs, config, workers, lone_joins=not _cuda()), config, base)
 
 
 def run_ray(jobs: list[Job], config: ExperimentConfig, base: str) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Train several models of one shape in one process: K stacked parameter sets stepped together.
 
-The lab's sub-models are tiny (0.24M parameters), so a training step costs mostly per-operation
-overhead (17.5 ms a step against about 4 ms of arithmetic, `benchmarks/bench_train_overhead.py`).
-K models stepped together pay that overhead once: every trainable weight is held as one tensor
+The lab's sub-models are tiny (0.24M parameters); K of them stepped together pay the per-operation
+overhead once (the step is mostly arithmetic all the same: `benchmarks/results/bench_lab_step.md`
+measures where it goes). Every trainable weight is held as one tensor
 of shape [K, ...], a forward pass is one batched matmul per layer over the K models' batches,
 and one backward gives every model its own gradient (the K losses are summed; model k's loss
 depends only on row k of each stacked weight). Frozen weights (the lab's embeddings) are held
@@ -377,8 +377,8 @@ class Stack:
     """The trained weights of K models as one [K, P] buffer (one row per model), their
     gradients and AdamW's moments alike, and the frozen weights once.
 
-    One buffer, so that clipping and the AdamW update are a dozen operations per step over
-    all weights (as torch's fused AdamW does for one model), not a dozen per weight tensor.
+    One buffer, so that clipping and the AdamW update are a few calls per model and step over
+    all its weights (a row: `clip_rows`, `adamw_rows`), not a few per weight tensor.
     Autograd sees one leaf per weight, a view into the buffer whose `.grad` is a view into
     the gradient buffer: a flat leaf sliced in the forward would cost a buffer-sized zero
     fill and add per weight in the backward (measured: 60% of a lab step).
@@ -390,7 +390,7 @@ class Stack:
     exp_avg_sq: torch.Tensor
     layout: dict[str, tuple[int, int, torch.Size]]  # trained weight -> (start, end, shape) in a row
     shared: dict[str, torch.Tensor]  # frozen weights, held once
-    decay: torch.Tensor  # [P]: 1 where weight decay applies (not biases and norms, as the Trainer)
+    decayed: dict[bool, list[tuple[int, int]]]  # the (start, end) spans of a row with/without weight decay (none for biases and norms, as the Trainer)
     names: dict[str, str]  # a trained weight's name in the carrier -> its name in `llama_hidden`
     leaves: dict[str, torch.Tensor] = field(default_factory=dict)  # forward name -> [K, ...] view of `flat`
 
@@ -411,9 +411,9 @@ class Stack:
                 layout[n] = (start, start + p.numel(), p.shape)
                 start += p.numel()
         flat = torch.stack([torch.cat([r[n].reshape(-1) for n in layout]) for r in rows]).to(next(model.parameters()).device)
-        decay = torch.cat([torch.full((named[n].numel(),), float(n in decayed), device=flat.device) for n in layout])
         return cls(flat, torch.zeros_like(flat), torch.zeros_like(flat), torch.zeros_like(flat), layout,
-                   {forward_name(n): p.detach() for n, p in named.items() if n not in layout}, decay,
+                   {forward_name(n): p.detach() for n, p in named.items() if n not in layout},
+                   {d: [(a, b) for n, (a, b, _) in layout.items() if (n in decayed) == d] for d in (True, False)},
                    {n: forward_name(n) for n in layout})
 
     def weights(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -445,27 +445,36 @@ def forward_name(name: str) -> str:
     return name
 
 
-def adamw_rows(s: Stack, rows: torch.Tensor | None, grad: torch.Tensor, lr: Sequence[float], step: Sequence[int],
-               beta1: Sequence[float], beta2: Sequence[float], eps: Sequence[float], wd: Sequence[float]) -> None:
-    """`torch.optim.AdamW`'s update, in place, on the rows (models) `rows` of the stack, each
-    row with its own hyperparameters and step count (the same formula and op order as torch's
-    single-tensor AdamW; written here because torch's optimizer keeps one learning rate and
-    step count per tensor, and a row is a model). `grad` holds the rows' clipped gradients."""
-    p, m, v = (t if rows is None else t[rows] for t in (s.flat, s.exp_avg, s.exp_avg_sq))
+def clip_rows(s: Stack, rows: Sequence[int], max_norm: Sequence[float]) -> list[float]:
+    """Clip each model's gradient (a row of `s.grad`) to its own `max_norm`, in place, as
+    `clip_grad_norm_` does for one model (never a norm across models); returns the norms
+    before clipping. In place on the rows: a clipped copy of the [K, P] buffer was a
+    buffer-sized allocation and two passes more per step."""
+    norms = torch.linalg.vector_norm(s.grad[list(rows)] if len(rows) < s.grad.shape[0] else s.grad, dim=1)
+    coef = (torch.tensor(max_norm, dtype=norms.dtype, device=norms.device) / (norms + 1e-6)).clamp(max=1.0)
+    for r, c in zip(rows, coef.tolist()):
+        if c < 1.0:  # times 1.0 is the identity: skip the pass
+            s.grad[r].mul_(c)
+    return norms.tolist()
 
-    def col(values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=p.dtype, device=p.device)[:, None]
 
-    lr_t, b1, b2 = col(lr), col(beta1), col(beta2)
-    p.mul_(1 - lr_t * col(wd) * s.decay)
-    m.lerp_(grad, 1 - b1)
-    v.mul_(b2).addcmul_(grad, grad * (1 - b2))
-    bc1 = 1 - b1 ** col(step)
-    bc2_sqrt = (1 - b2 ** col(step)).sqrt()
-    denom = (v.sqrt() / bc2_sqrt).add_(col(eps))
-    p.sub_(lr_t / bc1 * m / denom)
-    if rows is not None:
-        s.flat[rows], s.exp_avg[rows], s.exp_avg_sq[rows] = p, m, v
+def adamw_rows(s: Stack, rows: Sequence[int], lr: Sequence[float], step: Sequence[int], beta1: Sequence[float],
+               beta2: Sequence[float], eps: Sequence[float], wd: Sequence[float]) -> None:
+    """`torch.optim.AdamW(fused=True)`'s update (the Trainer's default optimizer,
+    `adamw_torch_fused`), in place, on the rows (models) `rows` of the stack with their
+    (clipped) gradients in `s.grad`, each row with its own hyperparameters and step count.
+    One fused kernel call per row: torch's optimizer keeps one learning rate and step count
+    per tensor, and a row is a model; the kernel updates weights and moments in one pass
+    (the same formula as torch's unfused AdamW, which cost a dozen buffer-sized passes)."""
+    for j, r in enumerate(rows):
+        groups = [(s.decayed[True], wd[j]), (s.decayed[False], 0.0)] if wd[j] else [([(0, s.flat.shape[1])], 0.0)]
+        for spans, decay in groups:
+            if spans:
+                torch._fused_adamw_(
+                    [s.flat[r, a:b] for a, b in spans], [s.grad[r, a:b] for a, b in spans],
+                    [s.exp_avg[r, a:b] for a, b in spans], [s.exp_avg_sq[r, a:b] for a, b in spans], [],
+                    [torch.tensor(float(step[j]), device=s.flat.device) for _ in spans],
+                    lr=lr[j], beta1=beta1[j], beta2=beta2[j], weight_decay=decay, eps=eps[j], amsgrad=False, maximize=False)
 
 
 # ---------------------------------------------------------------- memory model
@@ -482,6 +491,8 @@ MLP_PER_LAYER = 11  # MLP (intermediate) widths per token and layer
 # Per trained weight: the weight, its gradient, AdamW's two moments, the forward's contiguous copy
 # of the stacked rows, and about three weight-sized temporaries of clipping and the AdamW update
 # (full fine-tuning of the small Llama: 8 fits its peak; LoRA's adapters are too small to tell).
+# Fitted before the AdamW update became fused and in place (`adamw_rows`): it has no temporaries
+# now, so 8 is on the safe side (not refitted).
 COPIES_PER_TRAINED = 8
 LOGIT_COPIES = 3  # a chunk's fp32 logits, their softmax and their gradient (`chunked_loss`), one chunk alive at a time
 
@@ -726,22 +737,19 @@ def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: in
         for i, x in zip(rows, values):
             step_loss[i] += x
             members[i].window["tokens"] += collated[i][j][REAL_TOKENS]
-    idx = None if active == everyone else torch.tensor(active, device=device)
-    grad = stack.gradients() if idx is None else stack.gradients()[idx]
-    # per model, never across models: the norm of model k's gradients alone (clip_grad_norm_'s rule)
-    norms = grad.pow(2).sum(1).sqrt()
-    clip = torch.tensor([members[i].t.max_grad_norm for i in active], device=device)
-    grad = grad * (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    stack.gradients()
     t = [members[i].t for i in active]
     with torch.no_grad():
-        adamw_rows(stack, idx, grad, [members[i].sched.lr[members[i].step] for i in active], [members[i].step + 1 for i in active],
+        # per model, never across models: the norm of model k's gradients alone (clip_grad_norm_'s rule)
+        norms = clip_rows(stack, active, [x.max_grad_norm for x in t])
+        adamw_rows(stack, active, [members[i].sched.lr[members[i].step] for i in active], [members[i].step + 1 for i in active],
                    [x.adam_beta1 for x in t], [x.adam_beta2 for x in t], [x.adam_epsilon for x in t], [x.weight_decay for x in t])
         stack.grad.zero_()
     for i in active:
         members[i].loss_sum += step_loss[i]
         members[i].window["loss"] += step_loss[i]
         members[i].window["steps"] += 1
-    return norms.tolist()
+    return norms
 
 
 def _load_row(carrier: torch.nn.Module, stack: Stack, i: int) -> None:
