@@ -157,10 +157,11 @@ def test_a_merge_method_cell_trains_nothing_and_a_k_cell_reuses_vanilla(swept):
     for name in ("sub-1", "sub-2", "vanilla"):  # the same files: linked, not trained again
         assert inode(ties.model(name)) == inode(center.model(name))
     assert inode(k1.model("vanilla")) == inode(center.model("vanilla"))
-    assert inode(k1.model("sub-1")) != inode(center.model("sub-1"))
+    # K=1's one sub-model trains on all the data with vanilla's recipe (no snapshots): vanilla's job, linked
+    assert inode(k1.model("sub-1")) == inode(center.model("vanilla")) != inode(center.model("sub-1"))
     assert (ties.model("DTM") / "dtm_merge.json").is_file() and json.loads((ties.model("DTM") / "dtm_merge.json").read_text())["method"] == "ties"
-    # 3 models in the center, 3 in the ties cell (all linked), 2 in the K=1 cell (vanilla linked)
-    assert trainings(plan_sweep(cfg)) == {"planned": 8, "linked": 4, "trained": 4}
+    # 3 models in the center, 3 in the ties cell (all linked), 2 in the K=1 cell (both linked)
+    assert trainings(plan_sweep(cfg)) == {"planned": 8, "linked": 5, "trained": 3}
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_work(swept):
@@ -190,7 +191,7 @@ def test_the_sweep_report_has_every_cell_and_a_plot_per_axis(swept):
     md = (root / "report.md").read_text()
     for name in ("center", "merge.method=ties", "disperse.k=1"):
         assert f"| {name} |" in md
-    assert "8 models; 4 were linked from a sibling cell" in md
+    assert "8 models; 5 were linked from a sibling cell" in md
     for png in ("sweep-merge-method.png", "sweep-disperse-k.png"):
         assert (root / png).stat().st_size > 1000 and f"]({png})" in md
     assert "DTM's mc" in md
@@ -235,10 +236,13 @@ def test_a_result_whose_model_and_tasks_are_unchanged_is_linked_not_scored_again
     assert same == {rd.BASE: True, rd.VANILLA: True, "sub-1": True, "sub-2": True, rd.DTM: False}
     assert os.path.samefile(k1.eval_result(rd.VANILLA), center.eval_result(rd.VANILLA))
     assert not os.path.samefile(k1.eval_result("sub-1"), center.eval_result("sub-1"))
+    # K=1's sub-1 is the center's vanilla under another name: its result is reused, not scored again
+    assert os.path.samefile(k1.eval_result("sub-1"), center.eval_result(rd.VANILLA))
+    assert not os.path.samefile(k1.eval_result(rd.DTM), center.eval_result(rd.VANILLA))  # a merge of one: new files, scored
     assert json.loads(ties.eval_result(rd.DTM).read_text())["mc"]["run_key"] != json.loads(center.eval_result(rd.DTM).read_text())["mc"]["run_key"]
-    # center 5 scored; ties 4 of 5 linked; K=1 (base, vanilla, sub-1, DTM) base and vanilla linked
-    assert evaluations(plan_sweep(cfg)) == {"planned": 14, "linked": 6, "scored": 8}
-    assert "14 results; 6 are a sibling cell's result" in (root / "report.md").read_text()
+    # center 5 scored; ties 4 of 5 linked; K=1 (base, vanilla, sub-1, DTM) all but DTM linked
+    assert evaluations(plan_sweep(cfg)) == {"planned": 14, "linked": 7, "scored": 7}
+    assert "14 results; 7 are a sibling cell's result" in (root / "report.md").read_text()
 
 
 def test_a_stage_redone_on_request_is_never_linked_from_a_cell_not_yet_redone(swept, tmp_path):

@@ -23,7 +23,6 @@ the CLI calls these.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -257,30 +256,65 @@ class Reuser:
 
     def link_evaluations(self, run: Run) -> None:
         """Each of this run's evaluation results that a sibling (same seed) has and that is current
-        here (the same model files and task contents), so the evaluator does not score it again."""
-        from dtm.evaluation.runner import is_current
+        here (the same model files and task contents), so the evaluator does not score it again.
+        The sibling's result for the same model name is taken first; else any sibling result
+        whose run keys are this model's (the same files under another name: K=1's sub-model is
+        vanilla's job, a k-means cell's `sub-3` another cell's `sub-2`, an ensemble of one its model)."""
+        from dtm.evaluation.runner import run_keys
         from dtm.evaluation.tasks import resolve_tasks
 
         full, cfg = _with_info(run), run.cfg
         if full is None or cfg.eval.lm_eval_tasks:  # lm-eval's results go into the same files
             return
         tasks = resolve_tasks(task_list(full), data_dir=cfg.eval.data_dir)
+        by_keys = self.results_by_keys(run, [t.name for t in tasks])
         linked = {}
         for name, ref in plan.evaluated_models(full.cfg, full.dir, full.inputs).items():
             dst = run.dir.eval_result(name)
-            current = functools.partial(is_current, model=ref, tasks=tasks, limit=cfg.eval.limit, max_new_tokens=cfg.eval.max_new_tokens)
-            sources = [s.dir.eval_result(name) for s in self.sibling_runs(run)]
-            src = next((p for p in sources if p.is_file() and current(p)), None)
-            if src is None or (dst.is_file() and current(dst) and not os.path.samefile(src, dst)):
+            wanted = run_keys(ref, tasks, cfg.eval.limit, cfg.eval.max_new_tokens)
+            same_name = [p for s in self.sibling_runs(run) if (p := s.dir.eval_result(name)).is_file()]
+            src = next((p for p in same_name if _current(p, wanted)), by_keys.get(_signature(wanted)))
+            if src is None or (dst.is_file() and _current(dst, wanted) and not os.path.samefile(src, dst)):
                 continue  # nothing to link, or evaluated here already
-            for task in tasks:  # the per-question samples (`eval.log_samples`) first, the result last
-                samples = src.with_name(f"{name}.{task.name}.samples.jsonl")
+            for task in tasks:  # the per-question samples (`eval.log_samples`) first, under this name; the result last
+                samples = src.with_name(f"{src.stem}.{task.name}.samples.jsonl")
                 if samples.is_file():
-                    _link_file(samples, dst.with_name(samples.name))
+                    _link_file(samples, dst.with_name(f"{name}.{task.name}.samples.jsonl"))
             if not (dst.is_file() and os.path.samefile(src, dst)):
                 _link_file(src, dst)
             linked[EVAL + name] = str(src)
         _record(run, linked)
+
+    def results_by_keys(self, run: Run, tasks: list[str]) -> dict[tuple[tuple[str, str], ...], Path]:
+        """Every sibling result file (same seed) that has all of `tasks`, by its tasks' run keys."""
+        found: dict[tuple[tuple[str, str], ...], Path] = {}
+        for sibling in self.sibling_runs(run):
+            for path in sorted(sibling.dir.eval_dir.glob("*.json")) if sibling.dir.eval_dir.is_dir() else []:
+                stored = _stored_keys(path)
+                if all(t in stored for t in tasks):
+                    found.setdefault(_signature({t: stored[t] for t in tasks}), path)
+        return found
+
+
+def _stored_keys(result_file: Path) -> dict[str, str]:
+    """Task name -> the run key a result file stores (none where it is unreadable: then it is not reused)."""
+    try:
+        done = json.loads(result_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(done, dict):
+        return {}
+    return {t: r["run_key"] for t, r in done.items() if isinstance(r, dict) and isinstance(r.get("run_key"), str)}
+
+
+def _current(result_file: Path, wanted: dict[str, str]) -> bool:
+    """Whether the file holds every wanted task under its wanted run key (`runner.is_current`'s test)."""
+    stored = _stored_keys(result_file)
+    return all(stored.get(task) == key for task, key in wanted.items())
+
+
+def _signature(keys: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(keys.items()))
 
 
 # ---------------------------------------------------------------- running, status, report
