@@ -274,3 +274,40 @@ def test_each_axis_gets_one_sentence_and_no_clear_effect_where_the_spread_covers
     assert axis_summary("merge.method", points[:1], ["knowledge"]) == "Along merge.method: fewer than two finished values."
     one_seed = axis_summary("lab.scale", [("1.0", {"k": [0.9]}), ("0.357", {"k": [0.5]})], ["k"])
     assert one_seed == "Along lab.scale (one seed, so no spread to judge by): DTM's k is highest at 1.0 (0.900) and lowest at 0.357 (0.500)."
+
+
+
+def test_the_cell_tables_are_one_column_a_task_and_bold_only_a_real_best():
+    """The headline (DTM) and the detail tables (ensemble, vanilla) have one column a task; bold
+    marks a cell only where it leads its column beyond the evaluation's standard error, never a
+    shared top (K=1's DTM is vanilla's job: the same numbers as the vanilla linked into every cell)."""
+    from dtm.report.sweep import SweepScores, cell_table
+
+    def cell(dtm, vanilla):
+        return {rd.DTM: {"knowledge": dtm[0], "format": dtm[1]}, rd.VANILLA: {"knowledge": vanilla[0], "format": vanilla[1]}}
+
+    shared = ([0.82, 0.80, 0.84], [0.988, 0.98, 0.996])  # one vanilla, linked into three cells
+    names = ("center", "disperse.k=1", "disperse.k=8", "lab.wrong_rate=0.0")
+    scores = SweepScores(
+        ["knowledge", "format"],
+        {"center": cell(([0.97, 0.98, 0.975], [0.975, 0.97, 0.98]), shared),
+         "disperse.k=1": cell(shared, shared),
+         "disperse.k=8": cell(([0.99, 0.995, 0.994], [0.70, 0.69, 0.70]), shared),
+         "lab.wrong_rate=0.0": cell(([0.996, 0.995, 0.997], [0.979, 0.979, 0.979]), ([0.986, 0.98, 0.99], [0.983, 0.97, 0.99]))},
+        [],
+        {n: {m: {"knowledge": [0.004] * 3, "format": [0.012] * 3} for m in (rd.DTM, rd.VANILLA)} for n in names},
+    )
+    dtm, vanilla = cell_table(scores, rd.DTM).body, cell_table(scores, rd.VANILLA).body
+    assert dtm.header == vanilla.header == ["cell", "knowledge", "format"]
+
+    def bold(table):
+        return {(row[0].text, table.header[i]) for row in table.rows for i, c in enumerate(row) if c.best}
+
+    # DTM knowledge: 0.996 against 0.993 is within hypot(0.004, 0.004); format: K=1's 0.988 against
+    # 0.979 within hypot(0.012, 0.012): no best in either column
+    assert bold(dtm) == set()
+    # vanilla knowledge: 0.985 leads the shared 0.82 far beyond the error; vanilla format: the top
+    # (0.988) is one model in three cells, a tie: no best
+    assert bold(vanilla) == {("lab.wrong_rate=0.0", "knowledge")}
+    scores.cells["lab.wrong_rate=0.0"][rd.DTM]["knowledge"] = [0.95] * 3  # K=8's 0.993 now leads 0.975 beyond the error
+    assert bold(cell_table(scores, rd.DTM).body) == {("disperse.k=8", "knowledge")}
