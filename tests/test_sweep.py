@@ -311,3 +311,35 @@ def test_the_cell_tables_are_one_column_a_task_and_bold_only_a_real_best():
     assert bold(vanilla) == {("lab.wrong_rate=0.0", "knowledge")}
     scores.cells["lab.wrong_rate=0.0"][rd.DTM]["knowledge"] = [0.95] * 3  # K=8's 0.993 now leads 0.975 beyond the error
     assert bold(cell_table(scores, rd.DTM).body) == {("disperse.k=8", "knowledge")}
+
+
+def test_baselines_in_center_keeps_the_baselines_to_the_main_config_and_the_cells_still_share_its_models(tmp_path):
+    """`sweep.baselines_in: center` (a documented cut, off by default): only the main config's cell
+    runs `baselines.methods`; the other cells' sub-models and vanilla are still the center's jobs
+    (the baselines section matters only to a trained baseline's job), so they are linked, not trained."""
+    from dtm.pipeline import seed_runs
+    from dtm.sweep import job_key
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"a{i}"}) + "\n" for i in range(8)))
+    config = write_config(tmp_path / "exp.yaml", f"""\
+output_dir: {tmp_path / 'run'}
+model: {{model_name_or_path: org/some-model}}
+data: {{path: {data}}}
+baselines: {{methods: [ensemble, l2]}}
+eval: {{suites: [], tasks: [mc.jsonl]}}
+sweep:
+  mode: one_at_a_time
+  merge.method: [average, ties]
+  disperse.k: [4, 2]
+""")
+    every = plan_sweep(load_config(config, check_paths=False))
+    assert {c.name: c.cfg.baselines.methods for c in every.cells} == dict.fromkeys(["center", "merge.method=ties", "disperse.k=2"], ["ensemble", "l2"])
+    cfg = load_config(config, ["sweep.baselines_in=center"], check_paths=False)
+    sweep = plan_sweep(cfg)
+    assert {c.name: c.cfg.baselines.methods for c in sweep.cells} == {"center": ["ensemble", "l2"], "merge.method=ties": [], "disperse.k=2": []}
+    center, ties = (seed_runs(sweep.cell(name).cfg)[0] for name in ("center", "merge.method=ties"))
+    job = {"data": str(data), "train": {"save_fractions": []}, "seed": cfg.seed}
+    assert job_key(center, job, {}) == job_key(ties, job, {})  # a sub-model or vanilla: the same job
+    l2 = job | {"baseline": "l2"}
+    assert job_key(center, l2, {}) != job_key(ties, l2, {})  # a trained baseline reads the baselines section

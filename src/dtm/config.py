@@ -245,6 +245,9 @@ class ReportConfig(Section):
     )
 
 
+SWEEP_OPTIONS = ("mode", "axes", "baselines_in")  # the `sweep` section's own keys; every other key is an axis
+
+
 class SweepConfig(Section):
     """`dtm run` over a grid of configs: every other key of the section is a dotted config key
     (or a nested mapping of them) with the list of values to try; a value may be a mapping, merged
@@ -253,6 +256,9 @@ class SweepConfig(Section):
 
     mode: Literal["grid", "one_at_a_time"] = Field("grid", description="grid: every combination; one_at_a_time: each axis alone around the main config.")
     axes: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> list of values (written as `sweep.KEY: [values]`).")
+    baselines_in: Literal["every_cell", "center"] = Field(
+        "every_cell", description="every_cell: each cell runs the config's baselines.methods; center: only the cell that is "
+        "the main config does, the others compare DTM with vanilla alone (a cut: the ensemble costs K evaluations a cell).")
 
     @model_validator(mode="before")
     @classmethod
@@ -262,9 +268,9 @@ class SweepConfig(Section):
             return data
         axes = dict(data.get("axes") or {})
         for key, value in data.items():
-            if key not in ("mode", "axes"):
+            if key not in SWEEP_OPTIONS:
                 axes |= _flatten_axes(str(key), value)
-        return {k: v for k, v in data.items() if k == "mode"} | ({"axes": axes} if axes else {})
+        return {k: v for k, v in data.items() if k in SWEEP_OPTIONS and k != "axes"} | ({"axes": axes} if axes else {})
 
 
 def _flatten_axes(key: str, value: Any) -> dict[str, Any]:

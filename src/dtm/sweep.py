@@ -97,8 +97,11 @@ def plan_sweep(cfg: ExperimentConfig) -> Sweep:
     cells: list[Cell] = []
     by_identity: dict[str, str] = {}
     cell_of: list[str] = []
+    main = _identity(with_settings(cfg, {}))
     for settings in combos:
         cell_cfg = with_settings(cfg, settings)
+        if cfg.sweep.baselines_in == "center" and _identity(cell_cfg) != main:
+            cell_cfg.baselines.methods = []  # the cut `sweep.baselines_in: center` (docs/architecture.md, "Sweeps")
         identity = _identity(cell_cfg)
         if identity not in by_identity:
             name = rd.sweep_cell_name(settings)
@@ -153,11 +156,13 @@ def _file_digest(path: str, cache: dict[str, str]) -> str:
 
 def job_key(run: Run, job: dict[str, Any], digests: dict[str, str]) -> str:
     """What a trained model depends on: the data stage's hash (base, model, data and lab sections,
-    seed), the train and baselines sections, and the job (its data files by content)."""
+    seed), the train section, the baselines section for a trained baseline (the only jobs that read
+    it: a cell without the ensemble still links the center's sub-models), and the job (its data
+    files by content)."""
     dump = run.cfg.model_dump(mode="json")
     spec = {k: (_file_digest(v, digests) if k in ("data", "val_data") and v else v) for k, v in job.items()}
     blob = {"data": stage_hashes(run.cfg, run.dir.control)["data"], "train": dump["train"],
-            "baselines": dump["baselines"], "job": spec}
+            "baselines": dump["baselines"] if job.get("baseline") else None, "job": spec}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
