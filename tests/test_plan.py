@@ -82,3 +82,19 @@ def test_epochs_leave_every_length_to_the_config():
     assert all("max_steps" not in job["train"] for job in jobs.values())
     assert {name: job["train"].get("num_train_epochs") for name, job in jobs.items() if "num_train_epochs" in job["train"]} == \
         {"short": 2.0, "soup-2": 2.0, "soup-3": 2.0}  # 1/K of the epochs; the soup's first ingredient is short
+
+
+def test_the_eval_pool_gets_the_ensemble_first_and_vanilla_keeps_the_validation_split_only_for_its_snapshots():
+    """The ensemble of K costs K models' passes: submitted last (the plan's order), one worker scored
+    it alone at the end of the stage; longest first, the other worker shares out the rest."""
+    from dtm.pipeline import longest_first
+
+    cfg = config("baselines.methods=[ensemble]")
+    run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
+    models = plan.evaluated_models(cfg, run, INPUTS)
+    assert list(models)[-1] == "ensemble"
+    order = longest_first(models)
+    assert order[0] == "ensemble" and sorted(order) == sorted(models) and order[1:] == [m for m in models if m != "ensemble"]
+    # without snapshots the validation split is read by nothing: vanilla's job is then the data alone
+    assert "val_data" not in plan.training_jobs(config("train.save_fractions=[]"), run, INPUTS)["vanilla"]
+    assert plan.training_jobs(cfg, run, INPUTS)["vanilla"]["val_data"] == INPUTS.val_data

@@ -382,8 +382,8 @@ def stage_eval(run: Run) -> dict[str, Any]:
         from dtm.training.executors import finished_in_turn, worker_pool
 
         pool = worker_pool(cfg.train.num_workers)  # the training workers, already started
-        futures = {pool.submit(_evaluate_group, {name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
-                   for name, spec in models.items()}
+        futures = {pool.submit(_evaluate_group, {name: models[name]}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
+                   for name in longest_first(models)}
         if cfg.eval.token_losses:
             # here while the workers evaluate: after them, it ran on one core with the other idle
             # (7 s a lab seed; benchmarks/results/profile_demo.md), on one thread, since the
@@ -402,6 +402,13 @@ def stage_eval(run: Run) -> dict[str, Any]:
     if cfg.eval.token_losses:
         outputs["token_losses"] = diagnostic if diagnostic is not None else token_losses(run, models)
     return outputs
+
+
+def longest_first(models: dict[str, Any]) -> list[str]:
+    """The models in the order the eval pool gets them: an ensemble of K first (it costs K models'
+    forward passes), the rest as planned. Planned order put the ensemble last, so one worker
+    scored it alone while the other idled (longest-processing-time-first, as `run_local` trains)."""
+    return sorted(models, key=lambda name: -len(models[name]) if isinstance(models[name], list) else -1)
 
 
 def token_losses(run: Run, models: dict[str, Any]) -> dict[str, Any]:
