@@ -98,3 +98,12 @@ def test_the_eval_pool_gets_the_ensemble_first_and_vanilla_keeps_the_validation_
     # without snapshots the validation split is read by nothing: vanilla's job is then the data alone
     assert "val_data" not in plan.training_jobs(config("train.save_fractions=[]"), run, INPUTS)["vanilla"]
     assert plan.training_jobs(cfg, run, INPUTS)["vanilla"]["val_data"] == INPUTS.val_data
+
+
+def test_without_sub_model_evaluations_the_merge_and_the_ensemble_are_still_evaluated():
+    cfg = config("baselines.methods=[ensemble]", "eval.sub_models=false")
+    run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
+    models = plan.evaluated_models(cfg, run, INPUTS)
+    assert list(models) == ["base", "vanilla", "DTM", "ensemble"]
+    assert models["ensemble"] == [str(run.model(f"sub-{i}")) for i in (1, 2, 3)]
+    assert list(plan.training_jobs(cfg, run, INPUTS)) == ["sub-1", "sub-2", "sub-3", "vanilla"]  # still trained

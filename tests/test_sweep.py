@@ -313,10 +313,12 @@ def test_the_cell_tables_are_one_column_a_task_and_bold_only_a_real_best():
     assert bold(cell_table(scores, rd.DTM).body) == {("disperse.k=8", "knowledge")}
 
 
-def test_baselines_in_center_keeps_the_baselines_to_the_main_config_and_the_cells_still_share_its_models(tmp_path):
-    """`sweep.baselines_in: center` (a documented cut, off by default): only the main config's cell
-    runs `baselines.methods`; the other cells' sub-models and vanilla are still the center's jobs
-    (the baselines section matters only to a trained baseline's job), so they are linked, not trained."""
+def test_center_only_keeps_the_cuts_to_the_main_config_and_the_cells_still_share_its_models(tmp_path):
+    """`sweep.center_only` (documented cuts, none by default): only the main config's cell runs
+    `baselines.methods` and scores each sub-model on its own; the other cells' sub-models and vanilla
+    are still the center's jobs (the baselines section matters only to a trained baseline's job),
+    so they are linked, not trained, and their merge (and ensemble) are still scored."""
+    from dtm import plan
     from dtm.pipeline import seed_runs
     from dtm.sweep import job_key
 
@@ -333,9 +335,10 @@ sweep:
   merge.method: [average, ties]
   disperse.k: [4, 2]
 """)
+    names = ["center", "merge.method=ties", "disperse.k=2"]
     every = plan_sweep(load_config(config, check_paths=False))
-    assert {c.name: c.cfg.baselines.methods for c in every.cells} == dict.fromkeys(["center", "merge.method=ties", "disperse.k=2"], ["ensemble", "l2"])
-    cfg = load_config(config, ["sweep.baselines_in=center"], check_paths=False)
+    assert {c.name: (c.cfg.baselines.methods, c.cfg.eval.sub_models) for c in every.cells} == dict.fromkeys(names, (["ensemble", "l2"], True))
+    cfg = load_config(config, ["sweep.center_only=[baselines]"], check_paths=False)
     sweep = plan_sweep(cfg)
     assert {c.name: c.cfg.baselines.methods for c in sweep.cells} == {"center": ["ensemble", "l2"], "merge.method=ties": [], "disperse.k=2": []}
     center, ties = (seed_runs(sweep.cell(name).cfg)[0] for name in ("center", "merge.method=ties"))
@@ -343,3 +346,9 @@ sweep:
     assert job_key(center, job, {}) == job_key(ties, job, {})  # a sub-model or vanilla: the same job
     l2 = job | {"baseline": "l2"}
     assert job_key(center, l2, {}) != job_key(ties, l2, {})  # a trained baseline reads the baselines section
+
+    both = plan_sweep(load_config(config, ["sweep.center_only=[baselines, sub_models]"], check_paths=False))
+    inputs = plan.Inputs(base="org/some-model", train_data=str(data))
+    evaluated = {c.name: list(plan.evaluated_models(c.cfg, rd.RunDir(tmp_path / c.name).seed_run(1), inputs)) for c in both.cells}
+    assert evaluated == {"center": ["base", "vanilla", "sub-1", "sub-2", "sub-3", "sub-4", "l2", "DTM", "ensemble"],
+                         "merge.method=ties": ["base", "vanilla", "DTM"], "disperse.k=2": ["base", "vanilla", "DTM"]}

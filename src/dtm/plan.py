@@ -207,7 +207,8 @@ def evaluated_models(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> dict[str, 
 
     models: dict[str, Any] = {rd.BASE: inputs.base}
     for name in [rd.VANILLA, *training_jobs(cfg, run, inputs), *merge_plan(cfg, run, inputs)]:
-        if not rd.is_soup_ingredient(name):  # soup ingredients are shown through the soup
+        # soup ingredients are shown through the soup; sub-models through their merge where `eval.sub_models` is off
+        if not rd.is_soup_ingredient(name) and (cfg.eval.sub_models or not rd.is_sub_model(name)):
             models[name] = ref(run.model(name))
     for label, directory in rd.fraction_dirs(run.model(rd.VANILLA)):
         models[rd.snapshot_name(label)] = ref(directory)

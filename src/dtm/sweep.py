@@ -100,8 +100,11 @@ def plan_sweep(cfg: ExperimentConfig) -> Sweep:
     main = _identity(with_settings(cfg, {}))
     for settings in combos:
         cell_cfg = with_settings(cfg, settings)
-        if cfg.sweep.baselines_in == "center" and _identity(cell_cfg) != main:
-            cell_cfg.baselines.methods = []  # the cut `sweep.baselines_in: center` (docs/architecture.md, "Sweeps")
+        if _identity(cell_cfg) != main:  # the cuts `sweep.center_only` (docs/architecture.md, "Sweeps")
+            if "baselines" in cfg.sweep.center_only:
+                cell_cfg.baselines.methods = []
+            if "sub_models" in cfg.sweep.center_only:
+                cell_cfg.eval.sub_models = False
         identity = _identity(cell_cfg)
         if identity not in by_identity:
             name = rd.sweep_cell_name(settings)
