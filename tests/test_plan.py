@@ -107,3 +107,22 @@ def test_without_sub_model_evaluations_the_merge_and_the_ensemble_are_still_eval
     assert list(models) == ["base", "vanilla", "DTM", "ensemble"]
     assert models["ensemble"] == [str(run.model(f"sub-{i}")) for i in (1, 2, 3)]
     assert list(plan.training_jobs(cfg, run, INPUTS)) == ["sub-1", "sub-2", "sub-3", "vanilla"]  # still trained
+
+
+def test_work_done_while_the_pool_waits_gets_the_pool_cores_then_gives_them_back():
+    """The k-means dispersal embeds in the main process while the training workers wait: with
+    `make analyses`' OMP_NUM_THREADS=1 it used one of the two cores."""
+    import torch
+
+    from dtm.pipeline import pool_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pool_cores(2):
+            assert torch.get_num_threads() == (1 if torch.cuda.is_available() else 2)
+        assert torch.get_num_threads() == 1
+        with pool_cores(1):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -14,13 +14,14 @@ What each stage makes, by name, is `dtm.plan`'s; where it goes is `dtm.rundir`'s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,13 +243,30 @@ def stage_disperse(run: Run) -> dict[str, Any]:
     from dtm.dispersal import disperse
 
     cfg = run.cfg
-    result = disperse(
-        run.inputs.train_data, k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.dir.portions,
-        seed=cfg.dispersal_seed, format="auto" if "val_data" in run.info else cfg.data.format, source_field=cfg.data.source_field,
-        embed_on=cfg.disperse.embed_on, encoder=cfg.disperse.encoder, balance=cfg.disperse.balance,
-        on_bad_example=cfg.data.on_bad_example, overwrite=True, embed_batch_size=cfg.disperse.embed_batch_size,
-    )
+    with pool_cores(cfg.train.num_workers if cfg.disperse.strategy == "kmeans" else 1):
+        result = disperse(
+            run.inputs.train_data, k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.dir.portions,
+            seed=cfg.dispersal_seed, format="auto" if "val_data" in run.info else cfg.data.format, source_field=cfg.data.source_field,
+            embed_on=cfg.disperse.embed_on, encoder=cfg.disperse.encoder, balance=cfg.disperse.balance,
+            on_bad_example=cfg.data.on_bad_example, overwrite=True, embed_batch_size=cfg.disperse.embed_batch_size,
+        )
     return {"portions": run.record(result.out), "sizes": [len(p) for p in result.portions], "stats": result.stats["portions"]}
+
+
+@contextlib.contextmanager
+def pool_cores(workers: int) -> Iterator[None]:
+    """Torch threads for work done here while the worker pool waits (the k-means dispersal's
+    MiniLM embeddings): on CPU, the pool's `workers` cores instead of the one thread `make`
+    gives this process (OMP_NUM_THREADS=1), which left the other core idle; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if workers > before and not torch.cuda.is_available():
+        torch.set_num_threads(workers)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def stage_train(run: Run) -> dict[str, Any]:
