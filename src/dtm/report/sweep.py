@@ -19,8 +19,8 @@ from typing import Any
 from dtm import rundir
 from dtm.io import atomic_write_bytes, atomic_write_text
 from dtm.report.collect import collect_seeds
-from dtm.report.render import Block, Page, Plot, _slug, html, markdown, scores_table
-from dtm.report.stats import mean_std
+from dtm.report.render import Block, Cell, Page, Plot, Table, _slug, html, markdown
+from dtm.report.stats import best_per_column, fmt, mean_std
 
 # the models each cell contributes (the ensemble where `baselines.methods` has it: merge vs ensemble)
 COMPARED = (rundir.DTM, rundir.ENSEMBLE, rundir.VANILLA)
@@ -134,7 +134,8 @@ def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[
 
 
 TABLE_NOTE = ("Mean ± sample std over seeds, one column per task. Bold: the cell that leads its column by more than "
-              "the standard error of its lead over the runner-up (the evaluation's, mean over seeds); a tie is not a best, "
+              "the standard error of its lead over the runner-up (the evaluation's, mean over seeds; in each cell's own "
+              "report); a tie is not a best, "
               "so a column whose top is shared (a model linked into several cells) has none.")
 TABLE_TITLES = {rundir.DTM: "DTM in every cell", rundir.ENSEMBLE: "The K-model ensemble in every cell (where run)",
                 rundir.VANILLA: "Vanilla in every cell"}
@@ -145,8 +146,9 @@ def cell_table(scores: SweepScores, model: str) -> Block:
     task; the ensemble and vanilla get tables of their own of the same shape (the details)."""
     rows = {name: vals.get(model, {}) for name, vals in scores.cells.items() if model in vals}
     stderr = {name: by_model.get(model, {}) for name, by_model in scores.stderr.items()}
-    table = scores_table(rows, scores.columns, stderr=stderr)
-    table.header[0] = "cell"
+    best = best_per_column(rows, scores.columns, stderr)  # judged by the standard errors, not printed: narrow cells
+    table = Table(["cell", *scores.columns], [[Cell(name), *(Cell(fmt(s.get(c, [])), best.get(c) == name) for c in scores.columns)]
+                                              for name, s in rows.items()])
     block_id = "sweep-table" if model == rundir.DTM else f"sweep-table-{_slug(model)}"
     return Block("scores", "sweep", block_id, TABLE_TITLES.get(model, model), TABLE_NOTE, table)
 
