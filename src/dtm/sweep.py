@@ -23,6 +23,7 @@ the CLI calls these.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -275,13 +276,16 @@ class Reuser:
         if full is None or cfg.eval.lm_eval_tasks:  # lm-eval's results go into the same files
             return
         tasks = resolve_tasks(task_list(full), data_dir=cfg.eval.data_dir)
-        by_keys = self.results_by_keys(run, [t.name for t in tasks])
+        by_keys: dict[tuple[tuple[str, str], ...], Path] | None = None  # built when a name lookup fails
         linked = {}
         for name, ref in plan.evaluated_models(full.cfg, full.dir, full.inputs).items():
             dst = run.dir.eval_result(name)
             wanted = run_keys(ref, tasks, cfg.eval.limit, cfg.eval.max_new_tokens)
             same_name = [p for s in self.sibling_runs(run) if (p := s.dir.eval_result(name)).is_file()]
-            src = next((p for p in same_name if _current(p, wanted)), by_keys.get(_signature(wanted)))
+            src = next((p for p in same_name if _current(p, wanted)), None)
+            if src is None:
+                by_keys = self.results_by_keys(run, [t.name for t in tasks]) if by_keys is None else by_keys
+                src = by_keys.get(_signature(wanted))
             if src is None or (dst.is_file() and _current(dst, wanted) and not os.path.samefile(src, dst)):
                 continue  # nothing to link, or evaluated here already
             for task in tasks:  # the per-question samples (`eval.log_samples`) first, under this name; the result last
@@ -307,12 +311,24 @@ class Reuser:
 def _stored_keys(result_file: Path) -> dict[str, str]:
     """Task name -> the run key a result file stores (none where it is unreadable: then it is not reused)."""
     try:
-        done = json.loads(result_file.read_text(encoding="utf-8"))
+        st = result_file.stat()
+    except OSError:
+        return {}
+    return dict(_keys_of(str(result_file), st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys_of(path: str, inode: int, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """`_stored_keys` of one version of a file (results are replaced by atomic renames: a new
+    version is a new inode), parsed once per sweep: each cell looks through every sibling's
+    results, ~125 KB each with their per-question scores."""
+    try:
+        done = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
+        return ()
     if not isinstance(done, dict):
-        return {}
-    return {t: r["run_key"] for t, r in done.items() if isinstance(r, dict) and isinstance(r.get("run_key"), str)}
+        return ()
+    return tuple((t, r["run_key"]) for t, r in done.items() if isinstance(r, dict) and isinstance(r.get("run_key"), str))
 
 
 def _current(result_file: Path, wanted: dict[str, str]) -> bool:
