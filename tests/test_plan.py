@@ -126,3 +126,24 @@ def test_work_done_while_the_pool_waits_gets_the_pool_cores_then_gives_them_back
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_eval_sub_models_at_its_default_leaves_the_stage_hashes_of_runs_made_before_it():
+    """A run made before `eval.sub_models` existed hashed an eval section without it: at the default
+    the key is left out of the hash, so that run's eval stage stays up to date (not cleared)."""
+    import hashlib
+    import json
+
+    from dtm.pipeline import STAGE_SECTIONS, STAGES, base_fingerprint, stage_hashes
+
+    cfg = config()
+    dump = cfg.model_dump(mode="json")
+    del dump["eval"]["sub_models"]  # the config as an earlier version dumped it
+    sections, before = ["seed"], {}
+    for stage in STAGES:
+        sections += STAGE_SECTIONS[stage]
+        blob = json.dumps({"control": False, "base": base_fingerprint(cfg), **{s: dump[s] for s in sections}}, sort_keys=True)
+        before[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert stage_hashes(cfg) == before
+    off = stage_hashes(config("eval.sub_models=false"))
+    assert off["eval"] != before["eval"] and off["train"] == before["train"]

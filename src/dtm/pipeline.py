@@ -107,10 +107,18 @@ def base_fingerprint(cfg: ExperimentConfig) -> str:
                                   for p in files).encode()).hexdigest()[:16]
 
 
+# Keys added after runs were made with their default behaviour: hashed only when set otherwise,
+# so those runs' finished stages stay up to date (a changed hash clears a stage's outputs).
+HASHED_ONLY_OFF_DEFAULT = (("eval", "sub_models", True),)
+
+
 def stage_hashes(cfg: ExperimentConfig, control: bool = False) -> dict[str, str]:
     """Each stage's hash covers its own config sections and every earlier stage's (and the base weights)."""
     out, sections = {}, ["seed"]
     dump = cfg.model_dump(mode="json")
+    for section, key, default in HASHED_ONLY_OFF_DEFAULT:
+        if dump[section].get(key) == default:
+            del dump[section][key]
     base = base_fingerprint(cfg)
     for stage in STAGES:
         sections += STAGE_SECTIONS[stage]
