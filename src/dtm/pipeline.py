@@ -264,8 +264,9 @@ def stage_disperse(run: Run) -> dict[str, Any]:
 @contextlib.contextmanager
 def pool_cores(workers: int) -> Iterator[None]:
     """Torch threads for work done here while the worker pool waits (the k-means dispersal's
-    MiniLM embeddings): on CPU, the pool's `workers` cores instead of the one thread `make`
-    gives this process (OMP_NUM_THREADS=1), which left the other core idle; restored after."""
+    MiniLM embeddings, the Fishers and merges): on CPU, the pool's `workers` cores instead of the
+    one thread `make` gives this process (OMP_NUM_THREADS=1), which left the other core idle;
+    restored after."""
     import torch
 
     before = torch.get_num_threads()
@@ -297,10 +298,11 @@ def stage_merge(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     merges = plan.merge_plan(cfg, run.dir, run.inputs)
     todo = {name: spec for name, spec in merges.items() if not rd.is_merged(run.dir.model(name))}
-    for spec in todo.values():
-        if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
-            fisher_files(run, spec["models"])
-    seconds = each(cfg, "merge", merge_one, {name: (run, name, spec) for name, spec in todo.items()})
+    with pool_cores(cfg.train.num_workers):  # Fishers and merges run here (locally) while the workers wait
+        for spec in todo.values():
+            if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
+                fisher_files(run, spec["models"])
+        seconds = each(cfg, "merge", merge_one, {name: (run, name, spec) for name, spec in todo.items()})
     return {"models": sorted(merges), "seconds": seconds}
 
 
