@@ -82,3 +82,68 @@ def test_epochs_leave_every_length_to_the_config():
     assert all("max_steps" not in job["train"] for job in jobs.values())
     assert {name: job["train"].get("num_train_epochs") for name, job in jobs.items() if "num_train_epochs" in job["train"]} == \
         {"short": 2.0, "soup-2": 2.0, "soup-3": 2.0}  # 1/K of the epochs; the soup's first ingredient is short
+
+
+def test_the_eval_pool_gets_the_ensemble_first_and_vanilla_keeps_the_validation_split_only_for_its_snapshots():
+    """The ensemble of K costs K models' passes: submitted last (the plan's order), one worker scored
+    it alone at the end of the stage; longest first, the other worker shares out the rest."""
+    from dtm.pipeline import longest_first
+
+    cfg = config("baselines.methods=[ensemble]")
+    run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
+    models = plan.evaluated_models(cfg, run, INPUTS)
+    assert list(models)[-1] == "ensemble"
+    order = longest_first(models)
+    assert order[0] == "ensemble" and sorted(order) == sorted(models) and order[1:] == [m for m in models if m != "ensemble"]
+    # without snapshots the validation split is read by nothing: vanilla's job is then the data alone
+    assert "val_data" not in plan.training_jobs(config("train.save_fractions=[]"), run, INPUTS)["vanilla"]
+    assert plan.training_jobs(cfg, run, INPUTS)["vanilla"]["val_data"] == INPUTS.val_data
+
+
+def test_without_sub_model_evaluations_the_merge_and_the_ensemble_are_still_evaluated():
+    cfg = config("baselines.methods=[ensemble]", "eval.sub_models=false")
+    run = RunDir(Path("/runs/x")).seed_run(cfg.seed)
+    models = plan.evaluated_models(cfg, run, INPUTS)
+    assert list(models) == ["base", "vanilla", "DTM", "ensemble"]
+    assert models["ensemble"] == [str(run.model(f"sub-{i}")) for i in (1, 2, 3)]
+    assert list(plan.training_jobs(cfg, run, INPUTS)) == ["sub-1", "sub-2", "sub-3", "vanilla"]  # still trained
+
+
+def test_work_done_while_the_pool_waits_gets_the_pool_cores_then_gives_them_back():
+    """The k-means dispersal embeds in the main process while the training workers wait: with
+    `make analyses`' OMP_NUM_THREADS=1 it used one of the two cores."""
+    import torch
+
+    from dtm.pipeline import pool_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pool_cores(2):
+            assert torch.get_num_threads() == (1 if torch.cuda.is_available() else 2)
+        assert torch.get_num_threads() == 1
+        with pool_cores(1):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_eval_sub_models_at_its_default_leaves_the_stage_hashes_of_runs_made_before_it():
+    """A run made before `eval.sub_models` existed hashed an eval section without it: at the default
+    the key is left out of the hash, so that run's eval stage stays up to date (not cleared)."""
+    import hashlib
+    import json
+
+    from dtm.pipeline import STAGE_SECTIONS, STAGES, base_fingerprint, stage_hashes
+
+    cfg = config()
+    dump = cfg.model_dump(mode="json")
+    del dump["eval"]["sub_models"]  # the config as an earlier version dumped it
+    sections, before = ["seed"], {}
+    for stage in STAGES:
+        sections += STAGE_SECTIONS[stage]
+        blob = json.dumps({"control": False, "base": base_fingerprint(cfg), **{s: dump[s] for s in sections}}, sort_keys=True)
+        before[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert stage_hashes(cfg) == before
+    off = stage_hashes(config("eval.sub_models=false"))
+    assert off["eval"] != before["eval"] and off["train"] == before["train"]

@@ -157,10 +157,11 @@ def test_a_merge_method_cell_trains_nothing_and_a_k_cell_reuses_vanilla(swept):
     for name in ("sub-1", "sub-2", "vanilla"):  # the same files: linked, not trained again
         assert inode(ties.model(name)) == inode(center.model(name))
     assert inode(k1.model("vanilla")) == inode(center.model("vanilla"))
-    assert inode(k1.model("sub-1")) != inode(center.model("sub-1"))
+    # K=1's one sub-model trains on all the data with vanilla's recipe (no snapshots): vanilla's job, linked
+    assert inode(k1.model("sub-1")) == inode(center.model("vanilla")) != inode(center.model("sub-1"))
     assert (ties.model("DTM") / "dtm_merge.json").is_file() and json.loads((ties.model("DTM") / "dtm_merge.json").read_text())["method"] == "ties"
-    # 3 models in the center, 3 in the ties cell (all linked), 2 in the K=1 cell (vanilla linked)
-    assert trainings(plan_sweep(cfg)) == {"planned": 8, "linked": 4, "trained": 4}
+    # 3 models in the center, 3 in the ties cell (all linked), 2 in the K=1 cell (both linked)
+    assert trainings(plan_sweep(cfg)) == {"planned": 8, "linked": 5, "trained": 3}
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_work(swept):
@@ -190,7 +191,7 @@ def test_the_sweep_report_has_every_cell_and_a_plot_per_axis(swept):
     md = (root / "report.md").read_text()
     for name in ("center", "merge.method=ties", "disperse.k=1"):
         assert f"| {name} |" in md
-    assert "8 models; 4 were linked from a sibling cell" in md
+    assert "8 models; 5 were linked from a sibling cell" in md
     for png in ("sweep-merge-method.png", "sweep-disperse-k.png"):
         assert (root / png).stat().st_size > 1000 and f"]({png})" in md
     assert "DTM's mc" in md
@@ -235,10 +236,13 @@ def test_a_result_whose_model_and_tasks_are_unchanged_is_linked_not_scored_again
     assert same == {rd.BASE: True, rd.VANILLA: True, "sub-1": True, "sub-2": True, rd.DTM: False}
     assert os.path.samefile(k1.eval_result(rd.VANILLA), center.eval_result(rd.VANILLA))
     assert not os.path.samefile(k1.eval_result("sub-1"), center.eval_result("sub-1"))
+    # K=1's sub-1 is the center's vanilla under another name: its result is reused, not scored again
+    assert os.path.samefile(k1.eval_result("sub-1"), center.eval_result(rd.VANILLA))
+    assert not os.path.samefile(k1.eval_result(rd.DTM), center.eval_result(rd.VANILLA))  # a merge of one: new files, scored
     assert json.loads(ties.eval_result(rd.DTM).read_text())["mc"]["run_key"] != json.loads(center.eval_result(rd.DTM).read_text())["mc"]["run_key"]
-    # center 5 scored; ties 4 of 5 linked; K=1 (base, vanilla, sub-1, DTM) base and vanilla linked
-    assert evaluations(plan_sweep(cfg)) == {"planned": 14, "linked": 6, "scored": 8}
-    assert "14 results; 6 are a sibling cell's result" in (root / "report.md").read_text()
+    # center 5 scored; ties 4 of 5 linked; K=1 (base, vanilla, sub-1, DTM) all but DTM linked
+    assert evaluations(plan_sweep(cfg)) == {"planned": 14, "linked": 7, "scored": 7}
+    assert "14 results; 7 are a sibling cell's result" in (root / "report.md").read_text()
 
 
 def test_a_stage_redone_on_request_is_never_linked_from_a_cell_not_yet_redone(swept, tmp_path):
@@ -270,3 +274,81 @@ def test_each_axis_gets_one_sentence_and_no_clear_effect_where_the_spread_covers
     assert axis_summary("merge.method", points[:1], ["knowledge"]) == "Along merge.method: fewer than two finished values."
     one_seed = axis_summary("lab.scale", [("1.0", {"k": [0.9]}), ("0.357", {"k": [0.5]})], ["k"])
     assert one_seed == "Along lab.scale (one seed, so no spread to judge by): DTM's k is highest at 1.0 (0.900) and lowest at 0.357 (0.500)."
+
+
+
+def test_the_cell_tables_are_one_column_a_task_and_bold_only_a_real_best():
+    """The headline (DTM) and the detail tables (ensemble, vanilla) have one column a task; bold
+    marks a cell only where it leads its column beyond the evaluation's standard error, never a
+    shared top (K=1's DTM is vanilla's job: the same numbers as the vanilla linked into every cell)."""
+    from dtm.report.sweep import SweepScores, cell_table
+
+    def cell(dtm, vanilla):
+        return {rd.DTM: {"knowledge": dtm[0], "format": dtm[1]}, rd.VANILLA: {"knowledge": vanilla[0], "format": vanilla[1]}}
+
+    shared = ([0.82, 0.80, 0.84], [0.988, 0.98, 0.996])  # one vanilla, linked into three cells
+    names = ("center", "disperse.k=1", "disperse.k=8", "lab.wrong_rate=0.0")
+    scores = SweepScores(
+        ["knowledge", "format"],
+        {"center": cell(([0.97, 0.98, 0.975], [0.975, 0.97, 0.98]), shared),
+         "disperse.k=1": cell(shared, shared),
+         "disperse.k=8": cell(([0.99, 0.995, 0.994], [0.70, 0.69, 0.70]), shared),
+         "lab.wrong_rate=0.0": cell(([0.996, 0.995, 0.997], [0.979, 0.979, 0.979]), ([0.986, 0.98, 0.99], [0.983, 0.97, 0.99]))},
+        [],
+        {n: {m: {"knowledge": [0.004] * 3, "format": [0.012] * 3} for m in (rd.DTM, rd.VANILLA)} for n in names},
+    )
+    dtm, vanilla = cell_table(scores, rd.DTM).body, cell_table(scores, rd.VANILLA).body
+    assert dtm.header == vanilla.header == ["cell", "knowledge", "format"]
+
+    def bold(table):
+        return {(row[0].text, table.header[i]) for row in table.rows for i, c in enumerate(row) if c.best}
+
+    # DTM knowledge: 0.996 against 0.993 is within hypot(0.004, 0.004); format: K=1's 0.988 against
+    # 0.979 within hypot(0.012, 0.012): no best in either column
+    assert bold(dtm) == set()
+    # vanilla knowledge: 0.985 leads the shared 0.82 far beyond the error; vanilla format: the top
+    # (0.988) is one model in three cells, a tie: no best
+    assert bold(vanilla) == {("lab.wrong_rate=0.0", "knowledge")}
+    scores.cells["lab.wrong_rate=0.0"][rd.DTM]["knowledge"] = [0.95] * 3  # K=8's 0.993 now leads 0.975 beyond the error
+    assert bold(cell_table(scores, rd.DTM).body) == {("disperse.k=8", "knowledge")}
+
+
+def test_center_only_keeps_the_cuts_to_the_main_config_and_the_cells_still_share_its_models(tmp_path):
+    """`sweep.center_only` (documented cuts, none by default): only the main config's cell runs
+    `baselines.methods` and scores each sub-model on its own; the other cells' sub-models and vanilla
+    are still the center's jobs (the baselines section matters only to a trained baseline's job),
+    so they are linked, not trained, and their merge (and ensemble) are still scored."""
+    from dtm import plan
+    from dtm.pipeline import seed_runs
+    from dtm.sweep import job_key
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"a{i}"}) + "\n" for i in range(8)))
+    config = write_config(tmp_path / "exp.yaml", f"""\
+output_dir: {tmp_path / 'run'}
+model: {{model_name_or_path: org/some-model}}
+data: {{path: {data}}}
+baselines: {{methods: [ensemble, l2]}}
+eval: {{suites: [], tasks: [mc.jsonl]}}
+sweep:
+  mode: one_at_a_time
+  merge.method: [average, ties]
+  disperse.k: [4, 2]
+""")
+    names = ["center", "merge.method=ties", "disperse.k=2"]
+    every = plan_sweep(load_config(config, check_paths=False))
+    assert {c.name: (c.cfg.baselines.methods, c.cfg.eval.sub_models) for c in every.cells} == dict.fromkeys(names, (["ensemble", "l2"], True))
+    cfg = load_config(config, ["sweep.center_only=[baselines]"], check_paths=False)
+    sweep = plan_sweep(cfg)
+    assert {c.name: c.cfg.baselines.methods for c in sweep.cells} == {"center": ["ensemble", "l2"], "merge.method=ties": [], "disperse.k=2": []}
+    center, ties = (seed_runs(sweep.cell(name).cfg)[0] for name in ("center", "merge.method=ties"))
+    job = {"data": str(data), "train": {"save_fractions": []}, "seed": cfg.seed}
+    assert job_key(center, job, {}) == job_key(ties, job, {})  # a sub-model or vanilla: the same job
+    l2 = job | {"baseline": "l2"}
+    assert job_key(center, l2, {}) != job_key(ties, l2, {})  # a trained baseline reads the baselines section
+
+    both = plan_sweep(load_config(config, ["sweep.center_only=[baselines, sub_models]"], check_paths=False))
+    inputs = plan.Inputs(base="org/some-model", train_data=str(data))
+    evaluated = {c.name: list(plan.evaluated_models(c.cfg, rd.RunDir(tmp_path / c.name).seed_run(1), inputs)) for c in both.cells}
+    assert evaluated == {"center": ["base", "vanilla", "sub-1", "sub-2", "sub-3", "sub-4", "l2", "DTM", "ensemble"],
+                         "merge.method=ties": ["base", "vanilla", "DTM"], "disperse.k=2": ["base", "vanilla", "DTM"]}

@@ -200,6 +200,8 @@ class EvalConfig(Section):
     data_dir: str | None = Field(None, description="Directory with the paper benchmarks' JSONL files (default $DTM_EVAL_DATA or ~/.cache/dtm/eval).")
     allow_code_execution: bool = Field(False, description="Run model-written code (HumanEval, MBPP) in a sandboxed subprocess.")
     log_samples: bool = Field(False, description="Also write per-item outputs next to each result.")
+    sub_models: bool = Field(True, description="Evaluate each sub-model on its own (the report's per-sub-model rows and "
+                             "the error-set diagnostic); false: only their merge, and the ensemble where run.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks to run on every model as well (needs the lmeval extra; results go beside ours).")
     lm_eval_include: str | None = Field(None, description="Directory of extra lm-eval task YAMLs (local tasks, for lm_eval_tasks).")
     token_losses: bool = Field(False, description="Token-level diagnostic (the paper's Sec. 2): which tokens' training loss fell most between vanilla's snapshots, and how frequent they are in the data.")
@@ -245,6 +247,9 @@ class ReportConfig(Section):
     )
 
 
+SWEEP_OPTIONS = ("mode", "axes", "center_only")  # the `sweep` section's own keys; every other key is an axis
+
+
 class SweepConfig(Section):
     """`dtm run` over a grid of configs: every other key of the section is a dotted config key
     (or a nested mapping of them) with the list of values to try; a value may be a mapping, merged
@@ -253,6 +258,10 @@ class SweepConfig(Section):
 
     mode: Literal["grid", "one_at_a_time"] = Field("grid", description="grid: every combination; one_at_a_time: each axis alone around the main config.")
     axes: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> list of values (written as `sweep.KEY: [values]`).")
+    center_only: list[Literal["baselines", "sub_models"]] = Field(
+        default_factory=list, description="Cuts, none by default: what only the cell that is the main config runs; the "
+        "other cells compare DTM with vanilla. baselines: baselines.methods (the ensemble costs K evaluations a cell); "
+        "sub_models: the sub-models' own evaluations (eval.sub_models; K a cell).")
 
     @model_validator(mode="before")
     @classmethod
@@ -262,9 +271,9 @@ class SweepConfig(Section):
             return data
         axes = dict(data.get("axes") or {})
         for key, value in data.items():
-            if key not in ("mode", "axes"):
+            if key not in SWEEP_OPTIONS:
                 axes |= _flatten_axes(str(key), value)
-        return {k: v for k, v in data.items() if k == "mode"} | ({"axes": axes} if axes else {})
+        return {k: v for k, v in data.items() if k in SWEEP_OPTIONS and k != "axes"} | ({"axes": axes} if axes else {})
 
 
 def _flatten_axes(key: str, value: Any) -> dict[str, Any]:

@@ -14,13 +14,14 @@ What each stage makes, by name, is `dtm.plan`'s; where it goes is `dtm.rundir`'s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,18 @@ def base_fingerprint(cfg: ExperimentConfig) -> str:
                                   for p in files).encode()).hexdigest()[:16]
 
 
+# Keys added after runs were made with their default behaviour: hashed only when set otherwise,
+# so those runs' finished stages stay up to date (a changed hash clears a stage's outputs).
+HASHED_ONLY_OFF_DEFAULT = (("eval", "sub_models", True),)
+
+
 def stage_hashes(cfg: ExperimentConfig, control: bool = False) -> dict[str, str]:
     """Each stage's hash covers its own config sections and every earlier stage's (and the base weights)."""
     out, sections = {}, ["seed"]
     dump = cfg.model_dump(mode="json")
+    for section, key, default in HASHED_ONLY_OFF_DEFAULT:
+        if dump[section].get(key) == default:
+            del dump[section][key]
     base = base_fingerprint(cfg)
     for stage in STAGES:
         sections += STAGE_SECTIONS[stage]
@@ -242,13 +251,31 @@ def stage_disperse(run: Run) -> dict[str, Any]:
     from dtm.dispersal import disperse
 
     cfg = run.cfg
-    result = disperse(
-        run.inputs.train_data, k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.dir.portions,
-        seed=cfg.dispersal_seed, format="auto" if "val_data" in run.info else cfg.data.format, source_field=cfg.data.source_field,
-        embed_on=cfg.disperse.embed_on, encoder=cfg.disperse.encoder, balance=cfg.disperse.balance,
-        on_bad_example=cfg.data.on_bad_example, overwrite=True, embed_batch_size=cfg.disperse.embed_batch_size,
-    )
+    with pool_cores(cfg.train.num_workers if cfg.disperse.strategy == "kmeans" else 1):
+        result = disperse(
+            run.inputs.train_data, k=cfg.disperse.k, strategy=cfg.disperse.strategy, out=run.dir.portions,
+            seed=cfg.dispersal_seed, format="auto" if "val_data" in run.info else cfg.data.format, source_field=cfg.data.source_field,
+            embed_on=cfg.disperse.embed_on, encoder=cfg.disperse.encoder, balance=cfg.disperse.balance,
+            on_bad_example=cfg.data.on_bad_example, overwrite=True, embed_batch_size=cfg.disperse.embed_batch_size,
+        )
     return {"portions": run.record(result.out), "sizes": [len(p) for p in result.portions], "stats": result.stats["portions"]}
+
+
+@contextlib.contextmanager
+def pool_cores(workers: int) -> Iterator[None]:
+    """Torch threads for work done here while the worker pool waits (the k-means dispersal's
+    MiniLM embeddings, the Fishers and merges): on CPU, the pool's `workers` cores instead of the
+    one thread `make` gives this process (OMP_NUM_THREADS=1), which left the other core idle;
+    restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if workers > before and not torch.cuda.is_available():
+        torch.set_num_threads(workers)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def stage_train(run: Run) -> dict[str, Any]:
@@ -271,10 +298,11 @@ def stage_merge(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     merges = plan.merge_plan(cfg, run.dir, run.inputs)
     todo = {name: spec for name, spec in merges.items() if not rd.is_merged(run.dir.model(name))}
-    for spec in todo.values():
-        if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
-            fisher_files(run, spec["models"])
-    seconds = each(cfg, "merge", merge_one, {name: (run, name, spec) for name, spec in todo.items()})
+    with pool_cores(cfg.train.num_workers):  # Fishers and merges run here (locally) while the workers wait
+        for spec in todo.values():
+            if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
+                fisher_files(run, spec["models"])
+        seconds = each(cfg, "merge", merge_one, {name: (run, name, spec) for name, spec in todo.items()})
     return {"models": sorted(merges), "seconds": seconds}
 
 
@@ -382,8 +410,8 @@ def stage_eval(run: Run) -> dict[str, Any]:
         from dtm.training.executors import finished_in_turn, worker_pool
 
         pool = worker_pool(cfg.train.num_workers)  # the training workers, already started
-        futures = {pool.submit(_evaluate_group, {name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
-                   for name, spec in models.items()}
+        futures = {pool.submit(_evaluate_group, {name: models[name]}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
+                   for name in longest_first(models)}
         if cfg.eval.token_losses:
             # here while the workers evaluate: after them, it ran on one core with the other idle
             # (7 s a lab seed; benchmarks/results/profile_demo.md), on one thread, since the
@@ -402,6 +430,13 @@ def stage_eval(run: Run) -> dict[str, Any]:
     if cfg.eval.token_losses:
         outputs["token_losses"] = diagnostic if diagnostic is not None else token_losses(run, models)
     return outputs
+
+
+def longest_first(models: dict[str, Any]) -> list[str]:
+    """The models in the order the eval pool gets them: an ensemble of K first (it costs K models'
+    forward passes), the rest as planned. Planned order put the ensemble last, so one worker
+    scored it alone while the other idled (longest-processing-time-first, as `run_local` trains)."""
+    return sorted(models, key=lambda name: -len(models[name]) if isinstance(models[name], list) else -1)
 
 
 def token_losses(run: Run, models: dict[str, Any]) -> dict[str, Any]:

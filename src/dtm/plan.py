@@ -176,8 +176,12 @@ def training_jobs(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> TrainJobs:
     each with the `train` overrides that match their compute to DTM's (see "compute matching")."""
     jobs: TrainJobs = {rd.sub_model_name(i): {"data": str(run.portion(i)), "train": sub_model_recipe(cfg), "seed": cfg.seed}
                        for i in range(cfg.disperse.k)}
-    jobs[rd.VANILLA] = {"data": inputs.train_data, "train": {"save_fractions": sorted(set(cfg.train.save_fractions)), **full_data_recipe(cfg)},
-                        "seed": cfg.seed, "val_data": inputs.val_data}
+    fractions = sorted(set(cfg.train.save_fractions))
+    jobs[rd.VANILLA] = {"data": inputs.train_data, "train": {"save_fractions": fractions, **full_data_recipe(cfg)}, "seed": cfg.seed}
+    if fractions and inputs.val_data:
+        # the validation split feeds only the snapshots' losses: without snapshots vanilla's job is
+        # the data alone, so K=1's one sub-model (the same data) is the same job and a sweep links it
+        jobs[rd.VANILLA]["val_data"] = inputs.val_data
     for baseline in _chosen(cfg):
         if baseline.train is not None:
             jobs |= baseline.train(cfg, inputs)
@@ -203,7 +207,8 @@ def evaluated_models(cfg: Config, run: rd.SeedRun, inputs: Inputs) -> dict[str, 
 
     models: dict[str, Any] = {rd.BASE: inputs.base}
     for name in [rd.VANILLA, *training_jobs(cfg, run, inputs), *merge_plan(cfg, run, inputs)]:
-        if not rd.is_soup_ingredient(name):  # soup ingredients are shown through the soup
+        # soup ingredients are shown through the soup; sub-models through their merge where `eval.sub_models` is off
+        if not rd.is_soup_ingredient(name) and (cfg.eval.sub_models or not rd.is_sub_model(name)):
             models[name] = ref(run.model(name))
     for label, directory in rd.fraction_dirs(run.model(rd.VANILLA)):
         models[rd.snapshot_name(label)] = ref(directory)

@@ -98,8 +98,14 @@ def plan_sweep(cfg: ExperimentConfig) -> Sweep:
     cells: list[Cell] = []
     by_identity: dict[str, str] = {}
     cell_of: list[str] = []
+    main = _identity(with_settings(cfg, {}))
     for settings in combos:
         cell_cfg = with_settings(cfg, settings)
+        if _identity(cell_cfg) != main:  # the cuts `sweep.center_only` (docs/architecture.md, "Sweeps")
+            if "baselines" in cfg.sweep.center_only:
+                cell_cfg.baselines.methods = []
+            if "sub_models" in cfg.sweep.center_only:
+                cell_cfg.eval.sub_models = False
         identity = _identity(cell_cfg)
         if identity not in by_identity:
             name = rd.sweep_cell_name(settings)
@@ -154,11 +160,13 @@ def _file_digest(path: str, cache: dict[str, str]) -> str:
 
 def job_key(run: Run, job: dict[str, Any], digests: dict[str, str]) -> str:
     """What a trained model depends on: the data stage's hash (base, model, data and lab sections,
-    seed), the train and baselines sections, and the job (its data files by content)."""
+    seed), the train section, the baselines section for a trained baseline (the only jobs that read
+    it: a cell without the ensemble still links the center's sub-models), and the job (its data
+    files by content)."""
     dump = run.cfg.model_dump(mode="json")
     spec = {k: (_file_digest(v, digests) if k in ("data", "val_data") and v else v) for k, v in job.items()}
     blob = {"data": stage_hashes(run.cfg, run.dir.control)["data"], "train": dump["train"],
-            "baselines": dump["baselines"], "job": spec}
+            "baselines": dump["baselines"] if job.get("baseline") else None, "job": spec}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -257,30 +265,80 @@ class Reuser:
 
     def link_evaluations(self, run: Run) -> None:
         """Each of this run's evaluation results that a sibling (same seed) has and that is current
-        here (the same model files and task contents), so the evaluator does not score it again."""
-        from dtm.evaluation.runner import is_current
+        here (the same model files and task contents), so the evaluator does not score it again.
+        The sibling's result for the same model name is taken first; else any sibling result
+        whose run keys are this model's (the same files under another name: K=1's sub-model is
+        vanilla's job, a k-means cell's `sub-3` another cell's `sub-2`, an ensemble of one its model)."""
+        from dtm.evaluation.runner import run_keys
         from dtm.evaluation.tasks import resolve_tasks
 
         full, cfg = _with_info(run), run.cfg
         if full is None or cfg.eval.lm_eval_tasks:  # lm-eval's results go into the same files
             return
         tasks = resolve_tasks(task_list(full), data_dir=cfg.eval.data_dir)
+        by_keys: dict[tuple[tuple[str, str], ...], Path] | None = None  # built when a name lookup fails
         linked = {}
         for name, ref in plan.evaluated_models(full.cfg, full.dir, full.inputs).items():
             dst = run.dir.eval_result(name)
-            current = functools.partial(is_current, model=ref, tasks=tasks, limit=cfg.eval.limit, max_new_tokens=cfg.eval.max_new_tokens)
-            sources = [s.dir.eval_result(name) for s in self.sibling_runs(run)]
-            src = next((p for p in sources if p.is_file() and current(p)), None)
-            if src is None or (dst.is_file() and current(dst) and not os.path.samefile(src, dst)):
+            wanted = run_keys(ref, tasks, cfg.eval.limit, cfg.eval.max_new_tokens)
+            same_name = [p for s in self.sibling_runs(run) if (p := s.dir.eval_result(name)).is_file()]
+            src = next((p for p in same_name if _current(p, wanted)), None)
+            if src is None:
+                by_keys = self.results_by_keys(run, [t.name for t in tasks]) if by_keys is None else by_keys
+                src = by_keys.get(_signature(wanted))
+            if src is None or (dst.is_file() and _current(dst, wanted) and not os.path.samefile(src, dst)):
                 continue  # nothing to link, or evaluated here already
-            for task in tasks:  # the per-question samples (`eval.log_samples`) first, the result last
-                samples = src.with_name(f"{name}.{task.name}.samples.jsonl")
+            for task in tasks:  # the per-question samples (`eval.log_samples`) first, under this name; the result last
+                samples = src.with_name(f"{src.stem}.{task.name}.samples.jsonl")
                 if samples.is_file():
-                    _link_file(samples, dst.with_name(samples.name))
+                    _link_file(samples, dst.with_name(f"{name}.{task.name}.samples.jsonl"))
             if not (dst.is_file() and os.path.samefile(src, dst)):
                 _link_file(src, dst)
             linked[EVAL + name] = str(src)
         _record(run, linked)
+
+    def results_by_keys(self, run: Run, tasks: list[str]) -> dict[tuple[tuple[str, str], ...], Path]:
+        """Every sibling result file (same seed) that has all of `tasks`, by its tasks' run keys."""
+        found: dict[tuple[tuple[str, str], ...], Path] = {}
+        for sibling in self.sibling_runs(run):
+            for path in sorted(sibling.dir.eval_dir.glob("*.json")) if sibling.dir.eval_dir.is_dir() else []:
+                stored = _stored_keys(path)
+                if all(t in stored for t in tasks):
+                    found.setdefault(_signature({t: stored[t] for t in tasks}), path)
+        return found
+
+
+def _stored_keys(result_file: Path) -> dict[str, str]:
+    """Task name -> the run key a result file stores (none where it is unreadable: then it is not reused)."""
+    try:
+        st = result_file.stat()
+    except OSError:
+        return {}
+    return dict(_keys_of(str(result_file), st.st_ino, st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys_of(path: str, inode: int, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """`_stored_keys` of one version of a file (results are replaced by atomic renames: a new
+    version is a new inode), parsed once per sweep: each cell looks through every sibling's
+    results, ~125 KB each with their per-question scores."""
+    try:
+        done = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return ()
+    if not isinstance(done, dict):
+        return ()
+    return tuple((t, r["run_key"]) for t, r in done.items() if isinstance(r, dict) and isinstance(r.get("run_key"), str))
+
+
+def _current(result_file: Path, wanted: dict[str, str]) -> bool:
+    """Whether the file holds every wanted task under its wanted run key (`runner.is_current`'s test)."""
+    stored = _stored_keys(result_file)
+    return all(stored.get(task) == key for task, key in wanted.items())
+
+
+def _signature(keys: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(keys.items()))
 
 
 # ---------------------------------------------------------------- running, status, report

@@ -307,11 +307,18 @@ def is_current(result_file: str | os.PathLike, model: Any, tasks: Sequence[Task]
     """Whether `evaluate_many` would score none of `tasks` again for `model` (a model reference as
     it takes them) given `result_file`: every task's result is there under its current run key.
     A sweep links a sibling cell's result file when it is current here."""
-    entry = _model_entries({"model": model})["model"]
     done = ResultStore(result_file).load()
-    return all(isinstance(done.get(t.name), dict)
-               and done[t.name].get("run_key") == run_key(t, entry["paths"], entry["adapter"], limit, max_new_tokens, dtype)
-               for t in tasks)
+    keys = run_keys(model, tasks, limit, max_new_tokens, dtype)
+    return all(isinstance(done.get(name), dict) and done[name].get("run_key") == key for name, key in keys.items())
+
+
+def run_keys(model: Any, tasks: Sequence[Task], limit: int | None = None, max_new_tokens: int | None = None,
+             dtype: str | None = None) -> dict[str, str]:
+    """Task name -> the run key `evaluate_many` stores with `model`'s result on it: a result file
+    whose tasks carry these keys is current for `model`, whatever model name it was written under
+    (a sweep links a sibling's result for the same files under another name)."""
+    entry = _model_entries({"model": model})["model"]
+    return {t.name: run_key(t, entry["paths"], entry["adapter"], limit, max_new_tokens, dtype) for t in tasks}
 
 
 def _run_tasks(

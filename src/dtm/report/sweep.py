@@ -1,8 +1,10 @@
-"""The sweep report: one table across a sweep's cells and one plot per swept key.
+"""The sweep report: a table per compared model across a sweep's cells and one plot per swept key.
 
 Each cell is an ordinary run read by `collect_seeds` (so a cell's numbers are the ones its own
-report shows); this page puts DTM, the ensemble (where run) and vanilla of every cell side by side (mean ± sample std over
-seeds), draws each axis (every headline task against the key's values, seed spread as error
+report shows); this page tabulates DTM of every cell (the headline: one column a task, so it
+fits a page), then the ensemble (where run) and vanilla in tables of the same shape (mean ±
+sample std over seeds; bold by the run report's rule: a lead beyond the evaluation's standard
+error, never a tie), draws each axis (every headline task against the key's values, seed spread as error
 bars), and says in one sentence per axis what the numbers show, "no clear effect" where the
 seed spread covers the differences. The sweep (`dtm.sweep.Sweep`: cells, axes) is read by attribute: this package
 does not import the module that runs it.
@@ -10,15 +12,15 @@ does not import the module that runs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtm import rundir
 from dtm.io import atomic_write_bytes, atomic_write_text
 from dtm.report.collect import collect_seeds
-from dtm.report.render import Block, Page, Plot, _slug, html, markdown, scores_table
-from dtm.report.stats import mean_std
+from dtm.report.render import Block, Cell, Page, Plot, Table, _slug, html, markdown
+from dtm.report.stats import best_per_column, fmt, mean_std
 
 # the models each cell contributes (the ensemble where `baselines.methods` has it: merge vs ensemble)
 COMPARED = (rundir.DTM, rundir.ENSEMBLE, rundir.VANILLA)
@@ -37,11 +39,14 @@ class SweepScores:
     columns: list[str]
     cells: dict[str, dict[str, dict[str, list[float]]]]
     missing: list[str]
+    # per cell: model -> column -> each seed's standard error of the evaluation (what bold is judged by)
+    stderr: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
 
 
 def collect_sweep(sweep: Any) -> SweepScores:
     """Every cell's DTM, ensemble and vanilla scores over its seeds (the no-bias control left out)."""
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
+    stderr: dict[str, dict[str, dict[str, list[float]]]] = {}
     columns: list[str] = []
     missing = []
     for cell in sweep.cells:
@@ -51,8 +56,9 @@ def collect_sweep(sweep: Any) -> SweepScores:
             continue
         data = collect_seeds(cell.cfg, runs, cell.name)
         cells[cell.name] = {m: data.scores[m] for m in COMPARED if m in data.scores}
+        stderr[cell.name] = {m: data.stderr[m] for m in COMPARED if m in data.stderr}
         columns += [c for c in data.columns if "/" not in c and c not in columns]
-    return SweepScores(columns, cells, missing)
+    return SweepScores(columns, cells, missing, stderr)
 
 
 def point_label(key: str, value: Any) -> str:
@@ -127,6 +133,26 @@ def plot_axis(key: str, labels: list[str], cells: list[dict[str, dict[str, list[
     return _png(fig)
 
 
+TABLE_NOTE = ("Mean ± sample std over seeds, one column per task. Bold: the cell that leads its column by more than "
+              "the standard error of its lead over the runner-up (the evaluation's, mean over seeds; in each cell's own "
+              "report); a tie is not a best, "
+              "so a column whose top is shared (a model linked into several cells) has none.")
+TABLE_TITLES = {rundir.DTM: "DTM in every cell", rundir.ENSEMBLE: "The K-model ensemble in every cell (where run)",
+                rundir.VANILLA: "Vanilla in every cell"}
+
+
+def cell_table(scores: SweepScores, model: str) -> Block:
+    """One compared model's table, cell x task: the headline (DTM) fits a page with one column a
+    task; the ensemble and vanilla get tables of their own of the same shape (the details)."""
+    rows = {name: vals.get(model, {}) for name, vals in scores.cells.items() if model in vals}
+    stderr = {name: by_model.get(model, {}) for name, by_model in scores.stderr.items()}
+    best = best_per_column(rows, scores.columns, stderr)  # judged by the standard errors, not printed: narrow cells
+    table = Table(["cell", *scores.columns], [[Cell(name), *(Cell(fmt(s.get(c, [])), best.get(c) == name) for c in scores.columns)]
+                                              for name, s in rows.items()])
+    block_id = "sweep-table" if model == rundir.DTM else f"sweep-table-{_slug(model)}"
+    return Block("scores", "sweep", block_id, TABLE_TITLES.get(model, model), TABLE_NOTE, table)
+
+
 def sweep_page(sweep: Any, scores: SweepScores, trainings: dict[str, int], plots: dict[str, Plot]) -> Page:
     """The sweep report as the report templates walk it."""
     cfg = sweep.cfg
@@ -143,13 +169,8 @@ def sweep_page(sweep: Any, scores: SweepScores, trainings: dict[str, int], plots
                      f"result for the same model files and tasks, linked, {ev['scored']} were scored")
     warning = f"PARTIAL: cells not finished: {', '.join(scores.missing)}" if scores.missing else ""
     page = Page(f"Sweep: {', '.join(a.key for a in sweep.axes)}", notes, 1, warning=warning)
-    models = scores.models()
-    rows = {name: {f"{c} {m}": vals.get(m, {}).get(c, []) for m in models for c in scores.columns}
-            for name, vals in scores.cells.items()}
-    table_columns = [f"{c} {m}" for c in scores.columns for m in models]
-    table = scores_table(rows, table_columns)
-    table.header[0] = "cell"
-    page.blocks.append(Block("scores", "sweep", "sweep-table", f"Every cell: {', '.join(models)} per task", "", table))
+    for model in scores.models():
+        page.blocks.append(cell_table(scores, model))
     for axis in sweep.axes:
         if axis.key not in plots:
             continue
