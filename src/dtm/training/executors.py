@@ -415,6 +415,9 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu
         if per_job != 1 and joinable(cfg, job.baseline, on_gpu):
             runs.setdefault(shape_key(cfg), []).append(job)
         else:
+            if per_job != 1 and cfg.train.gradient_checkpointing:  # say why the setting costs the joint step
+                log.info("%s: trains alone with the Trainer: train.gradient_checkpointing is on and the joint step "
+                         "does not checkpoint activations (turn it off to train models in joint jobs)", job.name)
             units.append(job)
     for same_shape in runs.values():
         same_shape.sort(key=lambda j: -expected_cost(j, config))
