@@ -252,21 +252,27 @@ def load_scorer(
 @torch.inference_mode()
 def _token_logprobs(scorer: Scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
                     rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                    prefix: SharedPrefix | None = None) -> torch.Tensor:
+                    prefix: SharedPrefix | None = None, exact_keep: bool = False) -> torch.Tensor:
     """log p(target | prefix) at (row, position) pairs, averaged over the ensemble in probability space.
 
     With `prefix`, every row continues that shared prefix: its keys and values come from the
-    cache (expanded over the batch) and `attention_mask` covers prefix + rows."""
+    cache (expanded over the batch) and `attention_mask` covers prefix + rows. `exact_keep`:
+    logits at exactly the scored positions (rows that pack several questions), else at the
+    last positions from the first scored one on (any model that takes an integer)."""
     per_model = []
     # Only the scored positions need logits: the LM head (the biggest matmul of a small model,
-    # 49k x 576 on SmolLM2) skips everything else. `logits_to_keep` is the model's own argument;
-    # a boolean [B, T] mask (transformers' `slice_logits_to_keep`) keeps exactly those positions
-    # even when a row packs several questions; an integer keeps the last n positions.
+    # 49k x 576 on SmolLM2) skips everything else. `logits_to_keep` is the model's own argument:
+    # an integer keeps the last n positions; a boolean [B, T] mask (transformers'
+    # `slice_logits_to_keep`) keeps exactly the scored ones, for rows of several questions
+    # (a model that does not take it fails the packing probe and is scored one row per choice).
     B, T = input_ids.shape
-    keep = torch.zeros((B, T), dtype=torch.bool, device=input_ids.device)
-    keep[rows, positions] = True
-    rank = keep.flatten().cumsum(0) - 1  # (row, position) -> its row in the flattened kept logits
     first = int(positions.min())
+    keep: int | torch.Tensor = T - first
+    rank = None
+    if exact_keep:
+        keep = torch.zeros((B, T), dtype=torch.bool, device=input_ids.device)
+        keep[rows, positions] = True
+        rank = keep.flatten().cumsum(0) - 1  # (row, position) -> its row in the flattened kept logits
     for k, model in enumerate(scorer.models):
         kwargs: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}
         if prefix is not None:
@@ -274,13 +280,13 @@ def _token_logprobs(scorer: Scorer, input_ids: torch.Tensor, attention_mask: tor
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=prefix is not None, **kwargs).logits
-        if logits.dim() == 2 and logits.shape[0] == int(rank[-1]) + 1:  # the kept positions, flattened row-major
+        if rank is not None and logits.dim() == 2 and logits.shape[0] == int(rank[-1]) + 1:  # kept positions, row-major
             picked = logits[rank[rows * T + positions]]
         elif logits.dim() == 3 and logits.shape[1] in (T, T - first):  # all positions, or the last ones (an older model)
             picked = logits[rows, positions - (T - logits.shape[1])]
         else:
             raise DtmError(f"{scorer.names[k]}: logits of shape {tuple(logits.shape)} for a batch of {B} x {T} tokens; "
-                           "the model's `logits_to_keep` does not take a boolean mask (pass share_context=False)")
+                           "the model handles `logits_to_keep` in a way not known here (pass share_context=False)")
         picked = picked.float().log_softmax(-1)
         per_model.append(picked.gather(-1, targets[:, None]).squeeze(-1))
     if len(per_model) == 1:
@@ -370,7 +376,7 @@ def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]
         mask = torch.cat([torch.zeros((len(layout), 1, total, start), dtype=dtype), mask], -1)
     lp = _token_logprobs(scorer, torch.tensor(ids, device=dev), mask.to(dev), torch.tensor(pos, device=dev),
                          torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), torch.tensor(targets, device=dev),
-                         prefix)
+                         prefix, exact_keep=several)
     sums = torch.zeros(n_choices, dtype=torch.float64).index_add_(0, torch.tensor(owner, dtype=torch.long), lp.double().cpu()).tolist()
     return [sums[first_choice[i]:first_choice[i] + len(choices)] for i, (_, choices) in enumerate(items)]
 
