@@ -17,13 +17,16 @@ Both tools train on the same batches:
     random sampler gives (both are `transformers.Trainer`s with the same seed and data length);
     the first step's loss of every run is recorded: equal losses show equal first batches;
   * the same optimizer settings (dtm's defaults: AdamW, beta2 0.98, eps 1e-6, clip 0.3, cosine,
-    lr 1e-4, no warmup), float32 (TRL's SFTConfig defaults to bf16 autocast: set off), no
-    gradient checkpointing, no checkpoints written during the run (dtm's `checkpoint_minutes`
+    lr 1e-4, no warmup), float32 (TRL's SFTConfig defaults to bf16 autocast: set off), gradient
+    checkpointing only in the "-gc" modes, no checkpoints written during the run (dtm's `checkpoint_minutes`
     off; TRL `save_strategy="no"`).
 
-Modes: dtm with the chunked loss (`training/chunked_loss.py`, the default), dtm with the plain
-loss (`DTM_CHUNKED_LOSS=0`), TRL as above (the target's peer), and TRL with its own default of
-gradient checkpointing on (`trl-gc`: less memory for more time, shown for what a TRL user gets). Each run is its own child process (peak RSS is per process,
+Modes: dtm with the chunked loss (`training/chunked_loss.py`, the default), the same with
+gradient checkpointing (`dtm-chunked-gc`: `train.gradient_checkpointing: true`), dtm with the
+plain loss (`DTM_CHUNKED_LOSS=0`), TRL as above (the target's peer), and TRL with its own default
+of gradient checkpointing on (`trl-gc`: less memory for more time, what a TRL user gets). The
+"target" block holds every dtm mode against `trl`; "like_for_like" pairs each dtm mode with the
+TRL mode of the same checkpointing choice (dtm-chunked-gc vs trl-gc). Each run is its own child process (peak RSS is per process,
 model load included); the modes alternate within each of --repeats rounds, their order rotating.
 tokens/s = the examples' real (non-pad) tokens over the training loop's wall time (train begin to
 end), best of the repeats; peak RSS = the child's maximum resident set. The load average is
@@ -54,7 +57,10 @@ DATA = ROOT / "data" / "real" / "instructions_messages.jsonl"
 # A venv of its own for the peer (its pins differ from ours): $DTM_TRL_VENV, else the user's cache dir.
 TRL_VENV = Path(os.environ.get("DTM_TRL_VENV", Path.home() / ".cache" / "dtm" / "venvs" / "trl"))
 MLP = ["gate_proj", "up_proj", "down_proj"]
-MODES = ("dtm-chunked", "dtm-plain", "trl", "trl-gc")  # trl-gc: TRL's default, gradient checkpointing on
+# "-gc": gradient (activation) checkpointing on (TRL's SFTConfig default; dtm's train.gradient_checkpointing)
+MODES = ("dtm-chunked", "dtm-chunked-gc", "dtm-plain", "trl", "trl-gc")
+# like for like: each dtm mode against the TRL mode with the same checkpointing choice
+PEER = {"dtm-chunked": "trl", "dtm-plain": "trl", "dtm-chunked-gc": "trl-gc"}
 
 TRL_CHILD = """
 import json, resource, sys, time
@@ -115,7 +121,7 @@ def ensure_trl() -> Path:
 def config(args: argparse.Namespace, steps: int):
     """dtm's settings for the run; TRL gets the same numbers (`trl_params`)."""
     cfg = bench_config(finetuning_type="lora", per_device_train_batch_size=args.batch, max_steps=steps, logging_steps=1,
-                       learning_rate=1e-4, checkpoint_minutes=None, save_steps=10**6)
+                       learning_rate=1e-4, checkpoint_minutes=None, save_steps=10**6, gradient_checkpointing=args.gc)
     cfg.data.template, cfg.data.cutoff_len = "chat", args.cutoff
     cfg.train.lora.r, cfg.train.lora.lora_alpha, cfg.train.lora.lora_dropout = 16, 32, 0.0
     cfg.train.lora.target_modules = list(MLP)
@@ -170,7 +176,7 @@ def child_env(mode: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
     if mode.startswith("dtm"):
-        env[ENV_SWITCH] = "1" if mode == "dtm-chunked" else "0"
+        env[ENV_SWITCH] = "1" if mode.startswith("dtm-chunked") else "0"
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     else:
         env.pop("PYTHONPATH", None)  # TRL's venv sees none of dtm
@@ -183,7 +189,7 @@ def run_child(mode: str, args: argparse.Namespace, steps: int, work: Path, trl_p
                json.dumps(trl_params(config(args, steps), steps) | {"gc": mode == "trl-gc"})]
     else:
         cmd = [sys.executable, __file__, "--child", "--model", str(args.model), "--examples", str(args.examples),
-               "--batch", str(args.batch), "--cutoff", str(args.cutoff)]
+               "--batch", str(args.batch), "--cutoff", str(args.cutoff), *(["--gc"] if mode.endswith("-gc") else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(mode))
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-4000:]}")
@@ -196,6 +202,14 @@ def summary(runs: list[dict], tokens: int) -> dict:
             "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs)), "peak_rss_mb_all": [round(r["peak_rss_mb"]) for r in runs],
             "first_step_loss": runs[0]["first_loss"], "steps": runs[0]["steps"],
             "loadavg_1min_after_each": [r["loadavg"] for r in runs]}
+
+
+def target_row(ours: dict, peer: dict) -> dict:
+    """tokens/s and peak RSS as multiples of the peer's, and the issue's target (>= 1x tokens/s at <= 0.5x RSS)."""
+    return {"tokens_per_s_vs_peer": round(ours["tokens_per_s_best"] / peer["tokens_per_s_best"], 2),
+            "peak_rss_vs_peer": round(ours["peak_rss_mb_max"] / peer["peak_rss_mb_max"], 2),
+            "met (>= 1x tokens/s, <= 0.5x RSS)": ours["tokens_per_s_best"] >= peer["tokens_per_s_best"]
+            and ours["peak_rss_mb_max"] <= 0.5 * peer["peak_rss_mb_max"]}
 
 
 def losses_agree(losses: list[float | None]) -> bool:
@@ -214,13 +228,15 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)  # a dtm child: train.gradient_checkpointing
     args = ap.parse_args()
     args.model = args.model or real_model_dir()
     if args.examples % args.batch:
         raise SystemExit(f"--examples {args.examples} is not a multiple of --batch {args.batch}: every step must be a full batch")
     steps = args.examples // args.batch
-    if not args.child and "trl" not in args.modes:
-        raise SystemExit("--modes must include trl: the targets are measured against it")
+    missing = sorted({PEER[m] for m in args.modes if m in PEER} - set(args.modes))
+    if not args.child and ("trl" not in args.modes or missing):
+        raise SystemExit(f"--modes must include trl and each dtm mode's TRL peer ({', '.join(missing) or 'trl'}): the targets are measured against them")
     if args.child:
         print(json.dumps(dtm_run(args, steps)))
         return
@@ -238,19 +254,19 @@ def main() -> None:
                 print(f"round {rep + 1} {mode}: {tokens / out['seconds']:.0f} tokens/s, {out['peak_rss_mb']:.0f} MB, "
                       f"first loss {out['first_loss']:.5f}, load {out['loadavg']}", flush=True)
     table = {m: summary(rs, tokens) for m, rs in runs.items()}
-    trl = table["trl"]  # the like-for-like peer (no gradient checkpointing, as dtm)
+    trl = table["trl"]  # TRL without gradient checkpointing: the issue's target is stated against it
     result = {
         "benchmark": "LoRA training, dtm train vs TRL SFTTrainer: same tokenised examples, batches, assistant-only loss, no packing",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": f"{args.model.name} (fp32, CPU, 1 thread), LoRA r=16 alpha=32 on {'/'.join(MLP)}",
         "data": f"{DATA.relative_to(ROOT)}: first {args.examples} conversations, chat template, cutoff {args.cutoff}; {tokens} real tokens",
         "batch": args.batch, "steps": steps, "repeats": args.repeats, "trl_version": runs["trl"][0].get("version"),
-        "note": "trl: gradient checkpointing off, as dtm (like for like); trl-gc: TRL's SFTConfig default (on), less memory for more time",
+        "note": "-gc: gradient (activation) checkpointing on (TRL's SFTConfig default; dtm's train.gradient_checkpointing, "
+                "default off); without -gc both off. target: each dtm mode against trl (no checkpointing, the issue's target); "
+                "like_for_like: against the TRL mode with the same checkpointing choice",
         "modes": table,
-        "target": {m: {"tokens_per_s_vs_trl": round(table[m]["tokens_per_s_best"] / trl["tokens_per_s_best"], 2),
-                       "peak_rss_vs_trl": round(table[m]["peak_rss_mb_max"] / trl["peak_rss_mb_max"], 2),
-                       "met (>= 1x tokens/s, <= 0.5x RSS)": table[m]["tokens_per_s_best"] >= trl["tokens_per_s_best"]
-                       and table[m]["peak_rss_mb_max"] <= 0.5 * trl["peak_rss_mb_max"]} for m in table if m.startswith("dtm")},
+        "target": {m: target_row(table[m], trl) for m in table if m.startswith("dtm")},
+        "like_for_like": {f"{m} vs {PEER[m]}": target_row(table[m], table[PEER[m]]) for m in table if m in PEER},
         "first_step_losses_agree": losses_agree([t["first_step_loss"] for t in table.values()]),
         "machine": machine() | {"loadavg_before": [round(x, 2) for x in load_before], "minutes": round((time.time() - started) / 60, 1)},
     }

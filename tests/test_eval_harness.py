@@ -15,8 +15,11 @@ from dtm.evaluation.harness import (
     Scorer,
     generate_greedy,
     load_scorer,
+    pack_rows,
+    packed_length,
     packed_mask,
     rolling_windows,
+    score_choices,
     score_packed,
     score_separate,
     score_texts,
@@ -93,6 +96,37 @@ def test_packed_and_per_choice_scoring_equal_a_plain_forward(scorer_a):
         want = [naive_logprob(model, ctx, c) for c in choices]
         assert got == pytest.approx(want, abs=1e-4)
         assert score_separate(scorer_a, [(ctx, c) for c in choices]) == pytest.approx(want, abs=1e-4)
+
+
+def test_pack_rows_fills_rows_first_fit_decreasing():
+    lengths = [5, 9, 2, 4, 9, 1, 12]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))  # every item once
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows if len(r) > 1)
+    assert rows == [[6], [1, 5], [4], [0, 3], [2]]  # by hand: 12 alone (too long), 9+1, 9, 5+4, 2
+    assert pack_rows(lengths, 10) == rows  # deterministic
+
+
+def test_several_questions_in_one_row_score_as_one_row_each(scorer_a):
+    """Padding-free packing: questions sharing a row see only themselves; and score_choices
+    with packing on gives the per-question scores of packing off (and of a plain forward)."""
+    items = questions(seed=5, n=7)
+    alone = score_packed(scorer_a, items)
+    together = score_packed(scorer_a, items, rows_of=[[0, 3, 6], [1, 2], [4, 5]])
+    for a, b in zip(alone, together, strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
+    model = scorer_a.models[0]
+    ctx, choices = items[3]
+    assert together[3] == pytest.approx([naive_logprob(model, ctx, c) for c in choices], abs=1e-4)
+    lengths = [packed_length(c, ch) for c, ch in items]
+    assert len(pack_rows(lengths, max(lengths))) < len(items)  # rows really are shared here
+    scorer_a.pack_questions = False
+    try:
+        unpacked = score_choices(scorer_a, items, batch_size=3)
+    finally:
+        scorer_a.pack_questions = True
+    for a, b in zip(unpacked, score_choices(scorer_a, items, batch_size=3), strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
 
 
 def test_ensemble_averages_probabilities(model_dirs, scorer_a):

@@ -432,6 +432,23 @@ def test_a_ray_joint_group_declares_the_memory_of_its_models_and_fits_a_node(tmp
     assert [len(u.jobs) for u in joint_groups(jobs, cfg, workers=2, most=3)] == [3, 3, 2]
 
 
+def test_gradient_checkpointing_trains_alone_with_the_trainer_and_says_so(tmp_path, caplog):
+    """The joint step has no activation checkpointing: with train.gradient_checkpointing every
+    job goes to the Trainer (which honours it), and the log says why."""
+    from dtm.training.executors import Job, joint_groups
+
+    cfg = lab_config()
+    portion = tmp_path / "portion.jsonl"
+    portion.write_text("x" * 1000)
+    jobs = [Job(f"sub-{i}", portion, tmp_path / f"sub-{i}", 3) for i in range(1, 5)]
+    cfg.train.models_per_job = 2
+    assert not any(isinstance(u, Job) for u in joint_groups(jobs, cfg, workers=1))
+    cfg.train.gradient_checkpointing = True
+    with caplog.at_level("INFO", logger="dtm.training.executors"):
+        assert all(isinstance(u, Job) for u in joint_groups(jobs, cfg, workers=1))
+    assert "sub-1: trains alone with the Trainer: train.gradient_checkpointing" in caplog.text
+
+
 @pytest.mark.slow  # a local Ray instance and two task processes: about 30 s
 def test_ray_runs_one_joint_job_per_task_slot_equal_to_local_joint(base_dir, tmp_path):
     """K=4 LoRA sub-models on a local Ray of 2 CPUs (a task per CPU): two joint jobs of two,

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import make_llama
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from dtm.config import ExperimentConfig
 from dtm.data.template import conversation, tokenize_conversations
@@ -150,16 +151,38 @@ def test_same_seed_same_weights_and_packing_trains(base_dir, tmp_path):
         torch.testing.assert_close(packed[k], padded[k], rtol=1e-3, atol=1e-5)
 
 
+class LayerCalls(TrainerCallback):
+    """Counts calls of the first decoder layer's MLP over training: activation checkpointing
+    runs each layer's insides twice per micro-batch (forward, then again in backward), without it
+    once. (Counted by wrapping the instance's `forward`: module hooks do not fire in the recompute.)"""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        mlp = next(m for name, m in model.named_modules() if name.endswith("layers.0.mlp"))
+        forward = mlp.forward
+
+        def counted(*a, **k):
+            self.calls += 1
+            return forward(*a, **k)
+
+        mlp.forward = counted
+
+
 def test_gradient_accumulation_and_checkpointing_keep_the_maths(base_dir, tmp_path):
-    """Batch 4 = 2 micro-batches of 2 accumulated; activation checkpointing recomputes exactly."""
-    def run(name: str, **train) -> dict[str, torch.Tensor]:
+    """Batch 4 = 2 micro-batches of 2 accumulated; activation checkpointing (LoRA, the chunked
+    loss) really recomputes the layers in backward, and exactly."""
+    def run(name: str, calls: LayerCalls | None = None, **train) -> dict[str, torch.Tensor]:
         cfg = tiny_config(max_steps=3, save_steps=100, group_by_length=False, **train)
         cfg.train.lora.lora_dropout = 0.0
-        return weights(train_model(base_dir, qa_data(), tmp_path / name, cfg, progress=False))
+        return weights(train_model(base_dir, qa_data(), tmp_path / name, cfg, progress=False, callbacks=[calls] if calls else ()))
 
-    whole = run("whole", per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    plain_calls, checkpointed_calls = LayerCalls(), LayerCalls()
+    whole = run("whole", plain_calls, per_device_train_batch_size=4, gradient_accumulation_steps=1)
     accumulated = run("accumulated", per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    checkpointed = run("checkpointed", per_device_train_batch_size=4, gradient_checkpointing=True)
+    checkpointed = run("checkpointed", checkpointed_calls, per_device_train_batch_size=4, gradient_checkpointing=True)
+    assert (plain_calls.calls, checkpointed_calls.calls) == (3, 6)
     for k in whole:
         torch.testing.assert_close(accumulated[k], whole[k], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(checkpointed[k], whole[k], rtol=1e-4, atol=1e-6)

@@ -1,11 +1,12 @@
 """Rebuild the files of data/real/ from git clones of the source repositories (see README.md).
 
-    python data/real/make_data.py HENDRYCKS_TEST_GIT GRADE_SCHOOL_MATH_GIT BIG_BENCH_HARD_GIT LLM_FOUNDRY_GIT
+    python data/real/make_data.py HENDRYCKS_TEST_GIT GRADE_SCHOOL_MATH_GIT BIG_BENCH_HARD_GIT LLM_FOUNDRY_GIT HELLASWAG_TEXT_DATA_GIT
 
 Each argument is a repository's git directory (a clone's .git, or a bare clone). The
 selection is fixed (subjects, first rows), so the output is the same bytes every time.
 """
 
+import bz2
 import csv
 import io
 import json
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPOS = dict(zip(("mmlu", "gsm8k", "bbh", "foundry"), sys.argv[1:5], strict=True))
+REPOS = dict(zip(("mmlu", "gsm8k", "bbh", "foundry", "klosax"), sys.argv[1:6], strict=True))
 out = Path(__file__).resolve().parent
 
 
@@ -120,5 +121,13 @@ open(f"{out}/arc_challenge.jsonl", "w").write("".join(json.dumps(r, ensure_ascii
 open(f"{out}/arc_challenge_fewshot.jsonl", "w").write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in arc[40:]))
 hs = [json.loads(line) for line in show("foundry", f"{F}:tests/eval/local_data/hellaswag_small.jsonl").splitlines()]
 hs = [{"id": f"hellaswag-{i}", "question": r["query"], "choices": r["choices"], "answer": r["gold"]} for i, r in enumerate(hs)]
+# + the first 40 HellaSwag validation rows (MIT) as klosax/hellaswag_text_data extracted them from rowanz/hellaswag's
+# hellaswag_val.jsonl: 6 lines per row ("activity_label: ctx", the label, the 4 endings), bracket tags cleaned
+K = "60a646bd806bce22dcb2eb6d4fadb12f1472aa4c"
+blob = subprocess.run(["git", f"--git-dir={REPOS['klosax']}", "show", f"{K}:hellaswag_val_full.txt.bz2"], capture_output=True, check=True).stdout
+lines = bz2.decompress(blob).decode("utf-8").split("\n")
+for i in range(40):
+    ctx, label, *endings = lines[6 * i : 6 * i + 6]
+    hs.append({"id": f"hellaswag-val-{i}", "question": ctx, "choices": endings, "answer": int(label)})
 open(f"{out}/hellaswag.jsonl", "w").write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in hs))
 print(len(test), len(dev), len(gt), len(bbh), len(shots), len(arc), len(hs))

@@ -101,7 +101,12 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     bf16: bool | None = Field(None, description="None = bf16 on a GPU that supports it, fp32 on CPU.")
     fp16: bool = Field(False, description="fp16 mixed precision on a GPU (for GPUs without bf16); not with train.bf16: true.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Activation checkpointing (the Trainer's, non-reentrant; works with LoRA and the chunked loss): each layer's "
+                    "activations are recomputed in backward instead of kept, less memory for about one more forward per step. Off "
+                    "by default: speed first, and the chunked loss already drops the logits. A job with it trains alone with the "
+                    "Trainer, never in a joint job.")
     freeze_modules: list[str] = Field(default_factory=list, description="Full fine-tuning: parameter-name patterns to freeze (e.g. embed_tokens).")
     group_by_length: bool = True
     packing: bool = False

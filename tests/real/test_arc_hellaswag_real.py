@@ -8,7 +8,8 @@ Three tasks, each once as dtm runs it and once as an lm-eval task YAML over the 
   arc_25shot      the same format with 25 examples (first_n, the Open LLM Leaderboard's shot
                   count), 3 questions: lm-eval scores ~1,500 tokens per choice;
   hellaswag       dtm's built-in (lm-eval's hellaswag: the preprocessed query, " " + ending),
-                  0-shot, the 4 questions there are.
+                  0-shot, all 44 questions there (4 from llm-foundry, the first 40 of the
+                  validation split from klosax/hellaswag_text_data).
 Per question: the prompt string byte-identical to lm-eval's context, the same acc and
 acc_norm, log-likelihoods within 1e-4.
 """
@@ -95,4 +96,6 @@ def test_prompts_and_scores_equal_lm_eval(both, task):
         largest = max(largest, *(abs(x - y) for x, y in zip(a["loglikelihoods"], lls, strict=True)))
     if task == "arc_25shot":
         assert all(p.count("\nAnswer: ") == ARC_SHOTS for p in prompts)  # the examples are in every prompt
+    if task == "hellaswag":
+        assert len(ours) == 44  # every row of data/real/hellaswag.jsonl
     print(f"{task}: {len(ours)} questions, 0 differ, max |log-likelihood difference| {largest:.1e}")

@@ -62,6 +62,8 @@ class Scorer:
     share_context: bool = True
     # run a prefix that many prompts of a task share (few-shot examples) once, from a KV cache
     prefix_cache: bool = True
+    # put several short multiple-choice questions in one row instead of padding them (`pack_rows`)
+    pack_questions: bool = True
     stop_token_ids: set[int] = field(default_factory=set)
     # Identifies the tokenizer by its files, so that the next model with the same ones reuses
     # a task's token ids (`runner.task_encoding`); "" = never reuse (remote tokenizer code).
@@ -250,95 +252,159 @@ def load_scorer(
 @torch.inference_mode()
 def _token_logprobs(scorer: Scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
                     rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                    prefix: SharedPrefix | None = None) -> torch.Tensor:
+                    prefix: SharedPrefix | None = None, exact_keep: bool = False) -> torch.Tensor:
     """log p(target | prefix) at (row, position) pairs, averaged over the ensemble in probability space.
 
     With `prefix`, every row continues that shared prefix: its keys and values come from the
-    cache (expanded over the batch) and `attention_mask` covers prefix + rows."""
+    cache (expanded over the batch) and `attention_mask` covers prefix + rows. `exact_keep`:
+    logits at exactly the scored positions (rows that pack several questions), else at the
+    last positions from the first scored one on (any model that takes an integer)."""
     per_model = []
-    # only the last `keep` positions need logits: the LM head (the biggest matmul of a small
-    # model) skips the shared contexts. `logits_to_keep` is the model's own argument.
+    # Only the scored positions need logits: the LM head (the biggest matmul of a small model,
+    # 49k x 576 on SmolLM2) skips everything else. `logits_to_keep` is the model's own argument:
+    # an integer keeps the last n positions; a boolean [B, T] mask (transformers'
+    # `slice_logits_to_keep`) keeps exactly the scored ones, for rows of several questions
+    # (a model that does not take it fails the packing probe and is scored one row per choice).
+    B, T = input_ids.shape
     first = int(positions.min())
-    keep = input_ids.shape[1] - first
+    keep: int | torch.Tensor = T - first
+    rank = None
+    if exact_keep:
+        keep = torch.zeros((B, T), dtype=torch.bool, device=input_ids.device)
+        keep[rows, positions] = True
+        rank = keep.flatten().cumsum(0) - 1  # (row, position) -> its row in the flattened kept logits
     for k, model in enumerate(scorer.models):
         kwargs: dict[str, Any] = {"position_ids": position_ids} if position_ids is not None else {}
         if prefix is not None:
             kwargs[_cache_kwarg(model)] = prefix.cache(k, model, input_ids.shape[0])
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
-            offset = first
-        else:
-            offset = 0
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=prefix is not None, **kwargs).logits
-        picked = logits[rows, positions - offset].float().log_softmax(-1)
+        if rank is not None and logits.dim() == 2 and logits.shape[0] == int(rank[-1]) + 1:  # kept positions, row-major
+            picked = logits[rank[rows * T + positions]]
+        elif logits.dim() == 3 and logits.shape[1] in (T, T - first):  # all positions, or the last ones (an older model)
+            picked = logits[rows, positions - (T - logits.shape[1])]
+        else:
+            raise DtmError(f"{scorer.names[k]}: logits of shape {tuple(logits.shape)} for a batch of {B} x {T} tokens; "
+                           "the model handles `logits_to_keep` in a way not known here (pass share_context=False)")
+        picked = picked.float().log_softmax(-1)
         per_model.append(picked.gather(-1, targets[:, None]).squeeze(-1))
     if len(per_model) == 1:
         return per_model[0]
     return torch.logsumexp(torch.stack(per_model), 0) - math.log(len(per_model))
 
 
-def packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, T, T] mask from segment ids (0 = context, k = choice k, -1 = padding):
-    a token sees earlier tokens of its own segment and the context; padding sees padding."""
+def packed_mask(segments: torch.Tensor, dtype: torch.dtype, questions: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask from segment ids (0 = context, k = choice k, -1 = padding)
+    and, where a row packs several questions, their ids (-1 = padding): a token sees earlier
+    tokens of its own segment and its own question's context; padding sees padding."""
     T = segments.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     key, query = segments[:, None, :], segments[:, :, None]
     allowed = causal & ((key == query) | (key == 0))
+    if questions is not None:
+        allowed &= questions[:, None, :] == questions[:, :, None]
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
 
-def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]],
-                 prefix: SharedPrefix | None = None) -> list[list[float]]:
-    """Sum log p(choice | context) for a batch of questions, one row per question.
+def packed_length(ctx: Sequence[int], choices: Sequence[Sequence[int]]) -> int:
+    """Tokens a question takes in a packed row: its context and each choice but its last token."""
+    return len(ctx) + sum(max(len(c) - 1, 0) for c in choices)
 
-    A row is the context, then each choice without its last token (a last token is only a
+
+def score_packed(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int]]]],
+                 prefix: SharedPrefix | None = None, rows_of: Sequence[Sequence[int]] | None = None) -> list[list[float]]:
+    """Sum log p(choice | context) for a batch of questions.
+
+    A question is its context, then each choice without its last token (a last token is only a
     target, predicted from the token before it): single-token choices, MMLU's letters, add
-    nothing to the row. With `prefix`, each context continues the cached shared prefix."""
+    nothing. `rows_of` puts several questions in one row (lists of item indices; default one
+    question per row): each sees only itself, its positions restart at 0, so the row is
+    padding-free packing and the scores equal one row per question. With `prefix`, each
+    question continues the cached shared prefix."""
     dtype = next(scorer.models[0].parameters()).dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
     start = prefix.length if prefix is not None else 0
-    total = max(len(ctx) + sum(max(len(c) - 1, 0) for c in choices) for ctx, choices in items)
-    ids, pos, seg = [], [], []
+    layout = [list(r) for r in rows_of] if rows_of is not None else [[i] for i in range(len(items))]
+    total = max(sum(packed_length(*items[i]) for i in row) for row in layout)
+    ids, pos, seg, qid = [], [], [], []
     rows, positions, targets, owner = [], [], [], []
-    n_choices = 0
-    for b, (ctx, choices) in enumerate(items):
-        L = len(ctx)
-        row_ids, row_pos, row_seg = list(ctx), list(range(start, start + L)), [0] * L
-        for k, choice in enumerate(choices, 1):
-            m = len(choice)
-            if m == 0:  # nothing to score (a choice whose text added no token)
-                n_choices += 1
-                continue
-            cursor = len(row_ids)
-            row_ids += choice[:-1]
-            row_pos += range(start + L, start + L + m - 1)
-            row_seg += [k] * (m - 1)
-            rows += [b] * m
-            positions.append(L - 1)
-            positions += range(cursor, cursor + m - 1)
-            targets += choice
-            owner += [n_choices] * m
-            n_choices += 1
+    first_choice = [0] * len(items)  # index of each question's first choice in the flat choice list
+    n_choices = sum(len(choices) for _, choices in items)
+    k0 = 0
+    for i, (_, choices) in enumerate(items):
+        first_choice[i] = k0
+        k0 += len(choices)
+    for b, row in enumerate(layout):
+        row_ids: list[int] = []
+        row_pos: list[int] = []
+        row_seg: list[int] = []
+        row_q: list[int] = []
+        for q in row:
+            ctx, choices = items[q]
+            L, base = len(ctx), len(row_ids)
+            row_ids += ctx
+            row_pos += range(start, start + L)
+            row_seg += [0] * L
+            row_q += [q] * L
+            for k, choice in enumerate(choices, 1):
+                m = len(choice)
+                if m == 0:  # nothing to score (a choice whose text added no token)
+                    continue
+                cursor = len(row_ids)
+                row_ids += choice[:-1]
+                row_pos += range(start + L, start + L + m - 1)
+                row_seg += [k] * (m - 1)
+                row_q += [q] * (m - 1)
+                rows += [b] * m
+                positions.append(base + L - 1)
+                positions += range(cursor, cursor + m - 1)
+                targets += choice
+                owner += [first_choice[q] + k - 1] * m
         pad = total - len(row_ids)
         ids.append(row_ids + [scorer.pad_id] * pad)
         pos.append(row_pos + [0] * pad)
         seg.append(row_seg + [-1] * pad)
+        qid.append(row_q + [-1] * pad)
     dev = scorer.device
-    mask = packed_mask(torch.tensor(seg), dtype)
+    several = any(len(row) > 1 for row in layout)
+    mask = packed_mask(torch.tensor(seg), dtype, torch.tensor(qid) if several else None)
     if prefix is not None:  # every row (padding too) sees the whole prefix
-        mask = torch.cat([torch.zeros((len(items), 1, total, start), dtype=dtype), mask], -1)
+        mask = torch.cat([torch.zeros((len(layout), 1, total, start), dtype=dtype), mask], -1)
     lp = _token_logprobs(scorer, torch.tensor(ids, device=dev), mask.to(dev), torch.tensor(pos, device=dev),
                          torch.tensor(rows, device=dev), torch.tensor(positions, device=dev), torch.tensor(targets, device=dev),
-                         prefix)
-    sums = torch.zeros(n_choices, dtype=torch.float64).index_add_(0, torch.tensor(owner), lp.double().cpu()).tolist()
-    out, k = [], 0
-    for _, choices in items:
-        out.append(sums[k:k + len(choices)])
-        k += len(choices)
-    return out
+                         prefix, exact_keep=several)
+    sums = torch.zeros(n_choices, dtype=torch.float64).index_add_(0, torch.tensor(owner, dtype=torch.long), lp.double().cpu()).tolist()
+    return [sums[first_choice[i]:first_choice[i] + len(choices)] for i, (_, choices) in enumerate(items)]
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices packed into rows of at most `capacity` tokens, first-fit decreasing (longest
+    first; ties keep input order, so it is deterministic). An item longer than `capacity`
+    gets a row of its own.
+
+    Why our own: the bin packing is ten lines and must be deterministic and index-preserving;
+    TRL's and the `binpacking` package's packers work on datasets or lose the order of ties."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    open_rows: list[int] = []  # rows with room for the shortest item (the others are full)
+    shortest = min(lengths, default=0)
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = lengths[i]
+        for r in open_rows:
+            if n <= room[r]:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+            open_rows.append(len(rows) - 1)
+        open_rows = [r for r in open_rows if room[r] >= shortest]
+    return rows
 
 
 def score_separate(scorer: Scorer, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
@@ -371,12 +437,14 @@ def probe_packing(scorer: Scorer) -> bool:
     g = torch.Generator().manual_seed(0)
     ctx = torch.randint(3, vocab, (7,), generator=g).tolist()
     choices = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 1, 4)]
-    try:
-        packed = score_packed(scorer, [(ctx, choices)])[0]
+    other = (torch.randint(3, vocab, (5,), generator=g).tolist(), [torch.randint(3, vocab, (2,), generator=g).tolist()])
+    try:  # two questions in one row, as `score_choices` packs them
+        both = score_packed(scorer, [other, (ctx, choices)], rows_of=[[0, 1]])
     except Exception as e:  # any model that rejects 4D masks or position ids
         log.info("packed scoring unsupported (%s); scoring one row per choice", e)
         return False
-    separate = score_separate(scorer, [(ctx, c) for c in choices])
+    packed = both[0] + both[1]
+    separate = score_separate(scorer, [(other[0], other[1][0])] + [(ctx, c) for c in choices])
     ok = all(abs(a - b) < 1e-3 * max(1.0, abs(b)) for a, b in zip(packed, separate, strict=True))
     if not ok:
         log.info("packed scores differ from per-choice scores for %s; scoring one row per choice", scorer.names[0])
@@ -512,11 +580,17 @@ def score_choices(scorer: Scorer, items: Sequence[tuple[list[int], list[list[int
             prefix = encode_prefix(scorer, items[members[0]][0][:shared]) if shared else None
             cut = prefix.length if prefix is not None else 0
             sub = [(items[i][0][cut:], items[i][1]) for i in members]
-            lengths = [len(c) + sum(len(x) for x in ch) for c, ch in sub]
-            for batch in batches_by_length(lengths, batch_size):
-                for j, scores in zip(batch, score_packed(scorer, [sub[j] for j in batch], prefix), strict=True):
+            lengths = [packed_length(c, ch) for c, ch in sub]
+            # Padding-free packing: short questions share a row up to the longest question's
+            # length, so a batch is at most batch_size x that many tokens, as without packing.
+            layout = pack_rows(lengths, max(lengths)) if scorer.pack_questions else [[j] for j in range(len(sub))]
+            for batch in batches_by_length([sum(lengths[j] for j in row) for row in layout], batch_size):
+                qs = [j for r in batch for j in layout[r]]
+                local = {j: n for n, j in enumerate(qs)}
+                scored = score_packed(scorer, [sub[j] for j in qs], prefix, [[local[j] for j in layout[r]] for r in batch])
+                for j, scores in zip(qs, scored, strict=True):
                     results[members[j]] = scores
-                bar.update(len(batch))
+                bar.update(len(qs))
     else:
         pairs = [(i, j, ctx, cont) for i, (ctx, choices) in enumerate(items) for j, cont in enumerate(choices)]
         for i, (_, choices) in enumerate(items):

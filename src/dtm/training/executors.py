@@ -437,6 +437,9 @@ def joint_groups(jobs: list[Job], config: ExperimentConfig, workers: int, on_gpu
         else:
             if per_job != 1 and joinable(cfg, job.baseline, on_gpu=False):
                 mixed[job.name] = mixed_precision(cfg, on_gpu) or ""
+            if per_job != 1 and cfg.train.gradient_checkpointing:  # say why the setting costs the joint step
+                log.info("%s: trains alone with the Trainer: train.gradient_checkpointing is on and the joint step "
+                         "does not checkpoint activations (turn it off to train models in joint jobs)", job.name)
             units.append(job)
     if mixed:
         log.warning("%s: %s", ", ".join(mixed), next(iter(mixed.values())))
