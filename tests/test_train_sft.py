@@ -357,3 +357,20 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, tokenizer):
     tokenizer.save_pretrained(d)  # 373 tokens
     with pytest.raises(TrainingError, match=r"small-vocab.*tokenizer has \d+ tokens.*256 embedding rows"):
         train_model(d, qa_data(), tmp_path / "m", tiny_config(), progress=False)
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_killed_ones(tmp_path):
+    """TensorBoard reads event files in name order, and a name starts with its second: a run
+    resumed within the second of a killed one must still come after it, or the killed run's
+    restart marker (read last) hides the resumed run's steps."""
+    import socket
+
+    from dtm.training.sft import tensorboard_callback
+
+    now = int(time.time())
+    killed = tmp_path / f"events.out.tfevents.{now:010d}.{socket.gethostname()}.999999999.0"  # a later process id
+    killed.write_bytes(b"")
+    callback = tensorboard_callback(tmp_path, resume_step=10)
+    callback.tb_writer.close()
+    files = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[-1] != killed.name
