@@ -44,12 +44,10 @@ def qa_data(n: int = 32) -> list:
     return [conversation(f"What is {i} + {i}?", f"{2 * i} is the sum of {i} and {i}.", id=str(i)) for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("base")
-    make_llama(seed=0).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
+@pytest.fixture
+def base(base_dir: Path) -> Path:
+    """The suite's pico Llama with the tiny tokenizer (`conftest.base_dir`)."""
+    return base_dir
 
 
 class Observe(TrainerCallback):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
 from safetensors.torch import load_file
 
 from dtm.config import ExperimentConfig
@@ -54,12 +53,10 @@ def qa(n: int, offset: int) -> list:
     return [conversation(f"What is {i} + {i}?", f"{2 * i} is the sum of {i} and {i}.", id=str(i)) for i in range(offset, offset + n)]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("base")
-    make_llama(seed=0).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
+@pytest.fixture
+def base(base_dir: Path) -> Path:
+    """The suite's pico Llama with the tiny tokenizer (`conftest.base_dir`)."""
+    return base_dir
 
 
 def weights(d: Path) -> dict[str, torch.Tensor]:
