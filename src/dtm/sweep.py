@@ -13,8 +13,8 @@ by atomic renames), and in the train stage each model whose training job is the 
 bytes, train and baselines sections, seed, base) is linked from the sibling that trained it. So
 a merge-method axis trains nothing new, and a K axis trains vanilla once. In the eval stage,
 each model's result file is linked from a sibling whose result for that model is current here
-(`evaluation.runner.is_current`: the same model files and task contents, so the evaluator
-skips it): a merge-method cell evaluates only its merge. What was linked is recorded in each
+(every task's run key, `evaluation.runner.run_keys`: the same model files and task contents,
+so the evaluator skips it): a merge-method cell evaluates only its merge. What was linked is recorded in each
 seed run's `reused.json`, which the sweep report counts.
 
 `run`, `status` and `write_report` here take plain runs too (and hand them to `dtm.pipeline`):
@@ -332,7 +332,7 @@ def _keys_of(path: str, inode: int, mtime_ns: int, size: int) -> tuple[tuple[str
 
 
 def _current(result_file: Path, wanted: dict[str, str]) -> bool:
-    """Whether the file holds every wanted task under its wanted run key (`runner.is_current`'s test)."""
+    """Whether the file holds every wanted task under its wanted run key (what the evaluator checks before it skips a task)."""
     stored = _stored_keys(result_file)
     return all(stored.get(task) == key for task, key in wanted.items())
 

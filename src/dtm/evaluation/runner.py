@@ -302,16 +302,6 @@ def run_key(task: Task, models: Sequence[ModelRef], adapter: ModelRef | None, li
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_current(result_file: str | os.PathLike, model: Any, tasks: Sequence[Task], limit: int | None = None,
-               max_new_tokens: int | None = None, dtype: str | None = None) -> bool:
-    """Whether `evaluate_many` would score none of `tasks` again for `model` (a model reference as
-    it takes them) given `result_file`: every task's result is there under its current run key.
-    A sweep links a sibling cell's result file when it is current here."""
-    done = ResultStore(result_file).load()
-    keys = run_keys(model, tasks, limit, max_new_tokens, dtype)
-    return all(isinstance(done.get(name), dict) and done[name].get("run_key") == key for name, key in keys.items())
-
-
 def run_keys(model: Any, tasks: Sequence[Task], limit: int | None = None, max_new_tokens: int | None = None,
              dtype: str | None = None) -> dict[str, str]:
     """Task name -> the run key `evaluate_many` stores with `model`'s result on it: a result file
