@@ -710,13 +710,13 @@ def tensorboard_callback(log_dir: Path, resume_step: int) -> TrainerCallback:
 
 
 def _after_existing_event_files(log_dir: Path) -> None:
-    """Wait (at most a second) until a new event file's name sorts after every file already in
+    """Wait (until the next second, two at most) until a new event file's name sorts after every file already in
     `log_dir`. TensorBoard reads a directory's files in name order, and a name starts with the
     second it was made in, then the host and the process id: a run resumed within the second of
     the killed one (a small model on a fast machine) could sort first, and then the killed run's
     steps would purge the resumed run's (its restart marker read last)."""
-    newest = max((int(f.name.split(".")[3]) for f in log_dir.glob("events.out.tfevents.*")
-                  if f.name.split(".")[3].isdigit()), default=None)
+    seconds = (f.name.split(".")[3] for f in log_dir.glob("events.out.tfevents.*"))
+    newest = max((int(x) for x in seconds if x.isdigit()), default=None)
     deadline = time.monotonic() + 2  # a file from a clock ahead of ours is not waited for longer
     while newest is not None and int(time.time()) <= newest and time.monotonic() < deadline:
         time.sleep(0.05)
