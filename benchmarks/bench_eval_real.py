@@ -1,6 +1,7 @@
 """Evaluation speed on a real model: `dtm` against `lm_eval --model hf`, same questions, same batch size.
 
     .venv/bin/python benchmarks/bench_eval_real.py                 # the full run (idle machine: see --help)
+    .venv/bin/python benchmarks/bench_eval_real.py --peer-repeats 1 # the same with lm-eval once per task (~75 min; --jobs 2: ~40)
     .venv/bin/python benchmarks/bench_eval_real.py --mmlu5 70 --mmlu0 70 --arc 10 --gsm8k 10 --gen-tokens 64 --repeats 1
     .venv/bin/python benchmarks/bench_eval_real.py --mmlu5 308 --mmlu0 140 --jobs 8   # the issue's sizes in ~20 min, 8+ idle cores
 
@@ -231,7 +232,8 @@ def run_all(tasks: dict[str, dict], args: argparse.Namespace, work: Path) -> dic
     """{task: {tool: [each repeat's child output]}}: every (task, repeat, tool) child, task by task, the
     tools alternating (load drifts hit both alike), --jobs of them at once (in that order)."""
     order = [(name, tool) for name in tasks for rep in range(args.repeats)
-             for tool in (("lm_eval", "dtm") if rep % 2 == 0 else ("dtm", "lm_eval"))]
+             for tool in (("lm_eval", "dtm") if rep % 2 == 0 else ("dtm", "lm_eval"))
+             if tool == "dtm" or rep < args.peer_repeats]
 
     def one(name: str, tool: str) -> dict:
         t = tasks[name]
@@ -259,10 +261,15 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=256, help="max new tokens (lm-eval's gsm8k: 256)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peer-repeats", type=int, default=None,
+                    help="lm-eval's runs per task, at most --repeats (default: --repeats). One lm-eval run of the full "
+                         "5-shot MMLU takes ~20 min; its best of fewer runs can only be slower, so the ratio is then "
+                         "an upper bound within the run-to-run noise (a few percent when idle); the JSON records it")
     ap.add_argument("--jobs", type=int, default=1, help="children run at once, one thread each (needs that many idle cores)")
     ap.add_argument("--model", type=Path, default=None, help="default: the converted SmolLM2-135M (benchmarks/real_model.py)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    args.peer_repeats = args.repeats if args.peer_repeats is None else max(1, min(args.peer_repeats, args.repeats))
     if args.model is None:
         spec = importlib.util.spec_from_file_location("dtm_real_model", ROOT / "benchmarks" / "real_model.py")
         real_model = importlib.util.module_from_spec(spec)
@@ -274,7 +281,8 @@ def main() -> None:
     started = time.time()
     report: dict = {"what": "evaluation speed and agreement, dtm vs lm_eval --model hf, same rows, model and batch size",
                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "model": str(args.model.name),
-                    "batch_size": args.batch_size, "repeats": args.repeats, "jobs": args.jobs, "tasks": {}}
+                    "batch_size": args.batch_size, "repeats": args.repeats, "lm_eval_repeats": args.peer_repeats,
+                    "jobs": args.jobs, "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="bench-eval-real-") as tmp:
         work = Path(tmp)
         tasks = build_tasks(work, args)
