@@ -348,12 +348,13 @@ def merge_streaming(
     weight_map = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress, delay=1.0)  # no bar for a merge that takes under a second
     reads = (r for t in plan for r in tensor_reads(t.name, sources, spec, fn_params, base, fishers))
-    feed = ChunkFeed(reads, compute, threaded=overlap)
+    threads = compute_threads(spec) if overlap else 0
+    feed = ChunkFeed(reads, compute, threaded=overlap, groups=pool_groups(threads))
     writes = Behind(WRITE_BEHIND, threaded=overlap)
     writers: list[ShardWriter] = []
     scratch = Scratch()
     direct = ChunkReader()  # TIES' threshold sample and its rare exact fallback, outside the schedule
-    workers = Workers(compute_threads(spec) if overlap else 0, COMPUTE_AHEAD, initializer=lambda: torch.set_num_threads(1))
+    workers = Workers(threads, COMPUTE_AHEAD, initializer=lambda: torch.set_num_threads(1))
     # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
     # and on a busy machine one descheduled OpenMP worker stalls every op (docs/architecture.md,
     # "Merging"); methods with more work per element use whole chunks on two Python threads
@@ -441,9 +442,15 @@ WRITE_BEHIND = 2
 COMPUTE_THREADS = 2
 COMPUTE_AHEAD = 2
 # Reused read buffer groups (`ChunkFeed`): enough for every group that can be in flight at once
-# (READ_AHEAD queued + 1 being read + COMPUTE_AHEAD + 1 in the compute + WRITE_BEHIND + 1 in the
-# writer), so the reader never waits on the pool unless the compute or writer is behind anyway.
-POOL_GROUPS = READ_AHEAD + WRITE_BEHIND + COMPUTE_AHEAD + 3
+# (READ_AHEAD queued + 1 being read + 1 in the compute, COMPUTE_AHEAD more with compute threads,
+# + WRITE_BEHIND + 1 in the writer), so the reader never waits on the pool unless the compute
+# or writer is behind anyway.
+POOL_GROUPS = READ_AHEAD + WRITE_BEHIND + 3
+
+
+def pool_groups(threads: int) -> int:
+    """The pool's size for a merge with `threads` compute threads (0: the caller's thread)."""
+    return POOL_GROUPS + (COMPUTE_AHEAD if threads else 0)
 
 
 def compute_threads(spec: M.MergeMethod) -> int:
@@ -517,7 +524,7 @@ class ChunkFeed:
     thread (`overlap.Ahead`) and taken in the same order. `take` checks each step's key, so a
     schedule that disagreed with the compute would stop the merge at once, never merge wrong data.
 
-    Reads go into a fixed pool of `POOL_GROUPS` reused buffer groups, not fresh memory: a fresh
+    Reads go into a fixed pool of `groups` reused buffer groups (`pool_groups`), not fresh memory: a fresh
     buffer per read made the kernel fault in and zero a new page for every 4 KiB read (a
     merge's whole input size in page faults). A group goes back to the pool only when its
     `release` is called, which the engine does after the last use of anything computed from
@@ -527,12 +534,13 @@ class ChunkFeed:
     holds one group at a time and the writer releases what it has written), so it cannot hang.
     """
 
-    def __init__(self, reads: Iterator[ChunkRead], compute: torch.dtype, threaded: bool = True):
+    def __init__(self, reads: Iterator[ChunkRead], compute: torch.dtype, threaded: bool = True,
+                 groups: int = POOL_GROUPS):
         self._reader = ChunkReader()
         self._compute = compute
         self._closed = threading.Event()
         self._free: queue.SimpleQueue[BufferGroup] = queue.SimpleQueue()
-        for _ in range(POOL_GROUPS):
+        for _ in range(groups):
             self._free.put(BufferGroup())
         self._ahead = Ahead(self._read(reads), READ_AHEAD, threaded)
 
