@@ -20,6 +20,13 @@ and checks that it writes the same bytes. The disk-bound limit is `cat` of the m
 (warm page cache) plus a `dd` of the output size to the same disk. The issue's targets are
 checked and written beside the numbers, and peak RSS flat in model size (within 1.25x from
 125M to 500M parameters).
+Threads: run it under OMP_NUM_THREADS=1 (as the lead's commands do): both tools' torch ops then
+use one intra-op thread. That does not limit Python threads: dtm reads on one thread and writes
+on another (both tools' files come from the page cache), and for TIES and DARE (from session 8)
+merges chunks on two compute threads (`engine.COMPUTE_THREADS`), each running one-thread torch
+ops, so on 2 cores dtm may use both for the arithmetic while mergekit's ops run on one (its
+`--num-threads` would set torch's intra-op threads, which the runs here leave at 1 for both
+tools; `--one-thread` adds dtm on a single thread, `--no-overlap`, to the rotation).
 mergekit lives in its own venv ($DTM_MERGEKIT_VENV, default ~/.cache/dtm/venvs/mergekit, torch==2.13.0 first), created if missing.
 Numbers go to stdout and benchmarks/results/bench_merge.json, with the machine's cores and load.
 """

@@ -183,6 +183,7 @@ def test_methods_on_chunks_equal_whole_tensor(method):
     if spec.trims:
         state["trims"] = M.ties_trims(xs, base, params["density"])
     cuts = [100, 1, 400, 498]
-    parts = [spec.fn([x for x in xc], [1.0, 2.0, 0.5], base=bc, **params, **state)
-             for *xc, bc in zip(*(x.split(cuts) for x in xs), base.split(cuts))]
+    starts = [sum(cuts[:i]) for i in range(len(cuts))]
+    parts = [spec.fn([x for x in xc], [1.0, 2.0, 0.5], base=bc, **params, **state, **({"offset": s} if spec.random else {}))
+             for s, (*xc, bc) in zip(starts, zip(*(x.split(cuts) for x in xs), base.split(cuts)))]
     assert torch.equal(torch.cat(parts), whole)

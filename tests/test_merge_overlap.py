@@ -204,5 +204,7 @@ def test_every_pooled_buffer_group_is_handed_back_once(models, tmp_path, monkeyp
     monkeypatch.setattr(E, "BufferGroup", counted_group)
     monkeypatch.setattr(E.ChunkFeed, "close", close)
     dtm.merge(dirs, tmp_path / "m", method="ties", base=base, parameters={"density": 0.4}, overlap=overlap, progress=False)
-    assert len(made) == E.POOL_GROUPS and free_at_close == [E.POOL_GROUPS]
+    groups = E.pool_groups(E.compute_threads(M.get_method("ties")) if overlap else 0)
+    assert groups == E.POOL_GROUPS + (E.COMPUTE_AHEAD if overlap else 0)
+    assert len(made) == groups and free_at_close == [groups]
     assert no_merge_threads()

@@ -7,8 +7,8 @@ Flow of a merge:
      before any data is read);
   3. for each tensor name: compute the method's per-model state (TIES thresholds, DARE
      streams), then read it from the K models chunk by chunk, merge each chunk with the
-     method's per-tensor function in the compute dtype, cast to the output dtype and append
-     it to the open shard;
+     method's per-tensor function in the compute dtype (TIES and DARE: on two threads, chunks
+     in order), cast to the output dtype and append it to the open shard;
   4. copy config, generation config and tokenizer files, write `dtm_merge.json`, and rename
      the temporary directory to the output name (`dtm.io.atomic_directory`).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -61,7 +63,7 @@ from dtm.merging.lora import (
     open_adapter,
     svd_truncate,
 )
-from dtm.merging.overlap import Ahead, Behind
+from dtm.merging.overlap import Ahead, Behind, Workers
 
 log = logging.getLogger("dtm.merging")
 
@@ -346,13 +348,17 @@ def merge_streaming(
     weight_map = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress, delay=1.0)  # no bar for a merge that takes under a second
     reads = (r for t in plan for r in tensor_reads(t.name, sources, spec, fn_params, base, fishers))
-    feed = ChunkFeed(reads, compute, threaded=overlap)
+    threads = compute_threads(spec) if overlap else 0
+    feed = ChunkFeed(reads, compute, threaded=overlap, groups=pool_groups(threads))
     writes = Behind(WRITE_BEHIND, threaded=overlap)
     writers: list[ShardWriter] = []
     scratch = Scratch()
+    direct = ChunkReader()  # TIES' threshold sample and its rare exact fallback, outside the schedule
+    workers = Workers(threads, COMPUTE_AHEAD, initializer=lambda: torch.set_num_threads(1))
     # Chunks are small and memory-bound: forking threads for each op costs more than it gains,
     # and on a busy machine one descheduled OpenMP worker stalls every op (docs/architecture.md,
-    # "Merging"). Every registered method is elementwise (given its per-model state).
+    # "Merging"); methods with more work per element use whole chunks on two Python threads
+    # instead (`compute_threads`). Every registered method is elementwise (given its state).
     try:
         with torch_threads(1) if spec.elementwise else contextlib.nullcontext():
             for shard, file in zip(shards, files):
@@ -361,7 +367,8 @@ def merge_streaming(
                 for t in shard:
                     if spec.elementwise and sources[0].info(t.name).dtype.is_floating_point:  # type: ignore[union-attr]
                         for c, release in merge_tensor_chunks(t.name, sources, spec, weights, fn_params, base, compute,
-                                                              fishers, t.dtype, feed, seed=seed, scratch=scratch):
+                                                              fishers, t.dtype, feed, seed=seed, scratch=scratch,
+                                                              workers=workers, direct=direct):
                             writes.submit(writer.append, t.name, c)
                             writes.submit(release)  # after the write: `c` may be a view of an input buffer
                         writes.submit(writer.end, t.name)
@@ -379,7 +386,9 @@ def merge_streaming(
             w.abort()
         raise
     finally:
+        workers.close()
         feed.close()
+        direct.close()
     bar.close()
     if len(files) > 1:
         atomic_write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -427,10 +436,28 @@ CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per model: a chunk group of K + 1 inpu
 # streamed: adapters, integer buffers). Deeper queues gain nothing once the disk is kept busy.
 READ_AHEAD = 4
 WRITE_BEHIND = 2
+# Compute threads for the methods with more arithmetic per element than a linear merge (TIES'
+# threshold pass and trim, DARE's draws): whole chunks on Python threads, each running one-thread
+# torch ops, results written in order; at most COMPUTE_AHEAD + 1 chunk groups in the compute.
+COMPUTE_THREADS = 2
+COMPUTE_AHEAD = 2
 # Reused read buffer groups (`ChunkFeed`): enough for every group that can be in flight at once
-# (READ_AHEAD queued + 1 being read + 1 in the compute + WRITE_BEHIND + 1 in the writer), so the
-# reader never waits on the pool unless the compute or writer is behind anyway.
+# (READ_AHEAD queued + 1 being read + 1 in the compute, COMPUTE_AHEAD more with compute threads,
+# + WRITE_BEHIND + 1 in the writer), so the reader never waits on the pool unless the compute
+# or writer is behind anyway.
 POOL_GROUPS = READ_AHEAD + WRITE_BEHIND + 3
+
+
+def pool_groups(threads: int) -> int:
+    """The pool's size for a merge with `threads` compute threads (0: the caller's thread)."""
+    return POOL_GROUPS + (COMPUTE_AHEAD if threads else 0)
+
+
+def compute_threads(spec: M.MergeMethod) -> int:
+    """How many threads compute `spec`'s chunks: COMPUTE_THREADS for TIES- and DARE-style methods,
+    none (the caller's thread) for the others, whose arithmetic is a few ops per element and
+    leaves the CPU to the reader and writer threads."""
+    return COMPUTE_THREADS if spec.elementwise and (spec.trims or spec.random) else 0
 
 
 def chunkable(name: str, sources: Sequence[Source], spec: M.MergeMethod, base: Checkpoint | None,
@@ -462,13 +489,13 @@ def trim_densities(spec: M.MergeMethod, fn_params: dict[str, Any], n: int, k: in
     return None if all(M.keep_count(n, d) >= n for d in densities) else densities
 
 
-Step = tuple[str, str, int, int]  # (tensor, pass "trim" or "merge", model index or -1, first element)
+Step = tuple[str, str, int, int]  # (tensor, pass "trim" or "merge", -1, first element)
 
 
 @dataclass(frozen=True)
 class ChunkRead:
     """One step of the read schedule: elements [start, start + size) of some inputs of a tensor
-    (pass "trim": model k and the base; pass "merge": every input of `tensor_inputs`)."""
+    (pass "trim": the K models and the base; pass "merge": every input of `tensor_inputs`)."""
 
     key: Step
     infos: tuple[TensorInfo, ...]
@@ -485,10 +512,9 @@ def tensor_reads(name: str, sources: Sequence[Source], spec: M.MergeMethod, fn_p
         return
     infos = tuple(i.info(name) for i in tensor_inputs(sources, spec, base, fishers))
     k, n, chunk = len(sources), first.numel, CHUNK_ELEMENTS
-    if trim_densities(spec, fn_params, n, k) is not None:
-        for i in range(k):
-            for start in range(0, n, chunk):
-                yield ChunkRead((name, "trim", i, start), (infos[i], infos[k]), start, min(chunk, n - start))
+    if n > chunk and trim_densities(spec, fn_params, n, k) is not None:
+        for start in range(0, n, chunk):
+            yield ChunkRead((name, "trim", -1, start), infos[:k + 1], start, min(chunk, n - start))
     for start in range(0, n, chunk):
         yield ChunkRead((name, "merge", -1, start), infos, start, min(chunk, n - start))
 
@@ -498,7 +524,7 @@ class ChunkFeed:
     thread (`overlap.Ahead`) and taken in the same order. `take` checks each step's key, so a
     schedule that disagreed with the compute would stop the merge at once, never merge wrong data.
 
-    Reads go into a fixed pool of `POOL_GROUPS` reused buffer groups, not fresh memory: a fresh
+    Reads go into a fixed pool of `groups` reused buffer groups (`pool_groups`), not fresh memory: a fresh
     buffer per read made the kernel fault in and zero a new page for every 4 KiB read (a
     merge's whole input size in page faults). A group goes back to the pool only when its
     `release` is called, which the engine does after the last use of anything computed from
@@ -508,12 +534,13 @@ class ChunkFeed:
     holds one group at a time and the writer releases what it has written), so it cannot hang.
     """
 
-    def __init__(self, reads: Iterator[ChunkRead], compute: torch.dtype, threaded: bool = True):
+    def __init__(self, reads: Iterator[ChunkRead], compute: torch.dtype, threaded: bool = True,
+                 groups: int = POOL_GROUPS):
         self._reader = ChunkReader()
         self._compute = compute
         self._closed = threading.Event()
         self._free: queue.SimpleQueue[BufferGroup] = queue.SimpleQueue()
-        for _ in range(POOL_GROUPS):
+        for _ in range(groups):
             self._free.put(BufferGroup())
         self._ahead = Ahead(self._read(reads), READ_AHEAD, threaded)
 
@@ -583,7 +610,8 @@ class BufferGroup:
 def merge_tensor_chunks(
     name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
     base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, out_dtype: torch.dtype,
-    feed: ChunkFeed, seed: int = 0, scratch: Scratch | None = None,
+    feed: ChunkFeed, seed: int = 0, scratch: Scratch | None = None, workers: Workers | None = None,
+    direct: ChunkReader | None = None,
 ) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
     """The merged tensor as consecutive flat chunks (every method is elementwise given its state),
     each with the call that releases its input buffers (to make once the chunk is written).
@@ -592,11 +620,12 @@ def merge_tensor_chunks(
     every input, so the result is exactly the whole-tensor result, with memory of a few chunk
     groups instead of a few tensors times K. Inputs in plain safetensors come from `feed` (read
     ahead, in `tensor_reads`' order); the others (an adapter on its base) are computed whole
-    here and sliced. State that needs the whole tensor comes first:
-      * TIES: each model's magnitude threshold, from |x_k - base| written chunk by chunk into
-        one scratch tensor (reused for the K models), selected in place (`magnitude_trim`);
-      * DARE: one random stream per model, drawn in flat order (the same mask whatever the chunks).
-    Peak memory for a tensor of n elements: one n-element scratch (TIES only) + the chunk groups.
+    here and sliced. Chunks are computed by `workers` (several threads for TIES and DARE) and
+    come out in order. State that needs the whole tensor comes first:
+      * TIES: each model's exact magnitude threshold (`tensor_trims`: a sample, one counting
+        pass over the chunks, rarely an exact selection over a scratch copy); a tensor of one
+        chunk gets it from that chunk, inside the method;
+      * DARE: one random stream per model, by position (`methods.DareStream`).
     """
     chunk = CHUNK_ELEMENTS
     for f in fishers or []:
@@ -604,6 +633,7 @@ def merge_tensor_chunks(
             raise MergeError(f"{f.path}: has no Fisher tensor for {name!r}; recompute it for this model")
     inputs = tensor_inputs(sources, spec, base, fishers)
     wholes = None if chunkable(name, sources, spec, base, fishers) else [i.get(name, compute).reshape(-1) for i in inputs]
+    workers = workers or Workers()
 
     def take(key: Step, which: Sequence[int], start: int, m: int) -> tuple[list[torch.Tensor], Callable[[], None]]:
         return feed.take(key) if wholes is None else ([wholes[i][start:start + m] for i in which], _nothing)
@@ -614,31 +644,137 @@ def merge_tensor_chunks(
     if spec.random:
         state["generators"] = M.model_generators(seed, name, k)
     densities = trim_densities(spec, fn_params, n, k)
+    trims: list[M.ChunkedTrim] | None = None
     if spec.trims and densities is None:
         state["trims"] = [M.Trim(0.0, keep_all=True)] * k
-    elif densities is not None:
-        work = (scratch or Scratch()).get(n, compute)
-        trims = []
-        for i, d in enumerate(densities):
-            for start in range(0, n, chunk):
-                m = min(chunk, n - start)
-                (x, b), release = take((name, "trim", i, start), (i, k), start, m)
-                torch.sub(x, b, out=work[start:start + m]).abs_()
-                release()
-            trims.append(M.magnitude_trim(work, d))
-        state["trims"] = trims
-        del work
+    elif densities is not None and n > chunk:
+        ranges = InputRanges(name, inputs, wholes, direct, compute)
+        trims = tensor_trims(name, densities, n, k, take, ranges, workers, scratch or Scratch(), compute)
+    # else (one chunk): the method finds the exact thresholds on that chunk, i.e. the whole tensor
     has_base = int(spec.needs_base and base is not None)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        parts, release = take((name, "merge", -1, start), range(len(inputs)), start, m)
+
+    def merge(j: int, start: int, parts: list[torch.Tensor], release: Callable[[], None]
+              ) -> tuple[torch.Tensor, Callable[[], None]]:
         kwargs = {**fn_params, **state}
+        if trims is not None:
+            kwargs["trims"] = [t.chunk(j) for t in trims]
+        if spec.random:
+            kwargs["offset"] = start
         if has_base:
             kwargs["base"] = parts[k]
         if fishers:
             kwargs["fishers"] = parts[k + has_base:]
         merged = spec.fn(parts[:k], weights, **kwargs)
-        yield finite_or_refuse(name, merged, out_dtype), release
+        return finite_or_refuse(name, merged, out_dtype), release
+
+    def jobs() -> Iterator[Callable[[], tuple[torch.Tensor, Callable[[], None]]]]:
+        for j, start in enumerate(range(0, n, chunk)):
+            parts, release = take((name, "merge", -1, start), range(len(inputs)), start, min(chunk, n - start))
+            yield functools.partial(merge, j, start, parts, release)
+
+    yield from workers.in_order(jobs())
+
+
+class InputRanges:
+    """Element ranges of one tensor's inputs read on demand in the caller's thread, outside the
+    read-ahead schedule (TIES' threshold sample and its exact fallback), in the compute dtype."""
+
+    def __init__(self, name: str, inputs: Sequence[Any], wholes: list[torch.Tensor] | None,
+                 reader: ChunkReader | None, compute: torch.dtype):
+        self.name, self.inputs, self.wholes, self.compute = name, inputs, wholes, compute
+        self.reader = reader
+
+    def read(self, j: int, start: int, m: int) -> torch.Tensor:
+        """Input j's elements [start, start + m)."""
+        if self.wholes is not None:
+            return self.wholes[j][start:start + m]
+        if self.reader is None:
+            self.reader = ChunkReader()  # a caller without one (tests): files stay open until exit
+        info = self.inputs[j].info(self.name)
+        return self.reader.read(info, start, torch.empty(m, dtype=info.dtype)).to(self.compute)
+
+    def delta(self, i: int, k: int, start: int, m: int) -> torch.Tensor:
+        """|x_i - base| over [start, start + m) (the base is input k)."""
+        return torch.sub(self.read(i, start, m), self.read(k, start, m)).abs_()
+
+
+def tensor_trims(name: str, densities: Sequence[float], n: int, k: int,
+                 take: Callable[[Step, Sequence[int], int, int], tuple[list[torch.Tensor], Callable[[], None]]],
+                 ranges: InputRanges, workers: Workers, scratch: Scratch, compute: torch.dtype) -> list[M.ChunkedTrim]:
+    """Each model's exact TIES trim of a tensor of several chunks (`methods.ChunkedTrim`).
+
+    A sample of |x_i - base| read at `methods.sample_ranges` brackets each model's threshold;
+    the trim pass (one chunk group of the K models and the base at a time, on the workers)
+    counts each chunk against the brackets; the threshold is selected among the few entries
+    inside. A model whose threshold falls outside its bracket, or whose bracket holds more than
+    n / BRACKET_ROOM entries, gets the exact whole-tensor selection instead (`exact_trim`).
+    Memory: the sample, the entries inside the brackets (a few % of K n), a chunk group per thread.
+    """
+    chunk = CHUNK_ELEMENTS
+    keeps = [M.keep_count(n, d) for d in densities]
+    sample = M.sample_ranges(n)
+    base_sample = torch.cat([ranges.read(k, s, m) for s, m in sample])
+    brackets: list[tuple[Any, Any] | None] = []
+    for i, keep in enumerate(keeps):
+        if 0 < keep < n:
+            d = torch.cat([ranges.read(i, s, m) for s, m in sample]).sub_(base_sample).abs_()
+            brackets.append(M.bracket(d.numpy(), n, keep))
+        else:
+            brackets.append(None)
+    live = list(brackets)  # a model's bracket until it has failed
+    room = n // M.BRACKET_ROOM + 1
+
+    def count(parts: list[torch.Tensor], release: Callable[[], None], using: list[tuple[Any, Any] | None]
+              ) -> list[M.BracketCount | None]:
+        try:
+            return [None if br is None else M.count_bracket(torch.sub(parts[i], parts[k]).abs_().numpy(), *br)
+                    for i, br in enumerate(using)]
+        finally:
+            release()
+
+    def jobs() -> Iterator[Callable[[], list[M.BracketCount | None]]]:
+        for start in range(0, n, chunk):
+            parts, release = take((name, "trim", -1, start), range(k + 1), start, min(chunk, n - start))
+            yield functools.partial(count, parts, release, list(live))
+
+    counts: list[list[M.BracketCount]] = [[] for _ in range(k)]
+    inside = [0] * k
+    for per_model in workers.in_order(jobs()):
+        for i, c in enumerate(per_model):
+            if live[i] is None or c is None:
+                continue
+            counts[i].append(c)
+            inside[i] += c.size if c.values is not None else 0
+            if inside[i] > room:  # too wide a bracket (a mass of equal values in it): stop counting
+                live[i], counts[i] = None, []
+    trims = []
+    for i, (keep, br) in enumerate(zip(keeps, brackets)):
+        if br is None:
+            trims.append(M.ChunkedTrim.of(M.Trim(0.0, keep_all=True) if keep >= n else M.Trim(math.inf)))
+            continue
+        got = M.select_in_bracket(counts[i], keep, *br) if live[i] is not None else None
+        if got is None:
+            log.debug("%s: model %d's threshold sample missed; exact selection", name, i)
+            got = exact_trim(i, k, densities[i], n, ranges, scratch, compute)
+        trims.append(got)
+    return trims
+
+
+def exact_trim(i: int, k: int, density: float, n: int, ranges: InputRanges, scratch: Scratch,
+               compute: torch.dtype) -> M.ChunkedTrim:
+    """Model i's trim by a selection over its whole |x_i - base| (one scratch tensor), read again
+    chunk by chunk; a split tie at the threshold takes one more pass counting it per chunk."""
+    chunk = CHUNK_ELEMENTS
+    work = scratch.get(n, compute)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        work[start:start + m] = ranges.delta(i, k, start, m)
+    trim = M.magnitude_trim(work, density)
+    equal = None
+    if 0 < trim.ties < trim.equal:
+        t = trim.threshold
+        equal = [int(np.count_nonzero(ranges.delta(i, k, s, min(chunk, n - s)).numpy() == t)) for s in range(0, n, chunk)]
+    return M.ChunkedTrim.of(trim, equal)
 
 
 def merge_tensor(
@@ -674,9 +810,10 @@ def merge_tensor(
 
 
 class Scratch:
-    """TIES' threshold work space, one buffer kept for the whole merge (grown to the largest
-    tensor that needs it): a new one per tensor was faulted in page by page each time. Peak
-    memory is the same (one largest tensor, as before)."""
+    """The work space of TIES' exact fallback selection (`exact_trim`), one buffer kept for the
+    rest of the merge once needed (grown to the largest tensor that needs it): a new one per
+    tensor was faulted in page by page each time. A merge whose threshold samples never miss
+    allocates none."""
 
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None

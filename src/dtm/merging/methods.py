@@ -100,13 +100,15 @@ class Trim:
         return keep
 
     def apply(self, delta: Tensor) -> Tensor:
-        """`delta * mask(delta)`, bit for bit (dropped entries are 0 with the sign of delta).
+        """`delta * mask(delta)`, bit for bit up to the sign of a dropped zero (`hardshrink` gives
+        +0 where the mask gives ±0; TIES' sum and agreeing mean cannot tell them apart, which the
+        fast-path test checks on the merged bits).
 
         Why not `mask`: torch's comparisons into bool tensors and bool-masked writes run
         unvectorised on CPU, 5-50x slower than float ops, and made TIES 5x a linear merge. Unless
         the ties at the threshold must be split by position (some kept, some not: then `mask`),
-        the trim is a comparison of |d| with a threshold, which `F.threshold` does in float:
-        keep |d| > t (no tie left to keep) or |d| >= t, i.e. > the next float below t (all kept).
+        the trim keeps |d| > t (no tie left to keep) or |d| >= t, i.e. > the next float below t
+        (all kept): one `F.hardshrink` (x where |x| > lambda, else 0) in float.
         """
         if self.keep_all:
             return delta
@@ -114,14 +116,62 @@ class Trim:
         if below is None:
             t = torch.tensor(self.threshold, dtype=delta.dtype)
             below = self.below = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=delta.dtype)))
-        a = delta.abs()
         if 0 < self.ties < self.equal:
-            kept = F.threshold(a, self.threshold, 0.0)
-            if not torch.equal(kept, F.threshold(a, below, 0.0)):  # an entry of this chunk sits at t
+            kept = F.hardshrink(delta, self.threshold)
+            if not torch.equal(kept, _shrink(delta, below)):  # an entry of this chunk sits at t
                 return delta * self.mask(delta)
-        else:
-            kept = F.threshold(a, below if self.ties > 0 else self.threshold, 0.0)
-        return torch.copysign(kept, delta)
+            return kept
+        return _shrink(delta, below if self.ties > 0 else self.threshold)
+
+
+def _shrink(delta: Tensor, threshold: float) -> Tensor:
+    """Entries with |d| > threshold (the others 0); a negative threshold (the float below 0)
+    keeps everything."""
+    return delta if threshold < 0 else F.hardshrink(delta, threshold)
+
+
+@dataclass(frozen=True)
+class ChunkedTrim:
+    """One model's TIES trim of one tensor merged in chunks, as a `Trim` per chunk that needs no
+    state from the chunks before it (so chunks can be merged in any order, on several threads).
+
+    It is `magnitude_trim`'s trim exactly: keep |d| > `threshold`, and of the entries with
+    |d| == `threshold` the first `ties` in flat order. `split` says, per chunk, (how many of its
+    tied entries are kept, how many it has); None when no tie is split (all kept or none), where
+    every chunk behaves the same.
+    """
+
+    threshold: float
+    below: float | None  # the next float below `threshold` (None: `Trim.apply` works it out)
+    ties: int = 0
+    equal: int = 0
+    split: tuple[tuple[int, int], ...] | None = None
+    keep_all: bool = False
+
+    @classmethod
+    def of(cls, trim: Trim, equal_per_chunk: Sequence[int] | None = None) -> ChunkedTrim:
+        """From a whole-tensor `Trim`; `equal_per_chunk` (each chunk's count of |d| == threshold)
+        is needed only when the tie is split (0 < ties < equal)."""
+        if trim.keep_all:
+            return cls(0.0, 0.0, keep_all=True)
+        split = None
+        if 0 < trim.ties < trim.equal:
+            if equal_per_chunk is None or sum(equal_per_chunk) != trim.equal:
+                raise ValueError("a split tie needs each chunk's count of entries at the threshold")
+            left, pairs = trim.ties, []
+            for e in equal_per_chunk:
+                kept = min(e, left)
+                pairs.append((kept, e))
+                left -= kept
+            split = tuple(pairs)
+        return cls(trim.threshold, trim.below, trim.ties, trim.equal, split)
+
+    def chunk(self, j: int) -> Trim:
+        """The trim of chunk j (a fresh `Trim`: `mask` consumes its ties)."""
+        if self.keep_all:
+            return Trim(0.0, keep_all=True)
+        ties, equal = self.split[j] if self.split is not None else (self.ties, self.equal)
+        return Trim(self.threshold, ties=ties, equal=equal, below=self.below)
 
 
 def magnitude_trim(scratch: Tensor, density: float) -> Trim:
@@ -142,6 +192,84 @@ def magnitude_trim(scratch: Tensor, density: float) -> Trim:
     greater = int(np.count_nonzero(arr[n - k + 1:] > t))
     return Trim(float(t), ties=k - greater, equal=int(np.count_nonzero(arr == t)),
                 below=float(np.nextafter(t, t.dtype.type(-np.inf))))
+
+
+# TIES' threshold without a whole-tensor selection. A sample of |d| brackets the k-th largest
+# value, [lo, hi]; one counting pass over the chunks counts the entries above hi and keeps the
+# few inside the bracket; the exact threshold is then selected among those. Exact by
+# construction: when the counts show the k-th largest outside the bracket (an unlucky sample),
+# the caller falls back to `magnitude_trim` on the whole task vector. Why not only that: its
+# selection is ~4 ns per element and model on one thread, over a scratch copy of the tensor;
+# the counting pass is a few vectorised numpy comparisons per chunk while the chunk is in
+# cache, splits over threads, and needs no scratch tensor.
+SAMPLE_PIECES = 64  # places a sample is read from, spread evenly over the tensor
+SAMPLE_PIECE = 1024  # elements read at each place (for tensors of 512K elements and more)
+BRACKET_SIGMAS = 8.0  # the bracket's half width: this many binomial std of the sample rank, plus
+BRACKET_SLACK = 1 / 256  # this fraction of the sample (pieces are contiguous, not independent draws)
+BRACKET_ROOM = 8  # give up on the bracket (fall back) when more than n / this many entries fall inside
+
+
+def sample_ranges(n: int) -> list[tuple[int, int]]:
+    """Where to read a tensor's threshold sample: (start, length) of `SAMPLE_PIECES` pieces, evenly
+    spread, at most n / 8 elements in all."""
+    piece = max(1, min(SAMPLE_PIECE, n // (8 * SAMPLE_PIECES)))
+    return [((j * (n - piece)) // (SAMPLE_PIECES - 1), piece) for j in range(SAMPLE_PIECES)]
+
+
+def bracket(sample: np.ndarray, n: int, keep: int) -> tuple[Any, Any]:
+    """Two values of `sample` (|d| at the sample places) that very likely enclose the `keep`-th
+    largest of all n entries: the sample's order statistics a few standard deviations either side
+    of where that rank falls in the sample. A side that reaches the sample's end is open (0 or
+    inf), so a density near 0 or 1 cannot miss there. Reorders `sample`."""
+    s = sample.size
+    q = (n - keep) / n  # the threshold's rank from the bottom, as a fraction
+    at = q * (s - 1)
+    half = math.ceil(BRACKET_SIGMAS * math.sqrt(s * q * (1 - q)) + BRACKET_SLACK * s) + 1
+    lo_i, hi_i = max(0, math.floor(at) - half), min(s - 1, math.ceil(at) + half)
+    sample.partition(sorted({lo_i, hi_i}))
+    kind = sample.dtype.type
+    return (kind(0) if lo_i == 0 else sample[lo_i]), (kind(np.inf) if hi_i == s - 1 else sample[hi_i])
+
+
+@dataclass
+class BracketCount:
+    """One chunk's count for the bracket [lo, hi]: entries above hi, and the entries inside it
+    (their values; only their number when lo == hi, as they are all equal)."""
+
+    above: int
+    size: int
+    values: np.ndarray | None = None
+
+
+def count_bracket(a: np.ndarray, lo: Any, hi: Any) -> BracketCount:
+    """Count one chunk of |d| against the bracket (numpy's comparisons are vectorised; torch's
+    comparisons into bool tensors are not, see `Trim.apply`)."""
+    above = int(np.count_nonzero(a > hi))
+    if lo == hi:
+        return BracketCount(above, int(np.count_nonzero(a == hi)))
+    inside = a[(a >= lo) & (a <= hi)]
+    return BracketCount(above, inside.size, inside)
+
+
+def select_in_bracket(counts: Sequence[BracketCount], keep: int, lo: Any, hi: Any) -> ChunkedTrim | None:
+    """The exact trim keeping the `keep` largest entries, from every chunk's `BracketCount` (in
+    chunk order); None when the `keep`-th largest is not inside the bracket (fall back)."""
+    above = sum(c.above for c in counts)
+    size = sum(c.size for c in counts)
+    need = keep - above  # the threshold is the need-th largest entry inside the bracket
+    if not 0 < need <= size:
+        return None
+    if lo == hi:
+        t, greater, equal = lo, above, [c.size for c in counts]
+    else:
+        values = np.concatenate([c.values for c in counts if c.values is not None])
+        at = size - need
+        values.partition(at)
+        t = values[at]
+        greater = above + int(np.count_nonzero(values[at + 1:] > t))
+        equal = [int(np.count_nonzero(c.values == t)) if c.values is not None else 0 for c in counts]
+    below = float(np.nextafter(t, t.dtype.type(-np.inf)))
+    return ChunkedTrim.of(Trim(float(t), ties=keep - greater, equal=sum(equal), below=below), equal)
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
@@ -186,19 +314,24 @@ def disjoint_mean(deltas: Sequence[Tensor] | Tensor, weights: Sequence[float] | 
     return total.div_(divisor)
 
 
-def dare_drop(delta: Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
+def dare_drop(delta: Tensor, density: float, generator: DareStream | torch.Generator, rescale: bool = True,
+              start: int = 0) -> Tensor:
     """DARE: drop each entry with probability p = 1 - density, rescale survivors by 1 / (1 - p).
 
     The rescale keeps the expected delta unchanged entry by entry (the DARE paper's choice;
     mergekit instead rescales to the tensor's L1 norm, which needs the whole tensor). The mask
-    draws one float32 uniform per entry, in flat order, so consecutive chunks of a tensor drawn
-    from one generator give the same mask as the whole tensor.
+    draws one float32 uniform per entry: from a `DareStream` (the engine's), the draws of
+    elements [start, start + n) of the task vector, the same whichever chunks ask, in any order;
+    from a plain `torch.Generator`, its next n draws.
     """
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    u = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    if isinstance(generator, DareStream):
+        u = generator.uniform(start, delta.numel()).reshape(delta.shape)
+    else:
+        u = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
     # 1.0 where u < density, else 0.0, in float ops (a bool mask runs unvectorised, see
     # `Trim.apply`): the rounded density - u is > 0 exactly when u < density (fp32 subtraction
     # keeps the sign of the exact difference), so this is `(u < density).to(dtype)` bit for bit.
@@ -207,11 +340,45 @@ def dare_drop(delta: Tensor, density: float, generator: torch.Generator, rescale
     return out.div_(density) if rescale else out
 
 
-def model_generators(seed: int, name: str, k: int) -> list[torch.Generator]:
-    """One generator per model for tensor `name`: a merge is reproducible in any tensor order and
+DARE_BLOCK = 1 << 18  # elements per independently seeded block of a DARE stream (the engine's chunk size)
+
+
+@dataclass(frozen=True)
+class DareStream:
+    """The uniform draws behind one model's DARE mask for one tensor, by position.
+
+    Element i's draw is number i % DARE_BLOCK of numpy's PCG64 generator seeded with (seed, block
+    i // DARE_BLOCK) alone, so a chunk's mask does not depend on the chunks before it: the engine
+    merges chunks on several threads and gets the masks of a one-thread, whole-tensor merge.
+    (Until session 8 one torch generator, a Mersenne twister, ran through the whole tensor in
+    flat order; a merge with the same seed now draws other masks. The kept fraction and the
+    rescale are unchanged.) Why numpy's PCG64: its float32 draws cost about half of
+    `torch.rand`'s here (1.0 against 2.0-2.3 ms per 2^18, checks under load), and the draws
+    were most of DARE's arithmetic; it releases the GIL while drawing.
+    """
+
+    seed: int
+
+    def uniform(self, start: int, n: int) -> Tensor:
+        """Float32 draws of elements [start, start + n)."""
+        parts, pos, end = [], start, start + n
+        while pos < end:
+            block, skip = divmod(pos, DARE_BLOCK)
+            stop = min(end, (block + 1) * DARE_BLOCK)
+            rng = np.random.Generator(np.random.PCG64([self.seed, block]))
+            # a range starting inside a block draws the block from its start (only chunks that are not
+            # block-aligned do: the engine's are, CHUNK_ELEMENTS being a multiple of DARE_BLOCK)
+            u = torch.from_numpy(rng.random(stop - pos + skip, dtype=np.float32))
+            parts.append(u[skip:] if skip else u)
+            pos = stop
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def model_generators(seed: int, name: str, k: int) -> list[DareStream]:
+    """One DARE stream per model for tensor `name`: a merge is reproducible in any tensor order and
     any chunking (each model's mask is its own stream)."""
     base = tensor_seed(seed, name)
-    return [torch.Generator().manual_seed(base + i) for i in range(k)]
+    return [DareStream(base + i) for i in range(k)]
 
 
 def _combine(deltas: Sequence[Tensor], weights: Sequence[float], base: Tensor, scaling: float, normalize: bool) -> Tensor:
@@ -252,22 +419,30 @@ def _agreeing_mean(deltas: Sequence[Tensor], weights: Sequence[float], normalize
     sign() of it is 1 exactly where the model agrees, so the divisor sums the same weights in
     the same order. With positive weights the divisor is 0 only where no model agrees (the sum
     is +0 there), so clamping it to the smallest normal float replaces `divisor[divisor == 0] = 1`.
+    The first model's part starts the sums (`+ 0.0` turns a -0 into the +0 a zero start gives).
     """
-    total = deltas[0].clone()
-    for d in deltas[1:]:
+    total = torch.add(deltas[0], deltas[1]) if len(deltas) > 1 else deltas[0].clone()
+    for d in deltas[2:]:
         total.add_(d)
-    sign = torch.copysign(torch.ones_like(total), total.add_(0.0))
-    acc = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign) if normalize else None
+    sign = torch.copysign(_ONE.to(total.dtype), total.add_(0.0))
+    acc = divisor = None
     for d, w in zip(deltas, weights):
         agreeing = d.mul_(sign).relu_()  # the deltas are the caller's scratch: no copy
+        if acc is None:
+            acc = agreeing.add_(0.0)
+            if normalize:
+                divisor = torch.sign(acc) if w == 1 else torch.sign(acc).mul_(w)
+            continue
         acc.add_(agreeing)
         if divisor is not None:
-            hit = torch.sign(agreeing)
-            divisor.add_(hit if w == 1 else hit.mul_(w))
+            divisor.add_(agreeing.sign_(), alpha=w)  # agreeing is 0 or > 0: adds w or 0, exactly
+    assert acc is not None
     if divisor is not None:
         acc.div_(divisor.clamp_min_(torch.finfo(divisor.dtype).tiny))
     return acc.mul_(sign)
+
+
+_ONE = torch.tensor(1.0)
 
 
 # ---------------------------------------------------------------- methods (per tensor)
@@ -320,27 +495,29 @@ def ties(
 
 
 def _dare_deltas(tensors: Sequence[Tensor], base: Tensor, density: float | Sequence[float], rescale: bool,
-                 generators: Sequence[torch.Generator] | None) -> list[Tensor]:
+                 generators: Sequence[DareStream | torch.Generator] | None, offset: int) -> list[Tensor]:
     gens = list(generators) if generators is not None else model_generators(0, "", len(tensors))
-    return [dare_drop(x - base, d, g, rescale) for x, d, g in zip(tensors, per_model(density, len(tensors)), gens)]
+    return [dare_drop(x - base, d, g, rescale, offset) for x, d, g in zip(tensors, per_model(density, len(tensors)), gens)]
 
 
 def dare_linear(
     tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
     scaling: float = 1.0, rescale: bool = True, normalize: bool = False,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Sequence[DareStream | torch.Generator] | None = None, offset: int = 0,
 ) -> Tensor:
-    """DARE then task arithmetic: base + lambda * sum_k w_k dare(x_k - base)."""
-    return _combine(_dare_deltas(tensors, base, density, rescale, generators), weights, base, scaling, normalize)
+    """DARE then task arithmetic: base + lambda * sum_k w_k dare(x_k - base).
+
+    `offset`: where these tensors start in the whole flattened tensor (the engine's chunks)."""
+    return _combine(_dare_deltas(tensors, base, density, rescale, generators, offset), weights, base, scaling, normalize)
 
 
 def dare_ties(
     tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
     scaling: float = 1.0, rescale: bool = True, normalize: bool = False,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Sequence[DareStream | torch.Generator] | None = None, offset: int = 0,
 ) -> Tensor:
     """DARE sparsification, then TIES sign election and the sum (or, `normalize`, mean) of the agreeing deltas."""
-    deltas = [d.mul_(w) for d, w in zip(_dare_deltas(tensors, base, density, rescale, generators), weights)]
+    deltas = [d if w == 1 else d.mul_(w) for d, w in zip(_dare_deltas(tensors, base, density, rescale, generators, offset), weights)]
     return _signed_merge(deltas, weights, base, scaling, normalize)
 
 
@@ -377,7 +554,7 @@ class MergeMethod:
     needs_base: bool = False
     # user-facing parameter name -> (function keyword, default); mergekit spells scaling `lambda`
     params: dict[str, tuple[str, Any]] = field(default_factory=dict)
-    random: bool = False  # gets `generators`, one seeded per model and tensor (`model_generators`)
+    random: bool = False  # gets `generators`, a `DareStream` per model and tensor, and `offset` (`model_generators`)
     uses_fisher: bool = False  # gets `fishers`, one tensor per model
     max_models: int | None = None
     normalizes_weights: bool = False  # weights are relative (only their ratios matter)
@@ -461,7 +638,7 @@ def resolve_params(method: MergeMethod, parameters: dict[str, Any] | None) -> di
 
 
 __all__ = [
-    "ALIASES", "METHODS", "MergeMethod", "Trim", "average", "dare_drop", "dare_linear", "dare_ties", "disjoint_mean",
+    "ALIASES", "METHODS", "ChunkedTrim", "DareStream", "MergeMethod", "Trim", "average", "dare_drop", "dare_linear", "dare_ties", "disjoint_mean",
     "elect_sign", "fisher", "get_method", "keep_count", "magnitude_trim", "method_names", "model_generators",
     "per_model", "resolve_params", "task_arithmetic", "ties", "ties_trims", "trim", "weighted_average", "wise_ft",
 ]

@@ -1,4 +1,4 @@
-"""Two helper threads that let a merge read, compute and write at the same time.
+"""Helper threads that let a merge read, compute and write at the same time.
 
 A streaming merge does three things per chunk: read K inputs from disk, merge them, write the
 result. Done in turn, the disk idles while the CPU computes and the CPU idles while the disk
@@ -12,15 +12,20 @@ Both surface a failure in their thread (a corrupt input, a full disk) in the cal
 as the same exception, and neither can hang: a stopped consumer stops the producer, and a
 failed writer keeps draining its queue so the caller never blocks on it.
 
-Why not `concurrent.futures`: an executor's queue is unbounded (memory would grow with the
-model) and it does not keep a sequence of writes in order; what is needed is two small queues.
+Why not `concurrent.futures` for these two: an executor's queue is unbounded (memory would grow
+with the model) and it does not keep a sequence of writes in order; what is needed is two small
+queues. `Workers` (the compute of the methods that do more than a linear merge's arithmetic,
+on several threads) does use an executor, but never submits more than `depth` jobs ahead of
+the results it has handed out, in order.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -149,3 +154,49 @@ class Behind:
             self._queue.put(_END)
             self._thread.join()
             self._thread = None
+
+
+class Workers:
+    """Run a stream of jobs on `threads` threads, at most `depth` of them submitted ahead of the
+    results handed out, and hand the results out in submission order (`in_order`).
+
+    `threads=0` runs each job in the caller's thread when its result is asked for (same results,
+    same order). The jobs' iterator is advanced in the caller's thread only, so what it does to
+    make a job (take the next chunk group from the reader) stays in order.
+    """
+
+    def __init__(self, threads: int = 0, depth: int = 2, initializer: Callable[[], Any] | None = None):
+        self._depth = depth
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dtm-merge-compute", initializer=initializer) if threads else None
+
+    def in_order(self, jobs: Iterator[Callable[[], T]]) -> Iterator[T]:
+        """The jobs' results, in order. A job's exception is raised here, in order; a consumer
+        that stops (or fails) cancels what has not started and waits for what has."""
+        if self._pool is None:
+            for job in jobs:
+                yield job()
+            return
+        pending: deque[Future[T]] = deque()
+        try:
+            for job in jobs:
+                pending.append(self._pool.submit(job))
+                if len(pending) > self._depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+
+    def close(self) -> None:
+        """Wait for the threads to end (every stream has been consumed or closed by now)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
