@@ -174,7 +174,8 @@ def child(args: argparse.Namespace) -> dict:
         train_model(args.model, conversations(args.examples), Path(tmp) / "dtm", config(args, n_steps), progress=False,
                     callbacks=[Probe()])
     rec["steps"] = steps
-    rec["peak_rss_mib_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # ru_maxrss is the kernel's high-water mark, which each step's reset (clear_refs) resets too: the steps' peaks hold it
+    rec["peak_rss_mib"] = max([round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)] + [s["peak_rss_mib"] for s in steps])
     return rec
 
 
