@@ -76,17 +76,18 @@ def bench_config(**train) -> ExperimentConfig:
 
 
 class TrainTimer(TrainerCallback):
-    """Wall time of the training loop only (from train begin to train end)."""
+    """Wall time of the training loop only (from train begin to train end), and the process's CPU time
+    (user + system) over it: on a shared machine the CPU time moves less with other jobs."""
 
     def __init__(self):
-        self.start = self.seconds = 0.0
+        self.start = self.seconds = self.cpu_start = self.cpu_seconds = 0.0
         self.first_loss: float | None = None
 
     def on_train_begin(self, *a, **kw):
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_end(self, *a, **kw):
-        self.seconds = time.perf_counter() - self.start
+        self.seconds, self.cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs and self.first_loss is None:

@@ -1,6 +1,7 @@
-"""LoRA training speed and memory on a real model: `dtm train` (chunked loss on and off) against TRL's `SFTTrainer`.
+"""LoRA training speed and memory on a real model: `dtm train` (chunked loss on and off, activation checkpointing
+off, whole layers, selective) against TRL's `SFTTrainer`.
 
-    .venv/bin/python benchmarks/bench_train_trl.py                          # the idle run (see --help; about 30 min)
+    .venv/bin/python benchmarks/bench_train_trl.py                          # the idle run (see --help; about 36 min)
     .venv/bin/python benchmarks/bench_train_trl.py --examples 8 --batch 4 --repeats 1 --no-save   # a quick check
 
 SmolLM2-135M-Instruct converted by `benchmarks/real_model.py` (float32, CPU, one thread), LoRA
@@ -17,20 +18,24 @@ Both tools train on the same batches:
     random sampler gives (both are `transformers.Trainer`s with the same seed and data length);
     the first step's loss of every run is recorded: equal losses show equal first batches;
   * the same optimizer settings (dtm's defaults: AdamW, beta2 0.98, eps 1e-6, clip 0.3, cosine,
-    lr 1e-4, no warmup), float32 (TRL's SFTConfig defaults to bf16 autocast: set off), gradient
-    checkpointing only in the "-gc" modes, no checkpoints written during the run (dtm's `checkpoint_minutes`
+    lr 1e-4, no warmup), float32 (TRL's SFTConfig defaults to bf16 autocast: set off), activation
+    checkpointing only in the "-gc" and "-selective" modes, no checkpoints written during the run (dtm's `checkpoint_minutes`
     off; TRL `save_strategy="no"`).
 
 Modes: dtm with the chunked loss (`training/chunked_loss.py`, the default), the same with
-gradient checkpointing (`dtm-chunked-gc`: `train.gradient_checkpointing: true`), dtm with the
-plain loss (`DTM_CHUNKED_LOSS=0`), TRL as above (the target's peer), and TRL with its own default
-of gradient checkpointing on (`trl-gc`: less memory for more time, what a TRL user gets). The
-"target" block holds every dtm mode against `trl`; "like_for_like" pairs each dtm mode with the
-TRL mode of the same checkpointing choice (dtm-chunked-gc vs trl-gc). Each run is its own child process (peak RSS is per process,
+activation checkpointing of every layer (`dtm-chunked-gc`: `train.gradient_checkpointing: true`)
+and with selective checkpointing (`dtm-chunked-selective`: `"selective"`, which keeps the
+projections' outputs and recomputes only cheap operations; `training/checkpointing.py`), dtm with
+the plain loss (`DTM_CHUNKED_LOSS=0`), TRL as above (the target's peer), and TRL with its own
+default of gradient checkpointing on (`trl-gc`: less memory for more time, what a TRL user gets).
+The "target" block holds every dtm mode against `trl`; "like_for_like" pairs each dtm mode with
+the TRL mode of the same checkpointing choice (dtm-chunked-gc vs trl-gc; TRL has no selective
+mode). Each run is its own child process (peak RSS is per process,
 model load included); the modes alternate within each of --repeats rounds, their order rotating.
 tokens/s = the examples' real (non-pad) tokens over the training loop's wall time (train begin to
-end), best of the repeats; peak RSS = the child's maximum resident set. The load average is
-recorded after every run. TRL lives in its own venv ($DTM_TRL_VENV, default
+end), best of the repeats, with each run's CPU time (user + system over the same loop: on a shared
+machine it moves less with other jobs than wall time); peak RSS = the child's maximum resident set.
+The load average is recorded after every run. TRL lives in its own venv ($DTM_TRL_VENV, default
 ~/.cache/dtm/venvs/trl: torch==2.13.0, then trl 1.16.0 and peft 0.21.2 from PyPI), created if missing; it is
 never a dependency of dtm. Results: stdout and benchmarks/results/bench_train_trl.json.
 """
@@ -58,9 +63,12 @@ DATA = ROOT / "data" / "real" / "instructions_messages.jsonl"
 TRL_VENV = Path(os.environ.get("DTM_TRL_VENV", Path.home() / ".cache" / "dtm" / "venvs" / "trl"))
 MLP = ["gate_proj", "up_proj", "down_proj"]
 # "-gc": gradient (activation) checkpointing on (TRL's SFTConfig default; dtm's train.gradient_checkpointing)
-MODES = ("dtm-chunked", "dtm-chunked-gc", "dtm-plain", "trl", "trl-gc")
+MODES = ("dtm-chunked", "dtm-chunked-gc", "dtm-chunked-selective", "dtm-plain", "trl", "trl-gc")
+# each dtm mode's train.gradient_checkpointing
+CHECKPOINTING = {"dtm-chunked": False, "dtm-chunked-gc": True, "dtm-chunked-selective": "selective", "dtm-plain": False}
 # like for like: each dtm mode against the TRL mode with the same checkpointing choice
 PEER = {"dtm-chunked": "trl", "dtm-plain": "trl", "dtm-chunked-gc": "trl-gc"}
+GC_ARG = {"false": False, "true": True, "selective": "selective"}  # a dtm child's --gc
 
 TRL_CHILD = """
 import json, resource, sys, time
@@ -75,10 +83,10 @@ model_dir, examples, out, p = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(
 rows = [json.loads(line) for line in open(examples)]
 data = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(x != -100) for x in r["labels"]]} for r in rows])
 class Timer(TrainerCallback):
-    start = seconds = 0.0
+    start = seconds = cpu_start = cpu_seconds = 0.0
     first_loss = None
-    def on_train_begin(self, *a, **k): self.start = time.perf_counter()
-    def on_train_end(self, *a, **k): self.seconds = time.perf_counter() - self.start
+    def on_train_begin(self, *a, **k): self.start, self.cpu_start = time.perf_counter(), time.process_time()
+    def on_train_end(self, *a, **k): self.seconds, self.cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
     def on_log(self, args, state, control, logs=None, **k):
         if logs and "loss" in logs and self.first_loss is None: self.first_loss = float(logs["loss"])
 timer = Timer()
@@ -93,7 +101,7 @@ lora = LoraConfig(r=p["r"], lora_alpha=p["alpha"], lora_dropout=0.0, target_modu
 trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir),
                      peft_config=lora, callbacks=[timer])
 trainer.train()
-print(json.dumps({"seconds": timer.seconds, "first_loss": timer.first_loss, "steps": trainer.state.global_step,
+print(json.dumps({"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "first_loss": timer.first_loss, "steps": trainer.state.global_step,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "version": trl.__version__}))
 """
 
@@ -121,7 +129,7 @@ def ensure_trl() -> Path:
 def config(args: argparse.Namespace, steps: int):
     """dtm's settings for the run; TRL gets the same numbers (`trl_params`)."""
     cfg = bench_config(finetuning_type="lora", per_device_train_batch_size=args.batch, max_steps=steps, logging_steps=1,
-                       learning_rate=1e-4, checkpoint_minutes=None, save_steps=10**6, gradient_checkpointing=args.gc)
+                       learning_rate=1e-4, checkpoint_minutes=None, save_steps=10**6, gradient_checkpointing=GC_ARG[args.gc])
     cfg.data.template, cfg.data.cutoff_len = "chat", args.cutoff
     cfg.train.lora.r, cfg.train.lora.lora_alpha, cfg.train.lora.lora_dropout = 16, 32, 0.0
     cfg.train.lora.target_modules = list(MLP)
@@ -155,7 +163,7 @@ def dtm_run(args: argparse.Namespace, steps: int) -> dict:
         done = json.loads((out / "training_complete.json").read_text())
     import resource
 
-    return {"seconds": timer.seconds, "first_loss": timer.first_loss, "steps": done["steps"],
+    return {"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "first_loss": timer.first_loss, "steps": done["steps"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -189,7 +197,7 @@ def run_child(mode: str, args: argparse.Namespace, steps: int, work: Path, trl_p
                json.dumps(trl_params(config(args, steps), steps) | {"gc": mode == "trl-gc"})]
     else:
         cmd = [sys.executable, __file__, "--child", "--model", str(args.model), "--examples", str(args.examples),
-               "--batch", str(args.batch), "--cutoff", str(args.cutoff), *(["--gc"] if mode.endswith("-gc") else [])]
+               "--batch", str(args.batch), "--cutoff", str(args.cutoff), "--gc", str(CHECKPOINTING[mode]).lower()]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(mode))
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-4000:]}")
@@ -199,6 +207,7 @@ def run_child(mode: str, args: argparse.Namespace, steps: int, work: Path, trl_p
 def summary(runs: list[dict], tokens: int) -> dict:
     best = min(r["seconds"] for r in runs)
     return {"tokens_per_s_best": round(tokens / best, 1), "seconds_best": round(best, 2), "seconds_all": [round(r["seconds"], 2) for r in runs],
+            "cpu_seconds_all": [round(r["cpu_seconds"], 2) for r in runs],
             "peak_rss_mb_max": round(max(r["peak_rss_mb"] for r in runs)), "peak_rss_mb_all": [round(r["peak_rss_mb"]) for r in runs],
             "first_step_loss": runs[0]["first_loss"], "steps": runs[0]["steps"],
             "loadavg_1min_after_each": [r["loadavg"] for r in runs]}
@@ -228,7 +237,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)  # a dtm child: train.gradient_checkpointing
+    ap.add_argument("--gc", choices=list(GC_ARG), default="false", help=argparse.SUPPRESS)  # a dtm child: train.gradient_checkpointing
     args = ap.parse_args()
     args.model = args.model or real_model_dir()
     if args.examples % args.batch:
@@ -251,7 +260,7 @@ def main() -> None:
                 out = run_child(mode, args, steps, work, trl_python)
                 out["loadavg"] = round(os.getloadavg()[0], 2)
                 runs[mode].append(out)
-                print(f"round {rep + 1} {mode}: {tokens / out['seconds']:.0f} tokens/s, {out['peak_rss_mb']:.0f} MB, "
+                print(f"round {rep + 1} {mode}: {tokens / out['seconds']:.0f} tokens/s ({out['cpu_seconds']:.1f} CPU s), {out['peak_rss_mb']:.0f} MB, "
                       f"first loss {out['first_loss']:.5f}, load {out['loadavg']}", flush=True)
     table = {m: summary(rs, tokens) for m, rs in runs.items()}
     trl = table["trl"]  # TRL without gradient checkpointing: the issue's target is stated against it
@@ -261,8 +270,8 @@ def main() -> None:
         "model": f"{args.model.name} (fp32, CPU, 1 thread), LoRA r=16 alpha=32 on {'/'.join(MLP)}",
         "data": f"{DATA.relative_to(ROOT)}: first {args.examples} conversations, chat template, cutoff {args.cutoff}; {tokens} real tokens",
         "batch": args.batch, "steps": steps, "repeats": args.repeats, "trl_version": runs["trl"][0].get("version"),
-        "note": "-gc: gradient (activation) checkpointing on (TRL's SFTConfig default; dtm's train.gradient_checkpointing, "
-                "default off); without -gc both off. target: each dtm mode against trl (no checkpointing, the issue's target); "
+        "note": "-gc: gradient (activation) checkpointing on (TRL's SFTConfig default; dtm's train.gradient_checkpointing: "
+                "true); -selective: dtm's train.gradient_checkpointing: selective; otherwise both off. target: each dtm mode against trl (no checkpointing, the issue's target); "
                 "like_for_like: against the TRL mode with the same checkpointing choice",
         "modes": table,
         "target": {m: target_row(table[m], trl) for m in table if m.startswith("dtm")},

@@ -112,6 +112,14 @@ def test_allowed_values_come_from_the_registries():
             load_config(None, [f"{key}={['nope'] if key == 'baselines.methods' else 'nope'}"], check_paths=False)
 
 
+def test_gradient_checkpointing_takes_three_values_and_names_the_key_on_any_other(tmp_path):
+    for text, value in (("false", False), ("true", True), ("selective", "selective")):
+        assert load_config(None, [f"train.gradient_checkpointing={text}"], check_paths=False).train.gradient_checkpointing == value
+    p = write(tmp_path, "train:\n  gradient_checkpointing: mlp\n")
+    with pytest.raises(ConfigError, match=rf"{p}:2: train.gradient_checkpointing: Input should be False, True or 'selective' \(got 'mlp'\)"):
+        load_config(p, check_paths=False)
+
+
 def test_example_config_round_trips(tmp_path):
     p = write(tmp_path, example_config())
     cfg = load_config(p, check_paths=False)

@@ -101,12 +101,14 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     bf16: bool | None = Field(None, description="None = bf16 on a GPU that supports it, fp32 on CPU.")
     fp16: bool = Field(False, description="fp16 mixed precision on a GPU (for GPUs without bf16); not with train.bf16: true.")
-    gradient_checkpointing: bool = Field(
+    gradient_checkpointing: Literal[False, True, "selective"] = Field(
         False,
-        description="Activation checkpointing (the Trainer's, non-reentrant; works with LoRA and the chunked loss): each layer's "
-                    "activations are recomputed in backward instead of kept, less memory for about one more forward per step. Off "
-                    "by default: speed first, and the chunked loss already drops the logits. A job with it trains alone with the "
-                    "Trainer, never in a joint job.")
+        description="Activation checkpointing (non-reentrant; works with LoRA and the chunked loss): true = each decoder "
+                    "layer keeps only its input and is recomputed in backward (least memory, about one more forward per "
+                    "step); \"selective\" = each layer keeps the outputs of its expensive operations (the projections' "
+                    "matrix products, attention) and backward recomputes only the cheap ones (norms, RoPE, SiLU and the "
+                    "gated product, LoRA's rank-r products); false = everything kept. A job with it on trains alone with "
+                    "the Trainer, never in a joint job.")
     freeze_modules: list[str] = Field(default_factory=list, description="Full fine-tuning: parameter-name patterns to freeze (e.g. embed_tokens).")
     group_by_length: bool = True
     packing: bool = False

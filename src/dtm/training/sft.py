@@ -74,6 +74,7 @@ from dtm.rundir import (
     fractions_file,
     is_complete,
 )
+from dtm.training import checkpointing
 from dtm.training.batches import REAL_TOKENS, Example, ExampleDataset, make_collator, mean_loss
 from dtm.training.chunked_loss import ENV_SWITCH, Parts, causal_lm_loss, chunked_loss_enabled, model_parts
 
@@ -525,8 +526,8 @@ def training_arguments(config: ExperimentConfig, out: Path, seed: int, precision
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # train.gradient_checkpointing is turned on by `checkpointing.enable`, not here: its selective
+        # policy is a function, and these arguments are written out as JSON
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -609,6 +610,7 @@ def train_model(
         frozen = freeze_modules(model, t.freeze_modules)
         log.info("%s: froze %d parameter tensors: %s", name, len(frozen), frozen)
     weight_penalty = penalty(model, tokenizer, conversations) if penalty is not None else None
+    checkpointing.enable(model, t.gradient_checkpointing)
 
     make_dirs(out, "creating the model's output directory")
     remove_stale_temporaries(out)  # what a killed run of this model left (a live writer's are kept)
