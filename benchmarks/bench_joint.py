@@ -16,7 +16,11 @@ shape with random weights), `--steps` steps of batch 2 each, trained
   joint    one process (2 threads): one base, 4 adapters stepped together,
   turn     one process (2 threads): `train_model` 4 times in turn,
   procs    4 one-thread processes side by side (peak RSS: the sum of the 4 peaks),
-each in fresh processes: wall, tokens/s (real tokens trained / wall), peak RSS.
+each in fresh processes: wall, tokens/s two ways (real tokens trained / wall, process start
+and model loading included; / the training loops only, what a long run converges to: the rate
+the issue's target is about), peak RSS, and the arithmetic (`lora_arithmetic`: the rows each
+mode's matmuls run over, padding included, FLOPs per token, achieved GFLOP/s in the loops).
+`--src old=PATH --src new=PATH` alternates code versions (the children import dtm from PATH).
 
 GPU check (`--device cuda --quick`, under 2 minutes on one GPU): the same K=4 lab sub-models
 for 2 epochs, and K=4 LoRA adapters (r=16 on gate/up/down) on a small Llama (random weights,
@@ -26,7 +30,7 @@ in fp32 on the GPU (the joint step has no mixed precision): the largest weight d
 GPU script calls; `--device cpu --quick` runs the same pairs at tiny sizes (a dry run).
 
     .venv/bin/python benchmarks/bench_joint.py lab [--epochs 12] [--repeats 3]
-    .venv/bin/python benchmarks/bench_joint.py lora [--steps 4] [--repeats 2]
+    .venv/bin/python benchmarks/bench_joint.py lora [--steps 8] [--repeats 2] [--src old=/tmp/old/src --src new=src] [--results FILE]
     .venv/bin/python benchmarks/bench_joint.py --device cuda --quick [--out DIR]
     .venv/bin/python benchmarks/bench_joint.py --device cpu --quick [--out DIR]   (the dry run)
 """
@@ -51,6 +55,7 @@ from safetensors.torch import load_file
 from dtm import lab
 from dtm.config import ExperimentConfig
 from dtm.data.formats import load_conversations
+from dtm.data.template import IGNORE_INDEX
 from dtm.dispersal import disperse, portion_path
 from dtm.io import atomic_write_json
 from dtm.rundir import training_summary
@@ -117,7 +122,9 @@ def lora_config(base: Path, steps: int) -> ExperimentConfig:
 
 
 def lora_child(mode: str, base: Path, work: Path, steps: int, index: int) -> None:
-    """One measured run in this fresh process; prints its peak RSS (MiB) and real tokens trained."""
+    """One measured run in this fresh process; prints its peak RSS (MiB), the real tokens trained,
+    the training loops' seconds (`training_complete.json`: the Trainer's `train()` wall; the joint
+    job's step time) and when its last training call returned (`time.time()`)."""
     from dtm.training.joint import JointJob, train_joint
     from dtm.training.sft import train_model
 
@@ -132,30 +139,112 @@ def lora_child(mode: str, base: Path, work: Path, steps: int, index: int) -> Non
         dirs = [train_model(base, p, out / f"sub-{i + 1}", cfg, progress=False) for i, p in enumerate(portions)]
     else:
         dirs = [train_model(base, portions[index], out / f"sub-{index + 1}", cfg, progress=False)]
-    tokens = sum(training_summary(d)["trained_tokens"] for d in dirs)
+    ended = time.time()
+    summaries = [training_summary(d) for d in dirs]
     shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens}))
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "tokens": sum(s["trained_tokens"] for s in summaries), "loop_s": sum(s["seconds"] for s in summaries),
+                      "ended": ended}))
 
 
-def lora_run(mode: str, base: Path, work: Path, steps: int) -> dict:
-    """Wall, tokens/s and peak RSS of one mode, in fresh child processes."""
+def lora_run(mode: str, base: Path, work: Path, steps: int, src: str | None = None) -> dict:
+    """Wall, tokens/s and peak RSS of one mode, in fresh child processes (`src`: the source tree
+    they import dtm from; None: this process's).
+
+    Two rates: `tokens_per_s` over the wall time (process start, imports, model loading and
+    saving included: with few steps that weighs a lot, and more for the modes that load the
+    model 4 times) and `loop_tokens_per_s` over the training loops only (what a long run
+    converges to). For `procs` the loops run side by side: the window from the first loop's
+    start (its end minus its seconds) to the last one's end."""
+    env = os.environ | ({"PYTHONPATH": str(Path(src).resolve())} if src else {})
     cmd = [sys.executable, __file__, "--child", "{mode}", "--base", str(base), "--work", str(work), "--steps", str(steps)]
     load = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     if mode == "procs":
-        procs = [subprocess.Popen([c.format(mode="one") for c in cmd] + ["--index", str(i)], stdout=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen([c.format(mode="one") for c in cmd] + ["--index", str(i)], stdout=subprocess.PIPE, text=True, env=env)
                  for i in range(K)]
         rows = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        loop = max(r["ended"] for r in rows) - min(r["ended"] - r["loop_s"] for r in rows)
     else:
-        res = subprocess.run([c.format(mode=mode) for c in cmd], capture_output=True, text=True, check=True)
+        res = subprocess.run([c.format(mode=mode) for c in cmd], capture_output=True, text=True, check=True, env=env)
         rows = [json.loads(res.stdout.strip().splitlines()[-1])]
+        loop = rows[0]["loop_s"]
     wall = time.perf_counter() - started
     tokens = sum(r["tokens"] for r in rows)
-    return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-            "peak_rss_mib": round(sum(r["peak_rss_mib"] for r in rows)), "load_avg_before": load}
+    return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "loop_s": round(loop, 2),
+            "loop_tokens_per_s": round(tokens / loop, 1), "startup_share": round(1 - loop / wall, 2),
+            "peak_rss_mib": round(sum(r["peak_rss_mib"] for r in rows)), "load_avg_before": load,
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def bench_lora(steps: int, repeats: int) -> dict:
+def lora_batches(base: Path, work: Path, steps: int) -> tuple[list[list[list[int]]], list[list[int]]]:
+    """Per model and step (its first `steps` batches, in the Trainer's order): the lengths of the
+    batch's examples, and its labelled (shifted) tokens."""
+    from transformers import AutoTokenizer
+
+    from dtm.training.joint import batch_order
+    from dtm.training.sft import as_conversations, sft_examples
+
+    cfg = lora_config(base, steps)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    lengths, labelled = [], []
+    for i in range(K):
+        examples = sft_examples(as_conversations(portion_path(work / "portions", i), cfg), tokenizer, cfg)
+        order = batch_order(len(examples), cfg.train.per_device_train_batch_size, cfg.seed, 0)[:steps]
+        lengths.append([[len(examples[j]["input_ids"]) for j in b] for b in order])
+        labelled.append([sum(x != IGNORE_INDEX for j in b for x in examples[j]["labels"][1:]) for b in order])
+    return lengths, labelled
+
+
+def lora_arithmetic(base: Path, work: Path, steps: int) -> dict:
+    """The FLOPs each mode computes for the same real tokens: the rows each one's matmuls run
+    over (separate runs: each batch of 2 padded to its longest; the old joint step: all K x 2
+    sequences of a step padded to the longest of them; the joint step now: real tokens only),
+    and FLOPs per token of a LoRA step on a frozen base (forward 2 x the projections' weights,
+    backward the input gradients only, 2 x; the adapters' forward, input and weight gradients;
+    the LM head (tied, frozen) only at labelled positions: forward, the chunked loss's
+    recomputation and the input gradient; attention over each padded sequence, dense). RMSNorm,
+    RoPE, SiLU and the optimizer are left out (memory-bound, a small share)."""
+    from transformers import AutoConfig
+
+    cfg = lora_config(base, steps)
+    c = AutoConfig.from_pretrained(base)
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    outs = {"q_proj": c.num_attention_heads * hd, "k_proj": c.num_key_value_heads * hd, "v_proj": c.num_key_value_heads * hd,
+            "o_proj": c.hidden_size, "gate_proj": c.intermediate_size, "up_proj": c.intermediate_size, "down_proj": c.hidden_size}
+    ins = dict.fromkeys(outs, c.hidden_size) | {"o_proj": c.num_attention_heads * hd, "down_proj": c.intermediate_size}
+    weights = sum(outs[n] * ins[n] for n in outs)
+    t = cfg.train
+    lora = sum(t.lora.r * (ins[n] + outs[n]) for n in t.lora.target_modules)
+    per_row = c.num_hidden_layers * (4 * weights + 6 * lora)  # FLOPs per row a projection runs over
+    per_context = 12 * c.num_hidden_layers * c.num_attention_heads * hd  # x the padded sequence length, per row
+    per_labelled = 6 * c.vocab_size * c.hidden_size
+    steps_batches, per_step_labelled = lora_batches(base, work, steps)
+    labelled = sum(map(sum, per_step_labelled))
+    real = sum(n for model in steps_batches for b in model for n in b)
+    arms = ("separate", "joint_padded", "joint_flat")
+    rows, context = dict.fromkeys(arms, 0), dict.fromkeys(arms, 0)
+    for s in range(steps):
+        batches = [m[s] for m in steps_batches]
+        longest = max(n for b in batches for n in b)
+        for b in batches:
+            rows["separate"] += len(b) * max(b)
+            context["separate"] += len(b) * max(b) ** 2
+            rows["joint_padded"] += t.per_device_train_batch_size * longest
+            context["joint_padded"] += t.per_device_train_batch_size * longest ** 2
+            rows["joint_flat"] += sum(b)
+            context["joint_flat"] += len(b) * longest ** 2  # the attention grid: every sequence padded to the step's longest
+    flops = {a: rows[a] * per_row + context[a] * per_context + labelled * per_labelled for a in arms}
+    return {"real_tokens": real, "labelled_tokens": labelled, "rows": rows,
+            "padding_share": {a: round(1 - real / rows[a], 3) for a in arms},
+            "gflop_per_row": round(per_row / 1e9, 4), "gflop_per_labelled_token_head": round(per_labelled / 1e9, 4),
+            "gflop": {a: round(v / 1e9, 1) for a, v in flops.items()},
+            "gflop_per_token": {a: round(v / real / 1e9, 4) for a, v in flops.items()},
+            # what removing padding alone buys: the speed ratio if every mode ran its matmuls at the same GFLOP/s
+            "equal_rate_speedup": {a: round(flops["separate"] / flops[a], 3) for a in ("joint_padded", "joint_flat")}}
+
+
+def bench_lora(steps: int, repeats: int, srcs: dict[str, str | None]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-joint-lora-"))
     if (SMOLLM / "dtm_source.json").is_file():
         base, model = SMOLLM, "SmolLM2-135M (converted, benchmarks/real_model.py)"
@@ -164,17 +253,34 @@ def bench_lora(steps: int, repeats: int) -> dict:
         model = "Llama config of SmolLM2-135M's shape (random weights)"
     disperse(synthetic_data(K * steps * 2, seed=1, mean_words=12, spread=0.5, max_words=60), k=K, out=work / "portions",
              seed=0, progress=False)
-    runs: dict[str, list[dict]] = {m: [] for m in ("joint", "turn", "procs")}
+    arithmetic = lora_arithmetic(base, work, steps)
+    runs: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in ("joint", "turn", "procs")} for s in srcs}
     for r in range(repeats):
-        for mode in runs:
-            runs[mode].append(lora_run(mode, base, work, steps))
-            print(f"lora repeat {r} {mode}: {runs[mode][-1]}", flush=True)
-    best = {m: max(v, key=lambda x: x["tokens_per_s"]) for m, v in runs.items()}
-    other = max(best["turn"]["tokens_per_s"], best["procs"]["tokens_per_s"])
+        for mode in ("joint", "turn", "procs"):
+            for name, src in srcs.items():  # code versions alternate within a mode
+                runs[name][mode].append(lora_run(mode, base, work, steps, src))
+                print(f"lora repeat {r} {mode} {name}: {runs[name][mode][-1]}", flush=True)
+    result = {"model": model, "k": K, "steps_per_model": steps, "batch": 2, "lora": "r=16 on gate/up/down", "srcs": srcs,
+              "arithmetic": arithmetic, "runs": runs, "best": {}, "ratios": {}}
+    for name, by_mode in runs.items():
+        best = {m: {key: max(v, key=lambda x: x[key]) for key in ("tokens_per_s", "loop_tokens_per_s")} for m, v in by_mode.items()}
+        result["best"][name] = best
+        ratio = {}
+        for key in ("tokens_per_s", "loop_tokens_per_s"):
+            other = max(best["turn"][key][key], best["procs"][key][key])
+            ratio[f"joint_vs_best_other_{key}"] = round(best["joint"][key][key] / other, 2)
+        ratio["peak_rss_joint_vs_procs"] = round(min(x["peak_rss_mib"] for x in by_mode["joint"])
+                                                 / min(x["peak_rss_mib"] for x in by_mode["procs"]), 2)
+        # achieved GFLOP/s in the loops (best loop of each mode): separate runs compute their padded rows
+        # (the joint step before the padding-free forward computed `joint_padded`'s rows, since: `joint_flat`'s)
+        loops = {m: best[m]["loop_tokens_per_s"]["loop_s"] for m in by_mode}
+        g = arithmetic["gflop"]
+        ratio["loop_gflop_per_s"] = {"joint_flat_rows": round(g["joint_flat"] / loops["joint"], 1),
+                                     "joint_padded_rows": round(g["joint_padded"] / loops["joint"], 1),
+                                     "turn": round(g["separate"] / loops["turn"], 1), "procs": round(g["separate"] / loops["procs"], 1)}
+        result["ratios"][name] = ratio
     shutil.rmtree(work, ignore_errors=True)
-    return {"model": model, "k": K, "steps_per_model": steps, "batch": 2, "lora": "r=16 on gate/up/down", "runs": runs,
-            "best": best, "tokens_per_s_joint_vs_best_other": round(best["joint"]["tokens_per_s"] / other, 2),
-            "peak_rss_joint_vs_procs": round(best["joint"]["peak_rss_mib"] / best["procs"]["peak_rss_mib"], 2)}
+    return result
 
 
 GPU_TOLERANCE = 1e-4  # per weight; cuBLAS sums a batched matmul in another order than one model's (on CPU: about 1e-7)
@@ -253,11 +359,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", nargs="?", choices=["lab", "lora", "all"], default="all")
     ap.add_argument("--epochs", type=float, default=12.0)
-    ap.add_argument("--steps", type=int, default=4, help="lora: optimizer steps per adapter")
+    ap.add_argument("--steps", type=int, default=8, help="lora: optimizer steps per adapter")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--quick", action="store_true", help="the GPU check (2 epochs, under 2 minutes); with --device cpu its dry run")
     ap.add_argument("--out", type=Path, default=None, help="where the GPU check writes bench_joint_gpu.json")
+    ap.add_argument("--src", action="append", default=[],
+                    help="lora: NAME=PATH of a source tree the runs import dtm from (repeat: the versions alternate)")
+    ap.add_argument("--results", type=Path, default=RESULTS / "bench_joint.json", help="the JSON file the results go into")
     ap.add_argument("--child")
     ap.add_argument("--base", type=Path)
     ap.add_argument("--work", type=Path)
@@ -268,15 +377,16 @@ def main() -> None:
     if a.device == "cuda" or a.quick:
         gpu_check(a.out, epochs=2.0 if a.quick else a.epochs, device=a.device)
         return
-    path = RESULTS / "bench_joint.json"
+    path = a.results
     result = json.loads(path.read_text()) if path.exists() else {}
     if a.what in ("lab", "all"):
         result["lab"] = bench_lab(a.epochs, a.repeats)
     if a.what in ("lora", "all"):
-        result["lora"] = bench_lora(a.steps, a.repeats)
+        srcs = dict(s.split("=", 1) for s in a.src) or {"here": None}
+        result["lora"] = bench_lora(a.steps, a.repeats, srcs)
     result["machine"] = machine()
     atomic_write_json(path, result)
-    print(json.dumps({k: v["best"] for k, v in result.items() if isinstance(v, dict) and "best" in v}, indent=1))
+    print(json.dumps({k: v.get("ratios", v["best"]) for k, v in result.items() if isinstance(v, dict) and "best" in v}, indent=1))
 
 
 if __name__ == "__main__":

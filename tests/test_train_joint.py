@@ -324,6 +324,48 @@ def test_a_joint_job_refuses_models_of_other_shapes_and_lora_with_frozen_modules
         train_joint(base_dir, [JointJob("a", qa(4, 0), tmp_path / "a", 7, lora)], progress=False)
 
 
+def _hf_summed_loss(model, batch: dict[str, torch.Tensor]) -> float:
+    """transformers' own forward: the summed next-token loss of a collated batch (shifted within rows)."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs).logits
+    labels = batch["labels"][:, 1:]
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                   ignore_index=-100, reduction="sum"))
+
+
+def test_padding_free_forward_equals_transformers_per_model():
+    """The joint forward on two models' micro-batches, one padded and one packed, laid out
+    padding-free (`flat_tokens`): only real tokens of sequences with a label are kept (a packed
+    row's padding and an unlabelled sequence are dropped), and each model's summed loss equals
+    transformers' own forward of that model on its batch (stacked weights: each model its own)."""
+    from conftest import make_llama
+
+    from dtm.training.batches import pack_batch, pad_batch
+    from dtm.training.joint import flat_tokens, forward_name, llama_hidden, lm_head_weight, token_losses
+
+    models = [make_llama(seed=s).eval() for s in (1, 2)]
+    for m in models:
+        m.config.use_cache = False  # as `load_base` sets: transformers then reads packed sequences from position_ids
+
+    def example(n: int, start: int, labelled: bool = True) -> dict[str, list[int]]:
+        ids = [(start + 7 * i) % 390 + 5 for i in range(n)]
+        return {"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:] if labelled else [-100] * n, "attention_mask": [1] * n}
+
+    padded = pad_batch([example(9, 0), example(4, 3), example(6, 5, labelled=False)], pad_id=0)
+    packed = pack_batch([example(11, 1), example(5, 2), example(3, 4)], pad_id=0, row_tokens=12)
+    assert packed["input_ids"].numel() > 19  # the packed batch has padding too
+    tokens = flat_tokens([padded, packed])
+    assert tokens.bounds == [(0, 13), (13, 32)]  # 9 + 4 (the unlabelled 6 left out), 11 + 5 + 3
+    assert tokens.grid == (5, 11)
+    params = {forward_name(n): torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+              for n, _ in models[0].named_parameters()}
+    with torch.no_grad():
+        hidden = llama_hidden(params, models[0].config, tokens)
+        losses = token_losses(hidden, lm_head_weight(params), tokens)
+        expected = [_hf_summed_loss(models[0], padded), _hf_summed_loss(models[1], packed)]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+
+
 def test_memory_model_on_hand_computed_numbers():
     """2 layers of hidden 10 and MLP 20, vocabulary 100; K=3 models of 50 trained weights each,
     micro-batches of 5 tokens, fp32 (the coefficients are bench_joint_memory.py's fit)."""

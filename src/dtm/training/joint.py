@@ -3,13 +3,14 @@
 The lab's sub-models are tiny (0.24M parameters); K of them stepped together pay the per-operation
 overhead once (the step is mostly arithmetic all the same: `benchmarks/results/bench_lab_step.md`
 measures where it goes). Every trainable weight is held as one tensor
-of shape [K, ...], a forward pass is one batched matmul per layer over the K models' batches,
-and one backward gives every model its own gradient (the K losses are summed; model k's loss
+of shape [K, ...]; a forward pass runs over the real tokens of all K models' micro-batches,
+padding-free (`Tokens`: model after model, each model's rows through its own weights), and
+one backward gives every model its own gradient (the K losses are summed; model k's loss
 depends only on row k of each stacked weight). Frozen weights (the lab's embeddings) are held
 once.
 
 LoRA (the paper's setting) is the same step with one frozen base held once and K stacked
-adapters: the base's matmul runs once over all K micro-batches, each adapter on its own rows.
+adapters: the base's matmul runs once over all K micro-batches' tokens, each adapter on its own rows.
 
 Each model keeps exactly the semantics of its separate training by `sft.train_model` (the HF
 `Trainer`): its own portion (after a data baseline's hooks: replay, curation), in the order
@@ -35,6 +36,7 @@ trained weights with the Trainer's.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -58,7 +60,7 @@ from dtm.io import atomic_directory, atomic_write_json, make_dirs
 from dtm.rundir import CHECKPOINT_DIR, LOG_FILE, TENSORBOARD_DIR, is_complete, joint_checkpoint_dir, joint_checkpoints
 from dtm.training.baselines import DATA_BASELINES, data_hooks
 from dtm.training.batches import REAL_TOKENS, Example, make_collator
-from dtm.training.chunked_loss import CHUNK_ROWS, labelled_hidden, summed_ce
+from dtm.training.chunked_loss import CHUNK_ROWS, summed_ce
 from dtm.training.sft import (
     FractionCallback,
     JsonlLogCallback,
@@ -237,16 +239,101 @@ def schedule(n_examples: int, config: ExperimentConfig, out: Path, seed: int) ->
 # ---------------------------------------------------------------- the batched Llama forward
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [K, N, in] times a stacked weight [K, out, in] or a shared one [out, in]."""
-    return torch.bmm(x, w.transpose(1, 2)) if w.dim() == 3 else x @ w.T
+@dataclass
+class Tokens:
+    """The real tokens of K models' micro-batches, padding-free: every model's sequences one
+    after another, model after model (model k's tokens are rows `bounds[k]`).
+
+    Why flat: padding the K x b sequences of a joint micro-batch to one length made every
+    projection compute the padding of the longest of all K x b sequences (29% more rows than
+    real tokens on the LoRA benchmark's data, where a separate run of batch 2 pays 12%), and the
+    projections are nearly all of a step's FLOPs. Flat, the base's matmul runs over real tokens
+    only; attention, which needs its sequences apart, puts them in a small [S, T] grid
+    (`slots`, `_attention`).
+    """
+
+    ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N] each token's position (RoPE), as the collator gave it
+    targets: torch.Tensor  # [N] the label each position predicts (transformers' shift within a collated row); -100: none
+    slots: torch.Tensor  # [N] each token's place in the attention grid: sequence * T + its index in the sequence
+    grid: tuple[int, int]  # (S, T): sequences, the longest one's length
+    bounds: list[tuple[int, int]]  # model k's tokens: [start, end)
+
+    def to(self, device: torch.device) -> Tokens:
+        move = {n: getattr(self, n).to(device) for n in ("ids", "positions", "targets", "slots")}
+        return Tokens(**move, grid=self.grid, bounds=self.bounds)
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def _sequences(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One collated batch's sequences with a labelled target: (ids, positions, targets, lengths).
+
+    Sequences: transformers' packed sequences (a new one wherever a position does not follow the
+    previous one; `batches.pack_batch`) or each row's real tokens (`batches.pad_batch`
+    right-pads: attention_mask 1 then 0). A sequence without a labelled target adds no loss and
+    attends to nothing else, so it is left out (a packed row's padding is one).
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows, width = ids.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # as `chunked_loss.labelled_hidden` shifts
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    if "position_ids" in batch:  # packed
+        positions = batch["position_ids"]
+        real = torch.ones_like(starts)
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    else:  # padded: positions 0..T-1, as transformers makes them without position_ids
+        positions = torch.arange(width).expand(rows, width)
+        real = batch["attention_mask"].bool()
+    seq = starts.flatten().cumsum(0) - 1
+    labelled = (targets.ne(IGNORE_INDEX) & real).flatten()
+    count = int(seq[-1]) + 1 if seq.numel() else 0
+    has_target = torch.zeros(count, dtype=torch.long).index_add_(0, seq, labelled.long()) > 0
+    keep = real.flatten() & has_target[seq]
+    lengths = torch.bincount(seq[keep], minlength=count)
+    return ids.flatten()[keep], positions.flatten()[keep], targets.flatten()[keep], lengths[lengths > 0]
+
+
+def flat_tokens(batches: Sequence[dict[str, Any]]) -> Tokens:
+    """K collated batches (one per model, from its own collator) as one padding-free `Tokens`."""
+    parts = [_sequences(b) for b in batches]
+    sizes = [len(p[0]) for p in parts]
+    ends = list(itertools.accumulate(sizes))
+    lengths = torch.cat([p[3] for p in parts])
+    longest = int(lengths.max()) if lengths.numel() else 0
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    first = lengths.cumsum(0) - lengths
+    index = torch.arange(int(lengths.sum())) - first[seq]
+    return Tokens(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
+                  seq * longest + index, (len(lengths), longest), [(e - s, e) for s, e in zip(sizes, ends)])
+
+
+def _per_model(x: torch.Tensor, bounds: Sequence[tuple[int, int]], f: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """f(model k's rows of x, k) for every model, concatenated in row order: how a stacked
+    weight or an adapter reaches its own model's rows (their counts differ, so a loop of K
+    matmuls, not a batched matmul over padded rows). Callers take a stacked weight's K rows
+    with one `unbind` (backward: one stack of K gradients; K `w[k]` would each zero-fill a
+    gradient of all K rows)."""
+    if len(bounds) == 1:
+        return f(x, 0)
+    return torch.cat([f(x[a:b], k) for k, (a, b) in enumerate(bounds)])
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """x [N, in] times a shared weight [out, in] (one matmul over every model's rows) or a stacked one [K, out, in]."""
+    if w.dim() == 2:
+        return x @ w.T
+    ws = w.unbind(0)
+    return _per_model(x, bounds, lambda rows, k: rows @ ws[k].T)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
     """LlamaRMSNorm, with a stacked [K, D] or shared [D] weight."""
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (w[:, None, :] if w.dim() == 2 else w) * h.to(x.dtype)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if w.dim() == 1:
+        return w * h
+    ws = w.unbind(0)
+    return _per_model(h, bounds, lambda rows, k: ws[k] * rows)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -254,19 +341,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def attention_mask(position_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, T] mask: causal within a segment, and each token sees itself.
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens, scale: float) -> torch.Tensor:
+    """Causal attention within each sequence: q [N, heads, hd], k and v [N, kv_heads, hd] -> [N, heads * hd].
 
-    Segments are transformers' packed sequences (a new one wherever a position does not follow
-    the previous one) or, for padded batches, real tokens vs padding. The diagonal keeps a
-    row of padding from being fully masked (a NaN in the softmax); padding is never a key of
-    a real token, so it changes nothing that the loss sees.
+    The tokens go into a zero [S, T] grid, a sequence a row from its first token, for one sdpa
+    call with `is_causal`: a real token sees exactly the earlier tokens of its own sequence (the
+    grid's padding comes after them; its rows' outputs are never read back, so no mask is built).
     """
-    t = position_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    eye = torch.eye(t, dtype=torch.bool, device=position_ids.device)
-    return ((causal & same) | eye)[:, None]
+    s, t = tokens.grid
+
+    def grid(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(s * t, *x.shape[1:]).index_copy(0, tokens.slots, x).view(s, t, *x.shape[1:]).transpose(1, 2)
+
+    q, k, v = grid(q), grid(k), grid(v)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: transformers' repeat_kv
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(1, 2).reshape(s * t, -1).index_select(0, tokens.slots)
 
 
 @dataclass
@@ -277,54 +368,54 @@ class Lora:
     dropout: float
 
 
-def _proj(x: torch.Tensor, params: dict[str, torch.Tensor], name: str, lora: Lora | None) -> torch.Tensor:
-    """A projection layer: its (shared or stacked) weight, plus model k's adapter when it has one."""
-    y = _linear(x, params[name + ".weight"])
+def _proj(x: torch.Tensor, params: dict[str, torch.Tensor], name: str, lora: Lora | None,
+          bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """A projection layer: its (shared or stacked) weight, plus model k's adapter on model k's rows when it has one."""
+    y = _linear(x, params[name + ".weight"], bounds)
     a = params.get(name + ".lora_A")
     if a is None or lora is None:
         return y
+    a, b = a.unbind(0), params[name + ".lora_B"].unbind(0)
     x = F.dropout(x, lora.dropout) if lora.dropout else x
-    return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), params[name + ".lora_B"].transpose(1, 2)) * lora.scale
+    return y + _per_model(x, bounds, lambda rows, k: rows @ a[k].T @ b[k].T) * lora.scale
 
 
-def llama_hidden(params: dict[str, torch.Tensor], cfg: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 segments: torch.Tensor, lora: Lora | None = None) -> torch.Tensor:
-    """Final hidden states [K, B*T, H] of K Llama models on their own batches (input_ids [K, B, T]);
-    the LM head is applied by `token_losses`, only where labels are.
+def llama_hidden(params: dict[str, torch.Tensor], cfg: Any, tokens: Tokens, lora: Lora | None = None) -> torch.Tensor:
+    """Final hidden states [N, H] of K Llama models on their own tokens (`Tokens`: model k's
+    rows `tokens.bounds[k]`); the LM head is applied by `token_losses`, only where labels are.
 
     Every weight in `params` is stacked [K, ...] (trained) or shared (frozen, held once);
     `<layer>.lora_A` [K, r, in] and `<layer>.lora_B` [K, out, r] are the K models' adapters
-    (LoRA: the base's matmul runs once over all K batches, each adapter on its own model's rows).
+    (LoRA: the base's matmul runs once over all K models' tokens, each adapter on its own model's rows).
     The same operations as transformers' `LlamaForCausalLM` with sdpa attention (and PEFT's LoRA).
     """
-    k, b, t = input_ids.shape
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    n, bounds = tokens.ids.shape[0], tokens.bounds
     emb = params["model.embed_tokens.weight"]
-    h = emb[torch.arange(k, device=emb.device)[:, None, None], input_ids] if emb.dim() == 3 else F.embedding(input_ids, emb)
-    h = h.reshape(k, b * t, -1)
+    if emb.dim() == 3:
+        embs = emb.unbind(0)
+        h = _per_model(tokens.ids, bounds, lambda ids, k: F.embedding(ids, embs[k]))
+    else:
+        h = F.embedding(tokens.ids, emb)
     theta = cfg.rope_parameters["rope_theta"]
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=h.device) / hd))
-    freqs = position_ids.reshape(k * b, t)[..., None].float() * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [K*B, 1, T, hd]
+    freqs = tokens.positions[:, None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, hd]
     cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
-    mask = attention_mask(position_ids.reshape(k * b, t), segments.reshape(k * b, t))
     eps = cfg.rms_norm_eps
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        x = _rms_norm(h, params[p + "input_layernorm.weight"], eps)
-        q = _proj(x, params, p + "self_attn.q_proj", lora).view(k * b, t, heads, hd).transpose(1, 2)
-        kk = _proj(x, params, p + "self_attn.k_proj", lora).view(k * b, t, kv_heads, hd).transpose(1, 2)
-        v = _proj(x, params, p + "self_attn.v_proj", lora).view(k * b, t, kv_heads, hd).transpose(1, 2)
+        x = _rms_norm(h, params[p + "input_layernorm.weight"], eps, bounds)
+        q = _proj(x, params, p + "self_attn.q_proj", lora, bounds).view(n, heads, hd)
+        kk = _proj(x, params, p + "self_attn.k_proj", lora, bounds).view(n, kv_heads, hd)
+        v = _proj(x, params, p + "self_attn.v_proj", lora, bounds).view(n, kv_heads, hd)
         q, kk = q * cos + _rotate_half(q) * sin, kk * cos + _rotate_half(kk) * sin
-        if kv_heads != heads:
-            kk, v = kk.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
-        a = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=hd**-0.5)
-        h = h + _proj(a.transpose(1, 2).reshape(k, b * t, heads * hd), params, p + "self_attn.o_proj", lora)
-        x = _rms_norm(h, params[p + "post_attention_layernorm.weight"], eps)
-        gate = _proj(x, params, p + "mlp.gate_proj", lora)
-        h = h + _proj(F.silu(gate) * _proj(x, params, p + "mlp.up_proj", lora), params, p + "mlp.down_proj", lora)
-    return _rms_norm(h, params["model.norm.weight"], eps)
+        h = h + _proj(_attention(q, kk, v, tokens, hd**-0.5), params, p + "self_attn.o_proj", lora, bounds)
+        x = _rms_norm(h, params[p + "post_attention_layernorm.weight"], eps, bounds)
+        gate = _proj(x, params, p + "mlp.gate_proj", lora, bounds)
+        h = h + _proj(F.silu(gate) * _proj(x, params, p + "mlp.up_proj", lora, bounds), params, p + "mlp.down_proj", lora, bounds)
+    return _rms_norm(h, params["model.norm.weight"], eps, bounds)
 
 
 def lm_head_weight(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -332,40 +423,16 @@ def lm_head_weight(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return params.get("lm_head.weight", params["model.embed_tokens.weight"])
 
 
-def stack_batches(batches: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """K collated batches (packed: position_ids; padded: attention_mask) padded to one
-    [K, B, T] shape. Added positions are padding: label -100, a segment of their own."""
-    rows = max(x["input_ids"].shape[0] for x in batches)
-    width = max(x["input_ids"].shape[1] for x in batches)
-    k = len(batches)
-    ids = torch.full((k, rows, width), pad_id, dtype=torch.long)
-    labels = torch.full((k, rows, width), IGNORE_INDEX, dtype=torch.long)
-    pos = torch.arange(width).repeat(k, rows, 1)
-    seg = torch.full((k, rows, width), -1, dtype=torch.long)
-    for i, x in enumerate(batches):
-        r, w = x["input_ids"].shape
-        ids[i, :r, :w], labels[i, :r, :w] = x["input_ids"], x["labels"]
-        if "position_ids" in x:  # packed: a new segment wherever the position does not follow on
-            p = x["position_ids"]
-            pos[i, :r, :w] = p
-            starts = torch.ones_like(p, dtype=torch.bool)
-            starts[:, 1:] = p[:, 1:] != p[:, :-1] + 1
-            seg[i, :r, :w] = starts.long().cumsum(-1)
-        else:  # padded: positions 0..T-1 (no position_ids given), real tokens one segment
-            seg[i, :r, :w] = x["attention_mask"]
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": seg}
-
-
-def token_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy per model ([K]) of hidden states [K, B*T, H] through the head
-    (stacked [K, V, H] or shared), labels [K, B, T] shifted as transformers does. The logits exist
-    only for labelled positions, a chunk at a time (`chunked_loss.summed_ce`)."""
-    k, b, t = labels.shape
+def token_losses(hidden: torch.Tensor, head: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """Summed next-token cross-entropy per model ([K]) of hidden states [N, H] through the head
+    (stacked [K, V, H] or shared) against `tokens.targets`. The logits exist only for labelled
+    positions, a chunk at a time (`chunked_loss.summed_ce`), in the order the Trainer's loss takes them."""
+    heads = head.unbind(0) if head.dim() == 3 else [head] * len(tokens.bounds)
     out = []
-    for i in range(k):
-        h, targets = labelled_hidden(hidden[i].view(b, t, -1), labels[i])  # shifted within each row
-        w = head[i] if head.dim() == 3 else head
-        out.append(summed_ce(functools.partial(F.linear, weight=w), h, targets))
+    for w, (a, b) in zip(heads, tokens.bounds):
+        targets = tokens.targets[a:b]
+        keep = targets != IGNORE_INDEX
+        out.append(summed_ce(functools.partial(F.linear, weight=w), hidden[a:b][keep], targets[keep]))
     return torch.stack(out)
 
 
@@ -418,8 +485,8 @@ class Stack:
 
     def weights(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Every weight by name for `llama_hidden`: trained ones [k, ...] for the rows (models) given."""
-        # contiguous copies (a few MiB for the lab): batched matmuls on rows P apart ran 2x slower
-        return self.shared | {n: (leaf.contiguous() if rows is None else leaf[rows]) for n, leaf in self.leaves.items()}
+        # the leaves themselves: a model's row of a leaf is contiguous, and the forward takes rows one model at a time
+        return self.shared | {n: (leaf if rows is None else leaf[rows]) for n, leaf in self.leaves.items()}
 
     def gradients(self) -> torch.Tensor:
         """The gradient buffer after a backward (autograd adds into each leaf's `.grad` view in
@@ -488,9 +555,10 @@ def adamw_rows(s: Stack, rows: Sequence[int], lr: Sequence[float], step: Sequenc
 # allocator keeps of them), and by nothing measurable per token outside the layers.
 HIDDEN_PER_LAYER = 13  # hidden widths per token and layer
 MLP_PER_LAYER = 11  # MLP (intermediate) widths per token and layer
-# Per trained weight: the weight, its gradient, AdamW's two moments, the forward's contiguous copy
-# of the stacked rows, and about three weight-sized temporaries of clipping and the AdamW update
-# (full fine-tuning of the small Llama: 8 fits its peak; LoRA's adapters are too small to tell).
+# Per trained weight: the weight, its gradient, AdamW's two moments, the forward's copy of the
+# stacked rows (now only while some models have finished: `Stack.weights`), and about three
+# weight-sized temporaries of clipping and the AdamW update (full fine-tuning of the small
+# Llama: 8 fits its peak; LoRA's adapters are too small to tell).
 # Fitted before the AdamW update became fused and in place (`adamw_rows`): it has no temporaries
 # now, so 8 is on the safe side (not refitted).
 COPIES_PER_TRAINED = 8
@@ -643,7 +711,7 @@ def train_joint(base: str | Path, jobs: Sequence[JointJob], progress: bool = Tru
     try:
         while active := [i for i, m in enumerate(members) if m.step < m.sched.total_steps]:
             started = time.perf_counter()
-            norms = _one_step(members, active, stack, tokenizer.pad_token_id, carrier.config, lora)
+            norms = _one_step(members, active, stack, carrier.config, lora)
             share = (time.perf_counter() - started) / len(active)
             for i, norm in zip(active, norms):
                 m = members[i]
@@ -713,7 +781,7 @@ def _member(job: JointJob, tokenizer: Any, base: str | Path) -> Member:
                   make_collator(t.packing, tokenizer.pad_token_id), fractions, logger)
 
 
-def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: int, model_config: Any, lora: Lora | None) -> list[float]:
+def _one_step(members: list[Member], active: list[int], stack: Stack, model_config: Any, lora: Lora | None) -> list[float]:
     """One optimizer step of every active model; returns their gradient norms before clipping."""
     device = stack.flat.device
     micro = {i: members[i].step_batches() for i in active}
@@ -724,16 +792,20 @@ def _one_step(members: list[Member], active: list[int], stack: Stack, pad_id: in
     everyone = list(range(len(members)))
     for j in range(max(len(v) for v in micro.values())):
         rows = [i for i in active if j < len(micro[i])]
-        batch = {n: v.to(device) for n, v in stack_batches([collated[i][j] for i in rows], pad_id).items()}
-        weights = stack.weights(None if rows == everyone else torch.tensor(rows, device=device))
-        hidden = llama_hidden(weights, model_config, batch["input_ids"], batch["position_ids"], batch["segments"], lora)
-        losses = token_losses(hidden, lm_head_weight(weights), batch["labels"]) / torch.tensor([max(items[i], 1) for i in rows], device=device)
+        tokens = flat_tokens([collated[i][j] for i in rows]).to(device)
+        if tokens.ids.numel():
+            weights = stack.weights(None if rows == everyone else torch.tensor(rows, device=device))
+            hidden = llama_hidden(weights, model_config, tokens, lora)
+            losses = token_losses(hidden, lm_head_weight(weights), tokens) / torch.tensor([max(items[i], 1) for i in rows], device=device)
+        else:  # no labelled token in any model's micro-batch: no loss and no gradient, as in the Trainer
+            losses = torch.zeros(len(rows))
         values = losses.detach().tolist()
         bad = [f"{members[i].job.name} (step {members[i].step + 1})" for i, x in zip(rows, values) if not math.isfinite(x)]
         if bad:  # each at its own step: resumed models need not be at the same one
             raise TrainingError(f"{', '.join(bad)}: loss is not finite; lower train.learning_rate, "
                                 "or check the base model's weights for NaN/inf")
-        losses.sum().backward()
+        if losses.requires_grad:
+            losses.sum().backward()
         for i, x in zip(rows, values):
             step_loss[i] += x
             members[i].window["tokens"] += collated[i][j][REAL_TOKENS]
