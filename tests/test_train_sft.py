@@ -427,3 +427,16 @@ def test_a_resumed_runs_event_file_sorts_after_the_killed_ones(tmp_path):
     callback.tb_writer.close()
     files = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
     assert len(files) == 2 and files[-1] != killed.name
+
+
+def test_lora_wrapping_logs_no_deprecation_warning():
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing`: one FutureWarning in every
+    LoRA job's log (issue #14's noise); `apply_lora` keeps it out, and only that warning."""
+    import warnings
+
+    from dtm.training.sft import apply_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(make_llama(hidden=64, layers=2, seed=1), tiny_config())
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

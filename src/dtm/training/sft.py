@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,12 @@ def apply_lora(model: PreTrainedModel, config: ExperimentConfig) -> torch.nn.Mod
         r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
         target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none",
     )
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+        # FutureWarning in every training job's log; the attribute's value is still right, and
+        # dtm turns checkpointing on itself afterwards (`checkpointing.enable`)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 # ---------------------------------------------------------------- data
