@@ -224,8 +224,10 @@ def test_the_analyses_config_plans_every_axis_around_the_lab_config():
     points = {a.key: [v for v, _ in a.points] for a in sweep.axes}
     assert points["disperse.k"] == [1, 2, 4, 8] and cfg.seeds == [1, 2, 3]
     assert [p["method"] for p in points["merge"]] == ["average", "fisher", "task_arithmetic", "ties", "dare_ties"]
-    assert sweep.cells[-6].name == "merge.method=dare_ties,merge.parameters.density=0.5,merge.parameters.normalize=True"
-    assert len(sweep.cells) == 1 + 3 + 4 + 4 + 1 + 4  # center + each axis's other values
+    assert points["lab.wrong_rate"] == [0.0, 0.3, 0.6]
+    assert cfg.sweep.center_only == ["baselines", "sub_models"]  # the cuts that fit the 30-minute budget
+    assert sweep.cells[-5].name == "merge.method=dare_ties,merge.parameters.density=0.5,merge.parameters.normalize=True"
+    assert len(sweep.cells) == 1 + 3 + 4 + 4 + 1 + 3  # center + each axis's other values
 
 
 def test_a_result_whose_model_and_tasks_are_unchanged_is_linked_not_scored_again(swept):
