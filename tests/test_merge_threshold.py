@@ -128,19 +128,14 @@ def test_tensor_trims_are_the_whole_tensor_trims(monkeypatch, kind, n, sigmas, t
         assert fallbacks  # the fallback ran
 
 
-def test_dare_stream_draws_by_position(monkeypatch):
+def test_dare_stream_draws_by_position():
     """A DARE stream's draws for a range are those of the whole tensor there, whichever range is asked
-    for first (the compute threads ask out of order), across block boundaries too."""
-    monkeypatch.setattr(M, "DARE_BLOCK", 64)
+    for first (the compute threads ask out of order)."""
     s = M.DareStream(7)
     whole = s.uniform(0, 1000)
     for start, m in [(999, 1), (100, 333), (64, 64), (60, 10), (5, 10), (0, 1000)]:
         assert torch.equal(s.uniform(start, m), whole[start:start + m])
     assert not torch.equal(M.DareStream(8).uniform(0, 1000), whole)
-
-
-def test_engine_chunks_are_whole_dare_blocks():
-    assert E.CHUNK_ELEMENTS % M.DARE_BLOCK == 0  # else every chunk redraws part of a block
 
 
 @pytest.fixture(scope="module")
