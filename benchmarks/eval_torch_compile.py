@@ -78,10 +78,11 @@ def run(n, kind):
     xs, base = data(n, kind)
     w = [1.0, 0.5, 2.0, 1.0]
     trims = [M.magnitude_trim((x - base).abs(), 0.5) for x in xs]
-    drops = [t.drop_level(torch.float32) for t in trims]
-    if any(d is None for d in drops):  # a split tie: not what this kernel does
+    drops = [t.kernel_trim(torch.float32) for t in trims]
+    if any(d[1] >= 0 for d in drops):  # a split tie: not what this function does
         trims = [M.Trim(0.0, keep_all=True)] * 4
-        drops = [-float("inf")] * 4
+        drops = [(-float("inf"), -1)] * 4
+    drops = [d[0] for d in drops]
     args = (*xs, base, torch.tensor(drops), torch.tensor(w), torch.tensor(1.0))
     t0 = time.perf_counter()
     got = fn(*args)

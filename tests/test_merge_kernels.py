@@ -1,5 +1,6 @@
 """The fused merge kernels (`kernels.py`, numba) against the torch formulation in `methods.py`,
-bit for bit: TIES (trimmed, ties kept or dropped, zeros and -0, bf16-valued deltas, weights,
+bit for bit: TIES (trimmed, threshold ties kept, dropped or split by position, zeros and -0,
+bf16-valued deltas, weights,
 normalised or not, lambda), DARE-TIES and DARE-linear (densities 0, 1 and between, per model,
 rescaled or not, any chunk offset), TIES' bracket count; non-finite inputs leave the kernel
 non-finite (so the engine's torch path gives the exact error); whole merges write the same bytes
@@ -81,14 +82,25 @@ def test_ties_kernel_is_the_torch_ties_bitwise(seed, n, k, kind, densities, norm
         kw = dict(scaling=scaling, normalize=normalize)
         got = M.ties_fused(parts, weights, b, trims=[t.chunk(j) for t in chunked], **kw)
         want = M.ties(parts, weights, b, trims=[t.chunk(j) for t in chunked], **kw)
-        applies = M._agreeing_weights(weights, normalize) and all(t.chunk(j).drop_level(torch.float32) is not None for t in chunked)
-        assert (got is not None) == applies
+        assert (got is not None) == M._agreeing_weights(weights, normalize)
         if got is not None:
             assert torch.equal(bits(got), bits(want)), j  # same bits, signs of zeros included
     if pieces == 1:  # one chunk without trims: the kernel's own whole-tensor thresholds
         got = M.ties_fused(xs, weights, base, density=densities, scaling=scaling, normalize=normalize)
         want = M.ties(xs, weights, base, density=densities, scaling=scaling, normalize=normalize)
+        assert (got is not None) == M._agreeing_weights(weights, normalize)
         assert got is None or torch.equal(bits(got), bits(want))
+
+
+def test_ties_kernel_splits_threshold_ties_by_position():
+    """Four entries tie at the threshold and three are kept: the second chunk holds two of them
+    and keeps only the first (as `Trim.mask` does), with nothing carried between chunks."""
+    d = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 2.0, -0.0, 3.0])
+    t = M.magnitude_trim(d.abs(), 0.5)  # k = 4: 3.0 and three of the four 2.0s
+    chunked = M.ChunkedTrim.of(t, [2, 2])
+    assert chunked.chunk(1).kernel_trim(torch.float32) == (2.0, 1)
+    parts = [M.ties_fused([c], [1.0], torch.zeros(len(c)), trims=[chunked.chunk(j)]) for j, c in enumerate(d.split([3, 5]))]
+    assert torch.equal(torch.cat(parts), torch.tensor([0.0, -2.0, 2.0, 0.0, -2.0, 0.0, 0.0, 3.0]))
 
 
 @FAST
@@ -160,7 +172,7 @@ def test_a_non_finite_input_leaves_the_kernels_output_non_finite(bad):
         got = M.ties_fused(ys, [1.0, 0.5, 2.0], base, trims=[M.Trim(0.0, keep_all=True)] * 3)
         assert got is not None and not bool(torch.isfinite(got).all())
         got = M.ties_fused(ys, [1.0, 0.5, 2.0], base, trims=[M.magnitude_trim((y - base).abs(), 0.3) for y in ys])
-        assert got is None or not bool(torch.isfinite(got).all())  # None: a split tie, torch's path
+        assert got is not None and not bool(torch.isfinite(got).all())
         gens = M.model_generators(1, "t", 3)
         got = M.dare_ties_fused(ys, [1.0] * 3, base, density=1.0, generators=gens)
         assert got is not None and not bool(torch.isfinite(got).all())

@@ -50,6 +50,23 @@ def _trimmed_row(x, base, drop, w, row):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**JIT)
+def _split_row(x, base, t, left, w, row):  # type: ignore[no-untyped-def]
+    """row = w * (x - base) * keep, keep where |d| > t or, of the entries with |d| == t, the
+    first `left` in order (`Trim.mask`: a chunk that splits the ties at the threshold); returns
+    how many of those ties are still to be kept (the next block's `left`)."""
+    for e in range(x.shape[0]):
+        v = x[e] - base[e]
+        a = abs(v)
+        if not a > t:
+            if a == t and left > 0:
+                left -= 1
+            else:
+                v = v * ZERO  # as `delta * mask`: +-0, and NaN stays NaN
+        row[e] = v * w
+    return left
+
+
+@numba.njit(**JIT)
 def _dare_row(x, base, pos0, key, thr, mode, dens, rescale, w, row):  # type: ignore[no-untyped-def]
     """row = w * dare_drop(x - base) for the elements from `pos0` of the tensor: mode 0 drops all
     (+0), 1 keeps all, 2 keeps where the draw's top 24 bits are < thr (u < density), rescaled
@@ -111,19 +128,24 @@ def _signed_block(rows, base, normalize, w, scaling, sgn, acc, div, out):  # typ
 
 
 @numba.njit(**JIT)
-def ties_merge(xs, base, drop, w, scaling, normalize, out):  # type: ignore[no-untyped-def]
-    """`methods.ties` on one chunk given each model's drop level (`Trim.drop_level`)."""
+def ties_merge(xs, base, level, ties, w, scaling, normalize, out):  # type: ignore[no-untyped-def]
+    """`methods.ties` on one chunk given each model's trim (`Trim.kernel_trim`): ties[i] < 0 zeroes
+    |d| <= level[i]; ties[i] >= 0 keeps |d| > level[i] and the first ties[i] entries equal to it."""
     n = base.shape[0]
     k = len(xs)
     rows = np.empty((k, BLOCK), np.float32)
     sgn = np.empty(BLOCK, np.float32)
     acc = np.empty(BLOCK, np.float32)
     div = np.empty(BLOCK, np.float32)
+    left = ties.copy()
     for s0 in range(0, n, BLOCK):
         s1 = min(n, s0 + BLOCK)
         b = base[s0:s1]
         for i in range(k):
-            _trimmed_row(xs[i][s0:s1], b, drop[i], w[i], rows[i])
+            if ties[i] < 0:
+                _trimmed_row(xs[i][s0:s1], b, level[i], w[i], rows[i])
+            else:
+                left[i] = _split_row(xs[i][s0:s1], b, level[i], left[i], w[i], rows[i])
         _signed_block(rows, b, normalize, w, scaling, sgn, acc, div, out[s0:s1])
 
 

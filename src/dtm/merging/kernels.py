@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +42,7 @@ def cache_dir() -> Path:
 
 
 _failed: list[str] = []  # why the kernels were given up in this process (empty: not given up)
+_loading = threading.Lock()  # the compute threads may ask for the kernels at the same time
 
 
 @functools.cache
@@ -48,22 +50,23 @@ def _load() -> ModuleType | None:
     """The compiled kernels' module, or None (numba missing, or turned off by `KERNELS_ENV`)."""
     if os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off"):
         return None
-    try:
-        import numba
-    except ImportError:
-        log.info("numba is not installed: TIES and DARE run on torch's ops (slower, same bytes)")
-        return None
-    old = numba.config.CACHE_DIR
-    try:
-        if not old:  # numba reads it when each kernel is defined: set it for ours only
-            numba.config.CACHE_DIR = str(cache_dir())
-        from dtm.merging import _jit
-    except Exception as e:  # a numba that cannot build our kernels: fall back, say why
-        log.warning("merge kernels unavailable (%s: %s): TIES and DARE run on torch's ops", type(e).__name__, e)
-        return None
-    finally:
-        numba.config.CACHE_DIR = old
-    return _jit
+    with _loading:
+        try:
+            import numba
+        except ImportError:
+            log.info("numba is not installed: TIES and DARE run on torch's ops (slower, same bytes)")
+            return None
+        old = numba.config.CACHE_DIR
+        try:
+            if not old:  # numba reads it when each kernel is defined: set it for ours only
+                numba.config.CACHE_DIR = str(cache_dir())
+            from dtm.merging import _jit
+        except Exception as e:  # a numba that cannot build our kernels: fall back, say why
+            log.warning("merge kernels unavailable (%s: %s): TIES and DARE run on torch's ops", type(e).__name__, e)
+            return None
+        finally:
+            numba.config.CACHE_DIR = old
+        return _jit
 
 
 def available() -> bool:
@@ -103,17 +106,20 @@ def _f32(values: Sequence[float]) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
-def ties(parts: Sequence[Tensor], base: Tensor, drop: Sequence[float], weights: Sequence[float],
+def ties(parts: Sequence[Tensor], base: Tensor, trims: Sequence[tuple[float, int]], weights: Sequence[float],
          scaling: float, normalize: bool) -> Tensor | None:
-    """`methods.ties` on one chunk: model i keeps |x_i - base| > drop[i] (`Trim.drop_level`),
-    weighted, signs elected, the agreeing deltas summed (divided by their weights when
-    `normalize`), times `scaling`, plus the base; float32, shaped like `base`."""
+    """`methods.ties` on one chunk: model i's trim (level, ties) (`Trim.kernel_trim`) zeroes
+    |x_i - base| <= level (ties < 0), or keeps |x_i - base| > level and the first `ties` entries
+    equal to it; then weighted, signs elected, the agreeing deltas summed (divided by their
+    weights when `normalize`), times `scaling`, plus the base; float32, shaped like `base`."""
     arrays = _arrays(parts, base)
     if arrays is None:
         return None
     out = torch.empty_like(base)
     xs, b = arrays
-    ok = _run("ties_merge", xs, b, _f32(drop), _f32(weights), np.float32(scaling), bool(normalize), out.reshape(-1).numpy())
+    level, ties_kept = _f32([t[0] for t in trims]), np.array([t[1] for t in trims], dtype=np.int64)
+    ok = _run("ties_merge", xs, b, level, ties_kept, _f32(weights), np.float32(scaling), bool(normalize),
+              out.reshape(-1).numpy())
     return out if ok else None
 
 

@@ -125,20 +125,21 @@ class Trim:
             return kept
         return _shrink(delta, below if self.ties > 0 else self.threshold)
 
-    def drop_level(self, dtype: torch.dtype) -> float | None:
-        """`apply` as one number for the fused kernel (`kernels.ties`): it zeroes the entries
-        with |d| <= the returned level (a negative level keeps all, -0 and NaN included), or
-        None when this chunk splits the ties at the threshold by position (then `apply`)."""
+    def kernel_trim(self, dtype: torch.dtype) -> tuple[float, int]:
+        """`apply`/`mask` as (level, ties) for the fused kernel (`kernels.ties`): ties < 0 zeroes
+        the entries with |d| <= level (a negative level keeps all, -0 and NaN included); ties >= 0
+        (a chunk that splits the ties at the threshold) keeps |d| > level and the first `ties`
+        entries with |d| == level, in order."""
         if self.keep_all:
-            return -math.inf
+            return -math.inf, -1
         if 0 < self.ties < self.equal:
-            return None
+            return self.threshold, self.ties
         if self.ties == 0:
-            return self.threshold
+            return self.threshold, -1
         if self.below is None:
             t = torch.tensor(self.threshold, dtype=dtype)
             self.below = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))
-        return self.below
+        return self.below, -1
 
 
 def _shrink(delta: Tensor, threshold: float) -> Tensor:
@@ -569,8 +570,8 @@ def dare_ties(
 #
 # The same functions as `ties`, `dare_ties` and `dare_linear`, bit for bit, as one fused kernel
 # pass over the chunk; None where the kernel does not apply (then the engine calls the method
-# itself): numba missing, not float32, a chunk that splits the ties at a TIES threshold by
-# position, TIES normalising with a weight <= 0, DARE with a torch.Generator.
+# itself): numba missing, not float32, TIES normalising with a weight <= 0 (divisors may
+# cancel), DARE with a torch.Generator.
 
 
 def _agreeing_weights(weights: Sequence[float], normalize: bool) -> bool:
@@ -588,10 +589,7 @@ def ties_fused(
         return None
     if trims is None:
         trims = ties_trims(tensors, base, density)
-    drops = [t.drop_level(base.dtype) for t in trims]
-    if any(d is None for d in drops):
-        return None
-    return kernels.ties(tensors, base, drops, weights, scaling, normalize)  # type: ignore[arg-type]
+    return kernels.ties(tensors, base, [t.kernel_trim(base.dtype) for t in trims], weights, scaling, normalize)
 
 
 def _dare_fused(tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float],
