@@ -181,13 +181,13 @@ def test_compute_threads_write_the_bytes_of_one_thread(pico, tmp_path, monkeypat
     kw = dict(method=method, base=base, parameters=params, progress=False)
     one = files_bytes(dtm.merge(dirs, tmp_path / "one", overlap=False, **kw))
     seen = set()
-    real_finite = E.finite_or_refuse
+    real_finite = E.all_finite  # every merged chunk's check, fused or not
 
     def noted(*a, **k):
         seen.add(threading.current_thread().name.split("_")[0])
         return real_finite(*a, **k)
 
-    monkeypatch.setattr(E, "finite_or_refuse", noted)
+    monkeypatch.setattr(E, "all_finite", noted)
     for threads in (1, 2, 3):
         monkeypatch.setattr(E, "COMPUTE_THREADS", threads)
         assert files_bytes(dtm.merge(dirs, tmp_path / f"t{threads}", overlap=True, **kw)) == one, threads
