@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from dtm.fisher import FISHER_FILE
 from dtm.io import atomic_directory, atomic_write_json, temp_prefix
+from dtm.merging import kernels
 from dtm.merging import methods as M
 from dtm.merging.checkpoint import (
     ADAPTER_CONFIG,
@@ -339,6 +340,8 @@ def merge_streaming(
     bytes either way (tests/test_merge_overlap.py).
     """
     keep_freed_memory()
+    if spec.fused is not None:
+        kernels.preload(len(sources))  # numba's import and code load overlap the start of the merge
     names = output_names(sources)
     infos = [sources[0].info(n) for n in names]
     plan = [PlannedTensor(n, i.shape, output if (output and i.dtype.is_floating_point) else i.dtype)

@@ -69,6 +69,31 @@ def _load() -> ModuleType | None:
         return _jit
 
 
+def preload(k: int) -> None:
+    """Import numba and load (or, the first time, compile) the kernels for `k` models on a thread
+    of their own, so that the merge's start (opening the inputs, TIES' samples, the first reads)
+    overlaps it instead of the first chunk waiting for it. A failure here is left to the first
+    real call, which reports it."""
+    if os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off"):
+        return
+    threading.Thread(target=_warm, args=(k,), name="dtm-kernels-preload", daemon=True).start()
+
+
+def _warm(k: int) -> None:
+    try:
+        jit = _load()
+        if jit is None or _failed:
+            return
+        xs, base = tuple(np.zeros(1, np.float32) for _ in range(k)), np.zeros(1, np.float32)
+        f, i = np.zeros(k, np.float32), np.zeros(k, np.int64)
+        jit.ties_merge(xs, base, f, i - 1, f, np.float32(1), True, np.zeros(1, np.float32))
+        jit.count_brackets(xs, base, f, f, i, i.copy(), i.copy(), np.zeros((k, 1), np.float32))
+        jit.dare_merge(xs, base, 0, i.astype(np.uint64), i, i, f, True, f, np.float32(1), True, False, np.float32(1),
+                       np.zeros(1, np.float32))
+    except Exception:  # the first real call reports it (and turns the kernels off)
+        return
+
+
 def available() -> bool:
     """Whether the fused kernels run in this process."""
     return not _failed and _load() is not None
