@@ -128,19 +128,14 @@ def test_tensor_trims_are_the_whole_tensor_trims(monkeypatch, kind, n, sigmas, t
         assert fallbacks  # the fallback ran
 
 
-def test_dare_stream_draws_by_position(monkeypatch):
+def test_dare_stream_draws_by_position():
     """A DARE stream's draws for a range are those of the whole tensor there, whichever range is asked
-    for first (the compute threads ask out of order), across block boundaries too."""
-    monkeypatch.setattr(M, "DARE_BLOCK", 64)
+    for first (the compute threads ask out of order)."""
     s = M.DareStream(7)
     whole = s.uniform(0, 1000)
     for start, m in [(999, 1), (100, 333), (64, 64), (60, 10), (5, 10), (0, 1000)]:
         assert torch.equal(s.uniform(start, m), whole[start:start + m])
     assert not torch.equal(M.DareStream(8).uniform(0, 1000), whole)
-
-
-def test_engine_chunks_are_whole_dare_blocks():
-    assert E.CHUNK_ELEMENTS % M.DARE_BLOCK == 0  # else every chunk redraws part of a block
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +181,13 @@ def test_compute_threads_write_the_bytes_of_one_thread(pico, tmp_path, monkeypat
     kw = dict(method=method, base=base, parameters=params, progress=False)
     one = files_bytes(dtm.merge(dirs, tmp_path / "one", overlap=False, **kw))
     seen = set()
-    real_finite = E.finite_or_refuse
+    real_finite = E.all_finite  # every merged chunk's check, fused or not
 
     def noted(*a, **k):
         seen.add(threading.current_thread().name.split("_")[0])
         return real_finite(*a, **k)
 
-    monkeypatch.setattr(E, "finite_or_refuse", noted)
+    monkeypatch.setattr(E, "all_finite", noted)
     for threads in (1, 2, 3):
         monkeypatch.setattr(E, "COMPUTE_THREADS", threads)
         assert files_bytes(dtm.merge(dirs, tmp_path / f"t{threads}", overlap=True, **kw)) == one, threads

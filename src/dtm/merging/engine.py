@@ -7,8 +7,9 @@ Flow of a merge:
      before any data is read);
   3. for each tensor name: compute the method's per-model state (TIES thresholds, DARE
      streams), then read it from the K models chunk by chunk, merge each chunk with the
-     method's per-tensor function in the compute dtype (TIES and DARE: on two threads, chunks
-     in order), cast to the output dtype and append it to the open shard;
+     method's per-tensor function in the compute dtype (TIES and DARE: its fused kernel,
+     `kernels.py`, where it applies; on two threads, chunks in order), cast to the output
+     dtype and append it to the open shard;
   4. copy config, generation config and tokenizer files, write `dtm_merge.json`, and rename
      the temporary directory to the output name (`dtm.io.atomic_directory`).
 """
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from dtm.fisher import FISHER_FILE
 from dtm.io import atomic_directory, atomic_write_json, temp_prefix
+from dtm.merging import kernels
 from dtm.merging import methods as M
 from dtm.merging.checkpoint import (
     ADAPTER_CONFIG,
@@ -338,6 +340,8 @@ def merge_streaming(
     bytes either way (tests/test_merge_overlap.py).
     """
     keep_freed_memory()
+    if spec.fused is not None:
+        kernels.preload(len(sources))  # numba's import and code load overlap the start of the merge
     names = output_names(sources)
     infos = [sources[0].info(n) for n in names]
     plan = [PlannedTensor(n, i.shape, output if (output and i.dtype.is_floating_point) else i.dtype)
@@ -664,6 +668,13 @@ def merge_tensor_chunks(
             kwargs["base"] = parts[k]
         if fishers:
             kwargs["fishers"] = parts[k + has_base:]
+        if spec.fused is not None:  # one kernel pass; None where it does not apply
+            fused = spec.fused(parts[:k], weights, **kwargs)
+            if fused is not None:
+                out = fused.to(out_dtype)
+                if all_finite(out):
+                    return out, release
+                # not finite: the method's own ops below give the same bits and the exact error
         merged = spec.fn(parts[:k], weights, **kwargs)
         return finite_or_refuse(name, merged, out_dtype), release
 
@@ -727,8 +738,7 @@ def tensor_trims(name: str, densities: Sequence[float], n: int, k: int,
     def count(parts: list[torch.Tensor], release: Callable[[], None], using: list[tuple[Any, Any] | None]
               ) -> list[M.BracketCount | None]:
         try:
-            return [None if br is None else M.count_bracket(torch.sub(parts[i], parts[k]).abs_().numpy(), *br)
-                    for i, br in enumerate(using)]
+            return M.count_brackets(parts[:k], parts[k], using)
         finally:
             release()
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dtm.merging import kernels
+
 # ---------------------------------------------------------------- building blocks
 
 
@@ -122,6 +124,22 @@ class Trim:
                 return delta * self.mask(delta)
             return kept
         return _shrink(delta, below if self.ties > 0 else self.threshold)
+
+    def kernel_trim(self, dtype: torch.dtype) -> tuple[float, int]:
+        """`apply`/`mask` as (level, ties) for the fused kernel (`kernels.ties`): ties < 0 zeroes
+        the entries with |d| <= level (a negative level keeps all, -0 and NaN included); ties >= 0
+        (a chunk that splits the ties at the threshold) keeps |d| > level and the first `ties`
+        entries with |d| == level, in order."""
+        if self.keep_all:
+            return -math.inf, -1
+        if 0 < self.ties < self.equal:
+            return self.threshold, self.ties
+        if self.ties == 0:
+            return self.threshold, -1
+        if self.below is None:
+            t = torch.tensor(self.threshold, dtype=dtype)
+            self.below = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))
+        return self.below, -1
 
 
 def _shrink(delta: Tensor, threshold: float) -> Tensor:
@@ -251,6 +269,18 @@ def count_bracket(a: np.ndarray, lo: Any, hi: Any) -> BracketCount:
     return BracketCount(above, inside.size, inside)
 
 
+def count_brackets(parts: Sequence[Tensor], base: Tensor, brackets: Sequence[tuple[Any, Any] | None]
+                   ) -> list[BracketCount | None]:
+    """`count_bracket` of |x_i - base| for each model i with a bracket (None for the others):
+    one fused kernel pass over the chunk group where it runs (`kernels.count_brackets`), else
+    torch's difference and numpy's count per model. The same counts and values either way."""
+    fused = kernels.count_brackets(parts, base, brackets)
+    if fused is not None:
+        return [None if c is None else BracketCount(*c) for c in fused]
+    return [None if br is None else count_bracket(torch.sub(x, base).abs_().numpy(), *br)
+            for x, br in zip(parts, brackets)]
+
+
 def select_in_bracket(counts: Sequence[BracketCount], keep: int, lo: Any, hi: Any) -> ChunkedTrim | None:
     """The exact trim keeping the `keep` largest entries, from every chunk's `BracketCount` (in
     chunk order); None when the `keep`-th largest is not inside the bracket (fall back)."""
@@ -340,38 +370,53 @@ def dare_drop(delta: Tensor, density: float, generator: DareStream | torch.Gener
     return out.div_(density) if rescale else out
 
 
-DARE_BLOCK = 1 << 18  # elements per independently seeded block of a DARE stream (the engine's chunk size)
+# SplitMix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014):
+# draw i of the stream with key k is mix64(k + (i + 1) * GOLDEN). `_jit._top24` is the same
+# function in the fused DARE kernel.
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+MASK64 = (1 << 64) - 1
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's output function (a bijection of 64-bit integers with full avalanche)."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
 
 
 @dataclass(frozen=True)
 class DareStream:
     """The uniform draws behind one model's DARE mask for one tensor, by position.
 
-    Element i's draw is number i % DARE_BLOCK of numpy's PCG64 generator seeded with (seed, block
-    i // DARE_BLOCK) alone, so a chunk's mask does not depend on the chunks before it: the engine
-    merges chunks on several threads and gets the masks of a one-thread, whole-tensor merge.
-    (Until session 8 one torch generator, a Mersenne twister, ran through the whole tensor in
-    flat order; a merge with the same seed now draws other masks. The kept fraction and the
-    rescale are unchanged.) Why numpy's PCG64: its float32 draws cost about half of
-    `torch.rand`'s here (1.0 against 2.0-2.3 ms per 2^18, checks under load), and the draws
-    were most of DARE's arithmetic; it releases the GIL while drawing.
+    Element i's draw is a function of (the stream's key, i) alone: the top 24 bits of SplitMix64's
+    draw number i, as a float32 in [0, 1) on the 2^-24 grid (what `torch.rand` gives in float32
+    too). So a chunk's mask does not depend on the chunks before it (the engine merges chunks on
+    several threads and gets the masks of a one-thread, whole-tensor merge), and the fused DARE
+    kernel (`kernels.dare`) computes each draw where it uses it, with no array of draws (numpy's
+    PCG64 arrays, session 8's, were most of DARE's arithmetic; docs/architecture.md, "Merging").
+    The key is mix64(seed), so streams of neighbouring seeds (the K models of a tensor) share no
+    structure. **Session 9 changed the masks** (as session 8 did, from torch's Mersenne twister
+    to PCG64): the same seed now draws other masks; kept fraction and rescale are unchanged
+    (tests/test_merge_kernels.py checks the draws' uniformity and independence).
     """
 
     seed: int
 
+    @property
+    def key(self) -> int:
+        return mix64(self.seed)
+
     def uniform(self, start: int, n: int) -> Tensor:
-        """Float32 draws of elements [start, start + n)."""
-        parts, pos, end = [], start, start + n
-        while pos < end:
-            block, skip = divmod(pos, DARE_BLOCK)
-            stop = min(end, (block + 1) * DARE_BLOCK)
-            rng = np.random.Generator(np.random.PCG64([self.seed, block]))
-            # a range starting inside a block draws the block from its start (only chunks that are not
-            # block-aligned do: the engine's are, CHUNK_ELEMENTS being a multiple of DARE_BLOCK)
-            u = torch.from_numpy(rng.random(stop - pos + skip, dtype=np.float32))
-            parts.append(u[skip:] if skip else u)
-            pos = stop
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        """Float32 draws of elements [start, start + n) (numpy; the kernel computes the same)."""
+        z = np.arange(start + 1, start + n + 1, dtype=np.uint64) * np.uint64(GOLDEN) + np.uint64(self.key)
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(MIX1)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(MIX2)
+        z ^= z >> np.uint64(31)
+        return torch.from_numpy((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24))
 
 
 def model_generators(seed: int, name: str, k: int) -> list[DareStream]:
@@ -521,6 +566,63 @@ def dare_ties(
     return _signed_merge(deltas, weights, base, scaling, normalize)
 
 
+# ---------------------------------------------------------------- fused forms (kernels.py)
+#
+# The same functions as `ties`, `dare_ties` and `dare_linear`, bit for bit, as one fused kernel
+# pass over the chunk; None where the kernel does not apply (then the engine calls the method
+# itself): numba missing, not float32, TIES normalising with a weight <= 0 (divisors may
+# cancel), DARE with a torch.Generator.
+
+
+def _agreeing_weights(weights: Sequence[float], normalize: bool) -> bool:
+    """`_signed_merge` takes `_agreeing_mean` (what the kernels compute) for these weights."""
+    tiny = float(torch.finfo(torch.float32).tiny)
+    return not normalize or all(float(torch.tensor(w, dtype=torch.float32)) >= tiny for w in weights)
+
+
+def ties_fused(
+    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
+    scaling: float = 1.0, normalize: bool = True, trims: Sequence[Trim] | None = None,
+) -> Tensor | None:
+    """`ties` by `kernels.ties`, or None."""
+    if base.dtype != torch.float32 or not _agreeing_weights(weights, normalize):
+        return None
+    if trims is None:
+        trims = ties_trims(tensors, base, density)
+    return kernels.ties(tensors, base, [t.kernel_trim(base.dtype) for t in trims], weights, scaling, normalize)
+
+
+def _dare_fused(tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float],
+                scaling: float, rescale: bool, normalize: bool, generators: Sequence[Any] | None, offset: int,
+                signed: bool) -> Tensor | None:
+    gens = list(generators) if generators is not None else model_generators(0, "", len(tensors))
+    if base.dtype != torch.float32 or not all(isinstance(g, DareStream) for g in gens):
+        return None
+    if signed and not _agreeing_weights(weights, normalize):
+        return None
+    total = float(sum(weights))
+    return kernels.dare(tensors, base, offset, [g.key for g in gens], per_model(density, len(tensors)), rescale,
+                        weights, scaling, signed, normalize, total if abs(total) >= 1e-8 else 1.0)
+
+
+def dare_ties_fused(
+    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
+    scaling: float = 1.0, rescale: bool = True, normalize: bool = False,
+    generators: Sequence[DareStream | torch.Generator] | None = None, offset: int = 0,
+) -> Tensor | None:
+    """`dare_ties` by `kernels.dare`, or None."""
+    return _dare_fused(tensors, weights, base, density, scaling, rescale, normalize, generators, offset, signed=True)
+
+
+def dare_linear_fused(
+    tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
+    scaling: float = 1.0, rescale: bool = True, normalize: bool = False,
+    generators: Sequence[DareStream | torch.Generator] | None = None, offset: int = 0,
+) -> Tensor | None:
+    """`dare_linear` by `kernels.dare`, or None."""
+    return _dare_fused(tensors, weights, base, density, scaling, rescale, normalize, generators, offset, signed=False)
+
+
 def fisher(
     tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor | None = None,
     fishers: Sequence[Tensor] = (), fisher_floor: float = 1e-6,
@@ -565,6 +667,8 @@ class MergeMethod:
     trims: bool = False
     # parameters that may be given once per model (a list), as mergekit allows for density
     per_model: frozenset[str] = frozenset()
+    # `fn` as one fused kernel pass on a chunk (same arguments, same bits), None where it does not apply
+    fused: Callable[..., Tensor | None] | None = None
 
 
 _SPARSE = {"density": ("density", 1.0), "lambda": ("scaling", 1.0)}
@@ -580,12 +684,12 @@ METHODS: dict[str, MergeMethod] = {
                     needs_base=True, params={"alpha": ("alpha", 0.5)}, max_models=1, elementwise=True),
         MergeMethod("ties", ties, "TIES: trim to density, elect sign, disjoint mean",
                     needs_base=True, params={**_SPARSE, "normalize": ("normalize", True)},
-                    elementwise=True, trims=True, per_model=frozenset({"density"})),
+                    elementwise=True, trims=True, per_model=frozenset({"density"}), fused=ties_fused),
         MergeMethod("dare_linear", dare_linear, "DARE (drop 1-density, rescale) + task arithmetic",
-                    needs_base=True, random=True, elementwise=True, per_model=frozenset({"density"}),
+                    needs_base=True, random=True, elementwise=True, per_model=frozenset({"density"}), fused=dare_linear_fused,
                     params={**_SPARSE, "rescale": ("rescale", True), "normalize": ("normalize", False)}),
         MergeMethod("dare_ties", dare_ties, "DARE (drop 1-density, rescale) + TIES sign election",
-                    needs_base=True, random=True, elementwise=True, per_model=frozenset({"density"}),
+                    needs_base=True, random=True, elementwise=True, per_model=frozenset({"density"}), fused=dare_ties_fused,
                     params={**_SPARSE, "rescale": ("rescale", True), "normalize": ("normalize", False)}),
         MergeMethod("fisher", fisher, "Fisher-weighted average (diagonal Fisher per model, see `dtm fisher`)",
                     uses_fisher=True, params={"fisher_floor": ("fisher_floor", 1e-6)}, normalizes_weights=True,
@@ -638,7 +742,8 @@ def resolve_params(method: MergeMethod, parameters: dict[str, Any] | None) -> di
 
 
 __all__ = [
-    "ALIASES", "METHODS", "ChunkedTrim", "DareStream", "MergeMethod", "Trim", "average", "dare_drop", "dare_linear", "dare_ties", "disjoint_mean",
+    "ALIASES", "METHODS", "ChunkedTrim", "DareStream", "MergeMethod", "Trim", "average", "count_brackets", "dare_drop",
+    "dare_linear", "dare_linear_fused", "dare_ties", "dare_ties_fused", "disjoint_mean", "ties_fused",
     "elect_sign", "fisher", "get_method", "keep_count", "magnitude_trim", "method_names", "model_generators",
     "per_model", "resolve_params", "task_arithmetic", "ties", "ties_trims", "trim", "weighted_average", "wise_ft",
 ]
