@@ -107,3 +107,30 @@ def test_a_broken_pool_already_replaced_by_another_seed_run_is_not_discarded_twi
         assert 97 not in executors._POOLS and fresh.shut
     finally:
         executors._POOLS.pop(97, None)
+
+
+def test_work_that_takes_the_pool_cores_beside_other_seed_runs_waits_for_the_pools_jobs():
+    """`pipeline.pool_cores` in a seed run side by side: computing on the pool's cores waits until
+    the jobs in flight have finished (no new one can start: it holds the turn); an elementwise
+    merge (`computes=False`) does not wait. The thread count is the sequential run's either way."""
+    from dtm.pipeline import pool_cores
+
+    if torch.cuda.is_available():
+        pytest.skip("pool_cores gives threads on CPU only")
+    group, jobs, seen = turns.Turns(), ThreadPoolExecutor(1), {}
+
+    def seed_run() -> None:
+        with turns.taking_turns(group, "seed-1"):
+            torch.set_num_threads(1)
+            job = executors.submit(jobs, time.sleep, 0.5)  # another seed run's job, say
+            with pool_cores(2, computes=False):
+                seen["merge"] = (job.done(), torch.get_num_threads())
+            with pool_cores(2):
+                seen["fisher"] = (job.done(), torch.get_num_threads())
+            seen["after"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=seed_run)
+    thread.start()
+    thread.join(10)
+    jobs.shutdown()
+    assert seen == {"merge": (False, 2), "fisher": (True, 2), "after": 1}
