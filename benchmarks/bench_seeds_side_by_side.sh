@@ -46,27 +46,4 @@ for round in $(seq 1 "$ROUNDS"); do
   else arm side-by-side "PYTHONPATH=$NEW_SRC"; arm "${OLD[@]}"; fi
 done
 
-PYTHONPATH=$NEW_SRC "$PY" - "$OUT/one-after-another-$ROUNDS" "$OUT/side-by-side-$ROUNDS" <<'EOF' | tee -a "$OUT/times.txt"
-import hashlib
-import json
-import sys
-from pathlib import Path
-
-
-def outputs(root: Path) -> dict[str, str]:
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.suffix == ".safetensors" or (path.parent.name == "portions" and path.suffix == ".jsonl"):
-            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.parent.name == "eval" and path.suffix == ".json":
-            result = json.loads(path.read_text())
-            found[rel] = json.dumps({t: {k: r.get(k) for k in ("metrics", "groups", "counts", "per_item")}
-                                     for t, r in sorted(result.items()) if isinstance(r, dict)}, sort_keys=True)
-    return found
-
-
-a, b = (outputs(Path(p)) for p in sys.argv[1:3])
-differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-print(f"outputs compared: {len(a)} and {len(b)} files; differing: {len(differ)} {differ[:5]}")
-EOF
+"$PY" benchmarks/same_outputs.py "$OUT/one-after-another-$ROUNDS" "$OUT/side-by-side-$ROUNDS" | tee -a "$OUT/times.txt"

@@ -9,8 +9,6 @@ takes the pool's cores), the ensemble, and two suites cut to 16 questions.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -28,6 +26,9 @@ from dtm.io import TMP_MARK
 from dtm.pipeline import SEQUENTIAL_ENV, run, seed_runs, side_by_side
 
 pytestmark = pytest.mark.slow
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from same_outputs import outputs  # noqa: E402 - what a run computed, by path (weights, portions, scores)
 
 CONFIG = """\
 output_dir: {out}
@@ -55,21 +56,6 @@ def lab_config(tmp: Path, out: Path) -> Path:
     path = tmp / f"{out.name}.yaml"
     path.write_text(CONFIG.format(out=out))
     return path
-
-
-def outputs(root: Path) -> dict[str, str]:
-    """What a run computed, by path: every weights file's and portion's sha256, and each evaluation
-    result's scores (not its timings, paths or run keys, which name files by their mtimes)."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.suffix == ".safetensors" or (path.parent.name == "portions" and path.suffix == ".jsonl"):
-            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.parent.name == "eval" and path.suffix == ".json":
-            result = json.loads(path.read_text())
-            found[rel] = json.dumps({task: {k: r.get(k) for k in ("metrics", "groups", "counts", "per_item")}
-                                     for task, r in sorted(result.items()) if isinstance(r, dict)}, sort_keys=True)
-    return found
 
 
 @pytest.fixture(scope="module")
