@@ -390,7 +390,10 @@ class Retries:
             return False
         self.failures[name] = f"{type(error).__name__}: {error}"
         again = self.attempts[name] <= self.retries
-        log.warning("%s: attempt %d failed (%s)%s", name, self.attempts[name], self.failures[name], "; retrying" if again else "")
+        from dtm import turns
+
+        where = f"{turns.label()}: " if turns.active() else ""  # which seed run's model, beside others
+        log.warning("%s%s: attempt %d failed (%s)%s", where, name, self.attempts[name], self.failures[name], "; retrying" if again else "")
         return again
 
     def succeeded(self, name: str) -> None:
