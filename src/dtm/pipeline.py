@@ -697,10 +697,13 @@ def run_side_by_side(runs: list[Run], from_stage: str | None, console: Any, reus
 def _naming(error: BaseException, label: str) -> BaseException:
     """`error` with the seed run it happened in: in its message for a `DtmError` (the CLI prints
     only the message), as a note otherwise (under the traceback)."""
+    where = f"in seed run {label} (seed runs side by side; {SEQUENTIAL_ENV}=1 runs them one after another)"
     if isinstance(error, DtmError) and len(error.args) == 1 and isinstance(error.args[0], str):
         error.args = (f"{label}: {error.args[0]}",)
+    elif hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(where)
     else:
-        error.add_note(f"in seed run {label} (seed runs side by side; {SEQUENTIAL_ENV}=1 runs them one after another)")
+        log.error("the error below happened %s", where)
     return error
 
 
