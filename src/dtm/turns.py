@@ -128,7 +128,7 @@ def wait_any(pending: set[Future]) -> tuple[set[Future], set[Future]]:
             done, rest = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             if done:
                 return done, rest
-        for future in pending:
-            future.cancel()  # a job not yet started; a started one runs to its end
-        wait(pending)
+        # a job not yet started is cancelled (a cancelled future counts as done only once its
+        # executor reaches it: not waited for); a started one runs to its end
+        wait([future for future in pending if not future.cancel()])
     raise Stopped(label())
