@@ -313,7 +313,12 @@ def stage_train(run: Run) -> dict[str, Any]:
 
 def stage_merge(run: Run) -> dict[str, Any]:
     """Every merge of the plan not yet written; the Fishers a `fisher` merge needs first. On the
-    cluster, the Fishers are tasks side by side, then the merges."""
+    cluster, the Fishers are tasks side by side, then the merges. Beside other seed runs, in the
+    driver's thread (`turns.in_main_thread`: the sequential run's numbers)."""
+    return turns.in_main_thread(_merge_stage_here, run)
+
+
+def _merge_stage_here(run: Run) -> dict[str, Any]:
     from dtm.merging.methods import MODEL_LEVEL_METHODS, get_method
 
     cfg = run.cfg
@@ -442,12 +447,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
             # here while the workers evaluate: after them, it ran on one core with the other idle
             # (7 s a lab seed; benchmarks/results/profile_demo.md), on one thread, since the
             # workers hold the other cores
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                diagnostic = token_losses(run, models)
-            finally:
-                torch.set_num_threads(threads)
+            diagnostic = turns.in_main_thread(token_losses_one_thread, run, models)
         for future in finished_in_turn(futures, "eval"):
             future.result()
     if cfg.eval.lm_eval_tasks:
@@ -463,6 +463,18 @@ def longest_first(models: dict[str, Any]) -> list[str]:
     forward passes), the rest as planned. Planned order put the ensemble last, so one worker
     scored it alone while the other idled (longest-processing-time-first, as `run_local` trains)."""
     return sorted(models, key=lambda name: -len(models[name]) if isinstance(models[name], list) else -1)
+
+
+def token_losses_one_thread(run: Run, models: dict[str, Any]) -> dict[str, Any]:
+    """`token_losses` on one torch thread (the pool's workers hold the other cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return token_losses(run, models)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def token_losses(run: Run, models: dict[str, Any]) -> dict[str, Any]:
@@ -683,6 +695,7 @@ def run_side_by_side(runs: list[Run], from_stage: str | None, console: Any, reus
     for thread in threads:
         thread.start()
     try:
+        turns.serve(group, threads)  # their merges and token diagnostics, here (`turns.in_main_thread`)
         for thread in threads:
             thread.join()
     except BaseException:  # Ctrl-C: tell the seed runs to stop; they are daemons, so this process ends now

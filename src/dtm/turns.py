@@ -23,9 +23,10 @@ at its next wait or stage; the driver then raises the failure.
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +64,7 @@ class Turns:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.start_rng = rng_state()
+        self.calls: queue.Queue = queue.Queue()  # `in_main_thread` calls for the driver (`serve`)
 
 
 _here = threading.local()  # in a seed run's thread while it runs: .turns and .label
@@ -132,3 +134,42 @@ def wait_any(pending: set[Future]) -> tuple[set[Future], set[Future]]:
         # executor reaches it: not waited for); a started one runs to its end
         wait([future for future in pending if not future.cancel()])
     raise Stopped(label())
+
+
+def in_main_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, run for this seed run in the driver's thread (`serve`) while this one waits,
+    holding its turn; called directly outside a group. For the work here whose numbers depend
+    on the thread it runs in (the merges, the Fishers, the token diagnostic): torch's CPU kernels
+    gave other bits in another thread at the same thread count (a lab Fisher, measured), and the
+    sequential run computes them in the main thread."""
+    turns = _turns()
+    if turns is None:
+        return fn(*args)
+    box: dict[str, Any] = {}
+    done = threading.Event()
+    turns.calls.put((fn, args, label(), box, done))
+    done.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def serve(turns: Turns, threads: list[threading.Thread]) -> None:
+    """In the driver's (main) thread: run the seed runs' `in_main_thread` calls, each as its seed
+    run (`active`, `label`), until every seed run's thread has ended."""
+    while any(t.is_alive() for t in threads):
+        try:
+            fn, args, name, box, done = turns.calls.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            continue
+        _here.turns, _here.label = turns, name
+        try:
+            box["value"] = fn(*args)
+        except Exception as e:  # raised in the seed run's thread
+            box["error"] = e
+        except BaseException as e:  # Ctrl-C: there, and here
+            box["error"] = e
+            raise
+        finally:
+            _here.turns = None
+            done.set()
