@@ -16,6 +16,10 @@ Why one turn and not a lock per resource: the sections that touch global state a
 small, and one rule ("a seed run runs here only with the turn") is checkable where a dozen
 locks are not; the seed runs lose nothing by it, since their heavy work is in the pool.
 
+Work whose numbers depend on the thread it runs in (torch's CPU kernels gave a lab Fisher other
+bits in a second thread at the same thread count) runs in the driver's main thread on a seed
+run's behalf (`in_main_thread`, `serve`), as the sequential run computes it.
+
 A failed seed run tells the others to stop (`Turns.stop`): each cancels its jobs not yet
 started, waits for those started (their work is kept, a rerun skips it) and raises `Stopped`
 at its next wait or stage; the driver then raises the failure.
