@@ -16,9 +16,9 @@ Why one turn and not a lock per resource: the sections that touch global state a
 small, and one rule ("a seed run runs here only with the turn") is checkable where a dozen
 locks are not; the seed runs lose nothing by it, since their heavy work is in the pool.
 
-Work whose numbers depend on the thread it runs in (torch's CPU kernels gave a lab Fisher other
-bits in a second thread at the same thread count) runs in the driver's main thread on a seed
-run's behalf (`in_main_thread`, `serve`), as the sequential run computes it.
+Work whose numbers may depend on the thread it runs in (torch keeps OpenMP's and MKL's thread
+settings per thread) runs in the driver's main thread on a seed run's behalf (`in_main_thread`,
+`serve`), where the sequential run computes it.
 
 A failed seed run tells the others to stop (`Turns.stop`): each cancels its jobs not yet
 started, waits for those started (their work is kept, a rerun skips it) and raises `Stopped`
@@ -142,10 +142,9 @@ def wait_any(pending: set[Future]) -> tuple[set[Future], set[Future]]:
 
 def in_main_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)`, run for this seed run in the driver's thread (`serve`) while this one waits,
-    holding its turn; called directly outside a group. For the work here whose numbers depend
-    on the thread it runs in (the merges, the Fishers, the token diagnostic): torch's CPU kernels
-    gave other bits in another thread at the same thread count (a lab Fisher, measured), and the
-    sequential run computes them in the main thread."""
+    holding its turn; called directly outside a group. For the work here whose numbers may depend
+    on the thread it runs in (the merges, the Fishers, the token diagnostic: torch keeps OpenMP's
+    thread settings per thread), which the sequential run computes in the main thread."""
     turns = _turns()
     if turns is None:
         return fn(*args)
