@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -237,16 +236,22 @@ def one_thread_worker() -> None:
 
 
 def _die_with_parent() -> None:
-    """On Linux, end this worker when the `dtm` process that started it ends (also on SIGKILL):
-    an idle pool worker otherwise outlives a killed run, holding its memory."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+    """End this worker when the `dtm` process that started it ends (also on SIGKILL): an idle
+    pool worker otherwise outlives a killed run, holding its memory. A daemon thread watches the
+    parent's pid (twice a second). Not Linux's PR_SET_PDEATHSIG: it fires when the parent
+    *thread* ends, and seed runs side by side (`dtm.turns`) start workers from their threads,
+    which end before the run does: their workers were killed mid-job (BrokenProcessPool)."""
+    import signal
+    import threading
 
-        try:
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dtm-parent-watch", daemon=True).start()
 
 
 _POOLS: dict[int, Any] = {}
