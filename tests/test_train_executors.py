@@ -231,7 +231,6 @@ def test_worker_pool_is_shared_until_discarded():
     discard_pool(3)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_pool_workers_end_when_the_run_is_killed(tmp_path):
     import signal
     import subprocess
@@ -283,3 +282,23 @@ def test_dtm_train_gives_each_sub_model_its_share_of_max_steps(tmp_path):
     cfg = load_config(None, ["train.max_steps=10", "disperse.k=4"], check_paths=False)  # three portions on disk, not k
     jobs = plan_sub_models(cfg, tmp_path, tmp_path / "models")
     assert [(j.name, j.train_overrides["max_steps"]) for j in jobs] == [("sub-1", 3), ("sub-2", 3), ("sub-3", 3)]
+
+
+def test_pool_workers_started_from_a_thread_outlive_the_thread():
+    """Seed runs side by side start the pool's workers from their threads, which end before the
+    run: a worker must not die with the thread that started it (PR_SET_PDEATHSIG did)."""
+    import threading
+    import time
+
+    from dtm.training.executors import discard_pool, worker_pool
+
+    discard_pool(4)
+    pids = []
+    thread = threading.Thread(target=lambda: pids.append(worker_pool(4).submit(os.getpid).result()))
+    thread.start()
+    thread.join()
+    time.sleep(1.5)  # the old PR_SET_PDEATHSIG's SIGTERM came at once
+    try:
+        assert worker_pool(4).submit(os.getpid).result(timeout=60) == pids[0]
+    finally:
+        discard_pool(4)

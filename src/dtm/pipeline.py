@@ -9,6 +9,10 @@ time). A rerun skips every stage whose manifest matches; `from_stage` redoes tha
 all later ones; a crash resumes at the first unfinished stage, and inside a stage the
 trainer, merger and evaluator skip or resume their own finished work.
 
+On CPU with `train.num_workers` > 1, the seed runs' train, merge and eval stages run side by
+side, sharing the worker pool and taking turns here (`run_side_by_side`, `dtm.turns`), with
+the sequential run's results; DTM_SEEDS_SEQUENTIAL=1 runs them one after another.
+
 What each stage makes, by name, is `dtm.plan`'s; where it goes is `dtm.rundir`'s.
 """
 
@@ -19,7 +23,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +34,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dtm import cluster, plan
+from dtm import cluster, plan, turns
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
 from dtm.errors import ConfigError, DtmError
@@ -38,6 +44,10 @@ log = logging.getLogger(__name__)
 
 LAB_CONFIG = Path(__file__).parent / "configs" / "lab.yaml"  # the demo: `dtm demo` = `dtm run` on it
 STAGES = ("data", "disperse", "train", "merge", "eval")
+# Seed runs side by side (`run_side_by_side`): the stages done here alone, in turn, before the
+# stages whose jobs share the worker pool.
+EARLY_STAGES, POOLED_STAGES = STAGES[:2], STAGES[2:]
+SEQUENTIAL_ENV = "DTM_SEEDS_SEQUENTIAL"  # =1: a run's seed runs one after another, never side by side
 # Config sections each stage depends on (besides the stages before it).
 STAGE_SECTIONS = {
     "data": ("model", "data", "lab"),
@@ -262,15 +272,26 @@ def stage_disperse(run: Run) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def pool_cores(workers: int) -> Iterator[None]:
+def pool_cores(workers: int, computes: bool = True) -> Iterator[None]:
     """Torch threads for work done here while the worker pool waits (the k-means dispersal's
     MiniLM embeddings, the Fishers and merges): on CPU, the pool's `workers` cores instead of the
     one thread `make` gives this process (OMP_NUM_THREADS=1), which left the other core idle;
-    restored after."""
+    restored after.
+
+    Beside other seed runs (`dtm.turns`) the pool may be busy with their jobs: work that
+    `computes` on those threads first waits, holding its turn so that no job starts, until the
+    pool's jobs have finished, instead of sharing the cores with them. The thread count is the
+    sequential run's either way (one that followed the pool's load would make the numbers depend
+    on timing). A merge of full weights passes `computes=False`: the merge engine computes
+    elementwise on one thread of its own whatever the count here (`merging.engine.torch_threads`)."""
     import torch
 
     before = torch.get_num_threads()
     if workers > before and not torch.cuda.is_available():
+        if computes and turns.active():
+            from dtm.training.executors import wait_for_idle_pool
+
+            wait_for_idle_pool()
         torch.set_num_threads(workers)
     try:
         yield
@@ -292,13 +313,21 @@ def stage_train(run: Run) -> dict[str, Any]:
 
 def stage_merge(run: Run) -> dict[str, Any]:
     """Every merge of the plan not yet written; the Fishers a `fisher` merge needs first. On the
-    cluster, the Fishers are tasks side by side, then the merges."""
+    cluster, the Fishers are tasks side by side, then the merges. Beside other seed runs, in the
+    driver's thread (`turns.in_main_thread`: the sequential run's numbers)."""
+    return turns.in_main_thread(_merge_stage_here, run)
+
+
+def _merge_stage_here(run: Run) -> dict[str, Any]:
     from dtm.merging.methods import MODEL_LEVEL_METHODS, get_method
 
     cfg = run.cfg
     merges = plan.merge_plan(cfg, run.dir, run.inputs)
     todo = {name: spec for name, spec in merges.items() if not rd.is_merged(run.dir.model(name))}
-    with pool_cores(cfg.train.num_workers):  # Fishers and merges run here (locally) while the workers wait
+    # matrix products here: the Fishers, a greedy soup's scoring, LoRA's B·A; else elementwise merges
+    computes = cfg.train.finetuning_type == "lora" or any(
+        spec["method"] in MODEL_LEVEL_METHODS or get_method(spec["method"]).uses_fisher for spec in todo.values())
+    with pool_cores(cfg.train.num_workers, computes):  # Fishers and merges run here (locally) while the workers wait
         for spec in todo.values():
             if spec["method"] not in MODEL_LEVEL_METHODS and get_method(spec["method"]).uses_fisher:
                 fisher_files(run, spec["models"])
@@ -399,7 +428,9 @@ def stage_eval(run: Run) -> dict[str, Any]:
                   log_samples=cfg.eval.log_samples, trust_remote_code=cfg.model.trust_remote_code)
     import torch
 
-    workers = 1 if torch.cuda.is_available() else min(cfg.train.num_workers, len(models))
+    # beside other seed runs (`dtm.turns`) even one model goes to the pool their jobs share
+    wanted = cfg.train.num_workers if turns.active() else min(cfg.train.num_workers, len(models))
+    workers = 1 if torch.cuda.is_available() else wanted
     diagnostic = None  # the token-loss diagnostic, when computed while the pool evaluates
     if tasks and cluster.enabled(cfg):  # each model a task on the cluster
         each(cfg, "eval", _evaluate_group, {name: ({name: spec}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False})
@@ -407,21 +438,16 @@ def stage_eval(run: Run) -> dict[str, Any]:
     elif tasks and workers <= 1:
         _evaluate_group(models, tasks, str(run.dir.eval_dir), kwargs)
     elif tasks:
-        from dtm.training.executors import finished_in_turn, worker_pool
+        from dtm.training.executors import finished_in_turn, submit, worker_pool
 
         pool = worker_pool(cfg.train.num_workers)  # the training workers, already started
-        futures = {pool.submit(_evaluate_group, {name: models[name]}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
+        futures = {submit(pool, _evaluate_group, {name: models[name]}, tasks, str(run.dir.eval_dir), kwargs | {"progress": False}): name
                    for name in longest_first(models)}
         if cfg.eval.token_losses:
             # here while the workers evaluate: after them, it ran on one core with the other idle
             # (7 s a lab seed; benchmarks/results/profile_demo.md), on one thread, since the
             # workers hold the other cores
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                diagnostic = token_losses(run, models)
-            finally:
-                torch.set_num_threads(threads)
+            diagnostic = turns.in_main_thread(token_losses_one_thread, run, models)
         for future in finished_in_turn(futures, "eval"):
             future.result()
     if cfg.eval.lm_eval_tasks:
@@ -437,6 +463,18 @@ def longest_first(models: dict[str, Any]) -> list[str]:
     forward passes), the rest as planned. Planned order put the ensemble last, so one worker
     scored it alone while the other idled (longest-processing-time-first, as `run_local` trains)."""
     return sorted(models, key=lambda name: -len(models[name]) if isinstance(models[name], list) else -1)
+
+
+def token_losses_one_thread(run: Run, models: dict[str, Any]) -> dict[str, Any]:
+    """`token_losses` on one torch thread (the pool's workers hold the other cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return token_losses(run, models)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def token_losses(run: Run, models: dict[str, Any]) -> dict[str, Any]:
@@ -508,9 +546,22 @@ Reuse = Callable[[Run, str, str], bool]
 
 def run_seed(run: Run, from_stage: str | None = None, console: Any = None, reuse: Reuse | None = None) -> Run:
     """Run (or resume) every stage of one seed's experiment."""
+    run_stages(run, STAGES, redone(from_stage), console, reuse)
+    return run
+
+
+def redone(from_stage: str | None) -> tuple[str, ...]:
+    """The stages `from_stage` asks to redo: it and every later one."""
+    return STAGES[STAGES.index(from_stage):] if from_stage else ()
+
+
+def run_stages(run: Run, stages: tuple[str, ...], forced: tuple[str, ...], console: Any = None,
+               reuse: Reuse | None = None) -> tuple[str, ...]:
+    """Run (or resume) `stages` of one seed's run, redoing the `forced` ones even where up to date.
+    -> the stages to redo after these (a stage that reruns invalidates every later one)."""
     hashes = stage_hashes(run.cfg, run.dir.control)
-    forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
-    for stage in STAGES:
+    for stage in stages:
+        turns.check()  # beside other seed runs: stop here once one of them has failed
         manifest = run.dir.manifest(stage)
         if manifest and manifest["hash"] == hashes[stage] and stage not in forced:
             if stage == "data":
@@ -536,7 +587,7 @@ def run_seed(run: Run, from_stage: str | None = None, console: Any = None, reuse
         run.dir.write_manifest(stage, hashes[stage], seconds, outputs, attempts)
         run.dir.attempts_path(stage).unlink(missing_ok=True)
         _say(console, f"  {run.dir.label}: {stage} done in {seconds:.1f}s" + (f" ({attempts} attempts)" if attempts > 1 else ""))
-    return run
+    return forced
 
 
 def clear_stage_outputs(run: Run, stage: str) -> None:
@@ -576,14 +627,97 @@ def run(config: ExperimentConfig | str | Path, overrides: list[str] | None = Non
         log.info("removed %s, left by a writer that was killed", stale)
     atomic_write_json(run_dir.config_file, cfg.model_dump(mode="json"))
     t0 = time.perf_counter()
+    first = None if from_stage == "report" else from_stage
     with cluster.session(cfg, run_dir.root):  # train.executor ray: connected once, the run directory seen by every node
-        for seed_run in seed_runs(cfg):
-            console.print(f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}")
-            run_seed(seed_run, None if from_stage == "report" else from_stage, console, reuse)
+        runs = seed_runs(cfg)
+        if side_by_side(cfg, runs):
+            run_side_by_side(runs, first, console, reuse)
+        else:
+            for seed_run in runs:
+                _say(console, _heading(seed_run))
+                run_seed(seed_run, first, console, reuse)
     if report:
         md, page = stage_report(cfg, console)
         console.print(f"report: {md}  {page}  ({time.perf_counter() - t0:.0f}s in all)")
     return run_dir.root
+
+
+def _heading(seed_run: Run) -> str:
+    return f"[bold]{'no-bias control, ' if seed_run.dir.control else ''}seed {seed_run.cfg.seed}[/] -> {seed_run.dir.root}"
+
+
+def side_by_side(cfg: ExperimentConfig, runs: list[Run]) -> bool:
+    """Whether the seed runs share the worker pool side by side (`run_side_by_side`): on a CPU
+    machine with `train.num_workers` > 1 and the joint or local executor, two or more seed runs,
+    unless DTM_SEEDS_SEQUENTIAL=1. Not on Ray: its stages' work is Ray tasks placed by Ray
+    (`each`, `cluster.run_tasks`), whose waits do not give a turn away; not with
+    `train.workers_per_model` > 1 (each model is a Ray Train group started from here) or
+    `eval.lm_eval_tasks` (lm-eval runs here, on this process's threads, as long as an evaluation)."""
+    if os.environ.get(SEQUENTIAL_ENV, "").strip() not in ("", "0") or len(runs) < 2:
+        return False
+    train = cfg.train
+    if cluster.enabled(cfg) or train.num_workers < 2 or train.workers_per_model > 1 or cfg.eval.lm_eval_tasks:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def run_side_by_side(runs: list[Run], from_stage: str | None, console: Any, reuse: Reuse | None) -> None:
+    """The seed runs' data and disperse stages one after another (work done here, the pool idle:
+    the k-means embeddings take its cores), then their train, merge and eval stages side by side,
+    a thread each, taking turns (`dtm.turns`) and sharing the worker pool: one seed run's jobs
+    fill the workers another leaves idle. Every model and result is the sequential run's, byte
+    for byte (each job and stage seeds itself; tests/test_side_by_side.py).
+
+    A failed seed run stops the others (each finishes the pool jobs it started, so a rerun
+    resumes without them) and its error is raised, naming it; of several, the first seed run's
+    in run order, as the sequential run would raise it. Ctrl-C returns at once."""
+    import torch
+
+    forced = {}
+    for seed_run in runs:
+        _say(console, _heading(seed_run))
+        forced[seed_run.dir.label] = run_stages(seed_run, EARLY_STAGES, redone(from_stage), console, reuse)
+    group, threads_here = turns.Turns(), torch.get_num_threads()
+    errors: dict[int, BaseException] = {}
+
+    def one(index: int, seed_run: Run) -> None:
+        try:
+            with turns.taking_turns(group, seed_run.dir.label):
+                torch.set_num_threads(threads_here)  # a new thread starts with torch's default count, not this one's
+                run_stages(seed_run, POOLED_STAGES, forced[seed_run.dir.label], console, reuse)
+        except BaseException as e:  # handed to the driver below
+            errors[index] = e
+            group.stop.set()
+
+    threads = [threading.Thread(target=one, args=(i, r), name=f"dtm-{r.dir.label}", daemon=True) for i, r in enumerate(runs)]
+    for thread in threads:
+        thread.start()
+    try:
+        turns.serve(group, threads)  # their merges and token diagnostics, here (`turns.in_main_thread`)
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C: tell the seed runs to stop; they are daemons, so this process ends now
+        group.stop.set()
+        raise
+    failed = sorted(((i, e) for i, e in errors.items() if not isinstance(e, turns.Stopped)), key=lambda f: f[0])
+    if failed or errors:
+        index, error = (failed or sorted(errors.items(), key=lambda f: f[0]))[0]
+        raise _naming(error, runs[index].dir.label)
+
+
+def _naming(error: BaseException, label: str) -> BaseException:
+    """`error` with the seed run it happened in: in its message for a `DtmError` (the CLI prints
+    only the message), as a note otherwise (under the traceback)."""
+    where = f"in seed run {label} (seed runs side by side; {SEQUENTIAL_ENV}=1 runs them one after another)"
+    if isinstance(error, DtmError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{label}: {error.args[0]}",)
+    elif hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(where)
+    else:
+        log.error("the error below happened %s", where)
+    return error
 
 
 def demo(out: str | Path = "runs/demo", overrides: list[str] | None = None) -> Path:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,16 +236,22 @@ def one_thread_worker() -> None:
 
 
 def _die_with_parent() -> None:
-    """On Linux, end this worker when the `dtm` process that started it ends (also on SIGKILL):
-    an idle pool worker otherwise outlives a killed run, holding its memory."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+    """End this worker when the `dtm` process that started it ends (also on SIGKILL): an idle
+    pool worker otherwise outlives a killed run, holding its memory. A daemon thread watches the
+    parent's pid (twice a second). Not Linux's PR_SET_PDEATHSIG: it fires when the parent
+    *thread* ends, and seed runs side by side (`dtm.turns`) start workers from their threads,
+    which end before the run does: their workers were killed mid-job (BrokenProcessPool)."""
+    import signal
+    import threading
 
-        try:
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dtm-parent-watch", daemon=True).start()
 
 
 _POOLS: dict[int, Any] = {}
@@ -276,24 +282,51 @@ def worker_pool(workers: int):
     return pool
 
 
-def finished_in_turn(futures: dict[Any, str], what: str):
-    """Yield futures as they finish, with one progress bar over them (the names done so far)."""
-    from concurrent.futures import as_completed
+_IN_FLIGHT: set[Future] = set()  # jobs submitted to the shared pools (`submit`) and not finished
 
+
+def submit(pool: Any, fn: Callable[..., Any], *args: Any) -> Future:
+    """`pool.submit(fn, *args)`, counted in flight until it finishes (`wait_for_idle_pool`)."""
+    future = pool.submit(fn, *args)
+    _IN_FLIGHT.add(future)
+    future.add_done_callback(_IN_FLIGHT.discard)
+    return future
+
+
+def wait_for_idle_pool() -> None:
+    """Wait until every job submitted to the pools has finished (seed runs side by side: work
+    here that takes the pool's cores waits for them, holding its turn, so that no job starts)."""
+    wait(list(_IN_FLIGHT))
+
+
+def finished_in_turn(futures: dict[Future, str], what: str):
+    """Yield futures as they finish, with one progress bar over them (the names done so far).
+    Beside other seed runs (`dtm.turns`), the bar names this one, and its turn is given away
+    while it waits."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(futures), desc=what, unit="model") as bar:
-        for future in as_completed(futures):
-            bar.set_postfix_str(futures[future])
-            bar.update()
-            yield future
+    from dtm import turns
+
+    label = turns.label()
+    pending = set(futures)
+    with tqdm(total=len(futures), desc=f"{label} {what}" if label else what, unit="model") as bar:
+        while pending:
+            done, pending = turns.wait_any(pending)
+            for future in done:
+                bar.set_postfix_str(futures[future])
+                bar.update()
+                yield future
 
 
-def discard_pool(workers: int) -> None:
-    """Drop (and shut down) the shared pool of this size, e.g. after one of its workers died."""
-    pool = _POOLS.pop(workers, None)
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
+def discard_pool(workers: int, pool: Any = None) -> None:
+    """Drop (and shut down) the shared pool of this size, e.g. after one of its workers died;
+    given `pool`, only if that is still the one kept (beside other seed runs, another run may
+    have replaced the broken pool already: the new one is not shut down)."""
+    if pool is not None and _POOLS.get(workers) is not pool:
+        return
+    kept = _POOLS.pop(workers, None)
+    if kept is not None:
+        kept.shutdown(wait=False, cancel_futures=True)
 
 
 def _cuda() -> bool:
@@ -362,7 +395,10 @@ class Retries:
             return False
         self.failures[name] = f"{type(error).__name__}: {error}"
         again = self.attempts[name] <= self.retries
-        log.warning("%s: attempt %d failed (%s)%s", name, self.attempts[name], self.failures[name], "; retrying" if again else "")
+        from dtm import turns
+
+        where = f"{turns.label()}: " if turns.active() else ""  # which seed run's model, beside others
+        log.warning("%s%s: attempt %d failed (%s)%s", where, name, self.attempts[name], self.failures[name], "; retrying" if again else "")
         return again
 
     def succeeded(self, name: str) -> None:
@@ -384,10 +420,14 @@ class Retries:
 
 def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str) -> dict[str, str]:
     """One after another; or, on CPU with `train.num_workers` > 1, that many one-thread processes."""
+    from dtm import turns
+
     retries = Retries(config.train.retries)
     workers = min(config.train.num_workers, len(jobs))
-    # one at a time on a GPU, and when each job is a data-parallel group of Ray Train workers
-    if workers <= 1 or _cuda() or config.train.workers_per_model > 1:
+    # one at a time on a GPU, and when each job is a data-parallel group of Ray Train workers;
+    # a lone job here too, except beside other seed runs (`dtm.turns`): there it shares their pool
+    alone_here = workers <= 1 and not (turns.active() and config.train.num_workers > 1)
+    if alone_here or _cuda() or config.train.workers_per_model > 1:
         for job in jobs:
             retries.run(job.name, lambda job=job: run_job(job, config, base))
         return retries.failures
@@ -395,7 +435,7 @@ def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str)
     while pending:  # rounds: every unfinished job that may still be retried, longest first
         pool = worker_pool(config.train.num_workers)
         longest_first = sorted(pending.items(), key=lambda item: -expected_cost(item[1], config))
-        futures = {pool.submit(run_job, job, config, base, 1, False): name for name, job in longest_first}
+        futures = {submit(pool, run_job, job, config, base, 1, False): name for name, job in longest_first}
         broken = False
         for future in finished_in_turn(futures, "train"):
             name = futures[future]
@@ -409,7 +449,7 @@ def run_local(jobs: list[Job | JointGroup], config: ExperimentConfig, base: str)
                 retries.succeeded(name)
                 del pending[name]
         if broken:  # a worker killed by the OS breaks the whole pool: the next round gets a fresh one
-            discard_pool(config.train.num_workers)
+            discard_pool(config.train.num_workers, pool)
     return retries.failures
 
 
