@@ -4,6 +4,7 @@ errors raised as before, no hang, no thread or file left behind."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from dtm.errors import OutputError
 from dtm.merging import MergeError
 from dtm.merging import engine as E
 from dtm.merging import methods as M
+from dtm.merging.checkpoint import ChunkReader
 from dtm.merging.overlap import Ahead, Behind
 
 torch.set_num_threads(1)
@@ -187,11 +189,11 @@ def test_every_pooled_buffer_group_is_handed_back_once(models, tmp_path, monkeyp
     """The reader's reused buffer groups (`ChunkFeed`): however many chunks a merge reads (here
     thousands, TIES' threshold pass included), it uses only the pool's groups, and by the end
     each has come back exactly once (a lost one would starve the reader; one handed back twice
-    could be filled while still being written)."""
+    could be filled while still being written), those the trim pass kept for the merge pass too."""
     base, dirs, _ = models["float32"]
     monkeypatch.setattr(E, "CHUNK_ELEMENTS", 300)
-    made, free_at_close = [], []
-    real_group, real_close = E.BufferGroup, E.ChunkFeed.close
+    made, free_at_close, holds = [], [], []
+    real_group, real_close, real_hold = E.BufferGroup, E.ChunkFeed.close, E.hold_groups
 
     def counted_group():
         made.append(real_group())
@@ -203,8 +205,53 @@ def test_every_pooled_buffer_group_is_handed_back_once(models, tmp_path, monkeyp
 
     monkeypatch.setattr(E, "BufferGroup", counted_group)
     monkeypatch.setattr(E.ChunkFeed, "close", close)
+    monkeypatch.setattr(E, "hold_groups", lambda *a: holds.append(real_hold(*a)) or holds[-1])
     dtm.merge(dirs, tmp_path / "m", method="ties", base=base, parameters={"density": 0.4}, overlap=overlap, progress=False)
-    groups = E.pool_groups(E.compute_threads(M.get_method("ties")) if overlap else 0)
-    assert groups == E.POOL_GROUPS + (E.COMPUTE_AHEAD if overlap else 0)
+    assert len(holds) == 1 and holds[0] > 1  # the trim passes kept groups (every chunk of these small tensors)
+    groups = E.pool_groups(E.compute_threads(M.get_method("ties")) if overlap else 0, holds[0])
+    assert groups == E.POOL_GROUPS + (E.COMPUTE_AHEAD if overlap else 0) + holds[0]
     assert len(made) == groups and free_at_close == [groups]
     assert no_merge_threads()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ties_merge_pass_takes_the_trim_pass_groups_instead_of_reading_again(models, tmp_path, monkeypatch, dtype):
+    """TIES' trim pass keeps a tensor's chunk groups, up to `HOLD_BYTES`, for the merge pass: no
+    budget (the old schedule: every chunk read twice), room for 3 groups of a tensor (the rest
+    read again) and room for all write the same bytes, and with room for all the reader thread
+    reads each chunk of each input exactly once."""
+    base, dirs, _ = models[dtype]
+    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 300)
+    reads: Counter[tuple[str, str, int, int]] = Counter()
+    real_read = ChunkReader.read
+
+    def counted(self, info, start, out):
+        if threading.current_thread().name == "dtm-merge-reader":  # the schedule's reads, not the threshold sample
+            reads[(str(info.file), info.name, start, out.numel())] += 1
+        return real_read(self, info, start, out)
+
+    monkeypatch.setattr(ChunkReader, "read", counted)
+    holds = []
+    real_hold = E.hold_groups
+    monkeypatch.setattr(E, "hold_groups", lambda *a: holds.append(real_hold(*a)) or holds[-1])
+    group = 4 * 300 * (4 if dtype == "float32" else 2 + 4)  # 3 models + base, stored (+ fp32 copy for bf16)
+    budgets = {"none": 0, "three": 3 * group, "all": 1 << 30}
+    out, counts = {}, {}
+    for label, budget in budgets.items():
+        monkeypatch.setattr(E, "HOLD_BYTES", budget)
+        reads.clear()
+        out[label] = files_bytes(dtm.merge(dirs, tmp_path / label, method="ties", base=base,
+                                           parameters={"density": 0.4}, progress=False))
+        counts[label] = dict(reads)
+    assert out["none"] == out["three"] == out["all"]
+    longest = -(-96 * 32 // 300)  # the embeddings' chunks: the longest trim pass
+    assert holds == [0, 3, longest]
+    assert set(counts["none"]) == set(counts["three"]) == set(counts["all"])  # the same ranges, each read...
+    assert set(counts["all"].values()) == {1}  # ... once with room for every group,
+    twice = {r for r, c in counts["none"].items() if c == 2}
+    assert twice and set(counts["none"].values()) == {1, 2}  # ... twice without (the trim pass's ranges),
+    partly = {r for r, c in counts["three"].items() if c == 2}
+    assert partly and partly < twice  # ... and past a tensor's third chunk with room for 3
+    assert all(start >= 3 * 300 for _, _, start, _ in partly)
+    assert no_merge_threads()
+

@@ -26,7 +26,8 @@ import queue
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -351,9 +352,13 @@ def merge_streaming(
     total = sum(t.nbytes for t in plan)
     weight_map = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({spec.name})", disable=not progress, delay=1.0)  # no bar for a merge that takes under a second
-    reads = (r for t in plan for r in tensor_reads(t.name, sources, spec, fn_params, base, fishers))
+
+    def schedule(hold: int) -> Iterator[ChunkRead]:
+        return (r for t in plan for r in tensor_reads(t.name, sources, spec, fn_params, base, fishers, hold))
+
+    hold = hold_groups(schedule(0), compute)  # headers only: no data is read here
     threads = compute_threads(spec) if overlap else 0
-    feed = ChunkFeed(reads, compute, threaded=overlap, groups=pool_groups(threads))
+    feed = ChunkFeed(schedule(hold), compute, threaded=overlap, groups=pool_groups(threads, hold))
     writes = Behind(WRITE_BEHIND, threaded=overlap)
     writers: list[ShardWriter] = []
     scratch = Scratch()
@@ -372,7 +377,7 @@ def merge_streaming(
                     if spec.elementwise and sources[0].info(t.name).dtype.is_floating_point:  # type: ignore[union-attr]
                         for c, release in merge_tensor_chunks(t.name, sources, spec, weights, fn_params, base, compute,
                                                               fishers, t.dtype, feed, seed=seed, scratch=scratch,
-                                                              workers=workers, direct=direct):
+                                                              workers=workers, direct=direct, hold=hold):
                             writes.submit(writer.append, t.name, c)
                             writes.submit(release)  # after the write: `c` may be a view of an input buffer
                         writes.submit(writer.end, t.name)
@@ -450,11 +455,18 @@ COMPUTE_AHEAD = 2
 # + WRITE_BEHIND + 1 in the writer), so the reader never waits on the pool unless the compute
 # or writer is behind anyway.
 POOL_GROUPS = READ_AHEAD + WRITE_BEHIND + 3
+# TIES reads each tensor twice (the trim pass counts, then the merge pass merges). The trim pass
+# keeps up to this many bytes of a tensor's chunk groups (its leading ones) for the merge pass,
+# which reads only the rest again: every tensor of a 500M Llama but its two embeddings fits
+# (~120 MiB for K = 4 in fp32), so the re-read is ~14% of the inputs instead of all of them.
+# A fixed budget, not a fraction of the model, so peak memory stays flat in model size.
+HOLD_BYTES = 256 << 20
 
 
-def pool_groups(threads: int) -> int:
-    """The pool's size for a merge with `threads` compute threads (0: the caller's thread)."""
-    return POOL_GROUPS + (COMPUTE_AHEAD if threads else 0)
+def pool_groups(threads: int, hold: int = 0) -> int:
+    """The pool's size for a merge with `threads` compute threads (0: the caller's thread) whose
+    trim passes keep up to `hold` groups for their merge passes (`hold_groups`), on top."""
+    return POOL_GROUPS + (COMPUTE_AHEAD if threads else 0) + hold
 
 
 def compute_threads(spec: M.MergeMethod) -> int:
@@ -496,6 +508,33 @@ def trim_densities(spec: M.MergeMethod, fn_params: dict[str, Any], n: int, k: in
 Step = tuple[str, str, int, int]  # (tensor, pass "trim" or "merge", -1, first element)
 
 
+def group_bytes(infos: Sequence[TensorInfo], compute: torch.dtype) -> int:
+    """The memory of one pooled buffer group that reads a full chunk of `infos`: per input, the
+    stored dtype's buffer and, where that is not the compute dtype, the converted copy."""
+    return CHUNK_ELEMENTS * sum(i.dtype.itemsize + (compute.itemsize if i.dtype != compute else 0) for i in infos)
+
+
+def hold_groups(reads: Iterable[ChunkRead], compute: torch.dtype) -> int:
+    """How many chunk groups a tensor's trim pass may keep for its merge pass (the leading ones):
+    as many as `HOLD_BYTES` pays for at the merge's largest group (the pool's groups all grow to
+    it), at most the longest trim pass's chunks; 0 for a merge without trim passes. Walks the
+    schedule made with `hold=0` (headers only, nothing is read)."""
+    largest, trims = 0, Counter[str]()
+    for r in reads:
+        largest = max(largest, group_bytes(r.infos, compute))
+        if r.key[1] == "trim":
+            trims[r.key[0]] += 1
+    return min(max(trims.values()), HOLD_BYTES // largest) if trims else 0
+
+
+def kept_chunks(inputs: int, k: int, hold: int) -> int:
+    """How many leading chunk groups of a tensor with a trim pass that pass keeps for the merge
+    pass: `hold`, where the trim pass reads every input the merge pass needs (the K models and the
+    base: TIES), else none. One rule for the schedule (`tensor_reads`) and the compute
+    (`merge_tensor_chunks`), so the merge pass reads exactly the chunks that were not kept."""
+    return hold if inputs == k + 1 else 0
+
+
 @dataclass(frozen=True)
 class ChunkRead:
     """One step of the read schedule: elements [start, start + size) of some inputs of a tensor
@@ -508,18 +547,22 @@ class ChunkRead:
 
 
 def tensor_reads(name: str, sources: Sequence[Source], spec: M.MergeMethod, fn_params: dict[str, Any],
-                 base: Checkpoint | None, fishers: Sequence[Checkpoint] | None) -> Iterator[ChunkRead]:
+                 base: Checkpoint | None, fishers: Sequence[Checkpoint] | None, hold: int = 0) -> Iterator[ChunkRead]:
     """The chunk reads of one tensor, in the order `merge_tensor_chunks` takes them (none for a
-    tensor merged or read whole). Pure: the reader thread walks it ahead of the compute."""
+    tensor merged or read whole): TIES' trim pass, then the merge pass without the chunks the
+    trim pass keeps for it (`kept_chunks` of `hold`). Pure: the reader thread walks it ahead of
+    the compute."""
     first = sources[0].info(name)
     if first is None or not first.dtype.is_floating_point or not chunkable(name, sources, spec, base, fishers):
         return
     infos = tuple(i.info(name) for i in tensor_inputs(sources, spec, base, fishers))
     k, n, chunk = len(sources), first.numel, CHUNK_ELEMENTS
+    kept = 0
     if n > chunk and trim_densities(spec, fn_params, n, k) is not None:
+        kept = kept_chunks(len(infos), k, hold)
         for start in range(0, n, chunk):
             yield ChunkRead((name, "trim", -1, start), infos[:k + 1], start, min(chunk, n - start))
-    for start in range(0, n, chunk):
+    for start in range(kept * chunk, n, chunk):
         yield ChunkRead((name, "merge", -1, start), infos, start, min(chunk, n - start))
 
 
@@ -534,8 +577,10 @@ class ChunkFeed:
     `release` is called, which the engine does after the last use of anything computed from
     it (for a merged chunk: after the writer thread has written it, since the chunk may be a
     view of an input), so a reused buffer is never overwritten while something still reads it.
-    A reader with no free group waits; it is never the only one holding them (the compute
-    holds one group at a time and the writer releases what it has written), so it cannot hang.
+    A reader with no free group waits; it is never the only one holding them, so it cannot
+    hang: the compute holds a few groups (one per compute job) and the writer releases what it
+    has written; besides those, a TIES trim pass keeps at most `hold` groups of its tensor for
+    the merge pass (which releases them as any other), and the pool has `hold` groups more.
     """
 
     def __init__(self, reads: Iterator[ChunkRead], compute: torch.dtype, threaded: bool = True,
@@ -615,7 +660,7 @@ def merge_tensor_chunks(
     name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
     base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, out_dtype: torch.dtype,
     feed: ChunkFeed, seed: int = 0, scratch: Scratch | None = None, workers: Workers | None = None,
-    direct: ChunkReader | None = None,
+    direct: ChunkReader | None = None, hold: int = 0,
 ) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
     """The merged tensor as consecutive flat chunks (every method is elementwise given its state),
     each with the call that releases its input buffers (to make once the chunk is written).
@@ -628,7 +673,9 @@ def merge_tensor_chunks(
     come out in order. State that needs the whole tensor comes first:
       * TIES: each model's exact magnitude threshold (`tensor_trims`: a sample, one counting
         pass over the chunks, rarely an exact selection over a scratch copy); a tensor of one
-        chunk gets it from that chunk, inside the method;
+        chunk gets it from that chunk, inside the method. The counting pass keeps its first
+        `kept_chunks` chunk groups (up to `hold`, `HOLD_BYTES`) for the merge pass, which reads
+        only the others again;
       * DARE: one random stream per model, by position (`methods.DareStream`).
     """
     chunk = CHUNK_ELEMENTS
@@ -639,8 +686,21 @@ def merge_tensor_chunks(
     wholes = None if chunkable(name, sources, spec, base, fishers) else [i.get(name, compute).reshape(-1) for i in inputs]
     workers = workers or Workers()
 
+    # trim-pass chunk groups kept for the merge pass, by first element; the caller's thread alone
+    # touches it (`Workers` advances the jobs' iterator, which calls `take`, in that thread)
+    kept: dict[int, tuple[list[torch.Tensor], Callable[[], None]]] = {}
+    keep_below = 0  # the first element past the kept chunks (set with the trim pass below)
+
     def take(key: Step, which: Sequence[int], start: int, m: int) -> tuple[list[torch.Tensor], Callable[[], None]]:
-        return feed.take(key) if wholes is None else ([wholes[i][start:start + m] for i in which], _nothing)
+        if wholes is not None:
+            return [wholes[i][start:start + m] for i in which], _nothing
+        if key[1] == "merge" and start in kept:
+            return kept.pop(start)  # its release goes with the merged chunk, after the write
+        parts, release = feed.take(key)
+        if key[1] == "trim" and start < keep_below:
+            kept[start] = (parts, release)
+            return parts, _nothing  # the counting only reads the parts; the merge pass releases them
+        return parts, release
 
     k = len(sources)
     n = sources[0].info(name).numel  # type: ignore[union-attr]
@@ -652,6 +712,8 @@ def merge_tensor_chunks(
     if spec.trims and densities is None:
         state["trims"] = [M.Trim(0.0, keep_all=True)] * k
     elif densities is not None and n > chunk:
+        if wholes is None:
+            keep_below = kept_chunks(len(inputs), k, hold) * chunk
         ranges = InputRanges(name, inputs, wholes, direct, compute)
         trims = tensor_trims(name, densities, n, k, take, ranges, workers, scratch or Scratch(), compute)
     # else (one chunk): the method finds the exact thresholds on that chunk, i.e. the whole tensor
@@ -684,6 +746,8 @@ def merge_tensor_chunks(
             yield functools.partial(merge, j, start, parts, release)
 
     yield from workers.in_order(jobs())
+    if kept:  # every kept group is merged (and handed back) by now; a leftover would starve the reader
+        raise RuntimeError(f"merge read schedule out of step: {name}'s trim-pass chunks at {sorted(kept)} were never merged")
 
 
 class InputRanges:
