@@ -87,3 +87,48 @@ def compute_table(report: str) -> dict[str, dict[str, str]]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(header, cells))
     return rows
+
+
+def pico_finetunes(tmp_path_factory, first_seed: int) -> dict:
+    """{"float32" | "bfloat16": (base dir, [3 fine-tune dirs])}: a pico Llama and three copies of it
+    plus small seeded noise, each sharded differently (the merge tests' inputs)."""
+    import torch
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        root = tmp_path_factory.mktemp(str(dtype).removeprefix("torch."))
+        model = make_llama(seed=0)
+        model.to(dtype).save_pretrained(root / "base")
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        dirs = []
+        for i in range(3):
+            g = torch.Generator().manual_seed(first_seed + i)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(state[name] + 0.02 * torch.randn(p.shape, generator=g))
+            model.to(dtype).save_pretrained(root / f"m{i}", max_shard_size=["1GB", "40KB", "70KB"][i])
+            model.float()
+            dirs.append(root / f"m{i}")
+        out[str(dtype).removeprefix("torch.")] = (root / "base", dirs)
+    return out
+
+
+def merged_files(d) -> dict:
+    """A merge output directory's files by name (bytes), without its merge record."""
+    from dtm.merging.engine import RECORD
+
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.name != RECORD}
+
+
+def task_vector(seed: int, n: int, kind: str):
+    """A merge test's task vector: continuous, coarse (many equal magnitudes, zeros and -0.0) or bf16-valued."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(n, generator=g) * 0.02
+    if kind == "coarse":
+        d = torch.round(d * 200) / 4
+        d[torch.rand(n, generator=g) < 0.1] = -0.0
+    elif kind == "bf16":
+        d = d.to(torch.bfloat16).float()
+    return d

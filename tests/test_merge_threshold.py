@@ -10,7 +10,8 @@ import threading
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import merged_files, pico_finetunes
+from conftest import task_vector as values_from
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -20,18 +21,6 @@ from dtm.merging import methods as M
 from dtm.merging.overlap import Workers
 
 FAST = settings(max_examples=80, deadline=None)
-
-
-def values_from(seed: int, n: int, kind: str) -> torch.Tensor:
-    """A task vector: continuous, coarse (many equal magnitudes, zeros and -0.0) or bf16-valued."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(n, generator=g) * 0.02
-    if kind == "coarse":
-        d = torch.round(d * 200) / 4
-        d[torch.rand(n, generator=g) < 0.1] = -0.0
-    elif kind == "bf16":
-        d = d.to(torch.bfloat16).float()
-    return d
 
 
 def stable_trimmed(d: torch.Tensor, density: float) -> torch.Tensor:
@@ -140,28 +129,10 @@ def test_dare_stream_draws_by_position():
 
 @pytest.fixture(scope="module")
 def pico(tmp_path_factory):
-    """A base and three fine-tunes of it (base + small noise), fp32 and bf16."""
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        root = tmp_path_factory.mktemp(str(dtype).removeprefix("torch."))
-        model = make_llama(seed=0)
-        model.to(dtype).save_pretrained(root / "base")
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        dirs = []
-        for i in range(3):
-            g = torch.Generator().manual_seed(10 + i)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(state[name] + 0.02 * torch.randn(p.shape, generator=g))
-            model.to(dtype).save_pretrained(root / f"m{i}", max_shard_size=["1GB", "40KB", "70KB"][i])
-            model.float()
-            dirs.append(root / f"m{i}")
-        out[str(dtype).removeprefix("torch.")] = (root / "base", dirs)
-    return out
+    return pico_finetunes(tmp_path_factory, first_seed=10)
 
 
-def files_bytes(d):
-    return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.name != E.RECORD}
+files_bytes = merged_files
 
 
 @pytest.mark.parametrize("method,params", [
