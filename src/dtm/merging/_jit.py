@@ -89,17 +89,24 @@ def _dare_row(x, base, pos0, key, thr, mode, dens, rescale, w, row):  # type: ig
 
 
 @numba.njit(**JIT)
+def _sum_rows(rows, m, into):  # type: ignore[no-untyped-def]
+    """into[:m] = rows[0, :m] + rows[1, :m] + ..., added in model order (the float order of
+    `methods._combine`'s sum and of `elect_sign`'s)."""
+    for e in range(m):
+        into[e] = rows[0, e]
+    for i in range(1, rows.shape[0]):
+        r = rows[i]
+        for e in range(m):
+            into[e] = into[e] + r[e]
+
+
+@numba.njit(**JIT)
 def _signed_block(rows, base, normalize, w, scaling, sgn, acc, div, out):  # type: ignore[no-untyped-def]
     """TIES' sign election and agreeing (normalised) sum of the weighted deltas in `rows`, then
     lambda and the base, into `out` (`methods._agreeing_mean`, `_signed_merge`); rows has a row
     per model and at least out's length of columns, the work rows (sgn, acc, div) too."""
     k, m = rows.shape[0], out.shape[0]
-    for e in range(m):
-        sgn[e] = rows[0, e]
-    for i in range(1, k):
-        r = rows[i]
-        for e in range(m):
-            sgn[e] = sgn[e] + r[e]
+    _sum_rows(rows, m, sgn)
     for e in range(m):
         sgn[e] = ONE if sgn[e] >= ZERO else -ONE  # copysign(1, sum + 0.0): -0 elects +
     w0 = w[0]
@@ -169,12 +176,7 @@ def dare_merge(xs, base, start, keys, thr, mode, dens, rescale, w, scaling, sign
             _signed_block(rows, b, normalize, w, scaling, sgn, acc, div, o)
             continue
         m = s1 - s0
-        for e in range(m):  # `methods._combine`: the weighted deltas summed in model order
-            acc[e] = rows[0, e]
-        for i in range(1, k):
-            r = rows[i]
-            for e in range(m):
-                acc[e] = acc[e] + r[e]
+        _sum_rows(rows, m, acc)  # `methods._combine`: the weighted deltas summed in model order
         for e in range(m):
             q = acc[e]
             if normalize:

@@ -426,6 +426,19 @@ def model_generators(seed: int, name: str, k: int) -> list[DareStream]:
     return [DareStream(base + i) for i in range(k)]
 
 
+def _weight_total(weights: Sequence[float]) -> float:
+    """The divisor of a normalised sum: sum_k w_k, or 1 where it is ~0 (mergekit's guard)."""
+    total = float(sum(weights))
+    return total if abs(total) >= 1e-8 else 1.0
+
+
+def _agreeing_weights(weights: Sequence[float], normalize: bool, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `_signed_merge` may take `_agreeing_mean` (what the fused kernels compute too): no
+    normalising, or every weight positive in `dtype` (with a weight <= 0, divisors may cancel)."""
+    tiny = float(torch.finfo(dtype).tiny)
+    return not normalize or all(float(torch.tensor(w, dtype=dtype)) >= tiny for w in weights)
+
+
 def _combine(deltas: Sequence[Tensor], weights: Sequence[float], base: Tensor, scaling: float, normalize: bool) -> Tensor:
     """base + lambda * sum_k w_k d_k (divided by sum_k w_k if `normalize`), in mergekit's order:
     weight each delta, sum them in model order, divide, scale, add the base."""
@@ -433,8 +446,7 @@ def _combine(deltas: Sequence[Tensor], weights: Sequence[float], base: Tensor, s
     for d, w in zip(deltas[1:], weights[1:]):
         mixed.add_(d * w)
     if normalize:
-        total = float(sum(weights))
-        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        mixed.div_(_weight_total(weights))
     if scaling != 1:
         mixed.mul_(scaling)
     return mixed.add_(base)
@@ -442,8 +454,7 @@ def _combine(deltas: Sequence[Tensor], weights: Sequence[float], base: Tensor, s
 
 def _signed_merge(deltas: list[Tensor], weights: Sequence[float], base: Tensor, scaling: float, normalize: bool) -> Tensor:
     """TIES steps 2-3 on weighted sparse deltas, then lambda and the base (mergekit's order)."""
-    tiny = float(torch.finfo(deltas[0].dtype).tiny)
-    if normalize and not all(float(torch.tensor(w, dtype=deltas[0].dtype)) >= tiny for w in weights):
+    if not _agreeing_weights(weights, normalize, deltas[0].dtype):
         merged = disjoint_mean(deltas, weights, elect_sign(deltas), normalize)  # a weight <= 0: divisors may cancel
     else:
         merged = _agreeing_mean(deltas, weights, normalize)
@@ -574,10 +585,6 @@ def dare_ties(
 # cancel), DARE with a torch.Generator.
 
 
-def _agreeing_weights(weights: Sequence[float], normalize: bool) -> bool:
-    """`_signed_merge` takes `_agreeing_mean` (what the kernels compute) for these weights."""
-    tiny = float(torch.finfo(torch.float32).tiny)
-    return not normalize or all(float(torch.tensor(w, dtype=torch.float32)) >= tiny for w in weights)
 
 
 def ties_fused(
@@ -600,9 +607,8 @@ def _dare_fused(tensors: Sequence[Tensor], weights: Sequence[float], base: Tenso
         return None
     if signed and not _agreeing_weights(weights, normalize):
         return None
-    total = float(sum(weights))
     return kernels.dare(tensors, base, offset, [g.key for g in gens], per_model(density, len(tensors)), rescale,
-                        weights, scaling, signed, normalize, total if abs(total) >= 1e-8 else 1.0)
+                        weights, scaling, signed, normalize, _weight_total(weights))
 
 
 def dare_ties_fused(
