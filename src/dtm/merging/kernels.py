@@ -36,6 +36,11 @@ log = logging.getLogger("dtm.merging")
 KERNELS_ENV = "DTM_MERGE_KERNELS"  # "0": torch's ops only (the reference path)
 
 
+def _turned_off() -> bool:
+    """`KERNELS_ENV` says torch's ops only."""
+    return os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off")
+
+
 def cache_dir() -> Path:
     """Where numba keeps the compiled kernels (unless `NUMBA_CACHE_DIR` says otherwise)."""
     return Path.home() / ".cache" / "dtm" / "numba"
@@ -48,7 +53,7 @@ _loading = threading.Lock()  # the compute threads may ask for the kernels at th
 @functools.cache
 def _load() -> ModuleType | None:
     """The compiled kernels' module, or None (numba missing, or turned off by `KERNELS_ENV`)."""
-    if os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off"):
+    if _turned_off():
         return None
     with _loading:
         try:
@@ -74,7 +79,7 @@ def preload(k: int) -> None:
     of their own, so that the merge's start (opening the inputs, TIES' samples, the first reads)
     overlaps it instead of the first chunk waiting for it. A failure here is left to the first
     real call, which reports it."""
-    if os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off"):
+    if _turned_off():
         return
     threading.Thread(target=_warm, args=(k,), name="dtm-kernels-preload", daemon=True).start()
 
