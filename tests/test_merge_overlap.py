@@ -255,3 +255,26 @@ def test_ties_merge_pass_takes_the_trim_pass_groups_instead_of_reading_again(mod
     assert all(start >= 3 * 300 for _, _, start, _ in partly)
     assert no_merge_threads()
 
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_ties_thresholds_are_sampled_ahead_on_their_own_thread(models, tmp_path, monkeypatch, overlap):
+    """With the threads on, every trimmed tensor's threshold sample is taken on the sampling
+    thread (`BracketsAhead`), in plan order, none in the merge's own thread; without them, all in
+    the caller's thread. The bytes are the same either way (the test above)."""
+    base, dirs, _ = models["float32"]
+    monkeypatch.setattr(E, "CHUNK_ELEMENTS", 300)
+    calls: list[tuple[str, int]] = []
+    real = E.threshold_brackets
+
+    def recorded(ranges, n, k, densities):
+        calls.append((threading.current_thread().name, ranges.name))
+        return real(ranges, n, k, densities)
+
+    monkeypatch.setattr(E, "threshold_brackets", recorded)
+    dtm.merge(dirs, tmp_path / "m", method="ties", base=base, parameters={"density": 0.4}, overlap=overlap, progress=False)
+    threads = {t for t, _ in calls}
+    assert threads == ({"dtm-merge-sample_0"} if overlap else {threading.current_thread().name})
+    names = [n for _, n in calls]
+    assert len(names) == len(set(names)) > 3  # each trimmed tensor once
+    assert no_merge_threads()

@@ -5,8 +5,8 @@ Flow of a merge:
      their base), check they fit together (architecture, tensor names, shapes);
   2. plan the output shards from the first model's tensor list (shapes and dtypes are known
      before any data is read);
-  3. for each tensor name: compute the method's per-model state (TIES thresholds, DARE
-     streams), then read it from the K models chunk by chunk, merge each chunk with the
+  3. for each tensor name: compute the method's per-model state (TIES thresholds, from a
+     sample taken ahead on a thread of its own, `BracketsAhead`; DARE streams), then read it from the K models chunk by chunk, merge each chunk with the
      method's per-tensor function in the compute dtype (TIES and DARE: its fused kernel,
      `kernels.py`, where it applies; on two threads, chunks in order), cast to the output
      dtype and append it to the open shard;
@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -342,7 +343,8 @@ def merge_streaming(
     """
     keep_freed_memory()
     if spec.fused is not None:
-        kernels.preload(len(sources))  # numba's import and code load overlap the start of the merge
+        # numba's import and code load overlap the start of the merge (torch's ops until then)
+        kernels.preload(len(sources), ("count_brackets", "ties_merge") if spec.trims else ("dare_merge",))
     names = output_names(sources)
     infos = [sources[0].info(n) for n in names]
     plan = [PlannedTensor(n, i.shape, output if (output and i.dtype.is_floating_point) else i.dtype)
@@ -357,6 +359,8 @@ def merge_streaming(
         return (r for t in plan for r in tensor_reads(t.name, sources, spec, fn_params, base, fishers, hold))
 
     hold = hold_groups(schedule(0), compute)  # headers only: no data is read here
+    ahead = BracketsAhead(trimmed_tensors(schedule(0)), functools.partial(
+        sampled_brackets, sources=sources, spec=spec, fn_params=fn_params, base=base, compute=compute), threaded=overlap)
     threads = compute_threads(spec) if overlap else 0
     feed = ChunkFeed(schedule(hold), compute, threaded=overlap, groups=pool_groups(threads, hold))
     writes = Behind(WRITE_BEHIND, threaded=overlap)
@@ -377,9 +381,10 @@ def merge_streaming(
                     if spec.elementwise and sources[0].info(t.name).dtype.is_floating_point:  # type: ignore[union-attr]
                         for c, release in merge_tensor_chunks(t.name, sources, spec, weights, fn_params, base, compute,
                                                               fishers, t.dtype, feed, seed=seed, scratch=scratch,
-                                                              workers=workers, direct=direct, hold=hold):
+                                                              workers=workers, direct=direct, hold=hold, ahead=ahead):
                             writes.submit(writer.append, t.name, c)
-                            writes.submit(release)  # after the write: `c` may be a view of an input buffer
+                            if release is not _nothing:
+                                writes.submit(release)  # after the write: `c` may be a view of an input buffer
                         writes.submit(writer.end, t.name)
                     else:
                         merged = merge_tensor(t.name, sources, spec, weights, fn_params, base, compute, fishers, seed)
@@ -398,6 +403,7 @@ def merge_streaming(
         workers.close()
         feed.close()
         direct.close()
+        ahead.close()
     bar.close()
     if len(files) > 1:
         atomic_write_json(out_dir / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -442,14 +448,18 @@ CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per model: a chunk group of K + 1 inpu
 # Queue depths of the reader and writer threads (module `overlap`). In flight at once, at most
 # READ_AHEAD + 2 chunk groups of inputs (K models + base + Fishers, one chunk each: 30 MiB for
 # K=4 in fp32), and WRITE_BEHIND + 1 merged outputs (chunks; whole tensors only for what is not
-# streamed: adapters, integer buffers). Deeper queues gain nothing once the disk is kept busy.
+# streamed: adapters, integer buffers). The write queue is the deeper one: page-cache writes
+# stall now and then (the kernel reclaiming or flushing), and a TIES merge writes in bursts
+# (nothing during a tensor's trim pass); 8 rather than 2 took a few tenths of a second off
+# a 500M merge, linear and TIES alike, for 6 more pooled groups (~30 MiB at K=4, fp32).
 READ_AHEAD = 4
-WRITE_BEHIND = 2
+WRITE_BEHIND = 8
 # Compute threads for the methods with more arithmetic per element than a linear merge (TIES'
 # threshold pass and trim, DARE's draws): whole chunks on Python threads, each running one-thread
 # torch ops, results written in order; at most COMPUTE_AHEAD + 1 chunk groups in the compute.
 COMPUTE_THREADS = 2
 COMPUTE_AHEAD = 2
+SAMPLE_AHEAD = 2  # TIES: trimmed tensors whose threshold brackets are computed ahead (`BracketsAhead`)
 # Reused read buffer groups (`ChunkFeed`): enough for every group that can be in flight at once
 # (READ_AHEAD queued + 1 being read + 1 in the compute, COMPUTE_AHEAD more with compute threads,
 # + WRITE_BEHIND + 1 in the writer), so the reader never waits on the pool unless the compute
@@ -525,6 +535,21 @@ def hold_groups(reads: Iterable[ChunkRead], compute: torch.dtype) -> int:
         if r.key[1] == "trim":
             trims[r.key[0]] += 1
     return min(max(trims.values()), HOLD_BYTES // largest) if trims else 0
+
+
+def trimmed_tensors(reads: Iterable[ChunkRead]) -> list[str]:
+    """The tensors with a trim pass, in the schedule's order (walk a schedule made with `hold=0`)."""
+    return list(dict.fromkeys(r.key[0] for r in reads if r.key[1] == "trim"))
+
+
+def sampled_brackets(name: str, reader: ChunkReader, *, sources: Sequence[Source], spec: M.MergeMethod,
+                     fn_params: dict[str, Any], base: Checkpoint | None, compute: torch.dtype) -> list[Bracket]:
+    """`threshold_brackets` of tensor `name` (one with a trim pass), read with `reader`."""
+    k, n = len(sources), sources[0].info(name).numel  # type: ignore[union-attr]
+    densities = trim_densities(spec, fn_params, n, k)
+    assert densities is not None, name
+    ranges = InputRanges(name, tensor_inputs(sources, spec, base, None), None, reader, compute)
+    return threshold_brackets(ranges, n, k, densities)
 
 
 def kept_chunks(inputs: int, k: int, hold: int) -> int:
@@ -660,7 +685,7 @@ def merge_tensor_chunks(
     name: str, sources: Sequence[Source], spec: M.MergeMethod, weights: Sequence[float], fn_params: dict[str, Any],
     base: Checkpoint | None, compute: torch.dtype, fishers: Sequence[Checkpoint] | None, out_dtype: torch.dtype,
     feed: ChunkFeed, seed: int = 0, scratch: Scratch | None = None, workers: Workers | None = None,
-    direct: ChunkReader | None = None, hold: int = 0,
+    direct: ChunkReader | None = None, hold: int = 0, ahead: BracketsAhead | None = None,
 ) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
     """The merged tensor as consecutive flat chunks (every method is elementwise given its state),
     each with the call that releases its input buffers (to make once the chunk is written).
@@ -715,7 +740,8 @@ def merge_tensor_chunks(
         if wholes is None:
             keep_below = kept_chunks(len(inputs), k, hold) * chunk
         ranges = InputRanges(name, inputs, wholes, direct, compute)
-        trims = tensor_trims(name, densities, n, k, take, ranges, workers, scratch or Scratch(), compute)
+        brackets = ahead.get(name) if ahead is not None and wholes is None else None
+        trims = tensor_trims(name, densities, n, k, take, ranges, workers, scratch or Scratch(), compute, brackets)
     # else (one chunk): the method finds the exact thresholds on that chunk, i.e. the whole tensor
     has_base = int(spec.needs_base and base is not None)
 
@@ -735,7 +761,8 @@ def merge_tensor_chunks(
             if fused is not None:
                 out = fused.to(out_dtype)
                 if all_finite(out):
-                    return out, release
+                    release()  # the kernel wrote into memory of its own: the inputs can be read over now
+                    return out, _nothing
                 # not finite: the method's own ops below give the same bits and the exact error
         merged = spec.fn(parts[:k], weights, **kwargs)
         return finite_or_refuse(name, merged, out_dtype), release
@@ -775,10 +802,12 @@ class InputRanges:
 
 def tensor_trims(name: str, densities: Sequence[float], n: int, k: int,
                  take: Callable[[Step, Sequence[int], int, int], tuple[list[torch.Tensor], Callable[[], None]]],
-                 ranges: InputRanges, workers: Workers, scratch: Scratch, compute: torch.dtype) -> list[M.ChunkedTrim]:
+                 ranges: InputRanges, workers: Workers, scratch: Scratch, compute: torch.dtype,
+                 brackets: list[Bracket] | None = None) -> list[M.ChunkedTrim]:
     """Each model's exact TIES trim of a tensor of several chunks (`methods.ChunkedTrim`).
 
-    A sample of |x_i - base| read at `methods.sample_ranges` brackets each model's threshold;
+    A sample of |x_i - base| read at `methods.sample_ranges` brackets each model's threshold
+    (`threshold_brackets`; `brackets` when the caller has them already, `BracketsAhead`);
     the trim pass (one chunk group of the K models and the base at a time, on the workers)
     counts each chunk against the brackets; the threshold is selected among the few entries
     inside. A model whose threshold falls outside its bracket, or whose bracket holds more than
@@ -787,15 +816,8 @@ def tensor_trims(name: str, densities: Sequence[float], n: int, k: int,
     """
     chunk = CHUNK_ELEMENTS
     keeps = [M.keep_count(n, d) for d in densities]
-    sample = M.sample_ranges(n)
-    base_sample = torch.cat([ranges.read(k, s, m) for s, m in sample])
-    brackets: list[tuple[Any, Any] | None] = []
-    for i, keep in enumerate(keeps):
-        if 0 < keep < n:
-            d = torch.cat([ranges.read(i, s, m) for s, m in sample]).sub_(base_sample).abs_()
-            brackets.append(M.bracket(d.numpy(), n, keep))
-        else:
-            brackets.append(None)
+    if brackets is None:
+        brackets = threshold_brackets(ranges, n, k, densities)
     live = list(brackets)  # a model's bracket until it has failed
     room = n // M.BRACKET_ROOM + 1
 
@@ -832,6 +854,68 @@ def tensor_trims(name: str, densities: Sequence[float], n: int, k: int,
             got = exact_trim(i, k, densities[i], n, ranges, scratch, compute)
         trims.append(got)
     return trims
+
+
+Bracket = tuple[Any, Any] | None  # a model's (lo, hi) threshold bracket, None: no threshold to find
+
+
+def threshold_brackets(ranges: InputRanges, n: int, k: int, densities: Sequence[float]) -> list[Bracket]:
+    """Each model's bracket of its threshold (`methods.bracket`) from a sample of |x_i - base| read
+    at `methods.sample_ranges` (the base is input k); None for a model that keeps all or none."""
+    sample = M.sample_ranges(n)
+    base_sample = torch.cat([ranges.read(k, s, m) for s, m in sample])
+    brackets: list[Bracket] = []
+    for i, density in enumerate(densities):
+        keep = M.keep_count(n, density)
+        if 0 < keep < n:
+            d = torch.cat([ranges.read(i, s, m) for s, m in sample]).sub_(base_sample).abs_()
+            brackets.append(M.bracket(d.numpy(), n, keep))
+        else:
+            brackets.append(None)
+    return brackets
+
+
+class BracketsAhead:
+    """The threshold brackets of a merge's trimmed tensors (`threshold_brackets`), computed on a
+    thread of their own, in plan order, up to `SAMPLE_AHEAD` tensors ahead of the merge.
+
+    Why: a tensor's trim pass cannot start before its brackets are known, and the sample behind
+    them is a few hundred small reads and K partial sorts; computed in line, every trimmed
+    tensor began with the compute threads idle (about a tenth of a 500M TIES merge). The
+    thread reads with a `ChunkReader` of its own (they are not thread-safe) and holds only the
+    brackets (two numbers per model per tensor) and one tensor's sample.
+    """
+
+    def __init__(self, names: Sequence[str], brackets_of: Callable[[str, ChunkReader], list[Bracket]],
+                 threaded: bool = True):
+        self._names = list(names)
+        self._next = 0  # the next name to submit
+        self._brackets_of = brackets_of
+        self._reader = ChunkReader()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dtm-merge-sample",
+                                        initializer=lambda: torch.set_num_threads(1)) if threaded and names else None
+        self._futures: dict[str, Future[list[Bracket]]] = {}
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._pool is not None and self._next < len(self._names) and len(self._futures) < SAMPLE_AHEAD:
+            name = self._names[self._next]
+            self._futures[name] = self._pool.submit(self._brackets_of, name, self._reader)
+            self._next += 1
+
+    def get(self, name: str) -> list[Bracket] | None:
+        """Tensor `name`'s brackets (waiting for them), or None where they are not computed ahead
+        (no thread, a tensor outside the list): the caller computes them itself."""
+        future = self._futures.pop(name, None)
+        self._fill()
+        return None if future is None else future.result()
+
+    def close(self) -> None:
+        """Stop the thread (dropping what it has not started), then close its files."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._reader.close()
 
 
 def exact_trim(i: int, k: int, density: float, n: int, ranges: InputRanges, scratch: Scratch,

@@ -74,27 +74,30 @@ def _load() -> ModuleType | None:
         return _jit
 
 
-def preload(k: int) -> None:
-    """Import numba and load (or, the first time, compile) the kernels for `k` models on a thread
-    of their own, so that the merge's start (opening the inputs, TIES' samples, the first reads)
-    overlaps it instead of the first chunk waiting for it. A failure here is left to the first
-    real call, which reports it."""
+def preload(k: int, names: Sequence[str] = ("count_brackets", "ties_merge", "dare_merge")) -> None:
+    """Import numba and load (or, the first time, compile) the kernels `names` for `k` models on a
+    thread of their own, so that the merge's start (opening the inputs, TIES' samples, the first
+    reads) overlaps it instead of the first chunk waiting for all of it. A failure here is left
+    to the first real call, which reports it."""
     if _turned_off():
         return
-    threading.Thread(target=_warm, args=(k,), name="dtm-kernels-preload", daemon=True).start()
+    threading.Thread(target=_warm, args=(k, tuple(names)), name="dtm-kernels-preload", daemon=True).start()
 
 
-def _warm(k: int) -> None:
+def _warm(k: int, names: tuple[str, ...]) -> None:
     try:
         jit = _load()
         if jit is None or _failed:
             return
         xs, base = tuple(np.zeros(1, np.float32) for _ in range(k)), np.zeros(1, np.float32)
         f, i = np.zeros(k, np.float32), np.zeros(k, np.int64)
-        jit.ties_merge(xs, base, f, i - 1, f, np.float32(1), True, np.zeros(1, np.float32))
-        jit.count_brackets(xs, base, f, f, i, i.copy(), i.copy(), np.zeros((k, 1), np.float32))
-        jit.dare_merge(xs, base, 0, i.astype(np.uint64), i, i, f, True, f, np.float32(1), True, False, np.float32(1),
-                       np.zeros(1, np.float32))
+        if "count_brackets" in names:  # TIES' first pass: needed first
+            jit.count_brackets(xs, base, f, f, i, i.copy(), i.copy(), np.zeros((k, 1), np.float32))
+        if "ties_merge" in names:
+            jit.ties_merge(xs, base, f, i - 1, f, np.float32(1), True, np.zeros(1, np.float32))
+        if "dare_merge" in names:
+            jit.dare_merge(xs, base, 0, i.astype(np.uint64), i, i, f, True, f, np.float32(1), True, False,
+                           np.float32(1), np.zeros(1, np.float32))
     except Exception:  # the first real call reports it (and turns the kernels off)
         return
 
