@@ -146,6 +146,20 @@ def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     return {"wall_s": round(wall, 3), "peak_rss_mib": round(rss_kb / 1024, 1)}
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """The fraction of the machine's CPU time spent busy over the last `seconds` (from /proc/stat):
+    whether anything else runs just before a timing. The 1-minute load average, recorded too,
+    mostly reflects this benchmark's own previous run."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return round((busy1 - busy0) / max(1, total1 - total0), 3)
+
+
 def dir_bytes(d: Path, suffix: str = ".safetensors") -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.name.endswith(suffix))
 
@@ -231,11 +245,12 @@ def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: 
             if tool == "mergekit" and r >= peer_runs:
                 continue
             shutil.rmtree(outs[tool], ignore_errors=True)
-            load = os.getloadavg()[0]
+            load, busy = os.getloadavg()[0], cpu_busy()
             res = timed(cmds[tool], env)
-            res["load1_before"] = round(load, 2)
+            res["load1_before"], res["cpu_busy_before"] = round(load, 2), busy
             results[tool].append(res)
-            print(f"[{tag}] run {r + 1} {tool:15s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  (load {load:.2f})", flush=True)
+            print(f"[{tag}] run {r + 1} {tool:15s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  "
+                  f"(load {load:.2f}, CPU busy {busy:.0%} in the second before)", flush=True)
     diff = compare(ours_out, mk_out)
     best = {t: min(x["wall_s"] for x in v) for t, v in results.items()}
     rss = {t: max(x["peak_rss_mib"] for x in v) for t, v in results.items()}
@@ -337,6 +352,14 @@ def main() -> None:
             if not a.keep:
                 shutil.rmtree(work / f"{size}-{dtype}", ignore_errors=True)
     report["machine_after"] = machine()
+    # the disk limit is two plain tools (cat, dd) that import nothing; `dtm merge` first imports
+    # torch (the floor above): linear's ratio is also given without that floor, beside the target's
+    floor = report["import_floor"]["wall_s"]
+    for r in report["results"].values():
+        linear = r["methods"].get("linear")
+        if linear:
+            r["targets"]["linear"]["ours_minus_import_floor_over_disk_bound"] = round(
+                (linear["best_wall_s"]["ours"] - floor) / linear["disk_bound"]["limit_s"], 2)
     # memory flat in model size: our peak RSS per method at each size (the same dtype)
     by_dtype: dict[str, dict] = {}
     for key, r in report["results"].items():
