@@ -92,6 +92,23 @@ def test_ties_kernel_splits_threshold_ties_by_position():
     assert torch.equal(torch.cat(parts), torch.tensor([0.0, -2.0, 2.0, 0.0, -2.0, 0.0, 0.0, 3.0]))
 
 
+
+def test_a_split_tie_across_blocks_keeps_the_first_ties_in_order():
+    """Every entry of a 3-block chunk ties at the threshold and 700 are kept: the kernel keeps all
+    of block 0's, the first 188 of block 1's (the one block walked tie by tie) and none of block
+    2's, as `Trim.mask` does; signs alternate so a dropped entry's zero keeps its sign."""
+    n, keep = 3 * 512, 700
+    d = torch.full((n,), 2.0)
+    d[1::2] = -2.0
+    t = M.magnitude_trim(d.abs(), keep / n)
+    assert (t.ties, t.equal) == (keep, n)
+    trims = [M.ChunkedTrim.of(t, [n]).chunk(0)]
+    got = M.ties_fused([d], [1.0], torch.zeros(n), trims=trims)
+    want = M.ties([d], [1.0], torch.zeros(n), trims=[M.ChunkedTrim.of(t, [n]).chunk(0)])
+    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(got[:keep], d[:keep]) and not got[keep:].any()
+
+
 @FAST
 @given(st.integers(0, 2**31 - 1), st.integers(1, 1500), st.integers(1, 5), st.sampled_from(["continuous", "coarse", "bf16"]),
        st.lists(st.sampled_from([0.0, 0.01, 0.3, 0.5, 1 / 3, 0.9, 1.0]), min_size=5, max_size=5), st.booleans(), st.booleans(),

@@ -23,7 +23,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -37,6 +36,7 @@ from pydantic import ValidationError
 from dtm import cluster, plan, turns
 from dtm import rundir as rd
 from dtm.config import ExperimentConfig, load_config
+from dtm.envflags import SEEDS_SEQUENTIAL, env_flag
 from dtm.errors import ConfigError, DtmError
 from dtm.io import atomic_write_json, make_dirs, remove_stale_temporaries
 
@@ -47,7 +47,7 @@ STAGES = ("data", "disperse", "train", "merge", "eval")
 # Seed runs side by side (`run_side_by_side`): the stages done here alone, in turn, before the
 # stages whose jobs share the worker pool.
 EARLY_STAGES, POOLED_STAGES = STAGES[:2], STAGES[2:]
-SEQUENTIAL_ENV = "DTM_SEEDS_SEQUENTIAL"  # =1: a run's seed runs one after another, never side by side
+SEQUENTIAL_ENV = SEEDS_SEQUENTIAL  # =1: a run's seed runs one after another, never side by side
 # Config sections each stage depends on (besides the stages before it).
 STAGE_SECTIONS = {
     "data": ("model", "data", "lab"),
@@ -653,7 +653,7 @@ def side_by_side(cfg: ExperimentConfig, runs: list[Run]) -> bool:
     (`each`, `cluster.run_tasks`), whose waits do not give a turn away; not with
     `train.workers_per_model` > 1 (each model is a Ray Train group started from here) or
     `eval.lm_eval_tasks` (lm-eval runs here, on this process's threads, as long as an evaluation)."""
-    if os.environ.get(SEQUENTIAL_ENV, "").strip() not in ("", "0") or len(runs) < 2:
+    if env_flag(SEQUENTIAL_ENV, default=False) or len(runs) < 2:
         return False
     train = cfg.train
     if cluster.enabled(cfg) or train.num_workers < 2 or train.workers_per_model > 1 or cfg.eval.lm_eval_tasks:

@@ -6,10 +6,10 @@ Flow of a merge:
   2. plan the output shards from the first model's tensor list (shapes and dtypes are known
      before any data is read);
   3. for each tensor name: compute the method's per-model state (TIES thresholds, from a
-     sample taken ahead on a thread of its own, `BracketsAhead`; DARE streams), then read it from the K models chunk by chunk, merge each chunk with the
-     method's per-tensor function in the compute dtype (TIES and DARE: its fused kernel,
-     `kernels.py`, where it applies; on two threads, chunks in order), cast to the output
-     dtype and append it to the open shard;
+     sample taken ahead on a thread of its own, `BracketsAhead`; DARE streams), then read it
+     from the K models chunk by chunk, merge each chunk with the method's per-tensor function
+     in the compute dtype (TIES and DARE: its fused kernel, `kernels.py`, where it applies; on
+     two threads, chunks in order), cast to the output dtype and append it to the open shard;
   4. copy config, generation config and tokenizer files, write `dtm_merge.json`, and rename
      the temporary directory to the output name (`dtm.io.atomic_directory`).
 """
@@ -343,7 +343,7 @@ def merge_streaming(
     """
     keep_freed_memory()
     if spec.fused is not None:
-        # numba's import and code load overlap the start of the merge (torch's ops until then)
+        # numba's import and code load (this method's kernels only) overlap the start of the merge
         kernels.preload(len(sources), ("count_brackets", "ties_merge") if spec.trims else ("dare_merge",))
     names = output_names(sources)
     infos = [sources[0].info(n) for n in names]

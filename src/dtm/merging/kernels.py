@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,14 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dtm.envflags import MERGE_KERNELS, env_flag
+
 log = logging.getLogger("dtm.merging")
 
-KERNELS_ENV = "DTM_MERGE_KERNELS"  # "0": torch's ops only (the reference path)
+KERNELS_ENV = MERGE_KERNELS  # "0": torch's ops only (the reference path)
 
 
 def _turned_off() -> bool:
     """`KERNELS_ENV` says torch's ops only."""
-    return os.environ.get(KERNELS_ENV, "1").strip() in ("0", "false", "no", "off")
+    return not env_flag(KERNELS_ENV, default=True)
 
 
 def cache_dir() -> Path:

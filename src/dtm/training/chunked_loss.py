@@ -15,7 +15,6 @@ handled (`model_parts`); anything else keeps the plain path, and says why once.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,11 +23,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dtm.data.template import IGNORE_INDEX
+from dtm.envflags import CHUNKED_LOSS, env_flag
 
 CHUNK_ROWS = 256  # labelled positions per chunk: their logits are [CHUNK_ROWS, vocab] at most (50 MB fp32 at 49k);
 # on SmolLM2 LoRA, 256 saved 3.6x (batch 4 x 256) and 1.3x (8 x 512) the peak RSS 1024 saved, at the same speed
 # within the noise (benchmarks/results/bench_train_memory.json)
-ENV_SWITCH = "DTM_CHUNKED_LOSS"  # "0": always the plain (transformers) loss, for comparison and as an escape hatch
+ENV_SWITCH = CHUNKED_LOSS  # "0": always the plain (transformers) loss, for comparison and as an escape hatch
 
 # model types whose causal-LM head is a plain `lm_head(last_hidden_state)`: no logit scaling or
 # soft-capping (Gemma 2, Cohere, Granite have them and keep the plain path)
@@ -44,7 +44,7 @@ class Parts:
 
 
 def chunked_loss_enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
+    return env_flag(ENV_SWITCH, default=True)
 
 
 def model_parts(model: torch.nn.Module) -> Parts | str:
