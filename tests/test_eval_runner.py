@@ -253,6 +253,7 @@ def test_lm_eval_metric_folding():
     assert fold_metrics(raw) == {"acc": 0.5, "acc_stderr": 0.1, "exact_match_strict-match": 0.2}
 
 
+@pytest.mark.slow  # imports and runs lm-evaluation-harness end to end: ~10-15 s, the integration tier
 def test_lm_eval_backend_runs_a_local_task(lab, tmp_path):
     pytest.importorskip("lm_eval")
     from dtm.evaluation.lmeval import run_lm_eval

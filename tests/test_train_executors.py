@@ -231,6 +231,7 @@ def test_worker_pool_is_shared_until_discarded():
     discard_pool(3)
 
 
+@pytest.mark.slow  # kills a whole run process and waits for its pool workers to go: ~10-15 s, the integration tier
 def test_pool_workers_end_when_the_run_is_killed(tmp_path):
     import signal
     import subprocess
