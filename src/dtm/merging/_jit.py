@@ -60,7 +60,8 @@ def _split_row(x, base, t, left, w, row):  # type: ignore[no-untyped-def]
     cases are one vectorised pass each (the block's ties counted first); only the block where
     `left` runs out is walked tie by tie (the comparisons go either way at random around the
     threshold, so a loop that branches on them, or carries `left` through every element, is
-    several times slower)."""
+    several times slower). The two passes stay two loops: one loop with an "every tie" flag
+    was a quarter slower on a split bf16 chunk."""
     m = x.shape[0]
     equal = 0
     for e in range(m):

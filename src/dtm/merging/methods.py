@@ -585,8 +585,6 @@ def dare_ties(
 # cancel), DARE with a torch.Generator.
 
 
-
-
 def ties_fused(
     tensors: Sequence[Tensor], weights: Sequence[float], base: Tensor, density: float | Sequence[float] = 1.0,
     scaling: float = 1.0, normalize: bool = True, trims: Sequence[Trim] | None = None,
