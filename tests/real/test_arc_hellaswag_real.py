@@ -20,16 +20,14 @@ import json
 from pathlib import Path
 
 import pytest
+from lmeval_compare import dtm_samples, lm_eval_samples, request_contexts
 from test_smollm2 import smollm2  # noqa: F401 - the converted model fixture (skips or fails as that tier does)
 
-from dtm.evaluation.harness import load_scorer
-from dtm.evaluation.runner import run_task
 from dtm.evaluation.tasks import build_texts, load_task, resolve_tasks
 
 pytestmark = pytest.mark.real
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "real"
-BATCH = 8
 ARC_SHOTS, ARC_25_QUESTIONS = 25, 3
 
 
@@ -44,17 +42,9 @@ def lm_eval_yaml(name: str, test: Path, fewshot: Path | None = None) -> str:
     return json.dumps(tree)  # JSON is YAML
 
 
-def lm_eval_contexts(sample: dict) -> list[str]:
-    """The context of each choice's request (lm-eval logs request args as tuples or as {arg_0, arg_1})."""
-    return [a[0] if isinstance(a, (list, tuple)) else a["arg_0"] for a in sample["arguments"]]
-
-
 @pytest.fixture(scope="module")
 def both(smollm2, tmp_path_factory):  # noqa: F811 - the imported fixture
     """{task: (dtm's prompts, dtm's samples, lm-eval's samples in row order)}."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     tmp = tmp_path_factory.mktemp("arc_hellaswag")
     arc25_rows = tmp / "arc25.jsonl"
@@ -70,16 +60,10 @@ def both(smollm2, tmp_path_factory):  # noqa: F811 - the imported fixture
     (lm_dir / "arc_25shot.yaml").write_text(lm_eval_yaml("arc_25shot_local", arc25_rows, DATA / "arc_challenge_fewshot.jsonl"))
     (lm_dir / "hellaswag.yaml").write_text(lm_eval_yaml("hellaswag_local", DATA / "hellaswag.jsonl"))
     names = {"arc_challenge": "arc_challenge_local", "arc_25shot": "arc_25shot_local", "hellaswag": "hellaswag_local"}
-    lm = HFLM(pretrained=str(smollm2), batch_size=BATCH, device="cpu", dtype="float32")
-    theirs = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=TaskManager(include_path=str(lm_dir)),
-                                     log_samples=True)["samples"]
-    del lm
-    scorer = load_scorer(smollm2, device="cpu")
-    out = {}
-    for name, task in tasks.items():
-        _, ours = run_task(scorer, task, batch_size=BATCH, progress=False)
-        out[name] = (build_texts(task, task.rows), ours, sorted(theirs[names[name]], key=lambda s: s["doc_id"]))
-    return out
+    theirs = lm_eval_samples(smollm2, list(names.values()), lm_dir)
+    ours = dtm_samples(smollm2, tasks)
+    return {name: (build_texts(task, task.rows), ours[name], sorted(theirs[names[name]], key=lambda s: s["doc_id"]))
+            for name, task in tasks.items()}
 
 
 @pytest.mark.parametrize("task", ["arc_challenge", "arc_25shot", "hellaswag"])
@@ -88,7 +72,7 @@ def test_prompts_and_scores_equal_lm_eval(both, task):
     assert len(ours) == len(theirs) == len(prompts) > 0
     largest = 0.0
     for i, (prompt, a, b) in enumerate(zip(prompts, ours, theirs, strict=True)):
-        contexts = lm_eval_contexts(b)
+        contexts = request_contexts(b)
         assert set(contexts) == {prompt}, f"{task} question {i}: prompts differ"
         lls = [float(r[0]) for r in b["filtered_resps"]]
         assert a["loglikelihoods"] == pytest.approx(lls, abs=1e-4), f"{task} question {i}"

@@ -20,16 +20,14 @@ import json
 from pathlib import Path
 
 import pytest
+from lmeval_compare import dtm_samples, lm_eval_samples, request_contexts
 from test_smollm2 import smollm2  # noqa: F401 - the converted model fixture (skips or fails as that tier does)
 
-from dtm.evaluation.harness import load_scorer
-from dtm.evaluation.runner import run_task
 from dtm.evaluation.tasks import build_texts, resolve_tasks
 
 pytestmark = pytest.mark.real
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "real"
-BATCH = 8
 MMLU_PER_SUBJECT = 1  # 14 questions, one per subject (its description and dev examples), 5-shot
 GSM8K_QUESTIONS, GSM8K_TOKENS = 4, 32
 BBH_PER_SUBTASK, BBH_TOKENS = 2, 40  # 8 questions over the 4 subtasks, 3-shot chain of thought
@@ -67,8 +65,6 @@ def lm_eval_task(builtin: Path, name: str, files: dict[str, str], **overrides) -
 def both(smollm2, tmp_path_factory):  # noqa: F811 - the imported fixture
     """{task: [(dtm's prompt, dtm's sample, lm-eval's sample), ...] in dtm's row order}."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     builtin = Path(lm_eval.__file__).parent / "tasks"
     tmp = tmp_path_factory.mktemp("mmlu_gsm8k_bbh")
@@ -114,27 +110,16 @@ def both(smollm2, tmp_path_factory):  # noqa: F811 - the imported fixture
     for name, n in tokens.items():
         tasks[name].spec = tasks[name].spec.model_copy(update={"max_new_tokens": n})
 
-    lm = HFLM(pretrained=str(smollm2), batch_size=BATCH, device="cpu", dtype="float32")
-    every = [n for names in order.values() for n in names]
-    theirs = lm_eval.simple_evaluate(model=lm, tasks=every, task_manager=TaskManager(include_path=str(lm_dir)),
-                                     log_samples=True)["samples"]
-    del lm
-    scorer = load_scorer(smollm2, device="cpu")
+    theirs = lm_eval_samples(smollm2, [n for names in order.values() for n in names], lm_dir)
+    ours = dtm_samples(smollm2, tasks)
     out = {}
     for name, task in tasks.items():
-        _, ours = run_task(scorer, task, batch_size=BATCH, progress=False)
         ref = []
         for lm_name in order[name]:
             samples = [s for s in theirs[lm_name] if s.get("filter", "none") in (FILTER.get(name), "none")]
             ref += sorted(samples, key=lambda s: s["doc_id"])
-        out[name] = list(zip(build_texts(task, task.rows), ours, ref, strict=True))
+        out[name] = list(zip(build_texts(task, task.rows), ours[name], ref, strict=True))
     return out
-
-
-def context(sample: dict) -> str:
-    """The context of a request (lm-eval logs request args as tuples or as {arg_0, arg_1})."""
-    args = sample["arguments"][0]
-    return args[0] if isinstance(args, (list, tuple)) else args["arg_0"]
 
 
 def test_mmlu_five_shot_prompts_and_scores_equal_lm_eval(both):
@@ -142,7 +127,7 @@ def test_mmlu_five_shot_prompts_and_scores_equal_lm_eval(both):
     assert len(items) == 14 * MMLU_PER_SUBJECT
     largest = 0.0
     for i, (prompt, ours, theirs) in enumerate(items):
-        assert {context({"arguments": [a]}) for a in theirs["arguments"]} == {prompt}, f"mmlu question {i}: prompts differ"
+        assert set(request_contexts(theirs)) == {prompt}, f"mmlu question {i}: prompts differ"
         assert prompt.count("\nAnswer: ") == 5  # five examples from the subject's dev split
         lls = [float(r[0]) for r in theirs["filtered_resps"]]
         assert ours["loglikelihoods"] == pytest.approx(lls, abs=1e-4), f"mmlu question {i}"
@@ -156,7 +141,7 @@ def test_generation_prompts_outputs_and_answers_equal_lm_eval(both, task):
     items = both[task]
     assert len(items) == (GSM8K_QUESTIONS if task == "gsm8k" else 4 * BBH_PER_SUBTASK)
     for i, (prompt, ours, theirs) in enumerate(items):
-        assert context(theirs) == prompt, f"{task} question {i}: prompts differ"
+        assert request_contexts(theirs)[0] == prompt, f"{task} question {i}: prompts differ"
         assert ours["output"] == theirs["resps"][0][0], f"{task} question {i}: generations differ"
         assert ours["exact_match"] == theirs["exact_match"], f"{task} question {i}: answers scored differently"
     shots = {"gsm8k": ("\nAnswer:", 6), "bbh": ("\nA: Let's think step by step.\n", 4)}[task]
