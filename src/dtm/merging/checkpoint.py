@@ -9,21 +9,27 @@ Writing is our own small safetensors writer (`ShardWriter`), because `safetensor
 needs every tensor of a shard in memory at once; the format is an 8-byte header length, a
 JSON header with each tensor's dtype, shape and byte offsets, then the raw bytes, so the
 header can be written first (shapes are known from the inputs) and each tensor appended as
-soon as it is merged. The files it writes are read back by `safe_open` in the tests.
+soon as it is merged. The files it writes are read back by `safe_open` in the tests. Large
+shards bypass the page cache (`DirectFile`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
+import mmap
 import os
 import re
 import struct
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -319,6 +325,118 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
     return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
+# Shards at least this large are written past the page cache (`DirectFile`); smaller ones
+# (tests, small models) are not worth a synchronous write per buffer.
+DIRECT_MIN_BYTES = 64 << 20
+
+
+class DirectFile:
+    """A new file written with O_DIRECT from page-aligned staging buffers by a thread of its own,
+    where the OS and file system allow it; plain buffered writes where they do not (no O_DIRECT,
+    tmpfs, a device that wants another alignment).
+
+    Why: a merge writes gigabytes once and never reads them back. Through the page cache each
+    written byte is copied into a newly allocated cache page, which on a machine whose cache is
+    full of the inputs means reclaiming a page first: kernel CPU taken from the merge's compute,
+    and a lot of it, varying run to run (docs/architecture.md, "Merging", has the measurements).
+    Direct writes cost one copy into a staging buffer; the thread keeps the disk busy (one
+    buffer on its way while the next fills) and waiting for it uses no core. The last partial
+    block goes through the page cache (O_DIRECT sizes are block multiples).
+    """
+
+    ALIGN = 4096  # the largest logical block size in common use: offsets and sizes stay multiples of it
+    BUFFER = 8 << 20
+    BUFFERS = 3
+
+    def __init__(self, path: Path):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        direct = getattr(os, "O_DIRECT", 0)
+        try:
+            self._fd = os.open(path, flags | direct, 0o666)
+            self.direct = bool(direct)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(path, flags, 0o666)  # the file system refuses O_DIRECT
+            self.direct = False
+        self._maps = [mmap.mmap(-1, self.BUFFER) for _ in range(self.BUFFERS)]  # anonymous maps are page-aligned
+        self._writes: list[Future[None] | None] = [None] * self.BUFFERS  # each buffer's write in flight
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="dtm-merge-direct-write")
+        self._current = 0
+        self._filled = 0
+
+    def _buffer(self, i: int) -> np.ndarray:
+        return np.frombuffer(self._maps[i], dtype=np.uint8)
+
+    def write(self, data: bytes | memoryview | np.ndarray) -> None:
+        src = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+        while src.size:
+            n = min(src.size, self.BUFFER - self._filled)
+            self._buffer(self._current)[self._filled:self._filled + n] = src[:n]
+            self._filled += n
+            src = src[n:]
+            if self._filled == self.BUFFER:
+                self._submit(self.BUFFER)
+
+    def _submit(self, n: int) -> None:
+        """Hand the current buffer's first n bytes to the thread, then wait until the next buffer is free."""
+        self._writes[self._current] = self._disk.submit(self._write_out, self._current, n)
+        self._current = (self._current + 1) % self.BUFFERS
+        self._filled = 0
+        pending = self._writes[self._current]
+        if pending is not None:
+            pending.result()  # raises the thread's error, if it had one
+            self._writes[self._current] = None
+
+    def _write_out(self, i: int, n: int) -> None:
+        view = memoryview(self._maps[i])[:n]
+        try:
+            while view.nbytes:
+                try:
+                    view = view[os.write(self._fd, view):]
+                except OSError as e:
+                    if not (self.direct and e.errno == errno.EINVAL):
+                        raise
+                    self._buffered()  # another alignment wanted (or a short write left one): carry on buffered
+        finally:
+            view.release()
+
+    def _buffered(self) -> None:
+        if self.direct:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+
+    def close(self) -> None:
+        """Write what is left and close the file; raises the first write's error, if any."""
+        if self._fd < 0:
+            return
+        try:
+            tail = self._filled % self.ALIGN
+            if self._filled > tail:  # the whole blocks, direct
+                whole = self._filled - tail
+                rest = self._buffer(self._current)[whole:self._filled].copy()
+                self._submit(whole)
+                self._buffer(self._current)[:tail] = rest
+                self._filled = tail
+            self._disk.shutdown(wait=True)
+            for pending in self._writes:
+                if pending is not None:
+                    pending.result()
+            self._buffered()
+            self._write_out(self._current, self._filled)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the file without writing what is buffered (the merge failed; the file goes with its directory)."""
+        if self._fd >= 0:
+            self._disk.shutdown(wait=True, cancel_futures=True)
+            os.close(self._fd)
+            self._fd = -1
+            for m in self._maps:
+                m.close()
+
+
 class ShardWriter:
     """Writes one safetensors file: header first, then each tensor's bytes as it arrives, in plan order."""
 
@@ -334,7 +452,7 @@ class ShardWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        self._f = open(file, "wb")
+        self._f: Any = DirectFile(file) if offset >= DIRECT_MIN_BYTES else open(file, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -364,7 +482,7 @@ class ShardWriter:
 
     def _append(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._f.write(memoryview(data))
+        self._f.write(data)
 
     def close(self) -> None:
         # No fsync, as in transformers' save_pretrained: the output directory only appears
@@ -375,4 +493,4 @@ class ShardWriter:
         self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        (self._f.abort if isinstance(self._f, DirectFile) else self._f.close)()
