@@ -135,46 +135,77 @@ def recipe(method: str, dtype: str, base: Path, models: list[Path]) -> dict:
     return r
 
 
+def cpu_ticks() -> dict[str, int]:
+    """The machine's CPU time so far from /proc/stat's first line, in clock ticks: busy, idle
+    (idle + iowait), steal (taken by the hypervisor for other guests) and the total."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, steal = v[3] + v[4], v[7] if len(v) > 7 else 0
+    return {"busy": sum(v) - idle - steal, "idle": idle, "steal": steal, "total": sum(v)}
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run under /usr/bin/time -v: wall seconds and peak RSS (MiB) of the command."""
-    t0 = time.perf_counter()
+    """Run under /usr/bin/time -v: wall seconds, peak RSS (MiB) and the user and system CPU
+    seconds of the command, and the fraction of the machine's CPU time the hypervisor stole
+    meanwhile (a VM's neighbours: CPU seconds and wall time both grow with it)."""
+    t0, ticks0 = time.perf_counter(), cpu_ticks()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, text=True, capture_output=True)
     wall = time.perf_counter() - t0
+    ticks1 = cpu_ticks()
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    return {"wall_s": round(wall, 3), "peak_rss_mib": round(rss_kb / 1024, 1)}
+
+    def field(name: str) -> float:
+        return float(re.search(rf"{name}: ([\d.]+)", p.stderr).group(1))
+
+    total = max(1, ticks1["total"] - ticks0["total"])
+    return {"wall_s": round(wall, 3), "peak_rss_mib": round(field(r"Maximum resident set size \(kbytes\)") / 1024, 1),
+            "user_s": field(r"User time \(seconds\)"), "sys_s": field(r"System time \(seconds\)"),
+            "steal_during": round((ticks1["steal"] - ticks0["steal"]) / total, 3)}
 
 
 def cpu_busy(seconds: float = 1.0) -> float:
     """The fraction of the machine's CPU time spent busy over the last `seconds` (from /proc/stat):
     whether anything else runs just before a timing. The 1-minute load average, recorded too,
     mostly reflects this benchmark's own previous run."""
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields)
-    busy0, total0 = sample()
+    a = cpu_ticks()
     time.sleep(seconds)
-    busy1, total1 = sample()
-    return round((busy1 - busy0) / max(1, total1 - total0), 3)
+    b = cpu_ticks()
+    return round((b["busy"] - a["busy"]) / max(1, b["total"] - a["total"]), 3)
+
+
+def settle() -> tuple[float, float]:
+    """Before a timed run: flush the dirty pages earlier runs left (their write-back would
+    otherwise run during this one), then the load average and `cpu_busy`."""
+    os.sync()
+    return os.getloadavg()[0], cpu_busy()
 
 
 def dir_bytes(d: Path, suffix: str = ".safetensors") -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.name.endswith(suffix))
 
 
-def disk_limit(inputs: list[Path], out_bytes: int, work: Path) -> dict[str, float]:
+def disk_limit(inputs: list[Path], out_bytes: int, work: Path, runs: int = 3) -> dict[str, float]:
+    """The time to read every input (from the page cache, as the merges do: warmed first) plus
+    the time to write the output's bytes, each the best of `runs`, the write both through the
+    page cache and past it (`oflag=direct`, as dtm writes large shards), the faster counting."""
     files = [str(f) for d in inputs for f in sorted(d.glob("*.safetensors"))]
-    t0 = time.perf_counter()
-    sh(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
-    read_s = time.perf_counter() - t0
     target = work / "dd-write.tmp"
-    t0 = time.perf_counter()
-    sh(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={max(1, out_bytes // (16 << 20))}"])
-    write_s = time.perf_counter() - t0
-    target.unlink()
-    return {"read_s": round(read_s, 3), "write_s": round(write_s, 3), "limit_s": round(read_s + write_s, 3)}
+    count = f"count={max(1, out_bytes // (16 << 20))}"
+    reads, buffered, direct = [], [], []
+    for _ in range(runs):
+        settle()
+        t0 = time.perf_counter()
+        sh(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
+        reads.append(time.perf_counter() - t0)
+        for times, flags in ((buffered, []), (direct, ["oflag=direct"])):
+            settle()
+            t0 = time.perf_counter()
+            sh(["dd", "if=/dev/zero", f"of={target}", "bs=16M", count, *flags])
+            times.append(time.perf_counter() - t0)
+            target.unlink()
+    read_s, write_s = min(reads), min(min(buffered), min(direct))
+    return {"read_s": round(read_s, 3), "write_buffered_s": round(min(buffered), 3), "write_direct_s": round(min(direct), 3),
+            "write_s": round(write_s, 3), "limit_s": round(read_s + write_s, 3)}
 
 
 def compare(ours: Path, theirs: Path) -> dict[str, float | int]:
@@ -235,7 +266,7 @@ def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: 
         outs["ours_one_thread"] = work / f"{method}-one-thread"
     inputs = models + ([base] if METHODS[method][0] else [])
     out_bytes = dir_bytes(models[0])
-    disk_limit(inputs, out_bytes, work)  # untimed: warms the page cache
+    disk_limit(inputs, out_bytes, work, runs=1)  # untimed: warms the page cache
     limit = disk_limit(inputs, out_bytes, work)
     tools = list(cmds)
     results: dict[str, list] = {t: [] for t in tools}
@@ -245,11 +276,12 @@ def bench_method(method: str, dtype: str, base: Path, models: list[Path], work: 
             if tool == "mergekit" and r >= peer_runs:
                 continue
             shutil.rmtree(outs[tool], ignore_errors=True)
-            load, busy = os.getloadavg()[0], cpu_busy()
+            load, busy = settle()
             res = timed(cmds[tool], env)
             res["load1_before"], res["cpu_busy_before"] = round(load, 2), busy
             results[tool].append(res)
             print(f"[{tag}] run {r + 1} {tool:15s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  "
+                  f"user+sys {res['user_s']:.1f}+{res['sys_s']:.1f} s, steal {res['steal_during']:.0%} "
                   f"(load {load:.2f}, CPU busy {busy:.0%} in the second before)", flush=True)
     diff = compare(ours_out, mk_out)
     best = {t: min(x["wall_s"] for x in v) for t, v in results.items()}

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_merge import SIZES, compare, cpu_busy, machine, sh, timed  # the same model shapes, timing, comparison, machine record
+from bench_merge import SIZES, compare, machine, settle, sh, timed  # the same model shapes, timing, comparison, machine record
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def bench_mode(mode: str, base: Path, adapters: list[Path], r: int, work: Path, 
     for i in range(runs):
         for tool in (("ours", "peft") if i % 2 == 0 else ("peft", "ours")):
             shutil.rmtree(outs[tool], ignore_errors=True)
-            load, busy = os.getloadavg()[0], cpu_busy()
+            load, busy = settle()
             res = timed(cmds[tool], env) | {"load1_before": round(load, 2), "cpu_busy_before": busy}
             results[tool].append(res)
             print(f"[{tag}] run {i + 1} {tool:5s} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mib']:8.1f} MiB  (load {load:.2f}, CPU busy {busy:.0%})", flush=True)
