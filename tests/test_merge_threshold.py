@@ -164,3 +164,31 @@ def test_compute_threads_write_the_bytes_of_one_thread(pico, tmp_path, monkeypat
         assert files_bytes(dtm.merge(dirs, tmp_path / f"t{threads}", overlap=True, **kw)) == one, threads
     assert seen == {"dtm-merge-compute"}  # every chunk was merged on a compute thread
     assert not any(t.name.startswith("dtm-merge-") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathered_sample_pieces_are_the_ranges_read_one_by_one(tmp_path, dtype):
+    """`InputRanges.gather` (the threshold sample: one buffer, one read per piece) gives the pieces
+    `read` gives, in order, in the compute dtype, from files and from whole tensors alike."""
+    from safetensors.torch import save_file
+
+    from dtm.merging.checkpoint import ChunkReader, open_checkpoint
+
+    n = 1 << 19
+    values = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    (tmp_path / "m").mkdir()
+    save_file({"pad": torch.zeros(3, dtype=torch.int8), "w": values}, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    pieces = M.sample_ranges(n)
+    assert len(pieces) == M.SAMPLE_PIECES and pieces[-1][0] + pieces[-1][1] == n
+    reader = ChunkReader()
+    try:
+        files = E.InputRanges("w", [open_checkpoint(tmp_path / "m")], None, reader, torch.float32)
+        wholes = E.InputRanges("w", [None], [values.float()], None, torch.float32)
+        expected = torch.cat([values[s:s + m] for s, m in pieces]).float()
+        for ranges in (files, wholes):
+            got = ranges.gather(0, pieces)
+            assert got.dtype == torch.float32 and torch.equal(got, expected)
+            assert torch.equal(got, torch.cat([ranges.read(0, s, m) for s, m in pieces]))
+    finally:
+        reader.close()

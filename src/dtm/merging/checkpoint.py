@@ -138,13 +138,23 @@ class ChunkReader:
 
     def read(self, info: TensorInfo, start: int, out: torch.Tensor) -> torch.Tensor:
         """Elements [start, start + out.numel()) of the tensor, flattened, into `out` (info.dtype)."""
+        return self.read_pieces(info, [(start, out.numel())], out)
+
+    def read_pieces(self, info: TensorInfo, pieces: Sequence[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+        """The tensor's elements at each (start, length) of `pieces`, one after another, into
+        `out` (info.dtype, as many elements as the pieces hold). One buffer for all of them:
+        TIES' threshold sample is 64 small pieces per input, and a tensor per piece cost more
+        than the reads."""
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        view = memoryview(out.view(torch.uint8).numpy())
-        got = os.preadv(fd, [view], info.offset + start * out.element_size())
-        if got != view.nbytes:
-            raise MergeError(f"{info.file}: tensor {info.name!r} ends early (file truncated?); copy the model again")
+        raw = out.view(torch.uint8).numpy()
+        size, at = out.element_size(), 0
+        for start, m in pieces:
+            view = raw[at:at + m * size]
+            if os.preadv(fd, [view], info.offset + start * size) != view.nbytes:
+                raise MergeError(f"{info.file}: tensor {info.name!r} ends early (file truncated?); copy the model again")
+            at += m * size
         return out
 
     def close(self) -> None:

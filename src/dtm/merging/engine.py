@@ -795,6 +795,16 @@ class InputRanges:
         info = self.inputs[j].info(self.name)
         return self.reader.read(info, start, torch.empty(m, dtype=info.dtype)).to(self.compute)
 
+    def gather(self, j: int, pieces: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Input j's elements at each (start, length) of `pieces`, one after another."""
+        if self.wholes is not None:
+            return torch.cat([self.wholes[j][s:s + m] for s, m in pieces])
+        if self.reader is None:
+            self.reader = ChunkReader()
+        info = self.inputs[j].info(self.name)
+        out = torch.empty(sum(m for _, m in pieces), dtype=info.dtype)
+        return self.reader.read_pieces(info, pieces, out).to(self.compute)
+
     def delta(self, i: int, k: int, start: int, m: int) -> torch.Tensor:
         """|x_i - base| over [start, start + m) (the base is input k)."""
         return torch.sub(self.read(i, start, m), self.read(k, start, m)).abs_()
@@ -863,12 +873,12 @@ def threshold_brackets(ranges: InputRanges, n: int, k: int, densities: Sequence[
     """Each model's bracket of its threshold (`methods.bracket`) from a sample of |x_i - base| read
     at `methods.sample_ranges` (the base is input k); None for a model that keeps all or none."""
     sample = M.sample_ranges(n)
-    base_sample = torch.cat([ranges.read(k, s, m) for s, m in sample])
+    base_sample = ranges.gather(k, sample)
     brackets: list[Bracket] = []
     for i, density in enumerate(densities):
         keep = M.keep_count(n, density)
         if 0 < keep < n:
-            d = torch.cat([ranges.read(i, s, m) for s, m in sample]).sub_(base_sample).abs_()
+            d = ranges.gather(i, sample).sub_(base_sample).abs_()
             brackets.append(M.bracket(d.numpy(), n, keep))
         else:
             brackets.append(None)
