@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -21,12 +20,12 @@ from dtm.errors import OutputError
 from dtm.merging import checkpoint as C
 
 BUF = C.DirectFile.BUFFER
+SIZES = [[1], [4095], [4096], [4097], [BUF - 1], [BUF], [BUF + 1], [123, BUF * 2 + 4096 * 3, 1], [5, 7, 11] * 20, [3 * BUF]]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return pico_finetunes(tmp_path_factory, first_seed=30)
-SIZES = [[1], [4095], [4096], [4097], [BUF - 1], [BUF], [BUF + 1], [123, BUF * 2 + 4096 * 3, 1], [5, 7, 11] * 20, [3 * BUF]]
 
 
 def written(tmp_path, parts: list[np.ndarray], name: str = "f") -> tuple[bytes, bool]:
@@ -44,9 +43,9 @@ def written(tmp_path, parts: list[np.ndarray], name: str = "f") -> tuple[bytes, 
 def test_direct_file_writes_exactly_the_bytes_given(tmp_path, sizes):
     rng = np.random.default_rng(len(sizes))
     parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
-    data, opened_direct = written(tmp_path, parts)
+    data, _ = written(tmp_path, parts)
     assert data == b"".join(p.tobytes() for p in parts)
-    assert not any(t.name.startswith("dtm-merge-direct-write") for t in threading.enumerate())
+    assert no_merge_threads()  # the writing thread ended with the file
 
 
 def test_direct_file_takes_bytes_and_arrays_of_any_dtype(tmp_path):

@@ -788,19 +788,14 @@ class InputRanges:
 
     def read(self, j: int, start: int, m: int) -> torch.Tensor:
         """Input j's elements [start, start + m)."""
-        if self.wholes is not None:
-            return self.wholes[j][start:start + m]
-        if self.reader is None:
-            self.reader = ChunkReader()  # a caller without one (tests): files stay open until exit
-        info = self.inputs[j].info(self.name)
-        return self.reader.read(info, start, torch.empty(m, dtype=info.dtype)).to(self.compute)
+        return self.gather(j, [(start, m)])
 
     def gather(self, j: int, pieces: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Input j's elements at each (start, length) of `pieces`, one after another."""
         if self.wholes is not None:
             return torch.cat([self.wholes[j][s:s + m] for s, m in pieces])
         if self.reader is None:
-            self.reader = ChunkReader()
+            self.reader = ChunkReader()  # a caller without one (tests): files stay open until exit
         info = self.inputs[j].info(self.name)
         out = torch.empty(sum(m for _, m in pieces), dtype=info.dtype)
         return self.reader.read_pieces(info, pieces, out).to(self.compute)
